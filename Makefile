@@ -1,0 +1,35 @@
+# `make demo`, `make test` and `make bench` each create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+# Train the default tiny model on the Python standard library's source, then sample from it.
+demo: $(STAMP)
+	OMP_NUM_THREADS=2 $(VENV)/bin/meshlm train --out runs/demo --overwrite
+	$(VENV)/bin/meshlm generate --run runs/demo --prompt "def " --max-new-tokens 60 --temperature 0.8 --top-k 40 --seed 0
+
+# The fast default suite (what CI runs).
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
+
+# Everything, including slow multi-process tests.
+test-all: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .meshlm-cache .pytest_cache

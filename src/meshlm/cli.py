@@ -1,0 +1,123 @@
+"""The `meshlm` command: parse arguments, call the library, turn user errors into one clear message."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from meshlm.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help="TOML file or built-in config name (default: tiny-cpu)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key; repeatable, e.g. --set train.steps=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshlm", description="Train and serve GPT-style language models, on one CPU or many GPUs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (prepares the data and tokenizer on first use)")
+    _add_config_args(p)
+    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="data preparation")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("prepare", help="corpus -> tokenizer.json + memory-mapped token files + index.json")
+    _add_config_args(p)
+    p.add_argument("--source", default=None, help="python-stdlib | DIR | 'GLOB' | FILE.jsonl | FILE.parquet (default: data.source)")
+    p.add_argument("--out", default=None, help="output directory (default: data.dir or a cache folder)")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("config", help="configuration")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    p = config_sub.add_parser("show", help="print the resolved config as TOML")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained model")
+    p.add_argument("--run", required=True, help="run directory written by `meshlm train`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from meshlm.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config or "tiny-cpu").stem
+    train(cfg, out, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from meshlm.data.prepare import prepare_data
+
+    overrides = list(args.overrides)
+    if args.source:
+        overrides.append(f"data.source={_quoted(args.source)}")
+    if args.out:
+        overrides.append(f"data.dir={_quoted(args.out)}")
+    cfg = load_config(args.config, overrides)
+    out = prepare_data(cfg.data, cfg.model.vocab_size)
+    print(f"prepared {out}")
+    return 0
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(load_config(args.config, args.overrides).to_toml(), end="")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from meshlm.inference.simple_generate import generate_tokens, load_run
+
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("need --max-new-tokens >= 0, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1.")
+    loaded = load_run(Path(args.run))
+    tok = loaded.tokenizer
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    produced: list[int] = []
+    printed = ""
+    for token in generate_tokens(loaded.model, tok.encode(args.prompt).ids, args.max_new_tokens,
+                                 args.temperature, args.top_k, args.top_p, args.seed):
+        produced.append(token)
+        # Decode the whole continuation each time: a byte-level token may end mid-character.
+        text = tok.decode(produced)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write(tok.decode(produced)[len(printed):] + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"meshlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("meshlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""Typed configuration: nested dataclasses, TOML files and `--set` overrides.
+
+Every key is declared here once, with its type and default. Loading a TOML file
+or applying `--set section.key=value` checks each key against these
+declarations, so a typo, a wrong type or an impossible value fails before any
+data is read or any process is started, with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG_NAME = "tiny-cpu"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user: what is wrong and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["llama", "gpt2"] = "llama"
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    # Key/value heads for grouped-query attention; 0 means "same as n_heads".
+    n_kv_heads: int = 0
+    vocab_size: int = 2048
+    # Hidden size of the MLP; 0 picks the variant's default
+    # (gpt2: 4 * d_model; llama: 8/3 * d_model rounded up to `ffn_multiple_of`).
+    ffn_hidden: int = 0
+    ffn_multiple_of: int = 32
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # gpt2 always ties the output layer to the token embedding; llama may.
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def tied(self) -> bool:
+        return self.arch == "gpt2" or self.tie_embeddings
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.arch == "gpt2":
+            return 4 * self.d_model
+        hidden = int(8 * self.d_model / 3)
+        m = self.ffn_multiple_of
+        return m * ((hidden + m - 1) // m)
+
+
+@dataclass
+class DataConfig:
+    # "python-stdlib", a directory or glob of text files, a .jsonl file
+    # (field "text") or a .parquet file (column "text").
+    source: str = "python-stdlib"
+    # Where prepared token files live; empty means a folder under
+    # `cache_dir` named after the source and the vocabulary size.
+    dir: str = ""
+    cache_dir: str = ".meshlm-cache"
+    seq_len: int = 128
+    # Fraction of documents held out for validation (split by document).
+    val_fraction: float = 0.05
+    # Documents whose text is larger than this are skipped (0 = no limit).
+    max_doc_bytes: int = 0
+    # Cap on the corpus size in bytes read from the source (0 = no limit).
+    max_bytes: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    micro_batch: int = 8
+    # Sequences per optimizer step over all data-parallel ranks;
+    # 0 means micro_batch x data-parallel degree (no accumulation).
+    global_batch: int = 0
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1337
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 1
+    progress: bool = True
+    sample_prompt: str = "def "
+    sample_tokens: int = 64
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = False
+    profile_comm: bool = False
+    trace: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    # "auto" = world size / (tp x pp).
+    dp: Union[int, Literal["auto"]] = "auto"
+    # 0 = DDP, 1 = optimizer state sharded, 2 = + gradients, 3 = + parameters (FSDP).
+    zero: int = 0
+    # HSDP: number of replica groups, each fully sharding over dp / dp_replicate ranks.
+    dp_replicate: int = 1
+    tp: int = 1
+    sequence_parallel: bool = False
+    pp: int = 1
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble", "zbv"] = "1f1b"
+    # 0 = pp (or pp x virtual stages for interleaved schedules).
+    pp_microbatches: int = 0
+    pp_virtual_stages: int = 1
+    # "auto" balances layers over stages; or an explicit list of layer counts.
+    pp_split: Union[Literal["auto"], list[int]] = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+    def fingerprint(self) -> str:
+        """A short hash of the settings that define *what* is trained."""
+        relevant = {k: v for k, v in self.to_dict().items() if k in ("model", "data")}
+        relevant["train"] = {k: self.train.__dict__[k] for k in ("seed", "lr", "steps", "global_batch", "micro_batch")}
+        return hashlib.sha256(dump_toml(relevant).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def resolve_config_path(name: str | None) -> Path:
+    """A path to a TOML file, or the name of a built-in config such as `tiny-cpu`."""
+    if not name:
+        name = DEFAULT_CONFIG_NAME
+    path = Path(name)
+    if path.is_file():
+        return path
+    builtin = CONFIG_DIR / (name if name.endswith(".toml") else f"{name}.toml")
+    if builtin.is_file():
+        return builtin
+    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+    raise ConfigError(
+        f"config file '{name}' not found. Pass a path to a TOML file or one of the built-in configs: {available}."
+    )
+
+
+def load_config(name: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a config file (or built-in name), apply `section.key=value` overrides, validate."""
+    path = resolve_config_path(name)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}. Fix the syntax at the position given.") from e
+    cfg = config_from_dict(raw, source=str(path))
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    cfg = Config()
+    for section, values in raw.items():
+        sub = _section(cfg, section, source)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: '{section}' must be a table ([{section}]), got {type(values).__name__}.")
+        for key, value in values.items():
+            _set_field(sub, section, key, value, source)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> None:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.steps=100.")
+        dotted, text = item.split("=", 1)
+        if "." not in dotted:
+            raise ConfigError(
+                f"override '{item}' must name a section and a key, e.g. train.{dotted.strip()}=... "
+                f"(sections: {', '.join(f.name for f in dataclasses.fields(Config))})."
+            )
+        section, key = dotted.strip().split(".", 1)
+        sub = _section(cfg, section, "--set")
+        _set_field(sub, section, key, _parse_value(text.strip()), "--set")
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as TOML (numbers, booleans, lists, quoted strings); else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _section(cfg: Config, section: str, source: str) -> Any:
+    names = [f.name for f in dataclasses.fields(cfg)]
+    if section not in names:
+        raise ConfigError(f"{source}: unknown config section '{section}'{_did_you_mean(section, names)}. Sections: {', '.join(names)}.")
+    return getattr(cfg, section)
+
+
+def _set_field(obj: Any, section: str, key: str, value: Any, source: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if key not in fields:
+        raise ConfigError(
+            f"{source}: unknown key '{section}.{key}'{_did_you_mean(key, list(fields), prefix=section + '.')}. "
+            f"Valid keys in [{section}]: {', '.join(fields)}."
+        )
+    hint = typing.get_type_hints(type(obj))[key]
+    try:
+        coerced = _coerce(value, hint)
+    except TypeError:
+        raise ConfigError(
+            f"{source}: '{section}.{key}' expects {_describe(hint)}, got {value!r} ({type(value).__name__})."
+        ) from None
+    setattr(obj, key, coerced)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option)
+            except TypeError:
+                continue
+        raise TypeError
+    if origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise TypeError
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise TypeError
+        return [_coerce(v, item_type) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise TypeError
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _did_you_mean(word: str, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values, each with the key and the fix. Layout checks against the world
+    size live with ParallelDims, which knows the world size."""
+    m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+    positive = {
+        "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+        "model.vocab_size": m.vocab_size, "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
+        "train.steps": t.steps, "train.micro_batch": t.micro_batch, "train.eval_batches": t.eval_batches,
+        "train.log_every": t.log_every, "parallel.tp": p.tp, "parallel.pp": p.pp,
+        "parallel.dp_replicate": p.dp_replicate, "parallel.pp_virtual_stages": p.pp_virtual_stages,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be a positive integer, got {value}.")
+    non_negative = {
+        "model.n_kv_heads": m.n_kv_heads, "model.ffn_hidden": m.ffn_hidden, "train.global_batch": t.global_batch,
+        "train.warmup_steps": t.warmup_steps, "train.eval_every": t.eval_every, "train.checkpoint_every": t.checkpoint_every,
+        "train.sample_tokens": t.sample_tokens, "data.max_bytes": d.max_bytes, "data.max_doc_bytes": d.max_doc_bytes,
+        "parallel.pp_microbatches": p.pp_microbatches, "train.keep_checkpoints": t.keep_checkpoints,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"'{key}' must be zero or positive, got {value}.")
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"'model.d_model' ({m.d_model}) must be divisible by 'model.n_heads' ({m.n_heads}); "
+            f"pick d_model as a multiple of n_heads."
+        )
+    if m.head_dim % 2 and m.arch == "llama":
+        raise ConfigError(
+            f"rotary embeddings need an even head size, but d_model / n_heads = {m.head_dim}; change 'model.d_model' or 'model.n_heads'."
+        )
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(
+            f"'model.n_heads' ({m.n_heads}) must be divisible by 'model.n_kv_heads' ({m.kv_heads}) for grouped-query attention."
+        )
+    if m.arch == "gpt2" and m.n_kv_heads not in (0, m.n_heads):
+        raise ConfigError(
+            f"'model.n_kv_heads' ({m.n_kv_heads}) is a llama option; gpt2 uses full multi-head attention. Set it to 0 or use model.arch=\"llama\"."
+        )
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"'data.seq_len' ({d.seq_len}) exceeds 'model.max_seq_len' ({m.max_seq_len}); raise model.max_seq_len or shorten data.seq_len."
+        )
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"'data.val_fraction' must be between 0 and 1 (exclusive), got {d.val_fraction}.")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"need 0 <= 'train.min_lr' ({t.min_lr}) <= 'train.lr' ({t.lr}) and train.lr > 0.")
+    if t.grad_clip < 0 or t.weight_decay < 0:
+        raise ConfigError("'train.grad_clip' and 'train.weight_decay' must be zero or positive.")
+    if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
+        raise ConfigError(f"'train.beta1' ({t.beta1}) and 'train.beta2' ({t.beta2}) must be in [0, 1).")
+    if t.global_batch and t.global_batch % t.micro_batch:
+        raise ConfigError(
+            f"'train.global_batch' ({t.global_batch}) must be a multiple of 'train.micro_batch' ({t.micro_batch}) "
+            f"times the data-parallel degree (global_batch = micro_batch x accumulation x dp)."
+        )
+    if p.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"'parallel.zero' must be 0, 1, 2 or 3, got {p.zero}.")
+    if isinstance(p.dp, int) and p.dp <= 0:
+        raise ConfigError(f"'parallel.dp' must be a positive integer or \"auto\", got {p.dp}.")
+    if isinstance(p.pp_split, list) and any(n <= 0 for n in p.pp_split):
+        raise ConfigError(f"'parallel.pp_split' entries must be positive layer counts, got {p.pp_split}.")
+
+
+# ----------------------------------------------------------------------------- TOML writing
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write nested dicts of scalars and lists as TOML (enough for our configs)."""
+    lines: list[str] = []
+    for section, values in data.items():
+        if lines:
+            lines.append("")
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -1,0 +1,242 @@
+"""Corpus -> tokenizer.json + train.bin + val.bin + index.json (format: see index.py).
+
+Three streaming passes over the source, so memory stays flat for large corpora:
+  1. hash every document to assign it to train or val,
+  2. train the tokenizer on the training documents (skipped when one exists),
+  3. encode both splits in parallel batches and write the token files.
+
+Everything is written into a hidden temp folder inside the data directory and
+moved into place file by file with `os.replace`, index.json last (after the old
+one is removed). An interrupted prepare therefore never leaves a directory that
+looks complete, and a data directory the user chose is never deleted wholesale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from array import array
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from meshlm.config import ConfigError, DataConfig
+from meshlm.data.index import (
+    FORMAT_VERSION,
+    INDEX_FILE,
+    SPLITS,
+    TOKENIZER_FILE,
+    bin_file,
+    bin_problem,
+    file_sha256,
+    read_index,
+    token_dtype,
+    write_index,
+)
+from meshlm.data.sources import describe_source, iter_documents
+from meshlm.data.tokenizer import EOT_ID, load_or_train_tokenizer
+
+# Documents per encode_batch call: large enough for the Rust thread pool to stay
+# busy, small enough that a chunk of token lists stays a few MB.
+ENCODE_CHUNK_DOCS = 256
+SPLIT_BUCKETS = 10_000
+
+
+def default_data_dir(cfg_data: DataConfig, vocab_size: int) -> Path:
+    """Where prepared data lives when `data.dir` is empty: named after what produced it."""
+    name = f"{describe_source(cfg_data.source)}-v{vocab_size}-b{cfg_data.max_bytes}"
+    return Path(cfg_data.cache_dir) / name
+
+
+def data_dir_for(cfg_data: DataConfig, vocab_size: int) -> Path:
+    return Path(cfg_data.dir) if cfg_data.dir else default_data_dir(cfg_data, vocab_size)
+
+
+def prepare_data(
+    cfg_data: DataConfig, vocab_size: int, out_dir: Path | None = None, log: Callable[[str], None] = print
+) -> Path:
+    """Prepare (or reuse) the token files for `cfg_data`; return the data directory."""
+    out = Path(out_dir) if out_dir is not None else data_dir_for(cfg_data, vocab_size)
+    wanted = _settings(cfg_data, vocab_size)
+    reuse_tokenizer = (out / TOKENIZER_FILE).is_file()
+
+    if (out / INDEX_FILE).is_file():
+        reason = _stale_reason(out, wanted)
+        if reason is None:
+            index = read_index(out)
+            _check_enough_tokens(index, cfg_data, out)
+            log(
+                f"data: reusing {out} ({index['n_train_tokens']:,} train / {index['n_val_tokens']:,} val tokens)"
+            )
+            return out
+        log(f"data: preparing {out} again: {reason}")
+        # The tokenizer there belongs to the old settings; train a fresh one.
+        reuse_tokenizer = False
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
+    try:
+        index = _prepare_into(tmp, out, cfg_data, vocab_size, wanted, reuse_tokenizer, log)
+        _check_enough_tokens(index, cfg_data, out)
+        _publish(tmp, out, moved_tokenizer=not reuse_tokenizer)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _settings(cfg_data: DataConfig, vocab_size: int) -> dict:
+    """Everything that determines the prepared files; a change in any of them means re-preparing."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": cfg_data.source,
+        "source_id": describe_source(cfg_data.source),
+        "vocab_size": vocab_size,
+        "max_bytes": cfg_data.max_bytes,
+        "max_doc_bytes": cfg_data.max_doc_bytes,
+        "val_fraction": cfg_data.val_fraction,
+    }
+
+
+def _stale_reason(out: Path, wanted: dict) -> str | None:
+    try:
+        index = read_index(out)
+    except ConfigError as e:
+        return str(e)
+    changed = [f"{k} {index.get(k)!r} -> {v!r}" for k, v in wanted.items() if index.get(k) != v]
+    if changed:
+        return "settings changed (" + ", ".join(changed) + ")"
+    for split in SPLITS:
+        problem = bin_problem(out, index, split)
+        if problem:
+            return problem
+    return None
+
+
+def _prepare_into(tmp: Path, out: Path, cfg_data: DataConfig, vocab_size: int, wanted: dict, reuse_tokenizer: bool, log) -> dict:
+    def documents() -> Iterator[str]:
+        return iter_documents(cfg_data.source, cfg_data.max_bytes, cfg_data.max_doc_bytes)
+
+    is_val = _assign_splits(documents(), cfg_data.val_fraction, cfg_data.source)
+    log(f"data: {len(is_val):,} documents from {cfg_data.source} ({sum(is_val):,} held out for validation)")
+
+    start = time.perf_counter()
+    tok_path = out / TOKENIZER_FILE if reuse_tokenizer else tmp / TOKENIZER_FILE
+    train_docs = lambda: (text for text, val in zip(documents(), is_val) if not val)  # noqa: E731
+    tok = load_or_train_tokenizer(tok_path, train_docs, vocab_size)
+    verb = "reused" if reuse_tokenizer else "trained"
+    log(f"data: {verb} tokenizer ({tok.get_vocab_size()} tokens) in {time.perf_counter() - start:.1f}s")
+
+    start = time.perf_counter()
+    dtype = token_dtype(vocab_size)
+    writers = {split: _TokenWriter(tmp / bin_file(split), dtype) for split in SPLITS}
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips offsets (tokenizers >= 0.20)
+    for chunk in _chunks(zip(documents(), is_val), ENCODE_CHUNK_DOCS):
+        for split, want_val in (("train", False), ("val", True)):
+            texts = [text for text, val in chunk if val == want_val]
+            if texts:
+                writers[split].add([e.ids for e in encode(texts, add_special_tokens=False)])
+    for w in writers.values():
+        w.close()
+    tokens = writers["train"].n_tokens + writers["val"].n_tokens
+    log(f"data: encoded {tokens:,} tokens in {time.perf_counter() - start:.1f}s")
+
+    index = dict(wanted)
+    index.update(
+        tokenizer_vocab_size=tok.get_vocab_size(),
+        eot_id=EOT_ID,
+        dtype=dtype,
+        split_rule=f"blake2b(utf-8 text) % {SPLIT_BUCKETS} < val_fraction * {SPLIT_BUCKETS}",
+        sha256={bin_file(s): writers[s].sha256 for s in SPLITS} | {TOKENIZER_FILE: file_sha256(tok_path)},
+    )
+    for split in SPLITS:
+        index[f"n_{split}_tokens"] = writers[split].n_tokens
+        index[f"n_{split}_docs"] = writers[split].n_docs
+    write_index(tmp, index)
+    return index
+
+
+def _assign_splits(docs: Iterable[str], val_fraction: float, source: str) -> list[bool]:
+    """Per document: held out for validation? Decided by a hash of the content, so a
+    document keeps its split when others are added or removed, and duplicates never
+    straddle train and val. At least one document goes to each side."""
+    buckets = array("H")
+    for text in docs:
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+        buckets.append(int.from_bytes(digest, "little") % SPLIT_BUCKETS)
+    if len(buckets) < 2:
+        raise ConfigError(
+            f"data source '{source}' has {len(buckets)} document; a train/validation split needs at least 2. "
+            f"Add documents (or raise data.max_bytes / data.max_doc_bytes)."
+        )
+    threshold = val_fraction * SPLIT_BUCKETS
+    is_val = [b < threshold for b in buckets]
+    if not any(is_val):
+        is_val[min(range(len(buckets)), key=buckets.__getitem__)] = True
+    if all(is_val):
+        is_val[max(range(len(buckets)), key=buckets.__getitem__)] = False
+    return is_val
+
+
+def _check_enough_tokens(index: dict, cfg_data: DataConfig, out: Path) -> None:
+    need = cfg_data.seq_len + 1
+    short = [s for s in SPLITS if index[f"n_{s}_tokens"] < need]
+    if short:
+        counts = ", ".join(f"{index[f'n_{s}_tokens']:,} {s}" for s in SPLITS)
+        raise ConfigError(
+            f"the data in {out} has too few tokens ({counts}) for one window of data.seq_len + 1 = {need} tokens "
+            f"in the {' and '.join(short)} split. Use more data (data.source, or raise data.max_bytes), a smaller "
+            f"data.seq_len" + (", or a larger data.val_fraction." if short == ["val"] else ".")
+        )
+
+
+def _publish(tmp: Path, out: Path, moved_tokenizer: bool) -> None:
+    """Move the finished files into `out`; the old index goes first, the new one last."""
+    (out / INDEX_FILE).unlink(missing_ok=True)
+    names = [bin_file(s) for s in SPLITS] + ([TOKENIZER_FILE] if moved_tokenizer else [])
+    for name in names:
+        (tmp / name).replace(out / name)
+    (tmp / INDEX_FILE).replace(out / INDEX_FILE)
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _TokenWriter:
+    """Appends documents to a flat token file, an EOT id between consecutive documents."""
+
+    def __init__(self, path: Path, dtype: str):
+        self.file = open(path, "wb")
+        self.dtype = np.dtype(dtype)
+        self.digest = hashlib.sha256()
+        self.n_tokens = 0
+        self.n_docs = 0
+
+    def add(self, docs: list[list[int]]) -> None:
+        flat: list[int] = []
+        for ids in docs:
+            if self.n_docs:
+                flat.append(EOT_ID)
+            flat.extend(ids)
+            self.n_docs += 1
+        data = np.asarray(flat, dtype=self.dtype).tobytes()
+        self.file.write(data)
+        self.digest.update(data)
+        self.n_tokens += len(flat)
+
+    def close(self) -> None:
+        self.file.close()
+        self.sha256 = self.digest.hexdigest()

@@ -1,0 +1,49 @@
+"""The only place that reads the launch environment (RANK, LOCAL_RANK, WORLD_SIZE, ...).
+
+Everything else receives a `LaunchEnv` (or values derived from it) explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str  # "nccl" on CUDA, "gloo" otherwise
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def read_launch_env() -> LaunchEnv:
+    """Rank and world size as set by torch.distributed.run / torchrun (defaults: one process).
+    CUDA when present (one device per local rank, NCCL), else CPU with gloo.
+    MESHLM_DEVICE=cpu forces the CPU even where a GPU exists."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    want_cpu = os.environ.get("MESHLM_DEVICE", "").lower() == "cpu"
+    if cuda_available() and not want_cpu:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    return LaunchEnv(rank, local_rank, world_size, device, backend)

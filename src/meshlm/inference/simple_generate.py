@@ -1,0 +1,67 @@
+"""A plain generation loop (full recompute per token). The KV-cache engine replaces it later;
+this one stays as the reference it is tested against."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import tokenizers
+import torch
+
+from meshlm.config import Config, ConfigError
+from meshlm.inference.sampling import sample_next
+from meshlm.model.transformer import Transformer
+from meshlm.model.weights_file import load_weights
+from meshlm.train.run_dir import load_run_config
+
+
+@dataclass
+class LoadedModel:
+    cfg: Config
+    model: Transformer
+    tokenizer: tokenizers.Tokenizer
+
+
+def load_run(run: Path, device: torch.device | str = "cpu") -> LoadedModel:
+    run = Path(run)
+    cfg = load_run_config(run)
+    tok_path = run / "tokenizer.json"
+    if not tok_path.is_file():
+        raise ConfigError(f"{run} has no tokenizer.json; it is not a finished run. Train it to the end or export a checkpoint.")
+    model = load_weights(run / "model.safetensors", cfg.model, device)
+    model.eval()
+    return LoadedModel(cfg, model, tokenizers.Tokenizer.from_file(str(tok_path)))
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_ids: tuple[int, ...] = (),
+) -> Iterator[int]:
+    """Yield new token ids one by one. The context is cropped to the model's max_seq_len."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    ids = torch.tensor([prompt_ids or [0]], dtype=torch.long, device=device)
+    window = model.cfg.max_seq_len
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -window:])[:, -1, :]
+        next_id = sample_next(logits, temperature, top_k, top_p, generator)
+        token = int(next_id.item())
+        if token in stop_ids:
+            return
+        yield token
+        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+
+
+def generate_text(loaded: LoadedModel, prompt: str, max_new_tokens: int = 64, **sampling) -> str:
+    tok = loaded.tokenizer
+    out = list(generate_tokens(loaded.model, tok.encode(prompt).ids, max_new_tokens, **sampling))
+    return tok.decode(out)

@@ -1,0 +1,204 @@
+"""A decoder-only transformer on one device: the `llama` and `gpt2` variants.
+
+This file knows nothing about processes, ranks or meshes. Parallelism is
+applied from outside (meshlm.parallel) by swapping or wrapping submodules, so
+the module layout here is part of the contract:
+
+    tok_embeddings   nn.Embedding(vocab, d)            (None on later pipeline stages)
+    pos_embeddings   nn.Embedding(max_seq_len, d)      gpt2 only
+    layers           nn.ModuleDict {"0": Block, ...}   a dict so that pipeline stages
+                                                       can drop layers and keep names
+    norm             RMSNorm / LayerNorm               (None on earlier pipeline stages)
+    output           nn.Linear(d, vocab)               (None on earlier pipeline stages)
+
+Attention reshapes with `-1` heads (`view(B, T, -1, head_dim)`), so a
+tensor-parallel split of the projections needs no change here: each rank sees
+only its own heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshlm.config import ModelConfig
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables for rotary position embeddings (RoPE)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        # Not persistent: derived from the config, recomputed by reset() after a meta-device build.
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        if self.cos.is_meta:
+            return
+        device = self.cos.device
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim))
+        angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float32), inv_freq)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head: the Hugging Face / Llama layout.
+
+    x: (B, T, H, head_dim); cos, sin: (T, head_dim/2) or (B, T, head_dim/2).
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # broadcast over heads
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        bias = cfg.arch == "gpt2"
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, head_dim)
+        groups = q.shape[1] // k.shape[1]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """llama: SwiGLU, w2(silu(w1 x) * w3 x). gpt2: w2(gelu(w1 x)) with GPT-2's tanh GELU."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.arch == "llama"
+        bias = not self.gated
+        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=bias)
+        self.w3 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False) if self.gated else None
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = make_norm(cfg)
+        self.attention = Attention(cfg)
+        self.ffn_norm = make_norm(cfg)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.arch == "llama" else None
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm = make_norm(cfg)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the output matrix with the token embedding (gpt2 always; llama when configured).
+        Called again after `to_empty()`, which replaces parameters and would silently untie them."""
+        if self.cfg.tied and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """GPT-2 initialisation: N(0, 0.02) everywhere, residual projections scaled by
+        1/sqrt(2 * n_layers), zero biases, unit norms. Safe to call after a meta-device
+        build has been materialised with `to_empty()`."""
+        self.tie_weights()
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith("attention.wo") or name.endswith("feed_forward.w2")
+                if module.weight.is_meta:
+                    continue
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std, generator=generator)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding) and not module.weight.is_meta:
+                if not (module is self.tok_embeddings and self.cfg.tied and self.output is not None):
+                    nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and not module.weight.is_meta:
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if self.rope is not None:
+            self.rope.reset()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, T) token ids, or (B, T, d) hidden states on a later pipeline stage.
+        Returns logits (B, T, vocab), or hidden states (B, T, d) on an earlier stage."""
+        if self.tok_embeddings is not None:
+            T = tokens.shape[1]
+            h = self.tok_embeddings(tokens)  # (B, T, d)
+            if self.pos_embeddings is not None:
+                h = h + self.pos_embeddings(torch.arange(T, device=tokens.device))
+        else:
+            h, T = tokens, tokens.shape[1]
+        rope = (self.rope.cos[:T], self.rope.sin[:T]) if self.rope is not None else None
+        for layer in self.layers.values():
+            h = layer(h, rope)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            h = self.output(h)  # (B, T, vocab)
+        return h
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy, computed in float32 for stability under bf16 autocast."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None) -> Transformer:
+    """Build on the meta device (no memory), materialise on `device`, then initialise.
+    Going through meta keeps large models cheap to construct; with a seed the weights
+    are identical on every process and every device."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    model.init_weights(generator)
+    return model
