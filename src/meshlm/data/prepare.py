@@ -189,9 +189,11 @@ def _check_enough_tokens(index: dict, cfg_data: DataConfig, out: Path) -> None:
     if short:
         counts = ", ".join(f"{index[f'n_{s}_tokens']:,} {s}" for s in SPLITS)
         raise ConfigError(
-            f"the data in {out} has too few tokens ({counts}) for one window of data.seq_len + 1 = {need} tokens "
-            f"in the {' and '.join(short)} split. Use more data (data.source, or raise data.max_bytes), a smaller "
-            f"data.seq_len" + (", or a larger data.val_fraction." if short == ["val"] else ".")
+            f"the data in {out} has too few tokens ({counts}): the {' and '.join(short)} "
+            f"{'splits need' if len(short) > 1 else 'split needs'} at least "
+            f"data.seq_len + 1 = {need} for one window. Use more data (another data.source, or a larger "
+            f"data.max_bytes)" + (", a smaller data.seq_len, or a larger data.val_fraction." if short == ["val"]
+                                  else " or a smaller data.seq_len.")
         )
 
 

@@ -65,9 +65,9 @@ def describe_source(source: str) -> str:
         return f"{STDLIB_SOURCE}-{sys.version_info.major}.{sys.version_info.minor}"
     absolute = os.path.abspath(os.path.expanduser(source))
     digest = hashlib.sha256(absolute.encode()).hexdigest()[:8]
-    name = Path(source.rstrip("/\\")).name or "corpus"
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "corpus"
-    return f"{name[:40]}-{digest}"
+    # Readable part: the source as written, punctuation folded to '_', its last 40 characters.
+    name = re.sub(r"[^A-Za-z0-9-]+", "_", source).strip("_")[-40:].strip("_") or "corpus"
+    return f"{name}-{digest}"
 
 
 # ----------------------------------------------------------------------------- dispatch

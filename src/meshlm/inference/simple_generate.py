@@ -10,6 +10,7 @@ from pathlib import Path
 import tokenizers
 import torch
 
+from meshlm.data.tokenizer import load_tokenizer
 from meshlm.config import Config, ConfigError
 from meshlm.inference.sampling import sample_next
 from meshlm.model.transformer import Transformer
@@ -32,7 +33,7 @@ def load_run(run: Path, device: torch.device | str = "cpu") -> LoadedModel:
         raise ConfigError(f"{run} has no tokenizer.json; it is not a finished run. Train it to the end or export a checkpoint.")
     model = load_weights(run / "model.safetensors", cfg.model, device)
     model.eval()
-    return LoadedModel(cfg, model, tokenizers.Tokenizer.from_file(str(tok_path)))
+    return LoadedModel(cfg, model, load_tokenizer(tok_path))
 
 
 @torch.no_grad()

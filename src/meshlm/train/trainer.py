@@ -19,6 +19,7 @@ import torch
 from meshlm.config import Config, ConfigError
 from meshlm.data.loader import TokenDataset, eval_batch, sample_ids_for, train_batch
 from meshlm.data.prepare import prepare_data
+from meshlm.data.tokenizer import load_tokenizer
 from meshlm.distributed.env import LaunchEnv, read_launch_env
 from meshlm.model.stats import count_params, flops_per_token
 from meshlm.model.transformer import Transformer, build_model, lm_loss
@@ -172,9 +173,8 @@ class Trainer:
         save_weights(self.model.state_dict(), self.cfg.model, self.out / "model.safetensors")
         plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
         from meshlm.inference.simple_generate import LoadedModel, generate_text
-        import tokenizers
 
-        loaded = LoadedModel(self.cfg, self.model.eval(), tokenizers.Tokenizer.from_file(str(self.out / "tokenizer.json")))
+        loaded = LoadedModel(self.cfg, self.model.eval(), load_tokenizer(self.out / "tokenizer.json"))
         prompt = self.cfg.train.sample_prompt
         sample = prompt + generate_text(loaded, prompt, self.cfg.train.sample_tokens, temperature=0.8, top_k=40, seed=self.cfg.train.seed)
         self.log(f"saved {self.out / 'model.safetensors'}; curves in {self.out / 'loss.png'}\n--- sample ---\n{sample}\n--------------")

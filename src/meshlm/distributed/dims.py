@@ -1,0 +1,166 @@
+"""ParallelDims: the degrees of every parallel dimension, validated, and the named DeviceMesh.
+
+    world = pp x dp x tp,  dp = dp_replicate x dp_shard
+
+Ranks are laid out with tp innermost (neighbouring ranks, the fastest links: one
+node's NVLink) and pp outermost, as Megatron-LM and torchtitan do:
+
+    rank = ((pp_rank x dp) + dp_rank) x tp + tp_rank
+
+The value is built once from the config and the world size and handed to whatever
+needs it; nothing here is global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshlm.config import Config, ConfigError
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble", "zbv")
+MULTI_STAGE_SCHEDULES = ("interleaved-1f1b", "interleaved-zero-bubble", "zbv")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    world_size: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    zero: int = 0
+    sequence_parallel: bool = False
+    mesh: object = field(default=None, compare=False, repr=False)
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def describe(self) -> str:
+        dp = f"dp={self.dp}" if self.dp_replicate == 1 else f"dp={self.dp} (replicate {self.dp_replicate} x shard {self.dp_shard})"
+        return f"{dp} (zero {self.zero}), tp={self.tp}{' +sp' if self.sequence_parallel else ''}, pp={self.pp}"
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """Position of `rank` along each axis (pure arithmetic: usable before any process group exists)."""
+        tp_rank = rank % self.tp
+        dp_rank = (rank // self.tp) % self.dp
+        pp_rank = rank // (self.tp * self.dp)
+        return {"pp": pp_rank, "dp": dp_rank, "tp": tp_rank,
+                "dp_replicate": dp_rank // self.dp_shard, "dp_shard": dp_rank % self.dp_shard}
+
+    def build_mesh(self, device_type: str):
+        """The named DeviceMesh ("pp", "dp", "tp"); with HSDP also ("dp_replicate", "dp_shard")
+        as a 4-D mesh whose flattened ("dp_replicate", "dp_shard") is "dp"."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if self.dp_replicate > 1:
+            mesh = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+                                    mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
+            mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        else:
+            mesh = init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
+        object.__setattr__(self, "mesh", mesh)
+        return mesh
+
+
+def parallel_dims_from_config(cfg: Config, world_size: int) -> ParallelDims:
+    """Resolve `parallel.dp = "auto"` and check every degree against the world size and the model.
+    Raises ConfigError (naming every degree involved) before any process group is created."""
+    p, m = cfg.parallel, cfg.model
+    layout = f"tp={p.tp}, pp={p.pp}, dp={p.dp}"
+    if world_size % (p.tp * p.pp):
+        raise ConfigError(
+            f"the world size {world_size} is not divisible by tp x pp = {p.tp} x {p.pp} = {p.tp * p.pp} ({layout}). "
+            f"Choose tp and pp whose product divides the number of processes."
+        )
+    dp = world_size // (p.tp * p.pp) if p.dp == "auto" else p.dp
+    if dp * p.tp * p.pp != world_size:
+        raise ConfigError(
+            f"dp x tp x pp = {dp} x {p.tp} x {p.pp} = {dp * p.tp * p.pp} but the world size is {world_size}. "
+            f"Set parallel.dp=\"auto\" or degrees whose product is {world_size}."
+        )
+    if dp % p.dp_replicate:
+        raise ConfigError(
+            f"parallel.dp_replicate ({p.dp_replicate}) must divide the data-parallel degree dp ({dp}) for HSDP "
+            f"(dp = dp_replicate x dp_shard; {layout})."
+        )
+    if p.dp_replicate > 1 and p.zero != 3:
+        raise ConfigError(
+            f"parallel.dp_replicate ({p.dp_replicate}) > 1 is HSDP, which shards parameters: it needs parallel.zero=3 "
+            f"(got zero={p.zero})."
+        )
+    if m.n_heads % p.tp or m.kv_heads % p.tp:
+        raise ConfigError(
+            f"tensor parallelism splits attention heads: model.n_heads ({m.n_heads}) and model.n_kv_heads ({m.kv_heads}) "
+            f"must both be divisible by tp ({p.tp}). Pick tp among the common divisors, or change the heads."
+        )
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs tp > 1 (it splits the sequence over the tp ranks).")
+    if p.sequence_parallel and cfg.data.seq_len % p.tp:
+        raise ConfigError(
+            f"sequence parallel splits the sequence over tp ranks: data.seq_len ({cfg.data.seq_len}) must be divisible by tp ({p.tp})."
+        )
+    _validate_pipeline(cfg, dp)
+    return ParallelDims(world_size, p.dp_replicate, dp // p.dp_replicate, p.tp, p.pp, p.zero, p.sequence_parallel)
+
+
+def stages_per_rank(cfg: Config) -> int:
+    p = cfg.parallel
+    if p.pp_schedule == "zbv":
+        return 2
+    return p.pp_virtual_stages if p.pp_schedule in MULTI_STAGE_SCHEDULES else 1
+
+
+def pipeline_microbatches(cfg: Config, dp: int) -> int:
+    """Micro-batches per pipeline step: parallel.pp_microbatches, or by default the data-parallel
+    rank's batch split into train.micro_batch-sized pieces (the schedule is the accumulation)."""
+    t = cfg.train
+    local_batch = (t.global_batch or t.micro_batch * dp) // dp
+    return cfg.parallel.pp_microbatches or max(1, local_batch // t.micro_batch)
+
+
+def _validate_pipeline(cfg: Config, dp: int) -> None:
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    if p.pp == 1:
+        return
+    v = stages_per_rank(cfg)
+    if p.pp_schedule in ("gpipe", "1f1b") and p.pp_virtual_stages != 1:
+        raise ConfigError(
+            f"parallel.pp_schedule=\"{p.pp_schedule}\" runs one stage per rank; parallel.pp_virtual_stages "
+            f"({p.pp_virtual_stages}) needs \"interleaved-1f1b\" or \"interleaved-zero-bubble\"."
+        )
+    if p.pp_schedule in ("interleaved-1f1b", "interleaved-zero-bubble") and v < 2:
+        raise ConfigError(
+            f"parallel.pp_schedule=\"{p.pp_schedule}\" needs parallel.pp_virtual_stages >= 2 (got {v})."
+        )
+    if p.pp_schedule == "zbv" and p.pp_virtual_stages not in (1, 2):
+        raise ConfigError(f"the zbv schedule uses exactly 2 stages per rank (a V shape); set parallel.pp_virtual_stages=2, not {p.pp_virtual_stages}.")
+    n_stages = p.pp * v
+    if isinstance(p.pp_split, list):
+        if len(p.pp_split) != n_stages or sum(p.pp_split) != m.n_layers:
+            raise ConfigError(
+                f"parallel.pp_split {p.pp_split} must list {n_stages} layer counts (pp {p.pp} x {v} stages per rank) "
+                f"summing to model.n_layers ({m.n_layers})."
+            )
+    elif m.n_layers < n_stages:
+        raise ConfigError(
+            f"model.n_layers ({m.n_layers}) is less than the number of pipeline stages (pp {p.pp} x {v} per rank = {n_stages}); "
+            f"lower pp or pp_virtual_stages."
+        )
+    local_batch = (t.global_batch or t.micro_batch * dp) // dp
+    micro = pipeline_microbatches(cfg, dp)
+    if local_batch % micro:
+        raise ConfigError(
+            f"each data-parallel rank's batch ({local_batch} sequences = train.global_batch / dp {dp}) must be divisible by "
+            f"parallel.pp_microbatches ({micro})."
+        )
+    if p.pp_schedule in MULTI_STAGE_SCHEDULES and micro % p.pp:
+        raise ConfigError(
+            f"the {p.pp_schedule} schedule needs parallel.pp_microbatches ({micro}) to be a multiple of pp ({p.pp})."
+        )
+    if micro < p.pp:
+        raise ConfigError(
+            f"parallel.pp_microbatches ({micro}) is fewer than the pipeline stages pp ({p.pp}): the {p.pp_schedule} schedule "
+            f"needs at least one micro-batch per stage. Raise pp_microbatches to >= {p.pp}."
+        )
