@@ -18,8 +18,8 @@ from meshlm.config import Config, ConfigError, config_from_dict
 RUN_FILES = ("config.toml", "metrics.jsonl", "loss.png", "model.safetensors", "tokenizer.json")
 
 
-def prepare_run_dir(out: Path, cfg: Config, overwrite: bool) -> None:
-    """Create `out`, refusing (before any work) to mix two different runs in one directory."""
+def check_run_dir(out: Path, cfg: Config, overwrite: bool) -> None:
+    """Refuse, before any work, to mix two different runs in one directory."""
     existing = out / "config.toml"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path {out} exists and is not a directory; choose another --out.")
@@ -33,6 +33,11 @@ def prepare_run_dir(out: Path, cfg: Config, overwrite: bool) -> None:
                 f"output directory {out} already holds a different run (its config.toml differs from this one). "
                 f"Pass --overwrite to replace it, or choose another --out."
             )
+
+
+def init_run_dir(out: Path, cfg: Config, overwrite: bool) -> None:
+    """Create `out` (once the data is known to be usable) and write the resolved config."""
+    check_run_dir(out, cfg, overwrite)
     if overwrite and out.is_dir():
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)

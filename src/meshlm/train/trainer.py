@@ -28,7 +28,7 @@ from meshlm.parallel.parallelize import parallelize
 from meshlm.train.metrics import MetricsWriter, plot_losses
 from meshlm.train.optim import build_optimizer, lr_at, set_lr
 from meshlm.train.progress import Progress
-from meshlm.train.run_dir import prepare_run_dir
+from meshlm.train.run_dir import check_run_dir, init_run_dir
 
 
 @dataclass
@@ -68,13 +68,13 @@ class Trainer:
         self.device = self.env.device
         self.dp_rank, self.dp_size = 0, 1
         self.accum = accumulation_steps(cfg, self.dp_size)
-        if self.env.is_main:
-            prepare_run_dir(self.out, cfg, overwrite)
+        check_run_dir(self.out, cfg, overwrite)
 
         data_dir = prepare_data(cfg.data, cfg.model.vocab_size, log=self.log)
         self.train_data = TokenDataset(data_dir, "train")
         self.val_data = TokenDataset(data_dir, "val")
         if self.env.is_main:
+            init_run_dir(self.out, cfg, overwrite)
             shutil.copyfile(data_dir / "tokenizer.json", self.out / "tokenizer.json")
 
         torch.manual_seed(cfg.train.seed)

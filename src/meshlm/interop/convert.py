@@ -1,0 +1,243 @@
+"""Import Hugging Face models into meshlm and export meshlm runs to Hugging Face.
+
+    load_hf_model(hf_dir)            -> (ModelConfig, Transformer): start training or
+                                        inference from a Hugging Face checkpoint
+    import_hf(hf_dir, run_dir)       -> a meshlm run directory (config.toml,
+                                        model.safetensors, tokenizer.json)
+    export_hf(run_dir, hf_dir)       -> a directory `transformers` loads with
+                                        AutoModelForCausalLM / AutoTokenizer, no meshlm needed
+
+The Hugging Face files are written by hand (JSON + safetensors): meshlm does not
+depend on `transformers`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from meshlm.config import Config, ConfigError, ModelConfig, validate
+from meshlm.interop.hf_config import hf_config_from_model, model_config_from_hf, read_hf_config
+from meshlm.interop.hf_weights import read_hf_tensors, state_dict_from_hf, state_dict_to_hf
+from meshlm.model.transformer import Transformer
+from meshlm.model.weights_file import load_weights, save_weights
+from meshlm.train.run_dir import load_run_config
+
+# Files a Hugging Face model directory may hold; an export replaces all of them
+# so that no stale shard or tokenizer from an earlier model is picked up.
+_HF_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "pytorch_model.bin", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+)
+_HF_SHARD_GLOBS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+# What an import replaces in a run directory (with overwrite): the run's files and checkpoints.
+_RUN_FILES = ("config.toml", "metrics.jsonl", "loss.png", "model.safetensors", "tokenizer.json")
+# Special tokens recognised when writing tokenizer_config.json / generation_config.json.
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>", "<|eot_id|>")
+_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|endoftext|>")
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def load_hf_model(hf_dir: Path | str, device: torch.device | str = "cpu") -> tuple[ModelConfig, Transformer]:
+    """Build a meshlm model from a local Hugging Face directory, in float32 on `device`.
+
+    The config is mapped (and refused where meshlm would compute something else),
+    every tensor name and shape is checked, and the weights are loaded without an
+    extra copy: the model's parameters are the tensors read from the files.
+    """
+    hf_dir = Path(hf_dir)
+    model_cfg = model_config_from_hf(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
+    run_config_for(model_cfg)  # meshlm's own validation (e.g. rotary needs an even head size)
+    state = state_dict_from_hf(read_hf_tensors(hf_dir, torch.float32), model_cfg, source=str(hf_dir))
+    return model_cfg, model_from_state_dict(model_cfg, state, device)
+
+
+def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> Transformer:
+    """A Transformer whose parameters *are* `state`'s tensors (moved to `device`); a tied
+    output layer may be absent from `state`. Names and shapes must already be right."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False, assign=True)
+    model.tie_weights()
+    if model.rope is not None:
+        model.rope.to_empty(device=device)
+        model.rope.reset()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ConfigError(f"the checkpoint has no values for {', '.join(left[:5])}; it does not match the model config.")
+    return model
+
+
+def run_config_for(model_cfg: ModelConfig) -> Config:
+    """The default meshlm Config with this model, data.seq_len shortened to fit; validated."""
+    cfg = Config(model=model_cfg)
+    cfg.data.seq_len = min(cfg.data.seq_len, model_cfg.max_seq_len)
+    validate(cfg)
+    return cfg
+
+
+def import_hf(hf_dir: Path | str, out_run_dir: Path | str, overwrite: bool = False) -> Path:
+    """Convert a Hugging Face model directory into a meshlm run directory; returns its path.
+
+    Everything is read and checked before `out_run_dir` is touched. A missing
+    tokenizer.json is a warning: the weights are still usable for training.
+    """
+    hf_dir, out = Path(hf_dir), Path(out_run_dir)
+    model_cfg = model_config_from_hf(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
+    cfg = run_config_for(model_cfg)
+    state = state_dict_from_hf(read_hf_tensors(hf_dir, torch.float32), model_cfg, source=str(hf_dir))
+    _prepare_run_dir(out, overwrite)
+    _write_text_atomic(out / "config.toml", cfg.to_toml())
+    save_weights(state, model_cfg, out / "model.safetensors")
+    tokenizer = hf_dir / "tokenizer.json"
+    if tokenizer.is_file():
+        _copy_atomic(tokenizer, out / "tokenizer.json")
+    else:
+        (out / "tokenizer.json").unlink(missing_ok=True)
+        warnings.warn(
+            f"{hf_dir} has no tokenizer.json, so {out} has no tokenizer: training from it works, but generating "
+            f"text needs one. Save a fast tokenizer into {hf_dir} (AutoTokenizer.from_pretrained(...).save_pretrained) "
+            f"and import again, or copy its tokenizer.json into {out}.",
+            stacklevel=2,
+        )
+    return out
+
+
+def _prepare_run_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path {out} exists and is not a directory; choose another output directory.")
+    if (out / "config.toml").is_file() or (out / "model.safetensors").is_file():
+        if not overwrite:
+            raise ConfigError(
+                f"{out} already holds a meshlm run. Pass overwrite=True (--overwrite) to replace it, or choose "
+                f"another output directory."
+            )
+        for name in _RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_hf(run_dir: Path | str, out_hf_dir: Path | str, step: int | None = None, overwrite: bool = False) -> Path:
+    """Write the final model of a meshlm run as a Hugging Face model directory; returns its path.
+
+    The result holds config.json, model.safetensors, generation_config.json and (when
+    the run has one) tokenizer.json + tokenizer_config.json; `transformers` loads it
+    with AutoModelForCausalLM / AutoTokenizer.from_pretrained.
+    """
+    if step is not None:
+        raise ConfigError(
+            f"exporting checkpoint step {step} is not possible yet: sharded checkpoints arrive with the checkpoint "
+            f"feature. Export the final model of the run instead (leave out the step)."
+        )
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    model = load_weights(run / "model.safetensors", cfg.model)
+    return write_hf_dir(cfg.model, model.state_dict(), out_hf_dir, tokenizer_path=run / "tokenizer.json", overwrite=overwrite)
+
+
+def write_hf_dir(
+    cfg: ModelConfig,
+    state: Mapping[str, torch.Tensor],
+    out_hf_dir: Path | str,
+    tokenizer_path: Path | str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a meshlm state dict as a Hugging Face model directory (float32 safetensors)."""
+    out = Path(out_hf_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export path {out} exists and is not a directory; choose another output directory.")
+    existing = [p.name for p in _hf_files_in(out)] if out.is_dir() else []
+    if existing and not overwrite:
+        raise ConfigError(
+            f"{out} already holds a Hugging Face model ({', '.join(sorted(existing)[:4])}). Pass overwrite=True "
+            f"(--overwrite) to replace it, or choose another output directory."
+        )
+    tensors = {k: v.detach().to("cpu", torch.float32) for k, v in state_dict_to_hf(state, cfg).items()}
+    tok_path = Path(tokenizer_path) if tokenizer_path is not None else None
+    specials = _special_tokens(tok_path) if tok_path is not None and tok_path.is_file() else {}
+    ids = {k: v[1] for k, v in specials.items()}
+    config = hf_config_from_model(cfg, bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"))
+
+    out.mkdir(parents=True, exist_ok=True)
+    for p in _hf_files_in(out):
+        p.unlink()
+    tmp = out / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    _write_text_atomic(out / "config.json", _json(config))
+    generation = {"_from_model_config": True, "bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos")}
+    _write_text_atomic(out / "generation_config.json", _json(generation))
+    if tok_path is not None and tok_path.is_file():
+        _copy_atomic(tok_path, out / "tokenizer.json")
+        tok_config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": cfg.max_seq_len,
+            "clean_up_tokenization_spaces": False,
+        }
+        for role in ("bos", "eos"):
+            if role in specials:
+                tok_config[f"{role}_token"] = specials[role][0]
+        _write_text_atomic(out / "tokenizer_config.json", _json(tok_config))
+    else:
+        warnings.warn(
+            f"no tokenizer.json{f' at {tok_path}' if tok_path else ''}: {out} holds the model only. Copy the "
+            f"tokenizer the model was trained with into it before loading with AutoTokenizer.",
+            stacklevel=2,
+        )
+    return out
+
+
+def _hf_files_in(directory: Path) -> list[Path]:
+    found = [directory / name for name in _HF_FILES if (directory / name).is_file()]
+    for pattern in _HF_SHARD_GLOBS:
+        found.extend(sorted(directory.glob(pattern)))
+    return found
+
+
+def _special_tokens(tokenizer_path: Path) -> dict[str, tuple[str, int]]:
+    """bos / eos (content, id) recognised among the tokenizer's special tokens."""
+    try:
+        added = json.loads(tokenizer_path.read_text()).get("added_tokens") or []
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"{tokenizer_path} is not a valid tokenizer.json ({e}); retrain or re-copy the tokenizer.") from None
+    by_name = {t["content"]: t["id"] for t in added if isinstance(t, dict) and t.get("special")}
+    found: dict[str, tuple[str, int]] = {}
+    for role, names in (("eos", _EOS_NAMES), ("bos", _BOS_NAMES)):
+        for name in names:
+            if name in by_name:
+                found[role] = (name, by_name[name])
+                break
+    return found
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _json(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+__all__ = ["load_hf_model", "import_hf", "export_hf", "write_hf_dir", "model_from_state_dict", "run_config_for"]
