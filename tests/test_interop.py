@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from meshlm.config import Config, ConfigError, ModelConfig  # noqa: E402
 from meshlm.data.tokenizer import train_tokenizer  # noqa: E402
-from meshlm.interop import export_hf, import_hf, load_hf_model, model_config_from_hf, write_hf_dir  # noqa: E402
+from meshlm.interop import export_hf, import_hf, load_hf_model, model_config_from_hf  # noqa: E402
 from meshlm.interop.hf_weights import state_dict_from_hf, state_dict_to_hf  # noqa: E402
 from meshlm.model.transformer import build_model  # noqa: E402
 from meshlm.model.weights_file import load_weights, save_weights  # noqa: E402

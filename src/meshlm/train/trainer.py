@@ -1,13 +1,15 @@
 """The training loop: data, model, optimizer, evaluation, metrics and the final model.
 
-Written for one process here, but without assuming it: every batch is described by
-global sample ids (so data-parallel ranks split the same global batch a single process
-would see), the loss is a token-weighted mean over the whole global batch, and only
-the main rank writes files.
+The same loop runs one process or a hybrid dp x tp x pp world. It stays
+layout-independent by construction: every batch is described by global sample ids
+(data-parallel ranks split the global batch a single process would see), the loss is
+the token-weighted mean over the whole global batch, the gradient norm is global over
+every shard and stage, and only the main rank writes files.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -15,20 +17,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from meshlm.config import Config, ConfigError
-from meshlm.data.loader import TokenDataset, eval_batch, sample_ids_for, train_batch
+from meshlm.data.loader import TokenDataset
 from meshlm.data.prepare import prepare_data
 from meshlm.data.tokenizer import load_tokenizer
+from meshlm.distributed.dims import ParallelDims, parallel_dims_from_config
 from meshlm.distributed.env import LaunchEnv, read_launch_env
+from meshlm.distributed.process_group import init_distributed
 from meshlm.model.stats import count_params, flops_per_token
-from meshlm.model.transformer import Transformer, build_model, lm_loss
+from meshlm.model.transformer import build_model
 from meshlm.model.weights_file import save_weights
-from meshlm.parallel.parallelize import parallelize
+from meshlm.parallel.gather import gather_full_state_dict
+from meshlm.parallel.parallelize import ParallelModel, parallelize
 from meshlm.train.metrics import MetricsWriter, plot_losses
-from meshlm.train.optim import build_optimizer, lr_at, set_lr
+from meshlm.train.optim import lr_at
 from meshlm.train.progress import Progress
 from meshlm.train.run_dir import check_run_dir, init_run_dir
+from meshlm.train.step import StepRunner, accumulation_steps
 
 
 @dataclass
@@ -37,26 +44,25 @@ class TrainResult:
     final_loss: float
     final_val_loss: float | None
     sample: str
+    losses: list[float]
 
 
-def accumulation_steps(cfg: Config, dp: int) -> int:
-    """global_batch = micro_batch x accumulation x dp; 0 global_batch means no accumulation."""
-    t = cfg.train
-    if not t.global_batch:
-        return 1
-    per_step = t.micro_batch * dp
-    if t.global_batch % per_step:
-        raise ConfigError(
-            f"'train.global_batch' ({t.global_batch}) must be a multiple of 'train.micro_batch' ({t.micro_batch}) "
-            f"x data-parallel degree ({dp}) = {per_step}; change one of them."
-        )
-    return t.global_batch // per_step
-
-
-def autocast_context(cfg: Config, device: torch.device):
-    if cfg.train.dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return torch.autocast(device_type=device.type, enabled=False)
+def _on_main_first(env: LaunchEnv, fn):
+    """Run `fn` on rank 0, then (if it succeeded) on the others; a user error on rank 0 is
+    raised on every rank, so no rank waits forever for a peer that has given up."""
+    if not env.distributed:
+        return fn()
+    error, result = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except ConfigError as e:
+            error = str(e)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise ConfigError(box[0])
+    return result if env.is_main else fn()
 
 
 class Trainer:
@@ -66,11 +72,15 @@ class Trainer:
         self.env = env or read_launch_env()
         self.log = log if self.env.is_main else (lambda *a, **k: None)
         self.device = self.env.device
-        self.dp_rank, self.dp_size = 0, 1
-        self.accum = accumulation_steps(cfg, self.dp_size)
+        # Everything that can be wrong with the layout fails here, before a process group exists.
+        self.dims: ParallelDims = parallel_dims_from_config(cfg, self.env.world_size)
+        self.accum = accumulation_steps(cfg, self.dims.dp) if self.dims.pp == 1 else 1
         check_run_dir(self.out, cfg, overwrite)
 
-        data_dir = prepare_data(cfg.data, cfg.model.vocab_size, log=self.log)
+        init_distributed(self.env)
+        if self.env.distributed:
+            self.dims.build_mesh(self.device.type)
+        data_dir = _on_main_first(self.env, lambda: prepare_data(cfg.data, cfg.model.vocab_size, log=self.log))
         self.train_data = TokenDataset(data_dir, "train")
         self.val_data = TokenDataset(data_dir, "val")
         if self.env.is_main:
@@ -78,108 +88,95 @@ class Trainer:
             shutil.copyfile(data_dir / "tokenizer.json", self.out / "tokenizer.json")
 
         torch.manual_seed(cfg.train.seed)
-        self.model: Transformer = build_model(cfg.model, self.device, seed=cfg.train.seed)
+        model = build_model(cfg.model, self.device, seed=cfg.train.seed)
         self.log(
             f"model: {cfg.model.arch}, {count_params(cfg.model) / 1e6:.2f}M parameters, "
-            f"{cfg.model.n_layers} layers, d_model {cfg.model.d_model}; "
-            f"global batch {self.global_batch} x {cfg.data.seq_len} tokens "
-            f"(micro-batch {cfg.train.micro_batch} x accumulation {self.accum} x dp {self.dp_size})"
+            f"{cfg.model.n_layers} layers, d_model {cfg.model.d_model}; layout {self.dims.describe} on "
+            f"{self.env.world_size} process(es), {self.device.type}/{self.env.backend if self.env.distributed else 'local'}; "
+            f"global batch {self.global_batch} x {cfg.data.seq_len} tokens"
         )
-        self.train_model = parallelize(self.model, cfg)
-        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.pm: ParallelModel = parallelize(model, self.dims, cfg, self.device)
+        self.runner = StepRunner(cfg, self.pm, self.train_data, self.val_data, self.device, self.accum)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.env.is_main)
 
     @property
     def global_batch(self) -> int:
-        return self.cfg.train.micro_batch * self.accum * self.dp_size
-
-    def train_step(self, step: int) -> tuple[float, float]:
-        """One optimizer step over the global batch; returns (loss, grad_norm)."""
-        t, seq_len = self.cfg.train, self.cfg.data.seq_len
-        self.train_model.train()
-        total_tokens = self.global_batch * seq_len
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.accum):
-            ids = sample_ids_for(micro, t.micro_batch, self.dp_rank, self.dp_size)
-            x, y = train_batch(self.train_data, seq_len, t.seed, step, ids)
-            x, y = x.to(self.device), y.to(self.device)
-            with autocast_context(self.cfg, self.device):
-                logits = self.train_model(x)
-            # Sum over tokens, divided by the global token count: the token-weighted mean
-            # over micro-batches and ranks, identical for every layout.
-            loss = lm_loss(logits, y, reduction="sum") / total_tokens
-            loss.backward()
-            loss_sum += loss.detach()
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        set_lr(self.optimizer, lr_at(step, t))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss_sum), float(grad_norm)
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        t, seq_len = self.cfg.train, self.cfg.data.seq_len
-        self.train_model.eval()
-        total, count = 0.0, 0
-        n_samples = t.eval_batches * t.micro_batch
-        for b in range(t.eval_batches):
-            ids = range(b * t.micro_batch, (b + 1) * t.micro_batch)
-            x, y = eval_batch(self.val_data, seq_len, ids, n_samples)
-            with autocast_context(self.cfg, self.device):
-                logits = self.train_model(x.to(self.device))
-            total += float(lm_loss(logits, y.to(self.device), reduction="sum"))
-            count += y.numel()
-        return total / count
+        t = self.cfg.train
+        return t.global_batch or t.micro_batch * self.dims.dp
 
     def run(self) -> TrainResult:
         t = self.cfg.train
         tokens_per_step = self.global_batch * self.cfg.data.seq_len
         flops_per_step = flops_per_token(self.cfg.model, self.cfg.data.seq_len) * tokens_per_step
         progress = Progress(t.steps, enabled=t.progress and self.env.is_main)
-        loss, val_loss = float("nan"), None
+        losses: list[float] = []
+        val_loss = None
         try:
             for step in range(t.steps):
                 started = time.perf_counter()
-                loss, grad_norm = self.train_step(step)
+                loss, grad_norm = self.runner.train_step(step)
                 elapsed = time.perf_counter() - started
+                losses.append(loss)
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"training loss became {loss} at step {step + 1}. Lower 'train.lr' (now {t.lr}) "
                         f"or enable gradient clipping ('train.grad_clip')."
                     )
+                if step == 0:
+                    self._report_state_bytes()
                 record = {
                     "step": step + 1, "loss": loss, "lr": lr_at(step, t), "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
                     "tflops": flops_per_step / elapsed / 1e12,
                 }
-                if (step + 1) % t.log_every == 0 or step == 0:
+                if (step + 1) % t.log_every == 0 or step == 0 or step + 1 == t.steps:
                     self.metrics.write(record)
                 progress.update(step + 1, loss, record["tokens_per_s"])
                 if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
-                    val_loss = self.evaluate()
-                    self.metrics.write({"step": step + 1, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
-                    progress.write(f"step {step + 1}: val_loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+                    val_loss = self.runner.evaluate()
+                    ppl = math.exp(min(val_loss, 50))
+                    self.metrics.write({"step": step + 1, "val_loss": val_loss, "val_ppl": ppl})
+                    progress.write(f"step {step + 1}: val_loss {val_loss:.4f}, perplexity {ppl:.2f}")
         finally:
             progress.close()
             self.metrics.close()
         sample = self.finish()
-        return TrainResult(self.out, loss, val_loss, sample)
+        return TrainResult(self.out, losses[-1] if losses else float("nan"), val_loss, sample, losses)
+
+    def _report_state_bytes(self) -> None:
+        """Each rank's parameter, gradient and optimizer-state bytes after the first step."""
+        held = self.runner.state_bytes()
+        line = {"rank": self.env.rank, **held}
+        if self.env.distributed:
+            every = [None] * self.env.world_size
+            dist.all_gather_object(every, line)
+        else:
+            every = [line]
+        if self.env.is_main:
+            (self.out / "state_bytes.json").write_text(json.dumps(every, indent=1))
+            for r in every:
+                self.log(f"rank {r['rank']}: params {r['params'] / 2**20:.2f} MiB, grads {r['grads'] / 2**20:.2f} MiB, "
+                         f"optimizer {r['optimizer'] / 2**20:.2f} MiB")
 
     def finish(self) -> str:
-        """Save the final model and the curves, and print a short sample."""
+        """Save the full (gathered) model and the curves; print a short sample."""
+        state = gather_full_state_dict(self.pm, self.cfg.model)
         if not self.env.is_main:
             return ""
-        save_weights(self.model.state_dict(), self.cfg.model, self.out / "model.safetensors")
+        save_weights(state, self.cfg.model, self.out / "model.safetensors")
         plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
         from meshlm.inference.simple_generate import LoadedModel, generate_text
+        from meshlm.model.weights_file import load_weights
 
-        loaded = LoadedModel(self.cfg, self.model.eval(), load_tokenizer(self.out / "tokenizer.json"))
+        model = load_weights(self.out / "model.safetensors", self.cfg.model, self.device)
+        loaded = LoadedModel(self.cfg, model.eval(), load_tokenizer(self.out / "tokenizer.json"))
         prompt = self.cfg.train.sample_prompt
-        sample = prompt + generate_text(loaded, prompt, self.cfg.train.sample_tokens, temperature=0.8, top_k=40, seed=self.cfg.train.seed)
-        self.log(f"saved {self.out / 'model.safetensors'}; curves in {self.out / 'loss.png'}\n--- sample ---\n{sample}\n--------------")
+        sample = prompt + generate_text(loaded, prompt, self.cfg.train.sample_tokens, temperature=0.8, top_k=40,
+                                        seed=self.cfg.train.seed)
+        self.log(f"saved {self.out / 'model.safetensors'}; curves in {self.out / 'loss.png'}\n"
+                 f"--- sample ---\n{sample}\n--------------")
         return sample
 
 
-def train(cfg: Config, out_dir: Path, overwrite: bool = False, log=print) -> TrainResult:
-    return Trainer(cfg, out_dir, overwrite=overwrite, log=log).run()
+def train(cfg: Config, out_dir: Path, overwrite: bool = False, log=print, env: LaunchEnv | None = None) -> TrainResult:
+    return Trainer(cfg, out_dir, overwrite=overwrite, env=env, log=log).run()

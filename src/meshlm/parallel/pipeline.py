@@ -1,0 +1,406 @@
+"""Pipeline parallelism on top of torch.distributed.pipelining.
+
+The model is cut into stages of consecutive blocks (pipeline_split: stage 0 also holds the
+embeddings, the last stage the final norm and the output layer); each pipeline rank holds one
+stage (gpipe, 1f1b), several looped stages (interleaved-1f1b, interleaved-zero-bubble:
+rank r holds r, r + pp, ...) or two stages in a V (zbv: rank r holds r and 2 pp - 1 - r).
+A batch is split into micro-batches that flow through the stages; torch's schedules decide
+the order of forwards and backwards on each rank and do the point-to-point sends.
+
+In the trainer:
+
+    counts = stage_layer_counts(cfg, n_stages)
+    ids = stage_ids_for_rank(pp_rank, pp, cfg.parallel.pp_schedule, stages_per_rank(cfg))
+    modules = [build_stage_module(model, s, n_stages, counts) for s in ids]
+    tied = TiedEmbeddingSync(modules, ids, n_stages, cfg.parallel.pp_schedule, dims)  # collective
+    ... tensor parallel, activation checkpointing, compile, DDP / FSDP on each module ...
+    schedule = build_schedule(modules, ids, n_stages, pp_group, device, n_micro, cfg.parallel.pp_schedule, lm_loss)
+    each step:  zero grads; loss = pipeline_step(schedule, ids, n_stages, pp_group, x, y)
+                tied.sync_tied_embedding_grads(); clip (tied copies weighted by 1 / tied.tied_copies(fqn)); step
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
+                                          ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
+
+from meshlm.distributed.dims import MULTI_STAGE_SCHEDULES
+from meshlm.parallel.pipeline_split import (build_stage_module, stage_ids_for_rank, stage_layer_counts,
+                                            stage_pp_rank)
+
+__all__ = [
+    "stage_layer_counts", "stage_ids_for_rank", "stage_pp_rank", "build_stage_module", "TiedEmbeddingSync",
+    "build_schedule", "pipeline_step", "pipeline_forward_eval", "record_schedule_timeline",
+    "plot_pipeline_timeline", "TimelineEvent",
+]
+
+SCHEDULE_CLASSES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved-1f1b": ScheduleInterleaved1F1B,
+    "interleaved-zero-bubble": ScheduleInterleavedZeroBubble,
+    "zbv": ScheduleZBVZeroBubble,
+}
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 and tensor parallel keep the module itself)."""
+    return getattr(module, "module", module)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (tensor parallel / FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+# ----------------------------------------------------------------------------- tied embeddings
+
+
+class TiedEmbeddingSync:
+    """Keeps the two copies of a tied embedding in step when stage 0 and the last stage differ.
+
+    build_stage_module gives the last stage its own copy of the tied matrix (output.weight,
+    equal to stage 0's tok_embeddings.weight). The single-device gradient of the shared matrix
+    is the sum of both uses, so after every backward both copies must hold
+    grad(tok_embeddings) + grad(output): then identical optimizers keep them identical.
+
+    Construct it on every rank, in the same order relative to other group creations: it calls
+    dist.new_group collectively, one group per (dp, tp) coordinate pairing the rank with
+    pp_rank 0 and the rank holding the last stage (pp_rank pp - 1, or pp_rank 0 itself for zbv,
+    where both copies live on one rank and are summed locally). With tensor parallel / FSDP the
+    copies are DTensors sharded alike (vocab rows), so their local shards are summed.
+    It keeps references to the embedding / output submodules, which the later wrappers (tensor
+    parallel, FSDP2, DDP) keep, so build it right after splitting. Untied models: a no-op.
+    """
+
+    def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, schedule_name: str,
+                 dims, rank: int | None = None):
+        models = {s: _unwrap(m) for s, m in zip(stage_ids, stage_modules)}
+        self.active = n_stages > 1 and next(iter(models.values())).cfg.tied
+        self._embedding = models[0].tok_embeddings if 0 in models else None
+        self._output = models[n_stages - 1].output if n_stages - 1 in models else None
+        self.group = None
+        if not self.active:
+            return
+        last_pp = stage_pp_rank(n_stages - 1, dims.pp, schedule_name, len(stage_ids))
+        if last_pp != 0:
+            def global_rank(pp_rank: int, dp_rank: int, tp_rank: int) -> int:  # ParallelDims layout
+                return (pp_rank * dims.dp + dp_rank) * dims.tp + tp_rank
+
+            pairs = [[global_rank(0, d, t), global_rank(last_pp, d, t)] for d in range(dims.dp) for t in range(dims.tp)]
+            self.group, _ = dist.new_subgroups_by_enumeration(pairs)
+            if rank is None:
+                rank = dist.get_rank()
+            if (self._embedding is not None or self._output is not None) and self.group is None:
+                raise RuntimeError(f"rank {rank} holds a tied embedding copy but is in no pair {pairs}")
+
+    def _copies(self) -> list[torch.Tensor]:
+        return [m.weight for m in (self._embedding, self._output) if m is not None]
+
+    @torch.no_grad()
+    def sync_tied_embedding_grads(self) -> None:
+        """Sum the two copies' gradients into both. Call after the schedule's backward (and after
+        data-parallel gradient reduction, which it commutes with), before clipping."""
+        if not self.active or not self._copies():
+            return
+        grads = []
+        for weight in self._copies():
+            if weight.grad is None:
+                raise RuntimeError("sync_tied_embedding_grads() needs gradients: call it after the backward pass")
+            grads.append(_local(weight.grad))
+        if len(grads) == 2:  # zbv: both copies on this rank
+            if grads[0].shape != grads[1].shape:
+                raise RuntimeError(f"tied copies are sharded differently: {tuple(grads[0].shape)} vs {tuple(grads[1].shape)}")
+            total = grads[0] + grads[1]
+            grads[0].copy_(total)
+            grads[1].copy_(total)
+        else:
+            dist.all_reduce(grads[0], group=self.group)
+
+    @torch.no_grad()
+    def broadcast_tied_weights(self) -> None:
+        """Copy stage 0's embedding into the last stage's output weight (e.g. after loading a
+        checkpoint written by another layout). Collective over the pairs."""
+        if not self.active or not self._copies():
+            return
+        copies = [_local(w) for w in self._copies()]
+        if len(copies) == 2:
+            copies[1].copy_(copies[0])
+        else:  # group rank 0 is the pp_rank 0 member (the lower global rank)
+            dist.broadcast(copies[0], group=self.group, group_src=0)
+
+    def tied_copies(self, fqn: str) -> int:
+        """How many copies of this parameter exist over the pipeline: 2 for a split tied
+        embedding ("tok_embeddings.weight" on stage 0, "output.weight" on the last stage),
+        else 1. A global gradient norm weights each copy's squared norm by 1 / tied_copies,
+        so after the sync the tied matrix counts once, as on a single device. Wrapper prefixes
+        (module., _orig_mod., _fsdp_wrapped_module., _checkpoint_wrapped_module.) are ignored."""
+        for prefix in ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+            fqn = fqn.replace(prefix, "")
+        return 2 if self.active and fqn in ("tok_embeddings.weight", "output.weight") else 1
+
+    def copies_of(self, param: torch.Tensor) -> int:
+        """Same as tied_copies, by parameter identity."""
+        return 2 if self.active and any(param is w for w in self._copies()) else 1
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+class MicrobatchMeanLoss:
+    """loss_fn(output, target) / n_microbatches.
+
+    How gradients are scaled over micro-batches: the schedule calls backward once per
+    micro-batch and the gradients accumulate (sum) in .grad. With equal-sized micro-batches the
+    mean loss over the whole batch is the mean of the micro-batch means, (1/n) sum_i L_i, so
+    each micro-batch's loss is divided by n before its backward and the accumulated gradient is
+    exactly the gradient of the batch mean. torch's own alternative (scale_grads=True divides
+    .grad by n after the last backward) is switched off: it would also divide gradients the
+    caller accumulated over several steps. As in torchtitan, the per-micro-batch losses the
+    schedule reports are therefore already divided by n, and their sum is the batch mean.
+    """
+
+    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n_microbatches: int):
+        self.loss_fn, self.n_microbatches = loss_fn, n_microbatches
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(output, target) / self.n_microbatches
+
+
+def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, pp_group, device,
+                   n_microbatches: int, schedule_name: str, loss_fn: Callable):
+    """The torch schedule running this rank's stages.
+
+    stage_modules may be wrapped (DDP, FSDP2, compiled blocks): each becomes a PipelineStage as
+    is, and the stages handle DDP no_sync / FSDP reduce-scatter themselves. loss_fn(output,
+    target) -> scalar mean over the micro-batch (e.g. lm_loss); see MicrobatchMeanLoss for the
+    gradient scaling. Shapes are inferred on the first step (one extra forward per stage), so
+    every step must use the same batch shape. Micro-batch counts: 1f1b needs n >= pp;
+    interleaved schedules need n divisible by max(1, n // pp) (use a multiple of pp).
+    """
+    if schedule_name not in SCHEDULE_CLASSES:
+        raise ValueError(f"unknown pipeline schedule {schedule_name!r}; expected one of {', '.join(SCHEDULE_CLASSES)}")
+    if len(stage_modules) != len(stage_ids) or not stage_ids:
+        raise ValueError(f"{len(stage_modules)} stage modules for stage ids {stage_ids}")
+    multi = schedule_name in MULTI_STAGE_SCHEDULES
+    if not multi and len(stage_ids) != 1:
+        raise ValueError(f"the {schedule_name} schedule runs one stage per rank, got stages {stage_ids}")
+    device = torch.device(device)
+    stages = [PipelineStage(module, stage_id, n_stages, device, group=pp_group)
+              for module, stage_id in zip(stage_modules, stage_ids)]
+    cls = SCHEDULE_CLASSES[schedule_name]
+    loss = MicrobatchMeanLoss(loss_fn, n_microbatches)
+    return cls(stages if multi else stages[0], n_microbatches=n_microbatches, loss_fn=loss, scale_grads=False)
+
+
+def _stages(schedule) -> list:
+    """The PipelineStage objects of a torch schedule (single-stage classes keep `_stage`)."""
+    return list(schedule._stages) if hasattr(schedule, "_stages") else [schedule._stage]
+
+
+def _mean_loss(losses: list[torch.Tensor] | None, schedule, pp_group) -> float:
+    """Sum of the (already 1/n-scaled) micro-batch losses on the last stage's rank, zero
+    elsewhere, summed over the pp group: every rank gets the last stage's value exactly."""
+    if losses is not None:
+        total = torch.stack([loss.detach().float() for loss in losses]).sum()
+    else:
+        total = torch.zeros((), dtype=torch.float32, device=_stages(schedule)[0].device)
+    dist.all_reduce(total, group=pp_group)
+    return total.item()
+
+
+def pipeline_step(schedule, stage_ids: list[int], n_stages: int, pp_group, x: torch.Tensor | None,
+                  y: torch.Tensor | None) -> float:
+    """One forward + backward of the whole batch through the pipeline; returns the mean loss over
+    its micro-batches, the same on every rank of the pp group. x (B, T) token ids are used on
+    the rank holding stage 0, y (B, T) targets on the one holding the last stage; other ranks
+    may pass None. Gradients accumulate into .grad: zeroing them is the caller's job."""
+    first, last = 0 in stage_ids, n_stages - 1 in stage_ids
+    losses: list[torch.Tensor] | None = [] if last else None
+    schedule.step(*((x,) if first else ()), target=y if last else None, losses=losses, return_outputs=False)
+    return _mean_loss(losses, schedule, pp_group)
+
+
+_WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _send_activation(h: torch.Tensor, dst: int, pp_group) -> list:
+    """Non-blocking send of a (B, T, d) activation, preceded by a header (shape, dtype)."""
+    header = torch.tensor([*h.shape, _WIRE_DTYPES.index(h.dtype)], dtype=torch.int64, device=h.device)
+    h = h.contiguous()
+    works = [dist.isend(header, group=pp_group, group_dst=dst), dist.isend(h, group=pp_group, group_dst=dst)]
+    return [(work, header, h) for work in works]  # keep the buffers alive until the sends complete
+
+
+def _recv_activation(src: int, pp_group, device: torch.device) -> torch.Tensor:
+    header = torch.empty(4, dtype=torch.int64, device=device)
+    dist.recv(header, group=pp_group, group_src=src)
+    *shape, dtype = header.tolist()
+    h = torch.empty(shape, dtype=_WIRE_DTYPES[dtype], device=device)
+    dist.recv(h, group=pp_group, group_src=src)
+    return h
+
+
+def pipeline_forward_eval(schedule, stage_ids: list[int], n_stages: int, pp_group, x: torch.Tensor | None,
+                          y: torch.Tensor | None) -> float:
+    """The mean loss over the batch, forward only, the same on every rank of the pp group.
+
+    A forward-only GPipe pass written here rather than torch's schedule.eval(): in torch 2.13
+    eval() fails on V schedules (zbv: the backward-input action asks a stage without backward
+    for its input gradients), and switching a schedule between eval and training makes it
+    re-infer its shapes (a vote and one forward per stage) on both sides. Stages run in global
+    order, all micro-batches of one stage before the next, with non-blocking sends, so stage s
+    works on micro-batch i + 1 while stage s + 1 takes micro-batch i. It uses the schedule's
+    stages, stage-to-rank placement, micro-batch count and loss function, so the loss is the
+    same mean as pipeline_step's (without the backward)."""
+    stages = {stage.stage_index: stage for stage in _stages(schedule)}
+    if sorted(stages) != sorted(stage_ids):
+        raise ValueError(f"stage ids {stage_ids} differ from the schedule's stages {sorted(stages)}")
+    owner = stages[stage_ids[0]].stage_index_to_group_rank  # stage -> pp group rank (looped or V)
+    me = dist.get_rank(pp_group)
+    n, loss_fn = schedule._n_microbatches, schedule._loss_fn  # MicrobatchMeanLoss: loss / n per micro-batch
+    device = torch.device(stages[stage_ids[0]].device)
+    x_mbs = torch.tensor_split(x, n) if 0 in stages else None
+    y_mbs = torch.tensor_split(y, n) if n_stages - 1 in stages else None
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    sends: list = []
+    carried: list[torch.Tensor] = []  # outputs of the previous stage when it is on this rank
+    with torch.no_grad():
+        for s in sorted(stages):
+            outputs = []
+            for mb in range(n):
+                if s == 0:
+                    h = x_mbs[mb]
+                elif owner[s - 1] == me:
+                    h = carried[mb]
+                else:
+                    h = _recv_activation(owner[s - 1], pp_group, device)
+                out = stages[s].submod(h)
+                if s == n_stages - 1:
+                    total += loss_fn(out, y_mbs[mb]).float()
+                elif owner[s + 1] == me:
+                    outputs.append(out)
+                else:
+                    sends += _send_activation(out, owner[s + 1], pp_group)
+            carried = outputs
+    for work, *_ in sends:
+        work.wait()
+    dist.all_reduce(total, group=pp_group)
+    return total.item()
+
+
+# ----------------------------------------------------------------------------- timeline
+
+
+@dataclass
+class TimelineEvent:
+    """One action of a stage: kind F (forward), B (full backward), I (backward for inputs),
+    W (backward for weights); start / end in seconds (time.time(), comparable across ranks of one machine)."""
+
+    kind: str
+    stage: int
+    microbatch: int
+    start: float
+    end: float
+
+
+class ScheduleTimeline:
+    """Records when each stage action runs, by wrapping the stages' forward_one_chunk /
+    backward_one_chunk / backward_weight_one_chunk (torch's schedules have no hooks; they only
+    emit profiler record_function ranges). On CUDA each action synchronises the device first
+    and last, so the times are true but the run is slower: a diagnostic mode."""
+
+    def __init__(self, schedule):
+        self.events: list[TimelineEvent] = []
+        self._stages = _stages(schedule)
+        self._cuda = any(torch.device(s.device).type == "cuda" for s in self._stages)
+
+    def _timed(self, stage, method: Callable, kind_of: Callable[..., str | None]) -> Callable:
+        def run(chunk_id: int, *args, **kwargs):
+            kind = kind_of(*args, **kwargs) if stage.has_backward or kind_of is _forward_kind else None
+            if kind is None:
+                return method(chunk_id, *args, **kwargs)
+            if self._cuda:
+                torch.cuda.synchronize(stage.device)
+            start = time.time()
+            result = method(chunk_id, *args, **kwargs)
+            if self._cuda:
+                torch.cuda.synchronize(stage.device)
+            self.events.append(TimelineEvent(kind, stage.stage_index, chunk_id, start, time.time()))
+            return result
+        return run
+
+    def __enter__(self) -> "ScheduleTimeline":
+        for stage in self._stages:
+            stage.forward_one_chunk = self._timed(stage, stage.forward_one_chunk, _forward_kind)
+            stage.backward_one_chunk = self._timed(stage, stage.backward_one_chunk, _backward_kind)
+            stage.backward_weight_one_chunk = self._timed(stage, stage.backward_weight_one_chunk, lambda *a, **k: "W")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for stage in self._stages:  # drop the instance attributes: the class methods show through again
+            for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
+                stage.__dict__.pop(name, None)
+
+    def gather(self, pp_group) -> list[list[TimelineEvent]]:
+        """Every pp rank's events, indexed by pp rank (collective over the pp group)."""
+        out: list = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(out, self.events, group=pp_group)
+        return out
+
+
+def _forward_kind(*args, **kwargs) -> str:
+    return "F"
+
+
+def _backward_kind(*args, full_backward: bool = True, **kwargs) -> str:
+    return "B" if full_backward else "I"
+
+
+def record_schedule_timeline(schedule) -> ScheduleTimeline:
+    """`with record_schedule_timeline(schedule) as timeline: pipeline_step(...)`, then
+    `timeline.gather(pp_group)` on every pp rank and plot_pipeline_timeline on one."""
+    return ScheduleTimeline(schedule)
+
+
+_COLOURS = {"F": "#4c72b0", "B": "#dd8452", "I": "#c44e52", "W": "#55a868"}
+
+
+def plot_pipeline_timeline(events_per_rank: list[list[TimelineEvent]], path_png: str,
+                           title: str = "pipeline schedule as it ran") -> None:
+    """One row per pp rank, one block per action (F forward, B backward, I backward-input,
+    W backward-weight), labelled stage.microbatch, time in ms from the first action."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    t0 = min((e.start for events in events_per_rank for e in events), default=0.0)
+    t1 = max((e.end for events in events_per_rank for e in events), default=1.0)
+    span_ms = max((t1 - t0) * 1e3, 1e-6)
+    fig, ax = plt.subplots(figsize=(12, 0.7 * len(events_per_rank) + 1.5))
+    for rank, events in enumerate(events_per_rank):
+        for e in events:
+            start, width = (e.start - t0) * 1e3, (e.end - e.start) * 1e3
+            ax.broken_barh([(start, width)], (rank - 0.4, 0.8), facecolors=_COLOURS.get(e.kind, "grey"),
+                           edgecolors="black", linewidth=0.3)
+            if width > span_ms / 60:
+                ax.text(start + width / 2, rank, f"{e.stage}.{e.microbatch}", ha="center", va="center", fontsize=6)
+    ax.set_yticks(range(len(events_per_rank)), [f"pp rank {r}" for r in range(len(events_per_rank))])
+    ax.invert_yaxis()
+    ax.set_xlabel("time (ms); blocks labelled stage.microbatch")
+    ax.set_title(title)
+    kinds = sorted({e.kind for events in events_per_rank for e in events}, key="FBIW".index)
+    names = {"F": "forward", "B": "backward", "I": "backward (inputs)", "W": "backward (weights)"}
+    ax.legend(handles=[Patch(color=_COLOURS[k], label=names[k]) for k in kinds], loc="upper right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=120)
+    plt.close(fig)

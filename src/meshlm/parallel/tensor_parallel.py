@@ -1,0 +1,417 @@
+"""Tensor parallelism (Megatron-LM style, hand-written) with optional sequence parallelism.
+
+Why hand-written: on CPU/gloo, DTensor's `parallelize_module` with the same plan took
+~1.7x the step time of these explicit autograd functions issuing the same collectives.
+
+Layout (tp ranks, rank r; names and module tree unchanged, each parameter holds its shard)
+------------------------------------------------------------------------------------------
+    tok_embeddings.weight    rows (vocab) split, vocab padded to V_pad = ceil(V/tp)*tp  dim 0
+    attention.wq/wk/wv       column-parallel: rank r holds heads [r*H/tp, (r+1)*H/tp)    dim 0
+                             (and kv heads [r*KV/tp, ...): GQA groups stay on one rank)
+    attention.wo             row-parallel (input features = the rank's heads), bias full  dim 1
+    feed_forward.w1 (w3)     column-parallel                                             dim 0
+    feed_forward.w2          row-parallel, bias full, added once after the reduction     dim 1
+    output.weight            column-parallel over the padded vocab (the embedding's
+                             shard itself when tied); returns LOCAL logits (B, T, V_pad/tp)
+    norms, pos_embeddings, row-parallel biases: replicated
+
+One block, Megatron's f and g (meshlm.parallel.tp_collectives):
+
+    h ─┬─ norm ─ f ─┬─ wq_r ─┐                               ┌─ w1_r ─ act ─┐
+       │            ├─ wk_r ─┼─ attn(local heads) ─ wo_r ─ g ─ + ─ norm ─ f ─┤ (w3_r) ──────┼─ w2_r ─ g ─ + ─>
+       │            └─ wv_r ─┘                               │              └──────────────┘             │
+       └─────────────────────────────────────────────────────┘ (residual)          (residual) ────────────┘
+
+    f = identity forward / all-reduce backward;  g = all-reduce forward / identity backward.
+    With sequence parallelism everything outside f..g (residual stream, norms, dropout-free
+    adds) is split along the sequence, (B, T/tp, d): f = all-gather forward / reduce-scatter
+    backward, g = reduce-scatter forward / all-gather backward. f sits at the entrance of
+    `attention`, `feed_forward` and `output` (forward pre-hooks), so wq, wk and wv (and w1, w3)
+    share one f; g is inside the row-parallel linears, before their bias.
+
+Communication, per micro-batch and tp rank (what this implementation issues; N = B*T*d
+elements in the activation dtype, for a stage with L blocks; "AR(n)" all-reduce of n
+elements, "AG(n)" all-gather whose output has n elements (each rank sends n/tp),
+"RS(n)" reduce-scatter whose input has n elements (each rank keeps n/tp)):
+
+                             forward                  backward
+    without SP, per block    2 AR(N)                  2 AR(N)
+               tok_embeddings 1 AR(N)                 -
+               output         -                       1 AR(N)
+    with SP,    per block    2 AG(N) + 2 RS(N)        2 AG(N) + 2 RS(N)
+               tok_embeddings 1 RS(N)                 1 AG(N)
+               output         1 AG(N)                 1 RS(N)
+    loss (vocab_parallel_cross_entropy, both): forward AR_max(B*T) + AR(2*B*T) in float32;
+               backward nothing.
+    SP only, once per optimizer step: sync_sequence_parallel_grads, 1 AR(P_rep) of the
+               replicated parameters' gradients, P_rep = llama (2L+1)*d (RMSNorm weights;
+               the final norm only on the last stage), gpt2 2*(2L+1)*d (LayerNorm weight
+               and bias) + 2*L*d (row biases) + max_seq_len*d (pos_embeddings, first stage).
+
+With ring algorithms an AR(n) sends 2(tp-1)/tp * n elements per rank and an AG(n) or RS(n)
+(tp-1)/tp * n, so a block costs 8(tp-1)/tp * N elements per micro-batch either way;
+sequence parallelism saves activation memory, not bandwidth. Activation checkpointing
+re-runs each block's forward collectives during backward. `tp_communication()` returns
+these formulas as data for profiling tests.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from meshlm.config import ConfigError
+from meshlm.parallel.tp_collectives import enter_tp_region, exit_tp_region, split_seq
+from meshlm.parallel.vocab_parallel import (
+    VocabParallelEmbedding,
+    pad_vocab_rows,
+    padded_vocab_size,
+)
+
+_COLUMN = {("attention", "wq"), ("attention", "wk"), ("attention", "wv"), ("feed_forward", "w1"), ("feed_forward", "w3")}
+_ROW = {("attention", "wo"), ("feed_forward", "w2")}
+_VOCAB = {"tok_embeddings", "output"}
+# Name parts added by wrappers (activation checkpointing, torch.compile, FSDP1, DDP).
+_WRAPPER_PARTS = {"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module", "module"}
+
+
+@dataclass(frozen=True)
+class TensorParallelInfo:
+    """What apply_tensor_parallel did, kept on the model as `model.tensor_parallel`."""
+    tp: int
+    tp_rank: int
+    sequence_parallel: bool
+    vocab_size: int
+    padded_vocab_size: int
+
+
+# ----------------------------------------------------------------------------- naming rule
+
+
+def _name_parts(fqn: str) -> list[str]:
+    return [p for p in fqn.split(".") if p not in _WRAPPER_PARTS]
+
+
+def tp_shard_dim(fqn: str) -> int | None:
+    """The dimension along which a parameter of the single-device model is split under TP:
+    0 for column-parallel weights and biases and the vocabulary rows, 1 for row-parallel
+    weights, None for replicated ones (norms, row-parallel biases, pos_embeddings)."""
+    parts = _name_parts(fqn)
+    if len(parts) < 2:
+        return None
+    module, param = parts[-2], parts[-1]
+    if module in _VOCAB:
+        return 0
+    parent = parts[-3] if len(parts) >= 3 else ""
+    if (parent, module) in _COLUMN:
+        return 0
+    if (parent, module) in _ROW and param == "weight":
+        return 1
+    return None
+
+
+def is_tp_sharded(fqn: str) -> bool:
+    return tp_shard_dim(fqn) is not None
+
+
+def _is_vocab(fqn: str) -> bool:
+    parts = _name_parts(fqn)
+    return len(parts) >= 2 and parts[-2] in _VOCAB
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class ColumnParallelLinear(nn.Linear):
+    """y_r = x A_r^T + b_r with rank r's rows of A (output features). No communication here:
+    the f in front is the region entrance hook of the enclosing module."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        self.weight = weight
+        if bias is not None:
+            self.bias = bias
+
+
+class RowParallelLinear(nn.Linear):
+    """y = g(x_r B_r^T) + b with rank r's columns of B (input features); the replicated bias
+    is added once, after the reduction (all-reduce, or reduce-scatter along the sequence)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, group: ProcessGroup, sequence_parallel: bool):
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        self.weight = weight
+        if bias is not None:
+            self.bias = bias
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = exit_tp_region(F.linear(x, self.weight), self.group, self.sequence_parallel)
+        return y + self.bias if self.bias is not None else y
+
+
+class SequenceParallelPositionEmbedding(nn.Embedding):
+    """gpt2's learned positions under sequence parallelism: the model asks for
+    positions arange(T) and adds them to this rank's (B, T/tp, d) chunk, so only this
+    rank's positions are looked up. The weight stays replicated; its gradient covers
+    only these rows and is summed by sync_sequence_parallel_grads."""
+
+    def __init__(self, weight: nn.Parameter, group: ProcessGroup):
+        super().__init__(weight.shape[0], weight.shape[1], device="meta")
+        self.weight = weight
+        self.group = group
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        local = split_seq(positions.unsqueeze(0), self.group).squeeze(0)  # (T/tp,)
+        return F.embedding(local, self.weight)
+
+
+def _enter_region_hook(group: ProcessGroup, sequence_parallel: bool, module: nn.Module, args: tuple):
+    """Forward pre-hook: f on the first argument (the region's input)."""
+    return (enter_tp_region(args[0], group, sequence_parallel), *args[1:])
+
+
+def _enter_attention_hook(group: ProcessGroup, sequence_parallel: bool, rope: nn.Module | None, module: nn.Module, args: tuple):
+    """f for attention. On a pipeline stage whose input is already sequence-sharded the model
+    sliced the rotary tables to the local length T/tp; after the gather attention sees
+    all T positions, so take the full tables again."""
+    x, *rest = args
+    x = enter_tp_region(x, group, sequence_parallel)
+    if rest and rest[0] is not None and rope is not None and rest[0][0].shape[0] != x.shape[1]:
+        rest[0] = (rope.cos[: x.shape[1]], rope.sin[: x.shape[1]])
+    return (x, *rest)
+
+
+# ----------------------------------------------------------------------------- applying
+
+
+def _validate(cfg, tp: int) -> None:
+    if cfg.n_heads % tp or cfg.kv_heads % tp:
+        raise ConfigError(
+            f"tensor parallelism splits attention heads: model.n_heads ({cfg.n_heads}) and model.n_kv_heads "
+            f"({cfg.kv_heads}) must both be divisible by tp ({tp}). Pick tp among their common divisors.")
+    if cfg.ffn_dim % tp:
+        raise ConfigError(f"tensor parallelism splits the MLP: its hidden size ({cfg.ffn_dim}, model.ffn_hidden) "
+                          f"must be divisible by tp ({tp}).")
+
+
+def _shard(t: torch.Tensor, fqn: str, tp_rank: int, tp: int, vocab_size: int) -> torch.Tensor:
+    dim = tp_shard_dim(fqn)
+    if dim is None:
+        return t
+    if _is_vocab(fqn):
+        t = pad_vocab_rows(t, vocab_size, tp)
+    if t.shape[dim] % tp:
+        raise ConfigError(f"'{fqn}' has {t.shape[dim]} entries along dim {dim}, not divisible by tp ({tp}).")
+    size = t.shape[dim] // tp
+    return t.narrow(dim, tp_rank * size, size).clone()
+
+
+def _shard_param(p: nn.Parameter | None, fqn: str, tp_rank: int, tp: int, vocab_size: int) -> nn.Parameter | None:
+    if p is None:
+        return None
+    with torch.no_grad():
+        return nn.Parameter(_shard(p.detach(), fqn, tp_rank, tp, vocab_size), requires_grad=p.requires_grad)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_group: ProcessGroup, sequence_parallel: bool = False) -> None:
+    """Turn a full single-device Transformer (or a pipeline stage of one) into this rank's
+    tensor-parallel shard, in place, by slicing the local shards out of the full weights
+    (identical on every rank when built with the same seed): the result computes the same
+    function. Parameter names are unchanged. Build the optimizer afterwards.
+
+    sequence_parallel: the hidden states between blocks are (B, T/tp, d). A stage with
+    tok_embeddings takes (B, T) tokens; one without takes sequence-sharded hidden states.
+    A stage with `output` returns local logits (B, T, V_pad/tp), one without returns
+    sequence-sharded hidden states. Call sync_sequence_parallel_grads after backward."""
+    if getattr(model, "tensor_parallel", None) is not None:
+        raise RuntimeError("apply_tensor_parallel was already applied to this model")
+    tp, rank, cfg = dist.get_world_size(tp_group), dist.get_rank(tp_group), model.cfg
+    _validate(cfg, tp)
+    V = cfg.vocab_size
+    shard = functools.partial(_shard_param, tp_rank=rank, tp=tp, vocab_size=V)
+    for name, block in model.layers.items():
+        for wrapper in ("_checkpoint_wrapped_module", "_orig_mod"):
+            block = getattr(block, wrapper, block)
+        attn, ffn = block.attention, block.feed_forward
+        for proj in ("wq", "wk", "wv"):
+            lin = getattr(attn, proj)
+            setattr(attn, proj, ColumnParallelLinear(shard(lin.weight, f"attention.{proj}.weight"),
+                                                     shard(lin.bias, f"attention.{proj}.bias")))
+        attn.wo = RowParallelLinear(shard(attn.wo.weight, "attention.wo.weight"), attn.wo.bias, tp_group, sequence_parallel)
+        attn.register_forward_pre_hook(functools.partial(_enter_attention_hook, tp_group, sequence_parallel, model.rope))
+        for proj in ("w1", "w3"):
+            lin = getattr(ffn, proj)
+            if lin is not None:
+                setattr(ffn, proj, ColumnParallelLinear(shard(lin.weight, f"feed_forward.{proj}.weight"),
+                                                        shard(lin.bias, f"feed_forward.{proj}.bias")))
+        ffn.w2 = RowParallelLinear(shard(ffn.w2.weight, "feed_forward.w2.weight"), ffn.w2.bias, tp_group, sequence_parallel)
+        ffn.register_forward_pre_hook(functools.partial(_enter_region_hook, tp_group, sequence_parallel))
+
+    tied = (model.tok_embeddings is not None and model.output is not None
+            and model.output.weight is model.tok_embeddings.weight)
+    V_pad = padded_vocab_size(V, tp)
+    if model.tok_embeddings is not None:
+        model.tok_embeddings = VocabParallelEmbedding(shard(model.tok_embeddings.weight, "tok_embeddings.weight"),
+                                                      rank * (V_pad // tp), tp_group, sequence_parallel)
+    if model.pos_embeddings is not None and sequence_parallel:
+        model.pos_embeddings = SequenceParallelPositionEmbedding(model.pos_embeddings.weight, tp_group)
+    if model.output is not None:
+        weight = model.tok_embeddings.weight if tied else shard(model.output.weight, "output.weight")
+        model.output = ColumnParallelLinear(weight, shard(model.output.bias, "output.bias"))
+        model.output.register_forward_pre_hook(functools.partial(_enter_region_hook, tp_group, sequence_parallel))
+    model.tensor_parallel = TensorParallelInfo(tp, rank, sequence_parallel, V, V_pad)
+
+
+def _tp_info(model: nn.Module) -> TensorParallelInfo | None:
+    for module in model.modules():  # through DDP-style wrappers
+        info = getattr(module, "tensor_parallel", None)
+        if isinstance(info, TensorParallelInfo):
+            return info
+    return None
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # DTensor gradients under FSDP2
+
+
+@torch.no_grad()
+def sync_sequence_parallel_grads(model: nn.Module, tp_group: ProcessGroup) -> int:
+    """Under sequence parallelism every replicated parameter (norm weights and biases,
+    row-parallel biases, pos_embeddings) saw only this rank's part of the sequence: sum
+    its gradient over the tp group, in one flat all-reduce. Call once per optimizer step,
+    after the last backward (accumulation is linear) and before clipping and the
+    optimizer. A no-op without sequence parallelism. Returns the elements all-reduced."""
+    info = _tp_info(model)
+    if info is None or not info.sequence_parallel or info.tp == 1:
+        return 0
+    grads = [_local(p.grad) for name, p in model.named_parameters() if p.grad is not None and not is_tp_sharded(name)]
+    if not grads:
+        return 0
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=tp_group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat.numel()
+
+
+@torch.no_grad()
+def tp_grad_norm(model: nn.Module, tp_group: ProcessGroup) -> torch.Tensor:
+    """The gradient 2-norm of the whole (unsharded) model: sharded parameters' squares are
+    summed over the tp group, replicated ones counted once (one all-reduce of 1 element).
+    `clip_grad_norm_` on the local gradients alone would under-count the sharded ones."""
+    sharded, replicated = [], []
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            (sharded if is_tp_sharded(name) else replicated).append(_local(p.grad).float().pow(2).sum())
+    total = torch.stack(sharded).sum() if sharded else torch.zeros(())
+    dist.all_reduce(total, group=tp_group)
+    if replicated:
+        total = total + torch.stack(replicated).sum()
+    return total.sqrt()
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+
+@torch.no_grad()
+def gather_tp_tensor(fqn: str, local: torch.Tensor, tp_group: ProcessGroup, vocab_size: int) -> torch.Tensor:
+    """The full single-device tensor for parameter `fqn` (or its gradient) from every rank's
+    shard: all-gathered along tp_shard_dim(fqn), vocabulary padding cut. Same on every rank."""
+    dim = tp_shard_dim(fqn)
+    local = _local(local).detach()
+    if dim is None:
+        return local.clone()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, local.contiguous(), group=tp_group)
+    full = torch.cat(parts, dim=dim)
+    return full[:vocab_size].clone() if _is_vocab(fqn) else full
+
+
+def gather_tp_state_dict(model: nn.Module, tp_group: ProcessGroup) -> dict[str, torch.Tensor]:
+    """The full, unpadded state dict under the single-device names, identical on every tp
+    rank. Tied weights appear under both keys (as in model.state_dict()), as one tensor."""
+    info = _tp_info(model)
+    vocab_size = info.vocab_size if info is not None else model.cfg.vocab_size
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        if ident not in seen:
+            seen[ident] = gather_tp_tensor(key, t, tp_group, vocab_size)
+        out[key] = seen[ident]
+    return out
+
+
+def shard_state_dict(full_sd: dict[str, torch.Tensor], tp_rank: int, tp: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The inverse of gather_tp_state_dict: rank `tp_rank`'s shards (vocabulary padded) of a
+    full single-device state dict, to load_state_dict into a tensor-parallel model."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, torch.Tensor] = {}
+    for key, t in full_sd.items():
+        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), _is_vocab(key))
+        if ident not in seen:
+            seen[ident] = _shard(t, key, tp_rank, tp, vocab_size)
+        out[key] = seen[ident]
+    return out
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One kind of collective in a micro-batch. `numel`: all-reduce operand, all-gather
+    output, reduce-scatter input (the full tensor); `dtype`: "activation" or "float32"."""
+    op: str  # "all_reduce" | "all_reduce_max" | "all_gather" | "reduce_scatter"
+    phase: str  # "forward" | "backward"
+    where: str
+    calls: int
+    numel: int
+    dtype: str = "activation"
+
+    def bytes_per_rank(self, tp: int, itemsize: int) -> float:
+        """Bytes each rank sends for all `calls`, with ring algorithms."""
+        factor = 2 * (tp - 1) / tp if self.op.startswith("all_reduce") else (tp - 1) / tp
+        return self.calls * factor * self.numel * itemsize
+
+
+def tp_communication(B: int, T: int, d: int, n_layers: int, tp: int, sequence_parallel: bool,
+                     has_embedding: bool = True, has_output: bool = True, with_loss: bool = True) -> list[Collective]:
+    """The module docstring's table as data: the tensor-parallel collectives of one
+    micro-batch (forward + backward) on a stage with `n_layers` blocks."""
+    N, L, out = B * T * d, n_layers, []
+    if sequence_parallel:
+        if L:
+            out += [Collective("all_gather", "forward", "block f", 2 * L, N),
+                    Collective("reduce_scatter", "forward", "block g", 2 * L, N),
+                    Collective("reduce_scatter", "backward", "block f", 2 * L, N),
+                    Collective("all_gather", "backward", "block g", 2 * L, N)]
+        if has_embedding:
+            out += [Collective("reduce_scatter", "forward", "tok_embeddings", 1, N),
+                    Collective("all_gather", "backward", "tok_embeddings", 1, N)]
+        if has_output:
+            out += [Collective("all_gather", "forward", "output", 1, N),
+                    Collective("reduce_scatter", "backward", "output", 1, N)]
+    else:
+        if L:
+            out += [Collective("all_reduce", "forward", "block g", 2 * L, N),
+                    Collective("all_reduce", "backward", "block f", 2 * L, N)]
+        if has_embedding:
+            out.append(Collective("all_reduce", "forward", "tok_embeddings", 1, N))
+        if has_output:
+            out.append(Collective("all_reduce", "backward", "output", 1, N))
+    if has_output and with_loss:
+        out += [Collective("all_reduce_max", "forward", "loss max", 1, B * T, "float32"),
+                Collective("all_reduce", "forward", "loss sum-exp + target", 1, 2 * B * T, "float32")]
+    return out

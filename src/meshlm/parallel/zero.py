@@ -1,0 +1,370 @@
+"""ZeRO-1 / ZeRO-2: AdamW whose state (and, at stage 2, gradients) is sharded evenly over dp.
+
+Why by hand: torch's ZeroRedundancyOptimizer partitions whole parameters (so a rank's
+share is not 1/N), and FSDP2 is ZeRO-3 (parameters sharded at rest). Here the shares
+are exact, so the per-rank bytes match the ZeRO paper's formulas.
+
+Layout. The trainable parameters (shared/tied ones once, under their first name) are
+packed, per dtype, into one flat buffer padded to N * S elements, S = ceil(P / N),
+N = dp size. Every model parameter becomes a view into it (`p.data = flat[...]`), so
+all-gathering the flat buffer updates the model in place. Data-parallel rank r owns
+the contiguous shard [r*S, (r+1)*S); a shard boundary may cut through a parameter.
+
+    stage 1: params N*S, grads N*S (p.grad are views into one flat grad buffer),
+             optimizer state 2*S float32 (exp_avg, exp_avg_sq)
+    stage 2: params N*S, grads S (only the owned shard is kept; p.grad is freed
+             after reduce_gradients), optimizer state 2*S float32
+
+Per step (the caller drives it):
+    for each micro-batch: loss.backward()      # accumulates p.grad locally, no communication
+    opt.reduce_gradients()                     # bucketed reduce-scatter, sum / N (as DDP)
+    sq = opt.grad_sq_sum(); all_reduce(sq)     # the global norm for clipping
+    opt.step(lr, clip_coef)                    # AdamW on the owned shard, then all-gather
+    opt.zero_grad()
+
+The AdamW arithmetic is torch.optim.AdamW's (decoupled decay, lerp for exp_avg, the same
+bias corrections and op order), run on the flat shard; decay applies only to elements of
+parameters with dim >= 2 (meshlm.train.optim.param_groups). Differences from torch's
+AdamW: a trainable parameter that got no gradient is treated as a zero gradient (torch
+skips it), and non-float32 parameters are updated in float32 and rounded back (no
+float32 master copy; meshlm trains with float32 parameters under autocast).
+
+Collectives: gloo on CPU supports reduce-scatter natively in torch 2.13
+(`reduce_scatter_single`, formerly `reduce_scatter_tensor`), so no all-reduce emulation.
+Buckets: rank r's piece of bucket k is [r*S + k*B, r*S + (k+1)*B), so one reduce-scatter
+per bucket lands exactly in the owned shard; the transient staging is <= bucket_bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from meshlm.config import TrainConfig
+
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+EPS = 1e-8
+
+
+@dataclass
+class _Segment:
+    name: str
+    param: nn.Parameter
+    offset: int  # in the flat buffer
+    numel: int
+    decay: bool
+    weight: float  # grad_weight(name)
+
+
+class _FlatGroup:
+    """One dtype's flat parameter buffer, its gradient storage and the owned shard's state."""
+
+    def __init__(self, dtype: torch.dtype, segments: list[_Segment], n: int, rank: int, stage: int):
+        self.dtype, self.segments, self.n, self.rank = dtype, segments, n, rank
+        self.numel = sum(s.numel for s in segments)
+        self.shard_size = math.ceil(self.numel / n)
+        self.lo = rank * self.shard_size  # owned range in the flat buffer
+        self.hi = self.lo + self.shard_size
+        self._starts = [s.offset for s in segments]
+        device = segments[0].param.device
+        padded = n * self.shard_size
+        self.flat_param = torch.zeros(padded, dtype=dtype, device=device)
+        with torch.no_grad():
+            for s in segments:
+                view = self.flat_param[s.offset:s.offset + s.numel].view_as(s.param)
+                view.copy_(s.param)
+                s.param.data = view
+        self.shard_param = self.flat_param[self.lo:self.hi]
+        if stage == 1:
+            self.flat_grad = torch.zeros(padded, dtype=dtype, device=device)
+            self.shard_grad = self.flat_grad[self.lo:self.hi]
+            self.point_grads_at_flat()
+        else:
+            self.flat_grad = None
+            self.shard_grad = torch.zeros(self.shard_size, dtype=dtype, device=device)
+        self.exp_avg = torch.zeros(self.shard_size, dtype=torch.float32, device=device)
+        self.exp_avg_sq = torch.zeros(self.shard_size, dtype=torch.float32, device=device)
+        self.decay_runs = self._runs(lambda s: s.decay, keep=True)
+        self.weight_runs = self._runs(lambda s: s.weight)
+
+    def _runs(self, key: Callable[[_Segment], Any], keep: Any = None) -> list[tuple[int, int, Any]]:
+        """Maximal runs (lo, hi, value) of the owned shard, in shard coordinates, over which
+        key(segment) is constant; with `keep`, only runs whose value equals it."""
+        runs: list[tuple[int, int, Any]] = []
+        for s in self.segments:
+            a, b = max(s.offset, self.lo), min(s.offset + s.numel, self.hi)
+            if a >= b:
+                continue
+            value = key(s)
+            if runs and runs[-1][1] == a - self.lo and runs[-1][2] == value:
+                runs[-1] = (runs[-1][0], b - self.lo, value)
+            else:
+                runs.append((a - self.lo, b - self.lo, value))
+        return [r for r in runs if keep is None or r[2] == keep]
+
+    def grad_view(self, s: _Segment) -> torch.Tensor:
+        return self.flat_grad[s.offset:s.offset + s.numel].view_as(s.param)
+
+    def point_grads_at_flat(self) -> None:
+        for s in self.segments:
+            s.param.grad = self.grad_view(s)
+
+    def gather_local_grads(self) -> None:
+        """Stage 1: make sure every p.grad lives in the flat buffer (a caller may have set
+        p.grad to None or autograd may have replaced it); copy in what does not."""
+        for s in self.segments:
+            view, g = self.grad_view(s), s.param.grad
+            if g is None:
+                view.zero_()
+            elif g.data_ptr() != view.data_ptr():
+                view.copy_(g)
+            s.param.grad = view
+
+    def fill_rows(self, staging: torch.Tensor, lo: int, hi: int) -> None:
+        """Stage 2: staging[r] = this rank's local gradient over flat [r*S + lo, r*S + hi)."""
+        staging.zero_()
+        for r in range(self.n):
+            a, b = r * self.shard_size + lo, r * self.shard_size + hi
+            i = max(0, bisect.bisect_right(self._starts, a) - 1)
+            while i < len(self.segments) and self.segments[i].offset < b:
+                s = self.segments[i]
+                x, y = max(a, s.offset), min(b, s.offset + s.numel)
+                if x < y and s.param.grad is not None:
+                    staging[r, x - a:y - a].copy_(s.param.grad.reshape(-1)[x - s.offset:y - s.offset])
+                i += 1
+
+
+class ZeroOptimizer:
+    """Sharded AdamW (ZeRO stage 1 or 2) over `dp_group`. See the module docstring."""
+
+    def __init__(self, model: nn.Module, dp_group: dist.ProcessGroup, stage: int, cfg: TrainConfig,
+                 grad_weight: Callable[[str], float] = lambda name: 1.0, *, bucket_bytes: int = 25 * 2**20):
+        if stage not in (1, 2):
+            raise ValueError(f"ZeroOptimizer implements ZeRO stage 1 or 2, got stage={stage} "
+                             f"(stage 0 is DDP, stage 3 is FSDP's fully_shard).")
+        self.group, self.stage, self.cfg = dp_group, stage, cfg
+        self.n, self.rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+        self.bucket_bytes = bucket_bytes
+        self.step_count = 0
+        self._reduced = False
+        by_dtype: dict[torch.dtype, list[_Segment]] = {}
+        offsets: dict[torch.dtype, int] = {}
+        seen: set[int] = set()
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if type(p.data) is not torch.Tensor:  # DTensor (tensor parallel) and other subclasses
+                raise TypeError(f"ZeroOptimizer needs plain tensors, but parameter '{name}' is a "
+                                f"{type(p.data).__name__}; pass the local shard module or use FSDP.")
+            off = offsets.get(p.dtype, 0)
+            by_dtype.setdefault(p.dtype, []).append(
+                _Segment(name, p, off, p.numel(), p.dim() >= 2, float(grad_weight(name))))
+            offsets[p.dtype] = off + p.numel()
+        if not by_dtype:
+            raise ValueError("ZeroOptimizer: the model has no trainable parameters.")
+        self.groups = [_FlatGroup(dt, segs, self.n, self.rank, stage) for dt, segs in by_dtype.items()]
+
+    # ------------------------------------------------------------------ gradients
+
+    def _bucket_elems(self, group: _FlatGroup) -> int:
+        """Elements per rank in one bucket (one collective moves N times this)."""
+        per_rank = self.bucket_bytes // (self.n * group.flat_param.element_size())
+        return max(1, min(group.shard_size, per_rank))
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Average the accumulated local gradients over dp into each rank's shard (sum / N).
+        Call once per optimizer step, after the last micro-batch's backward. Afterwards the
+        owned shard holds the averaged gradient; at stage 1 the rest of the flat gradient
+        buffer still holds this rank's local (unreduced) gradients, at stage 2 p.grad is None."""
+        if self._reduced:
+            raise RuntimeError("reduce_gradients() was already called for this step; call step() and zero_grad() first.")
+        for g in self.groups:
+            B, S, n = self._bucket_elems(g), g.shard_size, self.n
+            if self.stage == 1:
+                g.gather_local_grads()
+                rows = g.flat_grad.view(n, S)
+            else:
+                staging = torch.empty(n * B, dtype=g.dtype, device=g.flat_param.device)
+            out = torch.empty(B, dtype=g.dtype, device=g.flat_param.device)
+            for lo in range(0, S, B):
+                hi = min(S, lo + B)
+                b = hi - lo
+                if self.stage == 1:
+                    inp = rows[:, lo:hi].contiguous()  # no copy with a single bucket
+                else:
+                    inp = staging[:n * b].view(n, b)
+                    g.fill_rows(inp, lo, hi)
+                if n > 1:
+                    _reduce_scatter(out[:b], inp.view(-1), group=self.group)
+                else:
+                    out[:b].copy_(inp.view(-1))
+                # Sum, then divide by N: the average DDP produces.
+                torch.div(out[:b], n, out=g.shard_grad[lo:hi])
+            if self.stage == 2:
+                for s in g.segments:
+                    s.param.grad = None
+        self._reduced = True
+
+    @torch.no_grad()
+    def grad_sq_sum(self) -> torch.Tensor:
+        """Sum over this rank's shard of grad^2 * grad_weight(name), a float32 scalar. Summed
+        over the dp group (and, with weights 1/tp for replicated params, over the world) it is
+        the squared norm of the full averaged gradient. Call after reduce_gradients()."""
+        if not self._reduced:
+            raise RuntimeError("grad_sq_sum() needs reduce_gradients() first.")
+        total = torch.zeros((), dtype=torch.float32, device=self.groups[0].flat_param.device)
+        for g in self.groups:
+            grad = g.shard_grad.float()
+            for lo, hi, w in g.weight_runs:
+                part = grad[lo:hi]
+                total += torch.dot(part, part) * w
+        return total
+
+    # ------------------------------------------------------------------ update
+
+    @torch.no_grad()
+    def step(self, lr: float, clip_coef: float | torch.Tensor = 1.0) -> None:
+        """grads *= clip_coef, AdamW on the owned shard, then all-gather the parameters."""
+        if not self._reduced:
+            raise RuntimeError("step() needs reduce_gradients() after the backward passes.")
+        c = self.cfg
+        beta1, beta2, wd = c.beta1, c.beta2, c.weight_decay
+        self.step_count += 1
+        bias_correction1 = 1 - beta1 ** self.step_count
+        bias_correction2 = 1 - beta2 ** self.step_count
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2 ** 0.5
+        for g in self.groups:
+            g.shard_grad.mul_(clip_coef)
+            grad = g.shard_grad.float()
+            param = g.shard_param if g.dtype == torch.float32 else g.shard_param.float()
+            if wd != 0:
+                for lo, hi, _ in g.decay_runs:
+                    param[lo:hi].mul_(1 - lr * wd)
+            # torch.optim.adam._single_tensor_adam / _multi_tensor_adam, same op order.
+            g.exp_avg.lerp_(grad, 1 - beta1)
+            g.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (g.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(EPS)
+            param.addcdiv_(g.exp_avg, denom, value=-step_size)
+            if param is not g.shard_param:
+                g.shard_param.copy_(param)
+            self._all_gather_params(g)
+
+    def _all_gather_params(self, g: _FlatGroup) -> None:
+        if self.n == 1:
+            return
+        B, S, n = self._bucket_elems(g), g.shard_size, self.n
+        rows = g.flat_param.view(n, S)
+        staging = torch.empty(n * B, dtype=g.dtype, device=g.flat_param.device)
+        for lo in range(0, S, B):
+            hi = min(S, lo + B)
+            out = staging[:n * (hi - lo)]
+            _all_gather(out, g.shard_param[lo:hi], group=self.group)
+            rows[:, lo:hi].copy_(out.view(n, hi - lo))
+
+    @torch.no_grad()
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            if self.stage == 1:
+                g.flat_grad.zero_()
+                g.point_grads_at_flat()
+            else:
+                g.shard_grad.zero_()
+                for s in g.segments:
+                    s.param.grad = None
+        self._reduced = False
+
+    # ------------------------------------------------------------------ accounting and state
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds at rest, measured from the storages it keeps (padding included):
+        params N*S*e, grads N*S*e (stage 1) or S*e (stage 2), optimizer 2*S*4, summed over
+        dtype groups (e = element size, S = ceil(P/N))."""
+        def nbytes(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.untyped_storage().nbytes()
+
+        out = {"params": 0, "grads": 0, "optimizer": 0}
+        for g in self.groups:
+            out["params"] += nbytes(g.flat_param)
+            out["grads"] += nbytes(g.flat_grad) if self.stage == 1 else nbytes(g.shard_grad)
+            out["optimizer"] += nbytes(g.exp_avg) + nbytes(g.exp_avg_sq)
+            if self.stage == 2:  # full gradients left behind would be counted, not hidden
+                out["grads"] += sum(nbytes(s.param.grad) for s in g.segments)
+        return out
+
+    def _layout(self, g: _FlatGroup) -> dict[str, Any]:
+        return {"dtype": str(g.dtype).removeprefix("torch."), "numel": g.numel, "shard_size": g.shard_size,
+                "shard_range": (g.lo, g.hi),
+                "params": [{"name": s.name, "shape": tuple(s.param.shape), "offset": s.offset,
+                            "numel": s.numel, "decay": s.decay} for s in g.segments]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard of the optimizer state, with the layout (names, shapes, offsets,
+        shard range) that `consolidate_state_dicts` needs to rebuild per-parameter tensors."""
+        return {"stage": self.stage, "dp_size": self.n, "dp_rank": self.rank, "step": self.step_count,
+                "groups": [{**self._layout(g), "exp_avg": g.exp_avg.clone(), "exp_avg_sq": g.exp_avg_sq.clone()}
+                           for g in self.groups]}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Load a state_dict saved by the same rank of the same layout (same model, dp size).
+        For a different dp size, consolidate the old shards and use load_full_state."""
+        if (sd["dp_size"], sd["dp_rank"]) != (self.n, self.rank):
+            raise ValueError(f"optimizer shard was saved by dp rank {sd['dp_rank']} of {sd['dp_size']}, "
+                             f"this is rank {self.rank} of {self.n}; consolidate_state_dicts + load_full_state reshards.")
+        if len(sd["groups"]) != len(self.groups):
+            raise ValueError(f"saved state has {len(sd['groups'])} dtype groups, this optimizer {len(self.groups)}.")
+        for g, saved in zip(self.groups, sd["groups"]):
+            mine = self._layout(g)
+            for key in ("dtype", "numel", "shard_size", "params"):
+                if _normalise(saved[key]) != _normalise(mine[key]):
+                    raise ValueError(f"saved optimizer layout differs from this model's in '{key}' "
+                                     f"(dtype group {mine['dtype']}); was the model changed?")
+        for g, saved in zip(self.groups, sd["groups"]):
+            g.exp_avg.copy_(saved["exp_avg"])
+            g.exp_avg_sq.copy_(saved["exp_avg_sq"])
+        self.step_count = int(sd["step"])
+
+    def load_full_state(self, full: dict[str, Any]) -> None:
+        """Take this rank's shard from consolidated per-parameter state (any former dp size)."""
+        for g in self.groups:
+            for key, dest in (("exp_avg", g.exp_avg), ("exp_avg_sq", g.exp_avg_sq)):
+                flat = torch.zeros(g.n * g.shard_size, dtype=torch.float32)
+                for s in g.segments:
+                    flat[s.offset:s.offset + s.numel] = full["params"][s.name][key].reshape(-1)
+                dest.copy_(flat[g.lo:g.hi])
+        self.step_count = int(full["step"])
+
+
+def _normalise(x: Any) -> Any:
+    """Tuples and lists compare equal after a round trip through torch.save/load or JSON."""
+    if isinstance(x, (list, tuple)):
+        return [_normalise(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _normalise(v) for k, v in x.items()}
+    return x
+
+
+def consolidate_state_dicts(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join every dp rank's ZeroOptimizer.state_dict() into per-parameter tensors:
+    {"step": int, "params": {name: {"exp_avg": Tensor(shape), "exp_avg_sq": Tensor(shape)}}}."""
+    shards = sorted(shards, key=lambda sd: sd["dp_rank"])
+    n = shards[0]["dp_size"]
+    if [sd["dp_rank"] for sd in shards] != list(range(n)):
+        raise ValueError(f"need one state_dict from each of the {n} dp ranks, got ranks {[sd['dp_rank'] for sd in shards]}.")
+    out: dict[str, Any] = {"step": shards[0]["step"], "params": {}}
+    for gi, layout in enumerate(shards[0]["groups"]):
+        flats = {key: torch.cat([sd["groups"][gi][key] for sd in shards]) for key in ("exp_avg", "exp_avg_sq")}
+        for p in layout["params"]:
+            out["params"][p["name"]] = {key: flat[p["offset"]:p["offset"] + p["numel"]].reshape(p["shape"]).clone()
+                                        for key, flat in flats.items()}
+    return out

@@ -1,0 +1,210 @@
+"""One optimizer step and one evaluation, for any layout.
+
+    loss      = sum over the global batch's tokens / their count
+              = mean over dp ranks of (mean over this rank's micro-batches of the micro-batch mean)
+                (every window has the same length, so plain means are token-weighted means)
+    gradient  = d loss / d params: micro-batch losses are divided by the accumulation count
+                (or scaled by the pipeline schedule) and DDP / FSDP / ZeRO average over dp
+    grad norm = global over every shard, stage and replica (parallel/grad_norm.py)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from meshlm.config import Config, ConfigError
+from meshlm.data.loader import TokenDataset, eval_batch, sample_ids_for, train_batch
+from meshlm.parallel.data_parallel import gradient_sync
+from meshlm.parallel.grad_norm import clip_coefficient, global_norm, local_tensor, scale_grads_, weighted_grad_sq_sum
+from meshlm.parallel.parallelize import ParallelModel
+from meshlm.train.optim import build_optimizer, lr_at, set_lr
+
+
+def accumulation_steps(cfg: Config, dp: int) -> int:
+    """global_batch = micro_batch x accumulation x dp; a global_batch of 0 means no accumulation."""
+    t = cfg.train
+    if not t.global_batch:
+        return 1
+    per_step = t.micro_batch * dp
+    if t.global_batch % per_step:
+        raise ConfigError(
+            f"'train.global_batch' ({t.global_batch}) must be a multiple of 'train.micro_batch' ({t.micro_batch}) "
+            f"x data-parallel degree ({dp}) = {per_step}; change one of them."
+        )
+    return t.global_batch // per_step
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    if cfg.train.dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _strip_index(name: str) -> str:
+    """ModuleList names ("0.layers.1.x") back to model names ("layers.1.x")."""
+    head, _, rest = name.partition(".")
+    return rest if head.isdigit() else name
+
+
+class StepRunner:
+    def __init__(self, cfg: Config, pm: ParallelModel, train_data: TokenDataset, val_data: TokenDataset,
+                 device: torch.device, accum: int):
+        self.cfg, self.pm, self.device, self.accum = cfg, pm, device, accum
+        self.train_data, self.val_data = train_data, val_data
+        dims = pm.dims
+        coords = dims.mesh.get_coordinate() if dims.mesh is not None else [0, 0, 0]
+        self.dp_rank = dims.coordinates(dist.get_rank())["dp"] if dist.is_initialized() else 0
+        self.pp_rank = coords[0]
+        self.zero = None
+        if dims.zero in (1, 2) and dims.dp > 1:
+            from meshlm.parallel.zero import ZeroOptimizer
+
+            self.zero = ZeroOptimizer(torch.nn.ModuleList(pm.modules()), pm.dp_group, dims.zero, cfg.train,
+                                      grad_weight=lambda name: 1.0 / pm.grad_copies(_strip_index(name)))
+            self.optimizer = None
+        else:
+            self.optimizer = build_optimizer(pm.named_parameters(), cfg.train)
+
+    # ------------------------------------------------------------------ training
+
+    def _local_sample_ids(self, micro: int) -> list[int]:
+        return sample_ids_for(micro, self.cfg.train.micro_batch, self.dp_rank, self.pm.dims.dp)
+
+    def _batch(self, step: int, ids: list[int]):
+        x, y = train_batch(self.train_data, self.cfg.data.seq_len, self.cfg.train.seed, step, ids)
+        return x.to(self.device), y.to(self.device)
+
+    def forward_backward(self, step: int) -> torch.Tensor:
+        """Forward and backward over this rank's share of the global batch; returns its mean loss."""
+        pm = self.pm
+        if pm.schedule is not None:
+            from meshlm.parallel.pipeline import pipeline_step
+
+            # The schedule is the accumulation: it splits this rank's whole batch into micro-batches.
+            n_micro = self.cfg.train.global_batch // (self.cfg.train.micro_batch * pm.dims.dp) if self.cfg.train.global_batch else 1
+            ids = [i for m in range(max(1, n_micro)) for i in self._local_sample_ids(m)]
+            x, y = self._batch(step, ids)
+            with autocast_context(self.cfg, self.device):
+                loss = pipeline_step(pm.schedule, pm.stage_ids, pm.n_stages, pm.pp_group, x, y)
+            return torch.as_tensor(loss, dtype=torch.float32, device=self.device)
+        part = pm.parts[0]
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            x, y = self._batch(step, self._local_sample_ids(micro))
+            with gradient_sync(part, micro == self.accum - 1):
+                with autocast_context(self.cfg, self.device):
+                    logits = part(x)
+                loss = pm.loss(logits, y, reduction="mean") / self.accum
+                loss.backward()
+            total += loss.detach()
+        return total
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        """One optimizer step over the global batch; returns (loss, grad_norm), equal on every rank."""
+        t, pm = self.cfg.train, self.pm
+        for module in pm.modules():
+            module.train()
+        loss = self.forward_backward(step)
+        self._sync_replicated_grads()
+        if self.zero is not None:
+            self.zero.reduce_gradients()
+            sq = self.zero.grad_sq_sum()
+        else:
+            sq = weighted_grad_sq_sum(pm.named_parameters(), pm.grad_copies, self.device)
+        norm = global_norm(sq)
+        coef = clip_coefficient(norm, t.grad_clip)
+        lr = lr_at(step, t)
+        if self.zero is not None:
+            self.zero.step(lr, coef)
+        else:
+            scale_grads_([p for _, p in pm.named_parameters()], coef)
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        self._last_grad_bytes = self._grad_bytes()
+        self.zero_grad()
+        return self._dp_mean(loss), float(norm)
+
+    def zero_grad(self) -> None:
+        if self.zero is not None:
+            self.zero.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _sync_replicated_grads(self) -> None:
+        """Gradients that tensor or pipeline parallelism leaves partial on each rank."""
+        pm = self.pm
+        if pm.dims.sequence_parallel:
+            from meshlm.parallel.tensor_parallel import sync_sequence_parallel_grads
+
+            for module in pm.modules():
+                sync_sequence_parallel_grads(module, pm.tp_group)
+        if pm.tied_sync is not None:
+            pm.tied_sync.sync_tied_embedding_grads()
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        """Average a per-dp-rank value over the dp group (gloo has no AVG: sum, then divide)."""
+        if self.pm.dims.dp > 1:
+            value = value.detach().clone()
+            dist.all_reduce(value, group=self.pm.dp_group)
+            value /= self.pm.dims.dp
+        return float(value)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over a fixed validation set of eval_batches x global_batch windows (the
+        same windows for every layout); each dp rank takes its contiguous share of every
+        evaluation batch, in the same shapes as training, and the sums are reduced."""
+        t, pm, seq_len = self.cfg.train, self.pm, self.cfg.data.seq_len
+        for module in pm.modules():
+            module.eval()
+        global_batch = t.global_batch or t.micro_batch * pm.dims.dp
+        local = global_batch // pm.dims.dp
+        n_samples = t.eval_batches * global_batch
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, token count
+        for b in range(t.eval_batches):
+            first = b * global_batch + self.dp_rank * local
+            if pm.schedule is not None:
+                from meshlm.parallel.pipeline import pipeline_forward_eval
+
+                chunks = [list(range(first, first + local))]
+            else:
+                chunks = [list(range(s, min(s + t.micro_batch, first + local))) for s in range(first, first + local, t.micro_batch)]
+            for ids in chunks:
+                x, y = eval_batch(self.val_data, seq_len, ids, n_samples)
+                x, y = x.to(self.device), y.to(self.device)
+                with autocast_context(self.cfg, self.device):
+                    if pm.schedule is not None:
+                        mean = pipeline_forward_eval(pm.schedule, pm.stage_ids, pm.n_stages, pm.pp_group, x, y)
+                        loss_sum = mean * y.numel()
+                    else:
+                        loss_sum = float(pm.loss(pm.parts[0](x), y, reduction="sum"))
+                sums[0] += loss_sum
+                sums[1] += y.numel()
+        if pm.dims.dp > 1:
+            dist.all_reduce(sums, group=pm.dp_group)
+        return float(sums[0] / sums[1])
+
+    # ------------------------------------------------------------------ observability
+
+    def _grad_bytes(self) -> int:
+        if self.zero is not None:
+            return self.zero.state_bytes()["grads"]
+        return sum(local_tensor(p.grad).numel() * p.grad.element_size()
+                   for _, p in self.pm.named_parameters() if p.grad is not None)
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of parameters, gradients (as held at the end of the step) and optimizer state on this rank."""
+        if self.zero is not None:
+            held = dict(self.zero.state_bytes())
+            held["grads"] = self._last_grad_bytes
+            return held
+        params = sum(local_tensor(p).numel() * p.element_size() for _, p in self.pm.named_parameters())
+        optimizer = sum(local_tensor(v).numel() * v.element_size()
+                        for state in self.optimizer.state.values() for v in state.values()
+                        if torch.is_tensor(v) and v.dim() > 0)
+        return {"params": params, "grads": self._last_grad_bytes, "optimizer": optimizer}

@@ -1,0 +1,124 @@
+"""Exactness of every layout against the single process (float32, gloo, forked ranks).
+
+For each layout: 5 AdamW steps (with clipping and warm-up) from the same seed and the
+same global batch as one process. Every step's loss within 1e-5 relative, every
+parameter after the last step within 1e-4 absolute after gathering.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distributed_harness import run_distributed
+from meshlm.config import load_config
+from meshlm.data.prepare import prepare_data
+from meshlm.model.weights_file import load_weights
+from meshlm.train.trainer import train
+
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 1e-4
+
+VARIANTS = {
+    # llama with grouped-query attention (8 heads, 4 kv heads: splits up to tp4), untied output
+    "llama": ["model.arch=\"llama\"", "model.n_heads=8", "model.n_kv_heads=4", "model.tie_embeddings=false"],
+    # gpt2: learned positions, biases, tied embeddings
+    "gpt2": ["model.arch=\"gpt2\"", "model.n_heads=4", "model.n_kv_heads=0"],
+}
+
+BASE = [
+    "model.d_model=64", "model.n_layers=4", "model.vocab_size=301", "model.max_seq_len=64", "data.seq_len=32",
+    "data.max_bytes=300000", "train.steps=5", "train.micro_batch=2", "train.global_batch=8", "train.lr=0.01",
+    "train.min_lr=0.001", "train.warmup_steps=2", "train.grad_clip=0.5", "train.eval_every=5", "train.eval_batches=2",
+    "train.sample_tokens=0", "train.progress=false",
+]
+
+# (case id, world size, overrides)
+LAYOUTS = [
+    ("dp2-zero0", 2, ["parallel.dp=2", "parallel.zero=0"]),
+    ("dp2-zero1", 2, ["parallel.dp=2", "parallel.zero=1"]),
+    ("dp2-zero2", 2, ["parallel.dp=2", "parallel.zero=2"]),
+    ("dp2-zero3", 2, ["parallel.dp=2", "parallel.zero=3"]),
+    ("hsdp-2x2", 4, ["parallel.zero=3", "parallel.dp_replicate=2"]),
+    ("tp2", 2, ["parallel.tp=2"]),
+    ("tp4-sp", 4, ["parallel.tp=4", "parallel.sequence_parallel=true"]),
+    ("pp2-gpipe", 2, ["parallel.pp=2", "parallel.pp_schedule=\"gpipe\""]),
+    ("pp2-1f1b", 2, ["parallel.pp=2", "parallel.pp_schedule=\"1f1b\""]),
+    ("pp2-interleaved-1f1b", 2, ["parallel.pp=2", "parallel.pp_schedule=\"interleaved-1f1b\"", "parallel.pp_virtual_stages=2"]),
+    ("pp2-interleaved-zb", 2, ["parallel.pp=2", "parallel.pp_schedule=\"interleaved-zero-bubble\"", "parallel.pp_virtual_stages=2"]),
+    ("pp2-zbv", 2, ["parallel.pp=2", "parallel.pp_schedule=\"zbv\"", "parallel.pp_virtual_stages=2"]),
+    ("pp4-uneven-6-layers", 4, ["parallel.pp=4", "model.n_layers=6"]),
+    ("dp2-tp2", 4, ["parallel.dp=2", "parallel.tp=2"]),
+    ("pp2-tp2", 4, ["parallel.pp=2", "parallel.tp=2"]),
+    ("pp2-dp2-zero3", 4, ["parallel.pp=2", "parallel.dp=2", "parallel.zero=3"]),
+    ("dp2-tp2-pp2", 8, ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"]),
+]
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    """Prepare the corpus once, before any fork, so every rank and case reuses it."""
+    cache = tmp_path_factory.mktemp("data-cache")
+    cfg = load_config(None, BASE + [f"data.cache_dir=\"{cache}\""])
+    prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a, **k: None)
+    return cache
+
+
+def _config(variant: str, cache, extra: list[str]):
+    return load_config(None, BASE + VARIANTS[variant] + [f"data.cache_dir=\"{cache}\""] + extra)
+
+
+def _train_rank(rank: int, cfg, out):
+    result = train(cfg, out, log=lambda *a, **k: None)
+    return result.losses, result.final_val_loss
+
+
+_references: dict = {}
+
+
+def reference(variant: str, cache, tmp_path_factory, extra=()):
+    key = (variant, tuple(extra))
+    if key not in _references:
+        out = tmp_path_factory.mktemp(f"ref-{variant}")
+        cfg = _config(variant, cache, list(extra))
+        result = train(cfg, out, log=lambda *a, **k: None)
+        _references[key] = (result.losses, result.final_val_loss, load_weights(out / "model.safetensors", cfg.model).state_dict())
+    return _references[key]
+
+
+def assert_same_training(ref, got_losses, got_val, got_state):
+    ref_losses, ref_val, ref_state = ref
+    assert len(got_losses) == len(ref_losses)
+    for step, (a, b) in enumerate(zip(got_losses, ref_losses), start=1):
+        assert math.isclose(a, b, rel_tol=LOSS_RTOL), f"step {step}: loss {a} vs single process {b}"
+    assert math.isclose(got_val, ref_val, rel_tol=LOSS_RTOL), f"val loss {got_val} vs {ref_val}"
+    assert set(got_state) == set(ref_state)
+    for name, value in ref_state.items():
+        diff = (got_state[name] - value).abs().max().item()
+        assert diff <= PARAM_ATOL, f"{name}: max abs difference {diff} after 5 steps"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case, world, overrides", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_layout_matches_single_process(case, world, overrides, variant, data_cache, tmp_path, tmp_path_factory):
+    layer_override = [o for o in overrides if o.startswith("model.n_layers")]
+    ref = reference(variant, data_cache, tmp_path_factory, layer_override)
+    cfg = _config(variant, data_cache, overrides)
+    results = run_distributed(_train_rank, world, cfg, tmp_path / "run")
+    losses, val = results[0]
+    for rank_losses, rank_val in results[1:]:
+        assert rank_losses == losses and rank_val == val, "every rank must log the same loss"
+    state = load_weights(tmp_path / "run" / "model.safetensors", cfg.model).state_dict()
+    assert_same_training(ref, losses, val, state)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradient_accumulation_equals_one_large_batch(variant, data_cache, tmp_path, tmp_path_factory):
+    """4 micro-batches of 2 accumulate to exactly the step of one batch of 8."""
+    ref = reference(variant, data_cache, tmp_path_factory, ["train.micro_batch=8"])
+    cfg = _config(variant, data_cache, ["train.micro_batch=2"])
+    result = train(cfg, tmp_path / "acc", log=lambda *a, **k: None)
+    state = load_weights(tmp_path / "acc" / "model.safetensors", cfg.model).state_dict()
+    assert_same_training(ref, result.losses, result.final_val_loss, state)
