@@ -255,6 +255,8 @@ def _pp2_dp2_world(rank):
         loss = pipeline_step(sched, ids, n_stages, pp_group, x[half], y[half])
         tied.sync_tied_embedding_grads()
         assert abs(loss - half_loss) <= 1e-6 * half_loss, f"{label}: loss {loss} vs {half_loss}"
+        eval_loss = pipeline_forward_eval(sched, ids, n_stages, pp_group, x[half], y[half])  # pp group ranks != global
+        assert abs(eval_loss - half_loss) <= 1e-6 * half_loss, f"{label}: eval loss {eval_loss} vs {half_loss}"
         out.append((label, sorted(_check_grads(modules, full_grads if wrap else half_grads, label))))
     return out
 

@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="start N local worker processes (through torch.distributed.run, like torchrun)")
+    p.add_argument("--max-restarts", type=int, default=0, help="with --nproc: restart failed workers up to R times")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="data preparation")
@@ -52,11 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from meshlm.train.trainer import train
+    from meshlm.distributed.dims import parallel_dims_from_config
+    from meshlm.distributed.env import read_launch_env
+    from meshlm.distributed.process_group import shutdown_distributed
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config or "tiny-cpu").stem
-    train(cfg, out, overwrite=args.overwrite)
+    if args.nproc is not None:
+        from meshlm.distributed.launch import launch_local, strip_launch_args
+        from meshlm.train.run_dir import check_run_dir
+
+        # Every layout and run-directory error is reported once, here, before any worker starts.
+        parallel_dims_from_config(cfg, args.nproc)
+        check_run_dir(out, cfg, args.overwrite)
+        return launch_local(args.nproc, strip_launch_args(sys.argv[1:] if args.argv is None else args.argv),
+                            args.max_restarts)
+    from meshlm.train.trainer import train
+
+    env = read_launch_env()
+    train(cfg, out, overwrite=args.overwrite, env=env)
+    if env.distributed:
+        shutdown_distributed(exit_process=True)
     return 0
 
 
@@ -109,6 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except ConfigError as e:

@@ -101,6 +101,13 @@ def parallel_dims_from_config(cfg: Config, world_size: int) -> ParallelDims:
         raise ConfigError(
             f"sequence parallel splits the sequence over tp ranks: data.seq_len ({cfg.data.seq_len}) must be divisible by tp ({p.tp})."
         )
+    t = cfg.train
+    if t.global_batch and t.global_batch % (t.micro_batch * dp):
+        raise ConfigError(
+            f"'train.global_batch' ({t.global_batch}) must be a multiple of 'train.micro_batch' ({t.micro_batch}) "
+            f"x the data-parallel degree dp ({dp}) = {t.micro_batch * dp} (global_batch = micro_batch x accumulation x dp; "
+            f"{layout}). Change global_batch or micro_batch."
+        )
     _validate_pipeline(cfg, dp)
     return ParallelDims(world_size, p.dp_replicate, dp // p.dp_replicate, p.tp, p.pp, p.zero, p.sequence_parallel)
 

@@ -34,7 +34,6 @@ def apply_data_parallel(module: nn.Module, dims: ParallelDims, device, bucket_mb
             bucket_cap_mb=bucket_mb,
             # The first bucket also 25 MB (PyTorch's default first bucket is 1 MB): fewer, larger
             # all-reduces, and the byte count per step stays a closed form of the model size.
-            broadcast_buffers=False,
             gradient_as_bucket_view=True,
         )
     from torch.distributed.fsdp import fully_shard

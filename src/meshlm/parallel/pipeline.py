@@ -81,7 +81,7 @@ class TiedEmbeddingSync:
     """
 
     def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, schedule_name: str,
-                 dims, rank: int | None = None):
+                 dims):
         models = {s: _unwrap(m) for s, m in zip(stage_ids, stage_modules)}
         self.active = n_stages > 1 and next(iter(models.values())).cfg.tied
         self._embedding = models[0].tok_embeddings if 0 in models else None
@@ -96,10 +96,8 @@ class TiedEmbeddingSync:
 
             pairs = [[global_rank(0, d, t), global_rank(last_pp, d, t)] for d in range(dims.dp) for t in range(dims.tp)]
             self.group, _ = dist.new_subgroups_by_enumeration(pairs)
-            if rank is None:
-                rank = dist.get_rank()
             if (self._embedding is not None or self._output is not None) and self.group is None:
-                raise RuntimeError(f"rank {rank} holds a tied embedding copy but is in no pair {pairs}")
+                raise RuntimeError(f"rank {dist.get_rank()} holds a tied embedding copy but is in no pair {pairs}")
 
     def _copies(self) -> list[torch.Tensor]:
         return [m.weight for m in (self._embedding, self._output) if m is not None]
@@ -223,6 +221,11 @@ def pipeline_step(schedule, stage_ids: list[int], n_stages: int, pp_group, x: to
     the rank holding stage 0, y (B, T) targets on the one holding the last stage; other ranks
     may pass None. Gradients accumulate into .grad: zeroing them is the caller's job."""
     first, last = 0 in stage_ids, n_stages - 1 in stage_ids
+    n = schedule._n_microbatches
+    for name, t in (("x", x if first else None), ("y", y if last else None)):
+        if t is not None and t.shape[0] % n:
+            # unequal micro-batches would make the mean of micro-batch means differ from the batch mean
+            raise ValueError(f"the batch ({name}: {t.shape[0]} sequences) must divide into {n} equal micro-batches")
     losses: list[torch.Tensor] | None = [] if last else None
     schedule.step(*((x,) if first else ()), target=y if last else None, losses=losses, return_outputs=False)
     return _mean_loss(losses, schedule, pp_group)
@@ -233,6 +236,8 @@ _WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def _send_activation(h: torch.Tensor, dst: int, pp_group) -> list:
     """Non-blocking send of a (B, T, d) activation, preceded by a header (shape, dtype)."""
+    if h.dim() != 3:
+        raise ValueError(f"expected a (B, T, d) activation between stages, got shape {tuple(h.shape)}")
     header = torch.tensor([*h.shape, _WIRE_DTYPES.index(h.dtype)], dtype=torch.int64, device=h.device)
     h = h.contiguous()
     works = [dist.isend(header, group=pp_group, group_dst=dst), dist.isend(h, group=pp_group, group_dst=dst)]
@@ -322,10 +327,10 @@ class ScheduleTimeline:
         self._stages = _stages(schedule)
         self._cuda = any(torch.device(s.device).type == "cuda" for s in self._stages)
 
-    def _timed(self, stage, method: Callable, kind_of: Callable[..., str | None]) -> Callable:
+    def _timed(self, stage, method: Callable, kind_of: Callable[..., str]) -> Callable:
         def run(chunk_id: int, *args, **kwargs):
-            kind = kind_of(*args, **kwargs) if stage.has_backward or kind_of is _forward_kind else None
-            if kind is None:
+            kind = kind_of(*args, **kwargs)
+            if kind != "F" and not stage.has_backward:  # a backward call that does nothing
                 return method(chunk_id, *args, **kwargs)
             if self._cuda:
                 torch.cuda.synchronize(stage.device)
@@ -400,7 +405,7 @@ def plot_pipeline_timeline(events_per_rank: list[list[TimelineEvent]], path_png:
     ax.set_title(title)
     kinds = sorted({e.kind for events in events_per_rank for e in events}, key="FBIW".index)
     names = {"F": "forward", "B": "backward", "I": "backward (inputs)", "W": "backward (weights)"}
-    ax.legend(handles=[Patch(color=_COLOURS[k], label=names[k]) for k in kinds], loc="upper right", fontsize=7)
+    ax.legend(handles=[Patch(color=_COLOURS[k], label=names[k]) for k in kinds], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     fig.tight_layout()
     fig.savefig(path_png, dpi=120)
     plt.close(fig)

@@ -47,7 +47,8 @@ def stage_layer_counts(cfg: Config, n_stages: int) -> list[int]:
     the splits reaching that minimum, the one with the smallest sum of squared stage costs (the
     most even) wins, and remaining ties give earlier stages fewer layers: in 1F1B the first
     stages keep the most micro-batches in flight, hence the most activations.
-    Example: 6 llama layers (d 32) over 4 stages -> [1, 2, 2, 1].
+    Examples: gpt2-124m (12 layers, output = 5.5 blocks) over 4 stages -> [3, 4, 4, 1];
+    6 equal layers with a small vocabulary over 4 stages -> [1, 2, 2, 1].
     """
     n_layers = cfg.model.n_layers
     split = cfg.parallel.pp_split

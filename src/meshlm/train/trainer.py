@@ -47,6 +47,10 @@ class TrainResult:
     losses: list[float]
 
 
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
 def _on_main_first(env: LaunchEnv, fn):
     """Run `fn` on rank 0, then (if it succeeded) on the others; a user error on rank 0 is
     raised on every rank, so no rank waits forever for a peer that has given up."""
@@ -70,7 +74,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.env = env or read_launch_env()
-        self.log = log if self.env.is_main else (lambda *a, **k: None)
+        self.log = log if self.env.is_main else _quiet
         self.device = self.env.device
         # Everything that can be wrong with the layout fails here, before a process group exists.
         self.dims: ParallelDims = parallel_dims_from_config(cfg, self.env.world_size)
@@ -108,7 +112,7 @@ class Trainer:
         t = self.cfg.train
         tokens_per_step = self.global_batch * self.cfg.data.seq_len
         flops_per_step = flops_per_token(self.cfg.model, self.cfg.data.seq_len) * tokens_per_step
-        progress = Progress(t.steps, enabled=t.progress and self.env.is_main)
+        progress = Progress(t.steps, show_bar=t.progress, is_main=self.env.is_main, printer=self.log)
         losses: list[float] = []
         val_loss = None
         try:

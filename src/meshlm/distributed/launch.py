@@ -1,0 +1,53 @@
+"""`meshlm train --nproc N`: start N local workers through torch.distributed.run.
+
+The workers run under the same elastic agent as `torchrun`, so `--max-restarts`,
+worker monitoring and the environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR...)
+are exactly what a torchrun launch gives; a multi-node run uses torchrun itself with
+the unchanged `-m meshlm train ...` command line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from meshlm.config import ConfigError
+
+
+def strip_launch_args(argv: list[str]) -> list[str]:
+    """The worker command line: the user's arguments without the launcher's own options."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--nproc", "--max-restarts"):
+            skip = True
+            continue
+        if arg.startswith("--nproc=") or arg.startswith("--max-restarts="):
+            continue
+        out.append(arg)
+    return out
+
+
+def launch_local(nproc: int, worker_argv: list[str], max_restarts: int = 0) -> int:
+    """Run `python -m meshlm <worker_argv>` on `nproc` local processes; returns the exit code."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}.")
+    from torch.distributed.run import parse_args, run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    # One thread per worker unless the user says otherwise: N workers each spawning a
+    # thread per core would oversubscribe the CPU many times over.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args = parse_args([
+        "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
+        "--module", "meshlm", *worker_argv,
+    ])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        failures = "; ".join(f"rank {rank} exited with {f.exitcode}" for rank, f in e.failures.items())
+        print(f"meshlm: error: a worker failed ({failures}); its output above says why.", file=sys.stderr)
+        return 1
+    return 0
