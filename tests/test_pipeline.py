@@ -228,8 +228,9 @@ def test_pipeline_pp4_uneven_auto_split_matches_single_device():
 def _pp2_dp2_world(rank):
     """pp 2 x dp 2, gpt2 (tied), each data-parallel rank with its own half of the batch.
     Without DDP, the tied sync must pair each rank with the pp peer of the *same* dp rank: the
-    gradients then match a reference on that half. With DDP-wrapped stages (handed to
-    PipelineStage as they are), they match the full-batch reference."""
+    gradients then match a reference on that half. With DDP-wrapped stages (as the trainer
+    builds them; small buckets so that several are reduced), they match the full-batch
+    reference, for two steps (torch's own DDP path breaks on the second) and every schedule."""
     dims = ParallelDims(world_size=4, dp_replicate=1, dp_shard=2, tp=1, pp=2)
     mesh = dims.build_mesh("cpu")
     pp_group, dp_group = mesh["pp"].get_group(), mesh["dp"].get_group()
@@ -242,29 +243,35 @@ def _pp2_dp2_world(rank):
     half_loss, half_grads, _ = _reference(model, x[half], y[half])
     full_loss, full_grads, _ = _reference(model, x, y)
     out = []
-    for schedule, wrap in (("1f1b", False), ("1f1b", True), ("interleaved-1f1b", True)):
+    cases = [("1f1b", False)] + [(schedule, True) for schedule, _ in SCHEDULES_PP2]
+    for schedule, wrap in cases:
         label = f"pp2 dp2 {schedule} ddp={wrap} rank{rank}"
-        v = 2 if schedule.startswith("interleaved") else 1
+        v = dict(SCHEDULES_PP2)[schedule]
         n_stages = 2 * v
         ids = stage_ids_for_rank(pp_rank, 2, schedule, v)
         modules = [build_stage_module(model, s, n_stages, stage_layer_counts(cfg, n_stages)) for s in ids]
         tied = TiedEmbeddingSync(modules, ids, n_stages, schedule, dims)
         if wrap:
-            modules = [DistributedDataParallel(m, process_group=dp_group) for m in modules]
+            modules = [DistributedDataParallel(m, process_group=dp_group, bucket_cap_mb=0.01, gradient_as_bucket_view=True)
+                       for m in modules]
         sched = build_schedule(modules, ids, n_stages, pp_group, "cpu", 2, schedule, lm_loss)
-        loss = pipeline_step(sched, ids, n_stages, pp_group, x[half], y[half])
-        tied.sync_tied_embedding_grads()
-        assert abs(loss - half_loss) <= 1e-6 * half_loss, f"{label}: loss {loss} vs {half_loss}"
+        for step in range(2 if wrap else 1):
+            loss = pipeline_step(sched, ids, n_stages, pp_group, x[half], y[half])
+            tied.sync_tied_embedding_grads()
+            assert abs(loss - half_loss) <= 1e-6 * half_loss, f"{label}: loss {loss} vs {half_loss}"
+            names = _check_grads(modules, full_grads if wrap else half_grads, f"{label} step {step}")
+            for module in modules:
+                module.zero_grad(set_to_none=True)
         eval_loss = pipeline_forward_eval(sched, ids, n_stages, pp_group, x[half], y[half])  # pp group ranks != global
         assert abs(eval_loss - half_loss) <= 1e-6 * half_loss, f"{label}: eval loss {eval_loss} vs {half_loss}"
-        out.append((label, sorted(_check_grads(modules, full_grads if wrap else half_grads, label))))
+        out.append((label, sorted(names)))
     return out
 
 
 def test_pipeline_with_data_parallel_pairs_tied_copies_per_dp_rank():
     results = run_distributed(_pp2_dp2_world, 4)
     for rank_results in results:
-        assert len(rank_results) == 3
+        assert len(rank_results) == 1 + len(SCHEDULES_PP2)
     # pp rank 0 (global ranks 0, 1) holds the embedding, pp rank 1 (2, 3) the output copy
     assert "tok_embeddings.weight" in results[1][0][1] and "output.weight" in results[3][0][1]
 
@@ -287,7 +294,7 @@ def _timeline_world(rank):
         with record_schedule_timeline(sched) as timeline:
             pipeline_step(sched, ids, n_stages, None, x, y)
         pipeline_step(sched, ids, n_stages, None, x, y)  # unwrapped again: records nothing more
-        assert "forward_one_chunk" not in vars(sched._stages[0] if v > 1 else sched._stage)
+        assert all("forward_one_chunk" not in vars(stage) for stage in sched.stages)
         out[schedule] = timeline.gather(None)
     return out
 

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
                                           ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 
@@ -37,7 +38,7 @@ from meshlm.parallel.pipeline_split import (build_stage_module, stage_ids_for_ra
 
 __all__ = [
     "stage_layer_counts", "stage_ids_for_rank", "stage_pp_rank", "build_stage_module", "TiedEmbeddingSync",
-    "build_schedule", "pipeline_step", "pipeline_forward_eval", "record_schedule_timeline",
+    "PipelineSchedule", "build_schedule", "pipeline_step", "pipeline_forward_eval", "record_schedule_timeline",
     "plot_pipeline_timeline", "TimelineEvent",
 ]
 
@@ -52,7 +53,7 @@ SCHEDULE_CLASSES = {
 
 def _unwrap(module: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper (FSDP2 and tensor parallel keep the module itself)."""
-    return getattr(module, "module", module)
+    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -76,16 +77,19 @@ class TiedEmbeddingSync:
     pp_rank 0 and the rank holding the last stage (pp_rank pp - 1, or pp_rank 0 itself for zbv,
     where both copies live on one rank and are summed locally). With tensor parallel / FSDP the
     copies are DTensors sharded alike (vocab rows), so their local shards are summed.
-    It keeps references to the embedding / output submodules, which the later wrappers (tensor
-    parallel, FSDP2, DDP) keep, so build it right after splitting. Untied models: a no-op.
+    It keeps references to the stage models and looks the copies up at each call, so the later
+    steps (tensor parallel swapping in vocab-parallel modules, FSDP2, DDP around the stage) are
+    seen; build it right after splitting. Untied models: a no-op.
     """
 
     def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, schedule_name: str,
                  dims):
         models = {s: _unwrap(m) for s, m in zip(stage_ids, stage_modules)}
         self.active = n_stages > 1 and next(iter(models.values())).cfg.tied
-        self._embedding = models[0].tok_embeddings if 0 in models else None
-        self._output = models[n_stages - 1].output if n_stages - 1 in models else None
+        # The stage models themselves, not their embedding / output submodules: tensor parallel
+        # may replace those (vocab-parallel modules), the stage objects stay.
+        self._first = models.get(0)
+        self._last = models.get(n_stages - 1)
         self.group = None
         if not self.active:
             return
@@ -96,11 +100,12 @@ class TiedEmbeddingSync:
 
             pairs = [[global_rank(0, d, t), global_rank(last_pp, d, t)] for d in range(dims.dp) for t in range(dims.tp)]
             self.group, _ = dist.new_subgroups_by_enumeration(pairs)
-            if (self._embedding is not None or self._output is not None) and self.group is None:
+            if (self._first is not None or self._last is not None) and self.group is None:
                 raise RuntimeError(f"rank {dist.get_rank()} holds a tied embedding copy but is in no pair {pairs}")
 
     def _copies(self) -> list[torch.Tensor]:
-        return [m.weight for m in (self._embedding, self._output) if m is not None]
+        copies = [self._first.tok_embeddings.weight] if self._first is not None else []
+        return copies + ([self._last.output.weight] if self._last is not None else [])
 
     @torch.no_grad()
     def sync_tied_embedding_grads(self) -> None:
@@ -172,16 +177,36 @@ class MicrobatchMeanLoss:
         return self.loss_fn(output, target) / self.n_microbatches
 
 
-def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, pp_group, device,
-                   n_microbatches: int, schedule_name: str, loss_fn: Callable):
-    """The torch schedule running this rank's stages.
+@dataclass
+class PipelineSchedule:
+    """A torch schedule and what meshlm needs beside it (the stages, the micro-batch count and
+    loss, the DDP modules whose gradients pipeline_step reduces)."""
 
-    stage_modules may be wrapped (DDP, FSDP2, compiled blocks): each becomes a PipelineStage as
-    is, and the stages handle DDP no_sync / FSDP reduce-scatter themselves. loss_fn(output,
-    target) -> scalar mean over the micro-batch (e.g. lm_loss); see MicrobatchMeanLoss for the
-    gradient scaling. Shapes are inferred on the first step (one extra forward per stage), so
-    every step must use the same batch shape. Micro-batch counts: 1f1b needs n >= pp;
-    interleaved schedules need n divisible by max(1, n // pp) (use a multiple of pp).
+    torch_schedule: object  # ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, ...
+    stages: list[PipelineStage]
+    n_microbatches: int
+    loss_fn: MicrobatchMeanLoss
+    ddp_modules: list[DistributedDataParallel]
+
+
+def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, pp_group, device,
+                   n_microbatches: int, schedule_name: str, loss_fn: Callable) -> PipelineSchedule:
+    """The schedule running this rank's stages: a PipelineStage per module and the torch
+    schedule class for `schedule_name` (one stage for gpipe / 1f1b, the list otherwise).
+
+    Modules may be wrapped (FSDP2, compiled blocks, DDP). FSDP2 modules go to the stage as they
+    are (torch's stages defer their reduce-scatter to the end of the step). DDP does not: in
+    torch 2.13 the stage's DDP path fails from the second step (the reducer's bucket rebuild
+    counts every micro-batch's backward) and gives wrong gradients under zero-bubble schedules.
+    So the stage runs the module inside DDP, DDP's hooks stay idle (its forward never runs),
+    and pipeline_step all-reduces and averages the gradients over DDP's process group after
+    the schedule, in DDP-sized buckets: exact, at the price of no overlap with the last backward.
+
+    loss_fn(output, target) -> scalar mean over the micro-batch (e.g. lm_loss); see
+    MicrobatchMeanLoss for the gradient scaling. Shapes are inferred on the first step (one
+    extra forward per stage), so every step must use the same batch shape. Micro-batch counts:
+    1f1b needs n >= pp; interleaved schedules need n divisible by max(1, n // pp) (use a
+    multiple of pp); zero-bubble schedules do not work with torch.compile'd stages.
     """
     if schedule_name not in SCHEDULE_CLASSES:
         raise ValueError(f"unknown pipeline schedule {schedule_name!r}; expected one of {', '.join(SCHEDULE_CLASSES)}")
@@ -191,43 +216,61 @@ def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stage
     if not multi and len(stage_ids) != 1:
         raise ValueError(f"the {schedule_name} schedule runs one stage per rank, got stages {stage_ids}")
     device = torch.device(device)
-    stages = [PipelineStage(module, stage_id, n_stages, device, group=pp_group)
+    ddp_modules = [m for m in stage_modules if isinstance(m, DistributedDataParallel)]
+    stages = [PipelineStage(_unwrap(module), stage_id, n_stages, device, group=pp_group)
               for module, stage_id in zip(stage_modules, stage_ids)]
-    cls = SCHEDULE_CLASSES[schedule_name]
     loss = MicrobatchMeanLoss(loss_fn, n_microbatches)
-    return cls(stages if multi else stages[0], n_microbatches=n_microbatches, loss_fn=loss, scale_grads=False)
+    torch_schedule = SCHEDULE_CLASSES[schedule_name](stages if multi else stages[0], n_microbatches=n_microbatches,
+                                                     loss_fn=loss, scale_grads=False)
+    return PipelineSchedule(torch_schedule, stages, n_microbatches, loss, ddp_modules)
 
 
-def _stages(schedule) -> list:
-    """The PipelineStage objects of a torch schedule (single-stage classes keep `_stage`)."""
-    return list(schedule._stages) if hasattr(schedule, "_stages") else [schedule._stage]
+@torch.no_grad()
+def _all_reduce_ddp_grads(ddp_modules: list[DistributedDataParallel]) -> None:
+    """Average the gradients over each DDP module's process group, as DDP would have."""
+    for ddp in ddp_modules:
+        group = ddp.process_group
+        size = dist.get_world_size(group)
+        grads = [p.grad for p in ddp.module.parameters() if p.grad is not None]
+        bucket: list[torch.Tensor] = []
+        for i, grad in enumerate(grads):
+            bucket.append(grad)
+            if i == len(grads) - 1 or sum(g.numel() * g.element_size() for g in bucket) >= ddp.bucket_bytes_cap:
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                dist.all_reduce(flat, group=group)  # gloo has no AVG: sum, then divide
+                flat /= size
+                for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                    g.copy_(part.view_as(g))
+                bucket = []
 
 
-def _mean_loss(losses: list[torch.Tensor] | None, schedule, pp_group) -> float:
+def _mean_loss(losses: list[torch.Tensor] | None, schedule: PipelineSchedule, pp_group) -> float:
     """Sum of the (already 1/n-scaled) micro-batch losses on the last stage's rank, zero
     elsewhere, summed over the pp group: every rank gets the last stage's value exactly."""
     if losses is not None:
         total = torch.stack([loss.detach().float() for loss in losses]).sum()
     else:
-        total = torch.zeros((), dtype=torch.float32, device=_stages(schedule)[0].device)
+        total = torch.zeros((), dtype=torch.float32, device=schedule.stages[0].device)
     dist.all_reduce(total, group=pp_group)
     return total.item()
 
 
-def pipeline_step(schedule, stage_ids: list[int], n_stages: int, pp_group, x: torch.Tensor | None,
+def pipeline_step(schedule: PipelineSchedule, stage_ids: list[int], n_stages: int, pp_group, x: torch.Tensor | None,
                   y: torch.Tensor | None) -> float:
     """One forward + backward of the whole batch through the pipeline; returns the mean loss over
     its micro-batches, the same on every rank of the pp group. x (B, T) token ids are used on
     the rank holding stage 0, y (B, T) targets on the one holding the last stage; other ranks
     may pass None. Gradients accumulate into .grad: zeroing them is the caller's job."""
     first, last = 0 in stage_ids, n_stages - 1 in stage_ids
-    n = schedule._n_microbatches
+    n = schedule.n_microbatches
     for name, t in (("x", x if first else None), ("y", y if last else None)):
         if t is not None and t.shape[0] % n:
             # unequal micro-batches would make the mean of micro-batch means differ from the batch mean
             raise ValueError(f"the batch ({name}: {t.shape[0]} sequences) must divide into {n} equal micro-batches")
     losses: list[torch.Tensor] | None = [] if last else None
-    schedule.step(*((x,) if first else ()), target=y if last else None, losses=losses, return_outputs=False)
+    schedule.torch_schedule.step(*((x,) if first else ()), target=y if last else None, losses=losses,
+                                 return_outputs=False)
+    _all_reduce_ddp_grads(schedule.ddp_modules)
     return _mean_loss(losses, schedule, pp_group)
 
 
@@ -253,7 +296,7 @@ def _recv_activation(src: int, pp_group, device: torch.device) -> torch.Tensor:
     return h
 
 
-def pipeline_forward_eval(schedule, stage_ids: list[int], n_stages: int, pp_group, x: torch.Tensor | None,
+def pipeline_forward_eval(schedule: PipelineSchedule, stage_ids: list[int], n_stages: int, pp_group, x: torch.Tensor | None,
                           y: torch.Tensor | None) -> float:
     """The mean loss over the batch, forward only, the same on every rank of the pp group.
 
@@ -265,12 +308,12 @@ def pipeline_forward_eval(schedule, stage_ids: list[int], n_stages: int, pp_grou
     works on micro-batch i + 1 while stage s + 1 takes micro-batch i. It uses the schedule's
     stages, stage-to-rank placement, micro-batch count and loss function, so the loss is the
     same mean as pipeline_step's (without the backward)."""
-    stages = {stage.stage_index: stage for stage in _stages(schedule)}
+    stages = {stage.stage_index: stage for stage in schedule.stages}
     if sorted(stages) != sorted(stage_ids):
         raise ValueError(f"stage ids {stage_ids} differ from the schedule's stages {sorted(stages)}")
     owner = stages[stage_ids[0]].stage_index_to_group_rank  # stage -> pp group rank (looped or V)
     me = dist.get_rank(pp_group)
-    n, loss_fn = schedule._n_microbatches, schedule._loss_fn  # MicrobatchMeanLoss: loss / n per micro-batch
+    n, loss_fn = schedule.n_microbatches, schedule.loss_fn  # MicrobatchMeanLoss: loss / n per micro-batch
     device = torch.device(stages[stage_ids[0]].device)
     x_mbs = torch.tensor_split(x, n) if 0 in stages else None
     y_mbs = torch.tensor_split(y, n) if n_stages - 1 in stages else None
@@ -322,9 +365,9 @@ class ScheduleTimeline:
     emit profiler record_function ranges). On CUDA each action synchronises the device first
     and last, so the times are true but the run is slower: a diagnostic mode."""
 
-    def __init__(self, schedule):
+    def __init__(self, schedule: PipelineSchedule):
         self.events: list[TimelineEvent] = []
-        self._stages = _stages(schedule)
+        self._stages = schedule.stages
         self._cuda = any(torch.device(s.device).type == "cuda" for s in self._stages)
 
     def _timed(self, stage, method: Callable, kind_of: Callable[..., str]) -> Callable:
@@ -369,7 +412,7 @@ def _backward_kind(*args, full_backward: bool = True, **kwargs) -> str:
     return "B" if full_backward else "I"
 
 
-def record_schedule_timeline(schedule) -> ScheduleTimeline:
+def record_schedule_timeline(schedule: PipelineSchedule) -> ScheduleTimeline:
     """`with record_schedule_timeline(schedule) as timeline: pipeline_step(...)`, then
     `timeline.gather(pp_group)` on every pp rank and plot_pipeline_timeline on one."""
     return ScheduleTimeline(schedule)

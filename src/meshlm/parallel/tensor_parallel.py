@@ -15,44 +15,47 @@ Layout (tp ranks, rank r; names and module tree unchanged, each parameter holds 
                              shard itself when tied); returns LOCAL logits (B, T, V_pad/tp)
     norms, pos_embeddings, row-parallel biases: replicated
 
-One block, Megatron's f and g (meshlm.parallel.tp_collectives):
+One block, with Megatron's f and g (meshlm.parallel.tp_collectives); `_r` is rank r's shard:
 
-    h ─┬─ norm ─ f ─┬─ wq_r ─┐                               ┌─ w1_r ─ act ─┐
-       │            ├─ wk_r ─┼─ attn(local heads) ─ wo_r ─ g ─ + ─ norm ─ f ─┤ (w3_r) ──────┼─ w2_r ─ g ─ + ─>
-       │            └─ wv_r ─┘                               │              └──────────────┘             │
-       └─────────────────────────────────────────────────────┘ (residual)          (residual) ────────────┘
+    h ── attention_norm ── f ──┬─ wq_r ─┐
+                               ├─ wk_r ─┼─ attention over the rank's heads ─ wo_r ─ g ─ (+ bias) ─ (+ h) ─> h'
+                               └─ wv_r ─┘
+    h' ─ ffn_norm ──────── f ──┬─ w1_r ─ act ─┐
+                               └─ w3_r ───────┴─ (*) ─ w2_r ─ g ─ (+ bias) ─ (+ h') ─> h''
 
     f = identity forward / all-reduce backward;  g = all-reduce forward / identity backward.
-    With sequence parallelism everything outside f..g (residual stream, norms, dropout-free
+    With sequence parallelism everything outside f..g (residual stream, norms, residual
     adds) is split along the sequence, (B, T/tp, d): f = all-gather forward / reduce-scatter
     backward, g = reduce-scatter forward / all-gather backward. f sits at the entrance of
     `attention`, `feed_forward` and `output` (forward pre-hooks), so wq, wk and wv (and w1, w3)
     share one f; g is inside the row-parallel linears, before their bias.
 
-Communication, per micro-batch and tp rank (what this implementation issues; N = B*T*d
-elements in the activation dtype, for a stage with L blocks; "AR(n)" all-reduce of n
-elements, "AG(n)" all-gather whose output has n elements (each rank sends n/tp),
-"RS(n)" reduce-scatter whose input has n elements (each rank keeps n/tp)):
+Communication, per micro-batch and tp rank: exactly the collectives this implementation
+issues. N = B*T*d elements in the activation dtype; L = blocks on the stage; AR(n) =
+all-reduce of n elements; AG(n) = all-gather whose output has n elements (each rank
+contributes n/tp); RS(n) = reduce-scatter whose input has n elements (each rank keeps n/tp).
 
-                             forward                  backward
-    without SP, per block    2 AR(N)                  2 AR(N)
-               tok_embeddings 1 AR(N)                 -
-               output         -                       1 AR(N)
-    with SP,    per block    2 AG(N) + 2 RS(N)        2 AG(N) + 2 RS(N)
-               tok_embeddings 1 RS(N)                 1 AG(N)
-               output         1 AG(N)                 1 RS(N)
-    loss (vocab_parallel_cross_entropy, both): forward AR_max(B*T) + AR(2*B*T) in float32;
-               backward nothing.
-    SP only, once per optimizer step: sync_sequence_parallel_grads, 1 AR(P_rep) of the
-               replicated parameters' gradients, P_rep = llama (2L+1)*d (RMSNorm weights;
-               the final norm only on the last stage), gpt2 2*(2L+1)*d (LayerNorm weight
-               and bias) + 2*L*d (row biases) + max_seq_len*d (pos_embeddings, first stage).
+                                  forward                backward
+    without SP  per block         2 AR(N)                2 AR(N)
+                tok_embeddings    1 AR(N)                -
+                output            -                      1 AR(N)
+    with SP     per block         2 AG(N) + 2 RS(N)      2 RS(N) + 2 AG(N)
+                tok_embeddings    1 RS(N)                1 AG(N)
+                output            1 AG(N)                1 RS(N)
+    loss, both  vocab_parallel_   1 AR-max(B*T) and      -
+                cross_entropy     1 AR(2*B*T), float32
 
-With ring algorithms an AR(n) sends 2(tp-1)/tp * n elements per rank and an AG(n) or RS(n)
-(tp-1)/tp * n, so a block costs 8(tp-1)/tp * N elements per micro-batch either way;
-sequence parallelism saves activation memory, not bandwidth. Activation checkpointing
-re-runs each block's forward collectives during backward. `tp_communication()` returns
-these formulas as data for profiling tests.
+    SP only, once per optimizer step (sync_sequence_parallel_grads): 1 AR(P_rep) in the
+    gradient dtype, P_rep = the stage's replicated parameters: every norm weight (and
+    LayerNorm bias), every row-parallel bias, pos_embeddings. Whole model: llama
+    (2L+1)*d; gpt2 2*(2L+1)*d + 2*L*d + max_seq_len*d.
+
+With ring algorithms an AR(n) sends 2(tp-1)/tp * n elements per rank and an AG(n) or an
+RS(n) (tp-1)/tp * n, so a block moves 8(tp-1)/tp * N elements per micro-batch in both
+modes: sequence parallelism saves activation memory, not bandwidth. Activation
+checkpointing re-runs each block's forward collectives in backward (+2 AR(N), or +2 AG(N)
++ 2 RS(N), per block). `tp_communication()` returns the per-micro-batch table as data for
+profiling tests; gather_vocab_logits / gather_tp_state_dict are outside training steps.
 """
 
 from __future__ import annotations
@@ -67,12 +70,18 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from meshlm.config import ConfigError
-from meshlm.parallel.tp_collectives import enter_tp_region, exit_tp_region, split_seq
+from meshlm.parallel.tp_collectives import Collective, enter_tp_region, exit_tp_region, split_seq, tp_communication
 from meshlm.parallel.vocab_parallel import (
     VocabParallelEmbedding,
     pad_vocab_rows,
     padded_vocab_size,
 )
+
+__all__ = [
+    "apply_tensor_parallel", "is_tp_sharded", "tp_shard_dim", "sync_sequence_parallel_grads", "tp_grad_norm",
+    "gather_tp_tensor", "gather_tp_state_dict", "shard_state_dict", "TensorParallelInfo",
+    "ColumnParallelLinear", "RowParallelLinear", "SequenceParallelPositionEmbedding", "Collective", "tp_communication",
+]
 
 _COLUMN = {("attention", "wq"), ("attention", "wk"), ("attention", "wv"), ("feed_forward", "w1"), ("feed_forward", "w3")}
 _ROW = {("attention", "wo"), ("feed_forward", "w2")}
@@ -342,13 +351,14 @@ def gather_tp_state_dict(model: nn.Module, tp_group: ProcessGroup) -> dict[str, 
     """The full, unpadded state dict under the single-device names, identical on every tp
     rank. Tied weights appear under both keys (as in model.state_dict()), as one tensor."""
     info = _tp_info(model)
-    vocab_size = info.vocab_size if info is not None else model.cfg.vocab_size
+    if info is None:
+        raise ValueError("gather_tp_state_dict needs a model that apply_tensor_parallel has sharded")
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, torch.Tensor] = {}
     for key, t in model.state_dict().items():
         ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
         if ident not in seen:
-            seen[ident] = gather_tp_tensor(key, t, tp_group, vocab_size)
+            seen[ident] = gather_tp_tensor(key, t, tp_group, info.vocab_size)
         out[key] = seen[ident]
     return out
 
@@ -363,55 +373,4 @@ def shard_state_dict(full_sd: dict[str, torch.Tensor], tp_rank: int, tp: int, vo
         if ident not in seen:
             seen[ident] = _shard(t, key, tp_rank, tp, vocab_size)
         out[key] = seen[ident]
-    return out
-
-
-# ----------------------------------------------------------------------------- accounting
-
-
-@dataclass(frozen=True)
-class Collective:
-    """One kind of collective in a micro-batch. `numel`: all-reduce operand, all-gather
-    output, reduce-scatter input (the full tensor); `dtype`: "activation" or "float32"."""
-    op: str  # "all_reduce" | "all_reduce_max" | "all_gather" | "reduce_scatter"
-    phase: str  # "forward" | "backward"
-    where: str
-    calls: int
-    numel: int
-    dtype: str = "activation"
-
-    def bytes_per_rank(self, tp: int, itemsize: int) -> float:
-        """Bytes each rank sends for all `calls`, with ring algorithms."""
-        factor = 2 * (tp - 1) / tp if self.op.startswith("all_reduce") else (tp - 1) / tp
-        return self.calls * factor * self.numel * itemsize
-
-
-def tp_communication(B: int, T: int, d: int, n_layers: int, tp: int, sequence_parallel: bool,
-                     has_embedding: bool = True, has_output: bool = True, with_loss: bool = True) -> list[Collective]:
-    """The module docstring's table as data: the tensor-parallel collectives of one
-    micro-batch (forward + backward) on a stage with `n_layers` blocks."""
-    N, L, out = B * T * d, n_layers, []
-    if sequence_parallel:
-        if L:
-            out += [Collective("all_gather", "forward", "block f", 2 * L, N),
-                    Collective("reduce_scatter", "forward", "block g", 2 * L, N),
-                    Collective("reduce_scatter", "backward", "block f", 2 * L, N),
-                    Collective("all_gather", "backward", "block g", 2 * L, N)]
-        if has_embedding:
-            out += [Collective("reduce_scatter", "forward", "tok_embeddings", 1, N),
-                    Collective("all_gather", "backward", "tok_embeddings", 1, N)]
-        if has_output:
-            out += [Collective("all_gather", "forward", "output", 1, N),
-                    Collective("reduce_scatter", "backward", "output", 1, N)]
-    else:
-        if L:
-            out += [Collective("all_reduce", "forward", "block g", 2 * L, N),
-                    Collective("all_reduce", "backward", "block f", 2 * L, N)]
-        if has_embedding:
-            out.append(Collective("all_reduce", "forward", "tok_embeddings", 1, N))
-        if has_output:
-            out.append(Collective("all_reduce", "backward", "output", 1, N))
-    if has_output and with_loss:
-        out += [Collective("all_reduce_max", "forward", "loss max", 1, B * T, "float32"),
-                Collective("all_reduce", "forward", "loss sum-exp + target", 1, 2 * B * T, "float32")]
     return out

@@ -27,6 +27,8 @@ back to the deprecated names.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -205,3 +207,55 @@ def enter_tp_region(x: torch.Tensor, group: ProcessGroup, sequence_parallel: boo
 def exit_tp_region(x: torch.Tensor, group: ProcessGroup, sequence_parallel: bool) -> torch.Tensor:
     """g: reduce-scatter (sequence parallel) or all-reduce."""
     return reduce_scatter_to_sequence_region(x, group) if sequence_parallel else reduce_from_tp_region(x, group)
+
+
+# ----------------------------------------------------------------------------- accounting
+# The closed forms of tensor_parallel's module docstring, as data.
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One kind of collective in a micro-batch. `numel`: all-reduce operand, all-gather
+    output, reduce-scatter input (the full tensor); `dtype`: "activation" or "float32"."""
+    op: str  # "all_reduce" | "all_reduce_max" | "all_gather" | "reduce_scatter"
+    phase: str  # "forward" | "backward"
+    where: str
+    calls: int
+    numel: int
+    dtype: str = "activation"
+
+    def bytes_per_rank(self, tp: int, itemsize: int) -> float:
+        """Bytes each rank sends for all `calls`, with ring algorithms."""
+        factor = 2 * (tp - 1) / tp if self.op.startswith("all_reduce") else (tp - 1) / tp
+        return self.calls * factor * self.numel * itemsize
+
+
+def tp_communication(B: int, T: int, d: int, n_layers: int, tp: int, sequence_parallel: bool,
+                     has_embedding: bool = True, has_output: bool = True, with_loss: bool = True) -> list[Collective]:
+    """The tensor-parallel collectives of one micro-batch (forward + backward) on a stage
+    with `n_layers` blocks: the table in meshlm.parallel.tensor_parallel's docstring."""
+    N, L, out = B * T * d, n_layers, []
+    if sequence_parallel:
+        if L:
+            out += [Collective("all_gather", "forward", "block f", 2 * L, N),
+                    Collective("reduce_scatter", "forward", "block g", 2 * L, N),
+                    Collective("reduce_scatter", "backward", "block f", 2 * L, N),
+                    Collective("all_gather", "backward", "block g", 2 * L, N)]
+        if has_embedding:
+            out += [Collective("reduce_scatter", "forward", "tok_embeddings", 1, N),
+                    Collective("all_gather", "backward", "tok_embeddings", 1, N)]
+        if has_output:
+            out += [Collective("all_gather", "forward", "output", 1, N),
+                    Collective("reduce_scatter", "backward", "output", 1, N)]
+    else:
+        if L:
+            out += [Collective("all_reduce", "forward", "block g", 2 * L, N),
+                    Collective("all_reduce", "backward", "block f", 2 * L, N)]
+        if has_embedding:
+            out.append(Collective("all_reduce", "forward", "tok_embeddings", 1, N))
+        if has_output:
+            out.append(Collective("all_reduce", "backward", "output", 1, N))
+    if has_output and with_loss:
+        out += [Collective("all_reduce_max", "forward", "loss max", 1, B * T, "float32"),
+                Collective("all_reduce", "forward", "loss sum-exp + target", 1, 2 * B * T, "float32")]
+    return out

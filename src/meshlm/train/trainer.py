@@ -9,6 +9,7 @@ every shard and stage, and only the main rank writes files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -23,6 +24,7 @@ from meshlm.config import Config, ConfigError
 from meshlm.data.loader import TokenDataset
 from meshlm.data.prepare import prepare_data
 from meshlm.data.tokenizer import load_tokenizer
+from meshlm.distributed.comm_profile import CommProfiler, format_comm, make_ddp_visible
 from meshlm.distributed.dims import ParallelDims, parallel_dims_from_config
 from meshlm.distributed.env import LaunchEnv, read_launch_env
 from meshlm.distributed.process_group import init_distributed
@@ -101,6 +103,7 @@ class Trainer:
         )
         self.pm: ParallelModel = parallelize(model, self.dims, cfg, self.device)
         self.runner = StepRunner(cfg, self.pm, self.train_data, self.val_data, self.device, self.accum)
+        self.comm_axes = self._comm_axes() if cfg.train.profile_comm else None
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.env.is_main)
 
     @property
@@ -118,7 +121,8 @@ class Trainer:
         try:
             for step in range(t.steps):
                 started = time.perf_counter()
-                loss, grad_norm = self.runner.train_step(step)
+                with CommProfiler(self.comm_axes or {}) if self.comm_axes is not None else contextlib.nullcontext() as prof:
+                    loss, grad_norm = self.runner.train_step(step)
                 elapsed = time.perf_counter() - started
                 losses.append(loss)
                 if not math.isfinite(loss):
@@ -133,6 +137,10 @@ class Trainer:
                     "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
                     "tflops": flops_per_step / elapsed / 1e12,
                 }
+                if prof is not None:
+                    record["comm"] = prof.report()
+                    if step == min(1, t.steps - 1):  # step 2: steady state (step 1 also infers pipeline shapes)
+                        self.log(f"collectives in step {step + 1} on rank 0: " + format_comm(record["comm"]))
                 if (step + 1) % t.log_every == 0 or step == 0 or step + 1 == t.steps:
                     self.metrics.write(record)
                 progress.update(step + 1, loss, record["tokens_per_s"])
@@ -146,6 +154,19 @@ class Trainer:
             self.metrics.close()
         sample = self.finish()
         return TrainResult(self.out, losses[-1] if losses else float("nan"), val_loss, sample, losses)
+
+    def _comm_axes(self) -> dict[int, str]:
+        """Process group -> mesh axis name, for the communication profile."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        for part in self.pm.parts:
+            if isinstance(part, DistributedDataParallel):
+                make_ddp_visible(part)
+        mesh = self.dims.mesh
+        if mesh is None:
+            return {}
+        names = list(mesh.mesh_dim_names) + (["dp"] if self.dims.dp_replicate > 1 else [])
+        return {id(mesh[name].get_group()): name for name in names}
 
     def _report_state_bytes(self) -> None:
         """Each rank's parameter, gradient and optimizer-state bytes after the first step."""

@@ -1,0 +1,98 @@
+"""Deterministic, exact observability checks: the collective bytes per step counted by
+train.profile_comm equal the closed forms of docs/parallelism.md, and the per-rank state
+bytes follow the ZeRO formulas."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from distributed_harness import run_distributed
+from meshlm.config import load_config
+from meshlm.data.prepare import prepare_data
+from meshlm.model.stats import count_params
+from meshlm.train.trainer import train
+
+BASE = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=301",
+        "model.max_seq_len=64", "data.seq_len=32", "data.max_bytes=300000", "train.steps=2", "train.micro_batch=2",
+        "train.global_batch=8", "train.eval_every=0", "train.sample_tokens=0", "train.progress=false",
+        "train.profile_comm=true"]
+F32 = 4
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = load_config(None, BASE + [f"data.cache_dir=\"{cache}\""])
+    prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a, **k: None)
+    return cache
+
+
+def _run(rank, cfg, out):
+    train(cfg, out, log=lambda *a, **k: None)
+
+
+def run_layout(cache, out, world, overrides):
+    cfg = load_config(None, BASE + [f"data.cache_dir=\"{cache}\""] + overrides)
+    run_distributed(_run, world, cfg, out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return cfg, records[-1]["comm"], json.loads((out / "state_bytes.json").read_text())
+
+
+def _param_shapes(cfg):
+    from meshlm.model.transformer import build_model
+
+    return [tuple(p.shape) for p in build_model(cfg.model, seed=0).parameters()]
+
+
+def padded_numel(cfg, n):
+    """FSDP2 pads each parameter's first dimension to a multiple of the shard count."""
+    return sum(math.ceil(s[0] / n) * n * math.prod(s[1:]) for s in _param_shapes(cfg))
+
+
+def fsdp_shard_numel(cfg, n, rank):
+    """Rank r holds rows [r c, (r + 1) c) of every parameter, c = ceil(rows / n): P / n up to rounding."""
+    total = 0
+    for s in _param_shapes(cfg):
+        c = math.ceil(s[0] / n)
+        total += max(0, min(c, s[0] - rank * c)) * math.prod(s[1:])
+    return total
+
+
+def test_ddp_bytes_and_state(cache, tmp_path):
+    cfg, comm, held = run_layout(cache, tmp_path / "ddp", 2, ["parallel.dp=2", "parallel.zero=0"])
+    P = count_params(cfg.model)
+    # one all-reduce of every gradient per step (accumulation skips it on earlier micro-steps) + the logged loss
+    assert comm["dp"]["all_reduce"]["bytes"] == F32 * P + F32
+    assert comm["world"]["all_reduce"] == {"count": 1, "bytes": F32}  # the global gradient norm
+    for r in held:
+        assert (r["params"], r["grads"], r["optimizer"]) == (F32 * P, F32 * P, 2 * F32 * P)
+
+
+def test_zero3_bytes_and_state(cache, tmp_path):
+    N = 2
+    cfg, comm, held = run_layout(cache, tmp_path / "fsdp", N, ["parallel.dp=2", "parallel.zero=3"])
+    P_pad = padded_numel(cfg, N)
+    accum = cfg.train.global_batch // (cfg.train.micro_batch * N)
+    # every micro-step all-gathers each unit's shard in forward and again in backward
+    assert comm["dp"]["all_gather_single"]["bytes"] == 2 * accum * F32 * P_pad // N
+    # gradients are reduce-scattered once per step, on the last micro-step
+    assert comm["dp"]["reduce_scatter_single"]["bytes"] == F32 * P_pad
+    assert sum(fsdp_shard_numel(cfg, N, r) for r in range(N)) == count_params(cfg.model)
+    for r in held:
+        local = F32 * fsdp_shard_numel(cfg, N, r["rank"])
+        assert (r["params"], r["grads"], r["optimizer"]) == (local, local, 2 * local)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero12_state_bytes(cache, tmp_path, stage):
+    N = 2
+    cfg, _, held = run_layout(cache, tmp_path / f"zero{stage}", N, ["parallel.dp=2", f"parallel.zero={stage}"])
+    P = count_params(cfg.model)
+    S = math.ceil(P / N)
+    for r in held:
+        assert r["params"] == F32 * N * S
+        assert r["optimizer"] == 2 * F32 * S
+        assert r["grads"] == (F32 * N * S if stage == 1 else F32 * S)
