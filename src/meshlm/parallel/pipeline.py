@@ -28,13 +28,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
                                           ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
+from torch.nn.parallel import DistributedDataParallel
 
 from meshlm.distributed.dims import MULTI_STAGE_SCHEDULES
-from meshlm.parallel.pipeline_split import (build_stage_module, stage_ids_for_rank, stage_layer_counts,
-                                            stage_pp_rank)
+from meshlm.parallel.pipeline_split import (TiedEmbeddingSync, _unwrap, build_stage_module, stage_ids_for_rank,
+                                            stage_layer_counts, stage_pp_rank)
 
 __all__ = [
     "stage_layer_counts", "stage_ids_for_rank", "stage_pp_rank", "build_stage_module", "TiedEmbeddingSync",
@@ -49,109 +49,6 @@ SCHEDULE_CLASSES = {
     "interleaved-zero-bubble": ScheduleInterleavedZeroBubble,
     "zbv": ScheduleZBVZeroBubble,
 }
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (FSDP2 and tensor parallel keep the module itself)."""
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (tensor parallel / FSDP2), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-# ----------------------------------------------------------------------------- tied embeddings
-
-
-class TiedEmbeddingSync:
-    """Keeps the two copies of a tied embedding in step when stage 0 and the last stage differ.
-
-    build_stage_module gives the last stage its own copy of the tied matrix (output.weight,
-    equal to stage 0's tok_embeddings.weight). The single-device gradient of the shared matrix
-    is the sum of both uses, so after every backward both copies must hold
-    grad(tok_embeddings) + grad(output): then identical optimizers keep them identical.
-
-    Construct it on every rank, in the same order relative to other group creations: it calls
-    dist.new_group collectively, one group per (dp, tp) coordinate pairing the rank with
-    pp_rank 0 and the rank holding the last stage (pp_rank pp - 1, or pp_rank 0 itself for zbv,
-    where both copies live on one rank and are summed locally). With tensor parallel / FSDP the
-    copies are DTensors sharded alike (vocab rows), so their local shards are summed.
-    It keeps references to the stage models and looks the copies up at each call, so the later
-    steps (tensor parallel swapping in vocab-parallel modules, FSDP2, DDP around the stage) are
-    seen; build it right after splitting. Untied models: a no-op.
-    """
-
-    def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, schedule_name: str,
-                 dims):
-        models = {s: _unwrap(m) for s, m in zip(stage_ids, stage_modules)}
-        self.active = n_stages > 1 and next(iter(models.values())).cfg.tied
-        # The stage models themselves, not their embedding / output submodules: tensor parallel
-        # may replace those (vocab-parallel modules), the stage objects stay.
-        self._first = models.get(0)
-        self._last = models.get(n_stages - 1)
-        self.group = None
-        if not self.active:
-            return
-        last_pp = stage_pp_rank(n_stages - 1, dims.pp, schedule_name, len(stage_ids))
-        if last_pp != 0:
-            def global_rank(pp_rank: int, dp_rank: int, tp_rank: int) -> int:  # ParallelDims layout
-                return (pp_rank * dims.dp + dp_rank) * dims.tp + tp_rank
-
-            pairs = [[global_rank(0, d, t), global_rank(last_pp, d, t)] for d in range(dims.dp) for t in range(dims.tp)]
-            self.group, _ = dist.new_subgroups_by_enumeration(pairs)
-            if (self._first is not None or self._last is not None) and self.group is None:
-                raise RuntimeError(f"rank {dist.get_rank()} holds a tied embedding copy but is in no pair {pairs}")
-
-    def _copies(self) -> list[torch.Tensor]:
-        copies = [self._first.tok_embeddings.weight] if self._first is not None else []
-        return copies + ([self._last.output.weight] if self._last is not None else [])
-
-    @torch.no_grad()
-    def sync_tied_embedding_grads(self) -> None:
-        """Sum the two copies' gradients into both. Call after the schedule's backward (and after
-        data-parallel gradient reduction, which it commutes with), before clipping."""
-        if not self.active or not self._copies():
-            return
-        grads = []
-        for weight in self._copies():
-            if weight.grad is None:
-                raise RuntimeError("sync_tied_embedding_grads() needs gradients: call it after the backward pass")
-            grads.append(_local(weight.grad))
-        if len(grads) == 2:  # zbv: both copies on this rank
-            if grads[0].shape != grads[1].shape:
-                raise RuntimeError(f"tied copies are sharded differently: {tuple(grads[0].shape)} vs {tuple(grads[1].shape)}")
-            total = grads[0] + grads[1]
-            grads[0].copy_(total)
-            grads[1].copy_(total)
-        else:
-            dist.all_reduce(grads[0], group=self.group)
-
-    @torch.no_grad()
-    def broadcast_tied_weights(self) -> None:
-        """Copy stage 0's embedding into the last stage's output weight (e.g. after loading a
-        checkpoint written by another layout). Collective over the pairs."""
-        if not self.active or not self._copies():
-            return
-        copies = [_local(w) for w in self._copies()]
-        if len(copies) == 2:
-            copies[1].copy_(copies[0])
-        else:  # group rank 0 is the pp_rank 0 member (the lower global rank)
-            dist.broadcast(copies[0], group=self.group, group_src=0)
-
-    def tied_copies(self, fqn: str) -> int:
-        """How many copies of this parameter exist over the pipeline: 2 for a split tied
-        embedding ("tok_embeddings.weight" on stage 0, "output.weight" on the last stage),
-        else 1. A global gradient norm weights each copy's squared norm by 1 / tied_copies,
-        so after the sync the tied matrix counts once, as on a single device. Wrapper prefixes
-        (module., _orig_mod., _fsdp_wrapped_module., _checkpoint_wrapped_module.) are ignored."""
-        for prefix in ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
-            fqn = fqn.replace(prefix, "")
-        return 2 if self.active and fqn in ("tok_embeddings.weight", "output.weight") else 1
-
-    def copies_of(self, param: torch.Tensor) -> int:
-        """Same as tied_copies, by parameter identity."""
-        return 2 if self.active and any(param is w for w in self._copies()) else 1
 
 
 # ----------------------------------------------------------------------------- schedules
