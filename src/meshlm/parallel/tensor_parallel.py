@@ -68,6 +68,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
+from torch.distributed.tensor import DTensor
 
 from meshlm.config import ConfigError
 from meshlm.parallel.tp_collectives import Collective, enter_tp_region, exit_tp_region, split_seq, tp_communication
@@ -78,7 +79,7 @@ from meshlm.parallel.vocab_parallel import (
 )
 
 __all__ = [
-    "apply_tensor_parallel", "is_tp_sharded", "tp_shard_dim", "sync_sequence_parallel_grads", "tp_grad_norm",
+    "apply_tensor_parallel", "is_tp_sharded", "tp_shard_dim", "sync_sequence_parallel_grads",
     "gather_tp_tensor", "gather_tp_state_dict", "shard_state_dict", "TensorParallelInfo",
     "ColumnParallelLinear", "RowParallelLinear", "SequenceParallelPositionEmbedding", "Collective", "tp_communication",
 ]
@@ -289,7 +290,7 @@ def _tp_info(model: nn.Module) -> TensorParallelInfo | None:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t  # DTensor gradients under FSDP2
+    return t.to_local() if isinstance(t, DTensor) else t  # gradients sharded over dp by FSDP2
 
 
 @torch.no_grad()
@@ -314,22 +315,6 @@ def sync_sequence_parallel_grads(model: nn.Module, tp_group: ProcessGroup) -> in
     return flat.numel()
 
 
-@torch.no_grad()
-def tp_grad_norm(model: nn.Module, tp_group: ProcessGroup) -> torch.Tensor:
-    """The gradient 2-norm of the whole (unsharded) model: sharded parameters' squares are
-    summed over the tp group, replicated ones counted once (one all-reduce of 1 element).
-    `clip_grad_norm_` on the local gradients alone would under-count the sharded ones."""
-    sharded, replicated = [], []
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            (sharded if is_tp_sharded(name) else replicated).append(_local(p.grad).float().pow(2).sum())
-    total = torch.stack(sharded).sum() if sharded else torch.zeros(())
-    dist.all_reduce(total, group=tp_group)
-    if replicated:
-        total = total + torch.stack(replicated).sum()
-    return total.sqrt()
-
-
 # ----------------------------------------------------------------------------- state dicts
 
 
@@ -338,13 +323,23 @@ def gather_tp_tensor(fqn: str, local: torch.Tensor, tp_group: ProcessGroup, voca
     """The full single-device tensor for parameter `fqn` (or its gradient) from every rank's
     shard: all-gathered along tp_shard_dim(fqn), vocabulary padding cut. Same on every rank."""
     dim = tp_shard_dim(fqn)
-    local = _local(local).detach()
+    local = (local.full_tensor() if isinstance(local, DTensor) else local).detach()  # FSDP2: whole over dp first
     if dim is None:
         return local.clone()
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(tp_group))]
     dist.all_gather(parts, local.contiguous(), group=tp_group)
     full = torch.cat(parts, dim=dim)
     return full[:vocab_size].clone() if _is_vocab(fqn) else full
+
+
+def _alias_key(key: str, t: torch.Tensor) -> tuple:
+    """Equal for the entries of tied weights (same memory, same view, same split), so they are
+    gathered or sharded once and stay one tensor."""
+    if isinstance(t, DTensor):
+        t = t.to_local()
+    if t.is_meta or t.numel() == 0:
+        return (key,)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), tp_shard_dim(key))
 
 
 def gather_tp_state_dict(model: nn.Module, tp_group: ProcessGroup) -> dict[str, torch.Tensor]:
@@ -356,7 +351,7 @@ def gather_tp_state_dict(model: nn.Module, tp_group: ProcessGroup) -> dict[str, 
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, torch.Tensor] = {}
     for key, t in model.state_dict().items():
-        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        ident = _alias_key(key, t)
         if ident not in seen:
             seen[ident] = gather_tp_tensor(key, t, tp_group, info.vocab_size)
         out[key] = seen[ident]
@@ -369,7 +364,7 @@ def shard_state_dict(full_sd: dict[str, torch.Tensor], tp_rank: int, tp: int, vo
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, torch.Tensor] = {}
     for key, t in full_sd.items():
-        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), _is_vocab(key))
+        ident = _alias_key(key, t)
         if ident not in seen:
             seen[ident] = _shard(t, key, tp_rank, tp, vocab_size)
         out[key] = seen[ident]

@@ -13,9 +13,10 @@ going forward and the identity going backward. With sequence parallelism (Korthi
 et al. 2022) activations outside the region are split along the sequence, and the
 pair becomes an all-gather (f) and a reduce-scatter (g), each the other's transpose.
 
-Every collective in meshlm's tensor parallelism goes through this file, one call per
-autograd function and direction, so the communication volume can be read off the
-code (the closed forms are in `tensor_parallel`'s docstring).
+Every activation collective of the tensor-parallel layers goes through this file, one
+call per autograd function and direction, so the communication volume can be read off
+the code (the loss's two all-reduces are in `vocab_parallel`; the closed forms are in
+`tensor_parallel`'s docstring and, as data, in `tp_communication` at the end here).
 
 Shapes are (B, T, d) with the sequence on dim 1. torch's single-tensor collectives
 gather and scatter along dim 0, so the sequence functions move the rank axis in

@@ -38,6 +38,7 @@ from meshlm.train.optim import lr_at
 from meshlm.train.progress import Progress
 from meshlm.train.run_dir import check_run_dir, init_run_dir
 from meshlm.train.step import StepRunner, accumulation_steps
+from meshlm.train.tracing import trace_step, traced_step_index
 
 
 @dataclass
@@ -121,7 +122,10 @@ class Trainer:
         try:
             for step in range(t.steps):
                 started = time.perf_counter()
-                with CommProfiler(self.comm_axes or {}) if self.comm_axes is not None else contextlib.nullcontext() as prof:
+                with contextlib.ExitStack() as stack:
+                    prof = stack.enter_context(CommProfiler(self.comm_axes)) if self.comm_axes is not None else None
+                    if t.trace and step == traced_step_index(t.steps):
+                        stack.enter_context(trace_step(self.pm, self.out, self.env.rank))
                     loss, grad_norm = self.runner.train_step(step)
                 elapsed = time.perf_counter() - started
                 losses.append(loss)
