@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from distributed_harness import run_distributed
+from meshlm.distributed.spawn import run_distributed
 from meshlm.config import load_config
 from meshlm.data.prepare import prepare_data
 from meshlm.model.stats import count_params
@@ -96,3 +96,31 @@ def test_zero12_state_bytes(cache, tmp_path, stage):
         assert r["params"] == F32 * N * S
         assert r["optimizer"] == 2 * F32 * S
         assert r["grads"] == (F32 * N * S if stage == 1 else F32 * S)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_tensor_parallel_bytes(cache, tmp_path, sequence_parallel):
+    """Closed forms of docs/parallelism.md, per optimizer step (accum micro-batches of B x T):
+    without SP, per micro-batch (2L + 1) all-reduces of N = B T d in forward and as many in
+    backward, plus the loss's all-reduces of B T (max) and 2 B T (sum-exp, target logit);
+    with SP, all-gathers of N / tp (local input) and reduce-scatters of N (input) instead,
+    and one all-reduce of the replicated parameters' gradients per step."""
+    tp = 2
+    extra = ["parallel.tp=2"] + (["parallel.sequence_parallel=true"] if sequence_parallel else [])
+    cfg, comm, _ = run_layout(cache, tmp_path / "tp", tp, extra)
+    m, B, T = cfg.model, cfg.train.micro_batch, cfg.data.seq_len
+    accum = cfg.train.global_batch // B
+    L, d = m.n_layers, m.d_model
+    N = B * T * d
+    loss_bytes = F32 * (B * T + 2 * B * T)
+    ops = comm["tp"]
+    if not sequence_parallel:
+        assert ops["all_reduce"] == {"count": accum * (2 * (2 * L + 1) + 2),
+                                     "bytes": accum * (2 * (2 * L + 1) * F32 * N + loss_bytes)}
+        assert set(ops) == {"all_reduce"}
+    else:
+        per_micro = 4 * L + 2  # per block 2 forward + 2 backward; embedding backward; output forward
+        assert ops["all_gather_single"] == {"count": accum * per_micro, "bytes": accum * per_micro * F32 * N // tp}
+        assert ops["reduce_scatter_single"] == {"count": accum * per_micro, "bytes": accum * per_micro * F32 * N}
+        replicated = (2 * L + 1) * d  # llama: every RMSNorm gain
+        assert ops["all_reduce"] == {"count": accum * 2 + 1, "bytes": accum * loss_bytes + F32 * replicated}

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from distributed_harness import run_distributed
+from meshlm.distributed.spawn import run_distributed
 from meshlm.config import load_config
 from meshlm.data.prepare import prepare_data
 from meshlm.model.weights_file import load_weights

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from torch.nn.parallel import DistributedDataParallel
 
-from distributed_harness import run_distributed
+from meshlm.distributed.spawn import run_distributed
 from meshlm.config import Config, ConfigError, ModelConfig
 from meshlm.distributed.dims import ParallelDims
 from meshlm.model.transformer import build_model, lm_loss

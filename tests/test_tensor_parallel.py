@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distributed_harness import run_distributed
+from meshlm.distributed.spawn import run_distributed
 from meshlm.config import ConfigError, ModelConfig
 from meshlm.model.transformer import build_model, lm_loss
 from meshlm.parallel.activation_checkpoint import apply_activation_checkpointing

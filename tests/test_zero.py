@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from distributed_harness import run_distributed
+from meshlm.distributed.spawn import run_distributed
 from meshlm.config import ModelConfig, TrainConfig
 from meshlm.model.transformer import build_model, lm_loss
 from meshlm.parallel.zero import ZeroOptimizer, consolidate_state_dicts

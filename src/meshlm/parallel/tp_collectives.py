@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from meshlm.distributed.collectives import all_gather_single as _all_gather_single
+from meshlm.distributed.collectives import reduce_scatter_single as _reduce_scatter_single
 
 
 def _check_seq_divisible(T: int, tp: int) -> None:

@@ -47,9 +47,8 @@ import torch.distributed as dist
 from torch import nn
 
 from meshlm.config import TrainConfig
-
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from meshlm.distributed.collectives import all_gather_single as _all_gather
+from meshlm.distributed.collectives import reduce_scatter_single as _reduce_scatter
 
 EPS = 1e-8
 

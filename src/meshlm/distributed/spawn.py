@@ -1,4 +1,4 @@
-"""Run a function on N local ranks over gloo, forked from the test process.
+"""Run a function on N local ranks over gloo, forked from the calling process (tests, benchmarks).
 
 Forking from a process that already imported torch starts ranks in well under a second
 (a torchrun subprocess per case costs ~4 s), so each test groups its cases per world.
