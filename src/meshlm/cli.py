@@ -8,9 +8,10 @@ from pathlib import Path
 
 from meshlm.config import ConfigError, load_config
 from meshlm.inference.commands import add_commands as add_inference_commands
+from meshlm.interop.commands import add_commands as add_interop_commands
 
 # Subcommands that live next to their library code, each adding its parsers.
-COMMAND_MODULES = (add_inference_commands,)
+COMMAND_MODULES = (add_inference_commands, add_interop_commands)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None,
                    help="start N local worker processes (through torch.distributed.run, like torchrun)")
     p.add_argument("--max-restarts", type=int, default=0, help="with --nproc: restart failed workers up to R times")
+    p.add_argument("--init-from-hf", metavar="HF_DIR", default=None,
+                   help="start from a local Hugging Face model (same as --set train.init_from_hf=HF_DIR)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="data preparation")
@@ -56,6 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from meshlm.distributed.env import read_launch_env
     from meshlm.distributed.process_group import shutdown_distributed
 
+    if args.init_from_hf:
+        args.overrides.append(f"train.init_from_hf={_quoted(args.init_from_hf)}")
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config or "tiny-cpu").stem
     if args.nproc is not None:

@@ -85,6 +85,8 @@ class DataConfig:
     max_doc_bytes: int = 0
     # Cap on the corpus size in bytes read from the source (0 = no limit).
     max_bytes: int = 0
+    # An existing tokenizer.json to use instead of training one (e.g. a Hugging Face model's).
+    tokenizer: str = ""
 
 
 @dataclass
@@ -102,6 +104,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 1337
+    # Start from a local Hugging Face model directory: its architecture replaces [model],
+    # its weights the initialisation, its tokenizer.json the trained one.
+    init_from_hf: str = ""
     dtype: Literal["float32", "bfloat16"] = "float32"
     activation_checkpointing: bool = False
     compile: bool = False
@@ -185,6 +190,10 @@ def load_config(name: str | None = None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"config file {path} is not valid TOML: {e}. Fix the syntax at the position given.") from e
     cfg = config_from_dict(raw, source=str(path))
     apply_overrides(cfg, overrides)
+    if cfg.train.init_from_hf:
+        from meshlm.interop.init_from_hf import apply_init_from_hf  # reads the model's config.json
+
+        apply_init_from_hf(cfg)
     validate(cfg)
     return cfg
 

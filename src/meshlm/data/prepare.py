@@ -37,7 +37,7 @@ from meshlm.data.index import (
     write_index,
 )
 from meshlm.data.sources import describe_source, iter_documents
-from meshlm.data.tokenizer import EOT_ID, load_or_train_tokenizer
+from meshlm.data.tokenizer import document_separator_id, load_or_train_tokenizer
 
 # Documents per encode_batch call: large enough for the Rust thread pool to stay
 # busy, small enough that a chunk of token lists stays a few MB.
@@ -48,6 +48,8 @@ SPLIT_BUCKETS = 10_000
 def default_data_dir(cfg_data: DataConfig, vocab_size: int) -> Path:
     """Where prepared data lives when `data.dir` is empty: named after what produced it."""
     name = f"{describe_source(cfg_data.source)}-v{vocab_size}-b{cfg_data.max_bytes}"
+    if cfg_data.tokenizer and Path(cfg_data.tokenizer).is_file():
+        name += f"-tok{file_sha256(Path(cfg_data.tokenizer))[:8]}"  # an imported tokenizer gets its own folder
     return Path(cfg_data.cache_dir) / name
 
 
@@ -59,6 +61,11 @@ def prepare_data(
     cfg_data: DataConfig, vocab_size: int, out_dir: Path | None = None, log: Callable[[str], None] = print
 ) -> Path:
     """Prepare (or reuse) the token files for `cfg_data`; return the data directory."""
+    if cfg_data.tokenizer and not Path(cfg_data.tokenizer).is_file():
+        raise ConfigError(
+            f"'data.tokenizer' is {cfg_data.tokenizer}, which does not exist. Point it to a tokenizer.json, or leave "
+            f"it empty to train one on the corpus."
+        )
     out = Path(out_dir) if out_dir is not None else data_dir_for(cfg_data, vocab_size)
     wanted = _settings(cfg_data, vocab_size)
     reuse_tokenizer = (out / TOKENIZER_FILE).is_file()
@@ -100,6 +107,8 @@ def _settings(cfg_data: DataConfig, vocab_size: int) -> dict:
         "max_bytes": cfg_data.max_bytes,
         "max_doc_bytes": cfg_data.max_doc_bytes,
         "val_fraction": cfg_data.val_fraction,
+        # an imported tokenizer (e.g. a Hugging Face model's), identified by its content
+        "tokenizer_source": file_sha256(Path(cfg_data.tokenizer)) if cfg_data.tokenizer else "trained",
     }
 
 
@@ -127,14 +136,17 @@ def _prepare_into(tmp: Path, out: Path, cfg_data: DataConfig, vocab_size: int, w
 
     start = time.perf_counter()
     tok_path = out / TOKENIZER_FILE if reuse_tokenizer else tmp / TOKENIZER_FILE
+    if cfg_data.tokenizer and not reuse_tokenizer:
+        shutil.copyfile(cfg_data.tokenizer, tok_path)  # use the given tokenizer instead of training one
     train_docs = lambda: (text for text, val in zip(documents(), is_val) if not val)  # noqa: E731
     tok = load_or_train_tokenizer(tok_path, train_docs, vocab_size)
-    verb = "reused" if reuse_tokenizer else "trained"
+    verb = "reused" if reuse_tokenizer else ("copied" if cfg_data.tokenizer else "trained")
+    separator = document_separator_id(tok, str(tok_path))
     log(f"data: {verb} tokenizer ({tok.get_vocab_size()} tokens) in {time.perf_counter() - start:.1f}s")
 
     start = time.perf_counter()
     dtype = token_dtype(vocab_size)
-    writers = {split: _TokenWriter(tmp / bin_file(split), dtype) for split in SPLITS}
+    writers = {split: _TokenWriter(tmp / bin_file(split), dtype, separator) for split in SPLITS}
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips offsets (tokenizers >= 0.20)
     for chunk in _chunks(zip(documents(), is_val), ENCODE_CHUNK_DOCS):
         for split, want_val in (("train", False), ("val", True)):
@@ -149,7 +161,7 @@ def _prepare_into(tmp: Path, out: Path, cfg_data: DataConfig, vocab_size: int, w
     index = dict(wanted)
     index.update(
         tokenizer_vocab_size=tok.get_vocab_size(),
-        eot_id=EOT_ID,
+        eot_id=separator,
         dtype=dtype,
         split_rule=f"blake2b(utf-8 text) % {SPLIT_BUCKETS} < val_fraction * {SPLIT_BUCKETS}",
         sha256={bin_file(s): writers[s].sha256 for s in SPLITS} | {TOKENIZER_FILE: file_sha256(tok_path)},
@@ -218,9 +230,10 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 
 
 class _TokenWriter:
-    """Appends documents to a flat token file, an EOT id between consecutive documents."""
+    """Appends documents to a flat token file, the separator id between consecutive documents."""
 
-    def __init__(self, path: Path, dtype: str):
+    def __init__(self, path: Path, dtype: str, separator: int):
+        self.separator = separator
         self.file = open(path, "wb")
         self.dtype = np.dtype(dtype)
         self.digest = hashlib.sha256()
@@ -231,7 +244,7 @@ class _TokenWriter:
         flat: list[int] = []
         for ids in docs:
             if self.n_docs:
-                flat.append(EOT_ID)
+                flat.append(self.separator)
             flat.extend(ids)
             self.n_docs += 1
         data = np.asarray(flat, dtype=self.dtype).tobytes()

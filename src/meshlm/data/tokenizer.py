@@ -72,13 +72,27 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises a plain Exception for a malformed file
         raise ConfigError(f"{path} is not a valid tokenizer.json ({e}). Delete it and run `meshlm data prepare` again.") from None
-    if tok.token_to_id(EOT_TOKEN) != EOT_ID:
-        raise ConfigError(
-            f"tokenizer {path} does not have {EOT_TOKEN} as token {EOT_ID}. Delete it and run `meshlm data prepare` "
-            f"to train a compatible one."
-        )
+    document_separator_id(tok, str(path))  # fails early for a tokenizer without an end-of-text token
     tok.encode_special_tokens = True
     return tok
+
+
+# End-of-document tokens of meshlm's own tokenizers and of common Hugging Face ones (GPT-2,
+# Llama 2 / Mistral, Llama 3), in order of preference.
+SEPARATOR_TOKENS = (EOT_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
+
+
+def document_separator_id(tok: Tokenizer, source: str = "tokenizer") -> int:
+    """The id placed between documents in the token files: meshlm's <|endoftext|> (id 0 in the
+    tokenizers meshlm trains), or the end-of-text token of an imported Hugging Face tokenizer."""
+    for name in SEPARATOR_TOKENS:
+        token_id = tok.token_to_id(name)
+        if token_id is not None:
+            return token_id
+    raise ConfigError(
+        f"{source} has no end-of-text token (looked for {', '.join(SEPARATOR_TOKENS)}), so documents could not be "
+        f"separated. Use a tokenizer that has one, or let meshlm train its own (leave data.tokenizer empty)."
+    )
 
 
 def load_or_train_tokenizer(path: Path | str, texts_factory: Callable[[], Iterable[str]], vocab_size: int) -> Tokenizer:

@@ -96,6 +96,11 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, self.device, seed=cfg.train.seed)
+        if cfg.train.init_from_hf:
+            from meshlm.interop.init_from_hf import load_hf_weights_into
+
+            load_hf_weights_into(model, cfg)
+            self.log(f"model: weights from {cfg.train.init_from_hf}")
         self.log(
             f"model: {cfg.model.arch}, {count_params(cfg.model) / 1e6:.2f}M parameters, "
             f"{cfg.model.n_layers} layers, d_model {cfg.model.d_model}; layout {self.dims.describe} on "

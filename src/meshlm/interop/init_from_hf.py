@@ -1,0 +1,47 @@
+"""`train.init_from_hf = HF_DIR`: fine-tune a local Hugging Face model under any layout.
+
+The directory's config.json replaces the [model] section (so every layout check sees the
+real model), its tokenizer.json is used to prepare the data, and its weights replace the
+initialisation. The full model is loaded on every rank and then split by parallelize(),
+exactly like a freshly initialised one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from meshlm.config import Config, ConfigError
+from meshlm.interop.hf_config import model_config_from_hf, read_hf_config
+from meshlm.interop.hf_weights import read_hf_tensors, state_dict_from_hf
+
+
+def apply_init_from_hf(cfg: Config) -> None:
+    """Replace cfg.model by the Hugging Face model's architecture; use its tokenizer."""
+    hf_dir = Path(cfg.train.init_from_hf)
+    if not hf_dir.is_dir():
+        raise ConfigError(
+            f"'train.init_from_hf' points to {hf_dir}, which is not a directory. Pass a local Hugging Face model "
+            f"directory (config.json + model.safetensors); meshlm never downloads."
+        )
+    cfg.model = model_config_from_hf(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
+    if not cfg.data.tokenizer:
+        tokenizer = hf_dir / "tokenizer.json"
+        if not tokenizer.is_file():
+            raise ConfigError(
+                f"{hf_dir} has no tokenizer.json, which training needs to tokenise the corpus the way the model "
+                f"expects. Save the model's fast tokenizer there, or set data.tokenizer to its tokenizer.json."
+            )
+        cfg.data.tokenizer = str(tokenizer)
+
+
+@torch.no_grad()
+def load_hf_weights_into(model: torch.nn.Module, cfg: Config) -> None:
+    """Copy the Hugging Face weights into a freshly built (full, unsharded) model."""
+    hf_dir = Path(cfg.train.init_from_hf)
+    state = state_dict_from_hf(read_hf_tensors(hf_dir, torch.float32), cfg.model, source=str(hf_dir))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.model.tied and k == "output.weight")]
+    if missing or unexpected:
+        raise ConfigError(f"{hf_dir} does not match its own config (missing {missing[:5]}, unexpected {unexpected[:5]}).")
