@@ -73,3 +73,13 @@ def test_dims_resolve_auto_dp_and_coordinates():
     dims = parallel_dims_from_config(cfg, 8)
     assert (dims.dp, dims.tp, dims.pp) == (2, 2, 2)
     assert dims.coordinates(5) == {"pp": 1, "dp": 0, "tp": 1, "dp_replicate": 0, "dp_shard": 0}
+
+
+def test_torchrun_command_line_works_unchanged(tmp_path):
+    """`torchrun --nproc-per-node 2 -m meshlm train ...` (torch.distributed.run is torchrun)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "meshlm",
+           "train", *_sets(SMALL + [f"data.cache_dir=\"{tmp_path / 'cache'}\"", "parallel.tp=2"]),
+           "--out", str(tmp_path / "tr")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_losses(tmp_path / "tr")) == 4 and (tmp_path / "tr" / "model.safetensors").is_file()
