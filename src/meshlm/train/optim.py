@@ -26,10 +26,11 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
 
 
 def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
-    # foreach is the fast multi-tensor path on CPU and GPU alike; fused needs CUDA.
-    return torch.optim.AdamW(
-        param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True
-    )
+    groups = param_groups(named_params, cfg.weight_decay)
+    # The fused kernel is the fastest on CUDA; foreach (multi-tensor) elsewhere.
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
+    kind = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kind)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
