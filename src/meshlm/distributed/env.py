@@ -18,6 +18,11 @@ class LaunchEnv:
     world_size: int
     device: torch.device
     backend: str  # "nccl" on CUDA, "gloo" otherwise
+    # TORCHELASTIC_RESTART_COUNT: > 0 when the elastic agent (--max-restarts) restarted the workers.
+    restart_count: int = 0
+    # MESHLM_TEST_KILL_AT_STEP (tests only): "N" makes the last rank SIGKILL itself before step N,
+    # "N:save" while the checkpoint of step N is being saved (see meshlm.train.checkpoint).
+    test_kill_at_step: str = ""
 
     @property
     def is_main(self) -> bool:
@@ -46,4 +51,6 @@ def read_launch_env() -> LaunchEnv:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    return LaunchEnv(rank, local_rank, world_size, device, backend)
+    restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    test_kill = os.environ.get("MESHLM_TEST_KILL_AT_STEP", "")
+    return LaunchEnv(rank, local_rank, world_size, device, backend, restart_count, test_kill)
