@@ -33,6 +33,7 @@ from meshlm.model.transformer import build_model
 from meshlm.model.weights_file import save_weights
 from meshlm.parallel.gather import gather_full_state_dict
 from meshlm.parallel.parallelize import ParallelModel, parallelize
+from meshlm.train.checkpoint import Checkpointer, find_resume_checkpoint, maybe_test_kill, reopen_run_dir
 from meshlm.train.metrics import MetricsWriter, plot_losses
 from meshlm.train.optim import lr_at
 from meshlm.train.progress import Progress
@@ -73,7 +74,8 @@ def _on_main_first(env: LaunchEnv, fn):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out_dir: Path, overwrite: bool = False, env: LaunchEnv | None = None, log=print):
+    def __init__(self, cfg: Config, out_dir: Path, overwrite: bool = False, env: LaunchEnv | None = None, log=print,
+                 resume: str | None = None):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.env = env or read_launch_env()
@@ -82,16 +84,24 @@ class Trainer:
         # Everything that can be wrong with the layout fails here, before a process group exists.
         self.dims: ParallelDims = parallel_dims_from_config(cfg, self.env.world_size)
         self.accum = accumulation_steps(cfg, self.dims.dp) if self.dims.pp == 1 else 1
+        if self.env.restart_count > 0:  # restarted by the elastic agent: continue this run
+            resume, overwrite = resume or "auto", False
+        if resume and overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite deletes it; pass only one of them.")
         check_run_dir(self.out, cfg, overwrite)
 
         init_distributed(self.env)
         if self.env.distributed:
             self.dims.build_mesh(self.device.type)
+        resume_from = find_resume_checkpoint(resume, self.out, self.env, self.log) if resume else None
         data_dir = _on_main_first(self.env, lambda: prepare_data(cfg.data, cfg.model.vocab_size, log=self.log))
         self.train_data = TokenDataset(data_dir, "train")
         self.val_data = TokenDataset(data_dir, "val")
         if self.env.is_main:
-            init_run_dir(self.out, cfg, overwrite)
+            if resume_from is not None:
+                reopen_run_dir(self.out, cfg, resume_from.step)
+            else:
+                init_run_dir(self.out, cfg, overwrite)
             shutil.copyfile(data_dir / "tokenizer.json", self.out / "tokenizer.json")
 
         torch.manual_seed(cfg.train.seed)
@@ -109,6 +119,8 @@ class Trainer:
         )
         self.pm: ParallelModel = parallelize(model, self.dims, cfg, self.device)
         self.runner = StepRunner(cfg, self.pm, self.train_data, self.val_data, self.device, self.accum)
+        self.checkpoints = Checkpointer(cfg, self.out, self.env, self.pm, self.runner, log=self.log)
+        self.start_step = self.checkpoints.load(resume_from) if resume_from is not None else 0
         self.comm_axes = self._comm_axes() if cfg.train.profile_comm else None
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.env.is_main)
 
@@ -125,7 +137,8 @@ class Trainer:
         losses: list[float] = []
         val_loss = None
         try:
-            for step in range(t.steps):
+            for step in range(self.start_step, t.steps):
+                maybe_test_kill(self.env, self.out, step)
                 started = time.perf_counter()
                 with contextlib.ExitStack() as stack:
                     prof = stack.enter_context(CommProfiler(self.comm_axes)) if self.comm_axes is not None else None
@@ -139,7 +152,7 @@ class Trainer:
                         f"training loss became {loss} at step {step + 1}. Lower 'train.lr' (now {t.lr}) "
                         f"or enable gradient clipping ('train.grad_clip')."
                     )
-                if step == 0:
+                if step == self.start_step:
                     self._report_state_bytes()
                 record = {
                     "step": step + 1, "loss": loss, "lr": lr_at(step, t), "grad_norm": grad_norm,
@@ -158,6 +171,9 @@ class Trainer:
                     ppl = math.exp(min(val_loss, 50))
                     self.metrics.write({"step": step + 1, "val_loss": val_loss, "val_ppl": ppl})
                     progress.write(f"step {step + 1}: val_loss {val_loss:.4f}, perplexity {ppl:.2f}")
+                if self.checkpoints.due(step + 1):
+                    self.checkpoints.save(step + 1)
+            self.checkpoints.wait()
         finally:
             progress.close()
             self.metrics.close()
@@ -212,5 +228,6 @@ class Trainer:
         return sample
 
 
-def train(cfg: Config, out_dir: Path, overwrite: bool = False, log=print, env: LaunchEnv | None = None) -> TrainResult:
-    return Trainer(cfg, out_dir, overwrite=overwrite, env=env, log=log).run()
+def train(cfg: Config, out_dir: Path, overwrite: bool = False, log=print, env: LaunchEnv | None = None,
+          resume: str | None = None) -> TrainResult:
+    return Trainer(cfg, out_dir, overwrite=overwrite, env=env, log=log, resume=resume).run()

@@ -1,0 +1,97 @@
+"""Collective costs: the alpha-beta (latency-bandwidth) model on the link a group crosses.
+
+Ring algorithms (what NCCL and gloo use for large messages), n = bytes of the full tensor,
+p = group size, alpha = per-step latency, r = achieved link rate:
+
+    all-reduce        2 (p - 1) alpha + 2 (p - 1) / p * n / r
+    all-gather        (p - 1) alpha + (p - 1) / p * n / r        (n = gathered output)
+    reduce-scatter    (p - 1) alpha + (p - 1) / p * n / r        (n = input)
+    send / recv       alpha + n / r
+
+Which link: meshlm places ranks tp innermost, then dp, then pp
+(rank = ((pp_rank * dp) + dp_rank) * tp + tp_rank), so a group is `size` ranks `stride`
+apart: tp (stride 1), dp (stride tp), pp (stride tp * dp). A group inside one node uses the
+intra-node link. A group spanning nodes with g members per node is limited by the slower of
+the intra-node link and g network ports (each device has its own port; a ring's traffic
+through a node's boundary is spread over the node's g members: NCCL uses one ring per port).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshlm.plan.hardware import Cluster, Link
+
+
+@dataclass(frozen=True)
+class Group:
+    """A process group as placed on the cluster."""
+
+    size: int
+    per_node: int  # members inside one node
+    nodes: int  # nodes spanned
+
+    @property
+    def crosses_nodes(self) -> bool:
+        return self.nodes > 1
+
+
+def place_group(cluster: Cluster, size: int, stride: int) -> Group:
+    """The placement of a group of `size` ranks, `stride` apart in meshlm's rank order."""
+    if size <= 1:
+        return Group(1, 1, 1)
+    d = cluster.devices_per_node
+    per_node = max(1, min(size, d // stride)) if stride <= d else 1
+    nodes = -(-size // per_node)
+    return Group(size, per_node, nodes)
+
+
+def _rate_and_alpha(cluster: Cluster, group: Group) -> tuple[float, float]:
+    if not group.crosses_nodes:
+        return cluster.intra.rate, cluster.intra.latency_s
+    inter: Link = cluster.inter
+    return min(cluster.intra.rate, group.per_node * inter.rate), inter.latency_s
+
+
+def all_reduce(cluster: Cluster, group: Group, nbytes: float, count: int = 1) -> float:
+    """`count` all-reduces of `nbytes` each."""
+    p = group.size
+    if p <= 1 or nbytes <= 0 or count <= 0:
+        return 0.0
+    rate, alpha = _rate_and_alpha(cluster, group)
+    return count * (2 * (p - 1) * alpha + 2 * (p - 1) / p * nbytes / rate)
+
+
+def all_gather(cluster: Cluster, group: Group, nbytes: float, count: int = 1) -> float:
+    """`count` all-gathers whose output has `nbytes` (each rank contributes nbytes / p)."""
+    p = group.size
+    if p <= 1 or nbytes <= 0 or count <= 0:
+        return 0.0
+    rate, alpha = _rate_and_alpha(cluster, group)
+    return count * ((p - 1) * alpha + (p - 1) / p * nbytes / rate)
+
+
+reduce_scatter = all_gather  # same traffic: input of nbytes, each rank keeps nbytes / p
+
+
+def send_recv(cluster: Cluster, crosses_nodes: bool, nbytes: float, count: int = 1) -> float:
+    if nbytes <= 0 or count <= 0:
+        return 0.0
+    link = cluster.inter if crosses_nodes else cluster.intra
+    return count * (link.latency_s + nbytes / link.rate)
+
+
+def bucketed_all_reduce(cluster: Cluster, group: Group, nbytes: float, bucket_bytes: float) -> float:
+    """DDP-style: the gradients in buckets of `bucket_bytes` (each bucket pays the latency)."""
+    if nbytes <= 0:
+        return 0.0
+    full, rest = divmod(nbytes, bucket_bytes)
+    return all_reduce(cluster, group, bucket_bytes, int(full)) + all_reduce(cluster, group, rest, 1 if rest else 0)
+
+
+def bucketed_half(cluster: Cluster, group: Group, nbytes: float, bucket_bytes: float) -> float:
+    """Reduce-scatter (or all-gather) of `nbytes` in buckets (ZeRO-1/2)."""
+    if nbytes <= 0:
+        return 0.0
+    full, rest = divmod(nbytes, bucket_bytes)
+    return all_gather(cluster, group, bucket_bytes, int(full)) + all_gather(cluster, group, rest, 1 if rest else 0)

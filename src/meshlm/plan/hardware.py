@@ -1,0 +1,260 @@
+"""Devices, links and clusters: the hardware side of the cost model.
+
+A cluster is `nodes` x `devices_per_node` identical devices. Devices of one node talk over
+the `intra` link (NVLink / NVSwitch; loopback TCP for cpu-local), devices of different
+nodes over the `inter` link (InfiniBand / RoCE), one network port's share per device.
+
+Every GPU constant is a published hardware figure (datasheet peak, link speed) times an
+efficiency that says how much of it real kernels and NCCL reach; docs/planner.md lists
+where each comes from. `cpu-local` is measured on the spot (meshlm.plan.cpu_local).
+
+Users describe their own cluster in TOML (see `load_cluster_file`):
+
+    name = "my-cluster"
+    nodes = 4
+    devices_per_node = 8
+    [device]
+    preset = "h100-sxm"        # start from a preset device, then override fields
+    memory_gb = 94
+    [intra]                    # link between the devices of one node
+    bandwidth_gbps = 450       # GB/s per device and direction
+    latency_us = 3
+    [inter]                    # link between nodes, per device
+    bandwidth_gbps = 50
+    latency_us = 6
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from meshlm.config import ConfigError
+
+GB = 1e9
+GiB = 2**30
+TFLOPS = 1e12
+
+
+@dataclass(frozen=True)
+class Device:
+    """One accelerator (or one CPU process). Rates are what kernels sustain, not peaks:
+    `peak_flops * gemm_efficiency` is the large-GEMM rate."""
+
+    name: str
+    kind: str  # "gpu" or "cpu"
+    peak_flops: float  # dense matmul FLOP/s in the training dtype (bf16 on GPUs, fp32 on CPU)
+    memory_bytes: float  # usable device memory (host RAM for cpu: shared by all local ranks)
+    mem_bandwidth: float  # bytes/s of device memory (datasheet)
+    gemm_efficiency: float = 0.8  # fraction of peak a large GEMM sustains
+    gemm_overhead_s: float = 8e-6  # fixed cost per GEMM (launch, ramp-up, tail wave): t = flops/rate + this
+    attention_efficiency: float = 0.5  # flash attention fwd+bwd, fraction of peak (causal work counted)
+    mem_efficiency: float = 0.85  # fraction of mem_bandwidth elementwise kernels reach
+    op_overhead_s: float = 5e-6  # per non-GEMM kernel launch (device side) / per op (cpu)
+    host_op_overhead_s: float = 12e-6  # eager PyTorch dispatch per op on the host (GPU: overlaps device work)
+    softmax_s_per_element: float = 0.0  # cpu only: measured log-softmax fwd+bwd cost per element (0: memory-bound)
+    reserve_bytes: float = 3 * GiB  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation
+    cores: int = 0  # cpu only: physical cores shared by the local ranks
+
+    @property
+    def gemm_flops(self) -> float:
+        return self.peak_flops * self.gemm_efficiency
+
+    @property
+    def attention_flops(self) -> float:
+        return self.peak_flops * self.attention_efficiency
+
+    @property
+    def elementwise_bandwidth(self) -> float:
+        return self.mem_bandwidth * self.mem_efficiency
+
+
+@dataclass(frozen=True)
+class Link:
+    """A bandwidth-latency (alpha-beta) link: a transfer of n bytes costs latency + n / rate."""
+
+    bandwidth: float  # bytes/s per device and direction (datasheet)
+    latency_s: float  # per message / per ring step
+    efficiency: float = 0.8  # fraction of `bandwidth` NCCL (or gloo) collectives reach
+
+    @property
+    def rate(self) -> float:
+        return self.bandwidth * self.efficiency
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    device: Device
+    nodes: int
+    devices_per_node: int
+    intra: Link
+    inter: Link
+    # Collective cost measured per group size (cpu-local): {p: (alpha_s, seconds_per_byte)} for an
+    # all-reduce of n bytes among p ranks = alpha + n * beta. Empty: use the ring formulas.
+    measured_all_reduce: dict = field(default_factory=dict, compare=False)
+    notes: str = ""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.nodes} node(s) x {self.devices_per_node} {self.device.name}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "nodes": self.nodes, "devices_per_node": self.devices_per_node,
+                "device": dataclasses.asdict(self.device), "intra": dataclasses.asdict(self.intra),
+                "inter": dataclasses.asdict(self.inter)}
+
+
+# ----------------------------------------------------------------------------- presets
+
+# Datasheet figures (NVIDIA A100 / H100 / H200 datasheets): dense bf16 tensor-core peak,
+# HBM capacity and bandwidth. gemm_efficiency: the largest GEMM rate cuBLAS reaches over
+# shapes (the "maximum achievable matmul FLOPS" measured by S. Bekman's mamf-finder:
+# ~86% on A100 SXM, ~80% on H100 SXM; checked on an H100 here, docs/planner.md).
+# attention_efficiency: FlashAttention-2 fwd+bwd (Dao 2023: ~50-60% of peak on A100;
+# ~35-45% on H100, where FA2 does not use Hopper's wgmma). mem_efficiency: STREAM-like
+# copy kernels reach ~85-90% of HBM bandwidth.
+DEVICES: dict[str, Device] = {
+    "a100-40gb": Device("A100 SXM 40GB", "gpu", 312 * TFLOPS, 40 * GiB, 1555 * GB, gemm_efficiency=0.86,
+                        attention_efficiency=0.55),
+    "a100-80gb": Device("A100 SXM 80GB", "gpu", 312 * TFLOPS, 80 * GiB, 2039 * GB, gemm_efficiency=0.86,
+                        attention_efficiency=0.55),
+    "h100-sxm": Device("H100 SXM 80GB", "gpu", 989 * TFLOPS, 80 * GiB, 3350 * GB, gemm_efficiency=0.80,
+                       attention_efficiency=0.40, gemm_overhead_s=6e-6),
+    "h200": Device("H200 SXM 141GB", "gpu", 989 * TFLOPS, 141 * GB, 4800 * GB, gemm_efficiency=0.80,
+                   attention_efficiency=0.40, gemm_overhead_s=6e-6),
+}
+
+# NVLink 3 (A100): 12 links x 25 GB/s = 300 GB/s per direction; NVLink 4 (H100/H200): 18 x 25 =
+# 450 GB/s. NCCL's all-reduce bus bandwidth reaches ~80% of it (nccl-tests on DGX A100: ~230-240
+# GB/s). Inter-node: one HDR InfiniBand port (200 Gb/s = 25 GB/s) per A100 in a DGX A100, one NDR
+# port (400 Gb/s = 50 GB/s) per H100 in a DGX H100.
+NVLINK3 = Link(300 * GB, 3e-6, 0.8)
+NVLINK4 = Link(450 * GB, 3e-6, 0.8)
+IB_HDR = Link(25 * GB, 6e-6, 0.8)
+IB_NDR = Link(50 * GB, 6e-6, 0.8)
+
+CLUSTERS: dict[str, tuple[str, Link, Link, int]] = {
+    # name: (device preset, intra-node link, inter-node link, devices per node)
+    "dgx-a100-40gb": ("a100-40gb", NVLINK3, IB_HDR, 8),
+    "dgx-a100-80gb": ("a100-80gb", NVLINK3, IB_HDR, 8),
+    "dgx-h100": ("h100-sxm", NVLINK4, IB_NDR, 8),
+    "dgx-h200": ("h200", NVLINK4, IB_NDR, 8),
+}
+# Each device preset also names its usual 8-GPU node.
+CLUSTERS.update({"a100-40gb": CLUSTERS["dgx-a100-40gb"], "a100-80gb": CLUSTERS["dgx-a100-80gb"],
+                 "h100-sxm": CLUSTERS["dgx-h100"], "h100": CLUSTERS["dgx-h100"], "h200": CLUSTERS["dgx-h200"]})
+
+CPU_LOCAL = "cpu-local"
+
+
+def preset_names() -> list[str]:
+    return sorted(set(CLUSTERS) | {CPU_LOCAL})
+
+
+def make_cluster(name_or_file: str, nodes: int | None = None, devices_per_node: int | None = None,
+                 world_size: int | None = None, remeasure: bool = False, log=None) -> Cluster:
+    """A cluster from a preset name (`dgx-h100`, `a100-80gb`, `cpu-local`, ...) or a TOML file,
+    with the node count and devices per node overridden when given. For cpu-local the
+    "devices" are local processes: `world_size` (or devices_per_node) of them on one node."""
+    if nodes is not None and nodes <= 0 or devices_per_node is not None and devices_per_node <= 0:
+        raise ConfigError(f"--nodes ({nodes}) and --devices-per-node ({devices_per_node}) must be positive.")
+    if name_or_file == CPU_LOCAL:
+        from meshlm.plan.cpu_local import cpu_local_cluster
+
+        n = devices_per_node or world_size or 1
+        if nodes not in (None, 1):
+            raise ConfigError(f"cpu-local is this one machine: --nodes must be 1, got {nodes}.")
+        return cpu_local_cluster(n, remeasure=remeasure, log=log)
+    path = Path(name_or_file)
+    if name_or_file.endswith(".toml") or path.is_file():
+        cluster = load_cluster_file(path)
+    elif name_or_file in CLUSTERS:
+        device, intra, inter, per_node = CLUSTERS[name_or_file]
+        cluster = Cluster(name_or_file, DEVICES[device], 1, per_node, intra, inter)
+    else:
+        raise ConfigError(
+            f"unknown cluster '{name_or_file}': not a preset and not a TOML file. Presets: {', '.join(preset_names())}; "
+            f"or write your own cluster file (docs/planner.md, 'Cluster files')."
+        )
+    if devices_per_node is None and nodes is None and world_size is not None:
+        per_node = cluster.devices_per_node
+        if world_size % per_node and world_size > per_node:
+            raise ConfigError(f"{world_size} devices do not fill whole nodes of {per_node} on '{cluster.name}'; "
+                              f"pass --nodes and --devices-per-node.")
+        nodes, devices_per_node = max(1, world_size // per_node), min(per_node, world_size)
+    return replace(cluster, nodes=nodes or cluster.nodes, devices_per_node=devices_per_node or cluster.devices_per_node)
+
+
+_DEVICE_KEYS = {
+    "name": ("name", str, 1), "kind": ("kind", str, 1), "peak_tflops": ("peak_flops", float, TFLOPS),
+    "memory_gb": ("memory_bytes", float, GB), "memory_gib": ("memory_bytes", float, GiB),
+    "hbm_gbps": ("mem_bandwidth", float, GB), "gemm_efficiency": ("gemm_efficiency", float, 1),
+    "gemm_overhead_us": ("gemm_overhead_s", float, 1e-6), "attention_efficiency": ("attention_efficiency", float, 1),
+    "mem_efficiency": ("mem_efficiency", float, 1), "op_overhead_us": ("op_overhead_s", float, 1e-6),
+    "host_op_overhead_us": ("host_op_overhead_s", float, 1e-6), "reserve_gb": ("reserve_bytes", float, GB),
+}
+_LINK_KEYS = {"bandwidth_gbps": ("bandwidth", GB), "latency_us": ("latency_s", 1e-6), "efficiency": ("efficiency", 1)}
+
+
+def load_cluster_file(path: Path) -> Cluster:
+    """Read a cluster TOML file (format in the module docstring). Unknown keys are errors."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"cluster file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"cluster file {path} is not valid TOML: {e}.") from None
+    src = str(path)
+    allowed = {"name", "nodes", "devices_per_node", "device", "intra", "inter", "notes"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ConfigError(f"{src}: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(allowed))}.")
+    dev_raw = dict(raw.get("device", {}))
+    preset = dev_raw.pop("preset", None)
+    if preset is not None and preset not in DEVICES:
+        raise ConfigError(f"{src}: unknown device preset '{preset}'; presets: {', '.join(DEVICES)}.")
+    device = DEVICES[preset] if preset else None
+    values = {}
+    for key, value in dev_raw.items():
+        if key not in _DEVICE_KEYS:
+            raise ConfigError(f"{src}: unknown key 'device.{key}'; valid: preset, {', '.join(_DEVICE_KEYS)}.")
+        attr, typ, scale = _DEVICE_KEYS[key]
+        values[attr] = value if typ is str else _number(src, f"device.{key}", value) * scale
+    if device is None:
+        missing = [k for k in ("peak_tflops", "hbm_gbps") if k not in dev_raw]
+        if missing or not ({"memory_gb", "memory_gib"} & set(dev_raw)):
+            raise ConfigError(f"{src}: [device] needs 'preset' or at least peak_tflops, memory_gb and hbm_gbps.")
+        device = Device(values.pop("name", "custom"), values.pop("kind", "gpu"), values.pop("peak_flops"),
+                        values.pop("memory_bytes"), values.pop("mem_bandwidth"))
+    device = replace(device, **values)
+    per_node = int(raw.get("devices_per_node", 8))
+    intra = _link(src, "intra", raw.get("intra"), NVLINK4)
+    inter = _link(src, "inter", raw.get("inter"), IB_NDR)
+    nodes = int(raw.get("nodes", 1))
+    if nodes <= 0 or per_node <= 0:
+        raise ConfigError(f"{src}: nodes ({nodes}) and devices_per_node ({per_node}) must be positive.")
+    return Cluster(str(raw.get("name", Path(path).stem)), device, nodes, per_node, intra, inter, notes=str(raw.get("notes", "")))
+
+
+def _number(src: str, key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{src}: '{key}' expects a non-negative number, got {value!r}.")
+    return float(value)
+
+
+def _link(src: str, section: str, raw: dict | None, default: Link) -> Link:
+    if raw is None:
+        return default
+    values = {}
+    for key, value in raw.items():
+        if key not in _LINK_KEYS:
+            raise ConfigError(f"{src}: unknown key '{section}.{key}'; valid: {', '.join(_LINK_KEYS)}.")
+        attr, scale = _LINK_KEYS[key]
+        values[attr] = _number(src, f"{section}.{key}", value) * scale
+    return replace(default, **values)

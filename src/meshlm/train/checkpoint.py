@@ -1,0 +1,326 @@
+"""Sharded, resumable, verified training checkpoints (torch.distributed.checkpoint), and export.
+
+In the trainer:
+
+    point = find_resume_checkpoint(resume, run, env)    # "auto", a checkpoint or a run directory
+    ckpt = Checkpointer(cfg, run, env, pm, runner)
+    start = ckpt.load(point) if point else 0            # model, optimizer, step, RNG: any layout
+    for step in range(start, steps):
+        ... train_step(step) ...
+        if ckpt.due(step + 1): ckpt.save(step + 1)      # every train.checkpoint_every steps and at the end
+    ckpt.wait()                                         # an async save still writing
+
+What is saved: every parameter and both AdamW moments under single-device names and shapes,
+written by whichever ranks hold them, each region once (checkpoint_state.py explains the
+resharding); the optimizer step count, the step (which is also the data-loader position and
+the LR schedule's position: both are pure functions of the step), each rank's RNG state, the
+config and the layout. Publication is atomic and verified (checkpoint_manifest.py).
+
+Async (`train.async_checkpoint`): the save copies this rank's pieces to CPU memory (the only
+time training is blocked), then dcp.async_save writes them from a background thread over a
+dedicated gloo group (so its collectives never interleave with training's) while training goes
+on; rank 0 publishes the checkpoint when every rank's data is on disk. A new save, and the end
+of training, first wait for the previous one.
+
+Fault tolerance: workers restarted by the elastic agent (`--max-restarts`) resume automatically
+from the newest complete checkpoint (see Trainer). A save killed half-way leaves only a .tmp
+directory, which is never loaded and is removed by the next save.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.staging import AsyncStager
+
+from meshlm.config import Config, ConfigError, config_from_dict
+from meshlm.distributed.env import LaunchEnv
+from meshlm.train.checkpoint_manifest import (CheckpointError, MANIFEST, checkpoints_dir, list_checkpoints, newest_valid,
+                                              prune, publish, step_dir, verify_checkpoint)
+from meshlm.train.checkpoint_state import (Box, BoxLoadPlanner, BoxSavePlanner, ShardContext, Sharded, checkpoint_key,
+                                           global_shapes, optimizer_steps, rng_state, set_optimizer_steps, set_rng_state,
+                                           training_state)
+from meshlm.train.optim import lr_at
+from meshlm.train.run_dir import write_text_atomic
+
+__all__ = ["Checkpointer", "ResumePoint", "find_resume_checkpoint", "reopen_run_dir", "export_checkpoint",
+           "maybe_test_kill", "CheckpointError", "verify_checkpoint", "list_checkpoints"]
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    path: Path
+    manifest: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+
+def _broadcast(env: LaunchEnv, value):
+    if not env.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def find_resume_checkpoint(resume: str, run: Path, env: LaunchEnv, log=print) -> ResumePoint | None:
+    """What `--resume` names, verified: "auto" is the newest complete checkpoint of `run`
+    (broken ones are reported and skipped; None when there is none: start fresh); a run
+    directory is its newest complete checkpoint; a checkpoint directory is itself, or an error
+    naming the bad file. Rank 0 reads and checks; every rank gets the same answer or error."""
+    def choose():
+        if resume == "auto":
+            found = newest_valid(run, log)
+            if found is None:
+                log(f"no complete checkpoint in {checkpoints_dir(run)}; starting from step 0")
+            return found
+        path = Path(resume)
+        if checkpoints_dir(path).is_dir() and not (path / MANIFEST).exists():
+            found = newest_valid(path, log)
+            if found is None:
+                raise CheckpointError(f"{path} has no complete checkpoint to resume from (looked in {checkpoints_dir(path)}).")
+            return found
+        return path, verify_checkpoint(path)
+
+    answer = None
+    if env.is_main:
+        try:
+            found = choose()
+            answer = ("ok", (str(found[0]), found[1]) if found else None)
+        except ConfigError as e:
+            answer = ("error", str(e))
+    answer = _broadcast(env, answer)
+    if answer[0] == "error":
+        raise CheckpointError(answer[1])
+    return ResumePoint(Path(answer[1][0]), answer[1][1]) if answer[1] else None
+
+
+def reopen_run_dir(out: Path, cfg: Config, step: int) -> None:
+    """The run directory of a resumed run: the config (re)written, metrics.jsonl kept up to the
+    checkpoint's step (the steps after it are trained again and logged anew)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.toml", cfg.to_toml())
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        kept = []
+        for line in metrics.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except json.JSONDecodeError:  # a line cut short by the crash
+                pass
+        write_text_atomic(metrics, "".join(kept))
+
+
+def maybe_test_kill(env: LaunchEnv, run: Path, step: int, phase: str = "step") -> None:
+    """Test hook (MESHLM_TEST_KILL_AT_STEP="N" or "N:save"): the last rank SIGKILLs itself
+    before training step N, or during the save of step N's checkpoint (after its data is
+    written, before the manifest), once: a marker file in the run directory stops a restarted
+    worker from dying again."""
+    spec = env.test_kill_at_step
+    if not spec or env.rank != env.world_size - 1:
+        return
+    want, _, want_phase = spec.partition(":")
+    if int(want) != step or (want_phase or "step") != phase:
+        return
+    marker = Path(run) / f".test-kill-{want}-{phase}"
+    if marker.exists():
+        return
+    marker.touch()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _StageToCPU(AsyncStager):
+    """Copies the pieces to CPU memory; after this, training may change the live tensors."""
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return {k: v.staged() if isinstance(v, Sharded) else copy.deepcopy(v) for k, v in state_dict.items()}
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _layout(pm) -> dict:
+    d = pm.dims
+    return {"dp": d.dp, "dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "zero": d.zero, "tp": d.tp,
+            "pp": d.pp, "sequence_parallel": d.sequence_parallel, "describe": d.describe}
+
+
+class Checkpointer:
+    """Saves and loads this rank's part of the training state; every call is collective."""
+
+    def __init__(self, cfg: Config, run: Path, env: LaunchEnv, pm, runner, log=print):
+        self.cfg, self.run, self.env, self.pm, self.runner, self.log = cfg, Path(run), env, pm, runner, log
+        tp_rank = pm.dims.coordinates(env.rank)["tp"] if env.distributed else 0
+        self.ctx = ShardContext(cfg.model, pm.dims.tp, tp_rank, global_shapes(cfg.model))
+        self._group = None
+        self._pending: tuple[Future, int] | None = None
+        self.blocked_s: list[float] = []  # how long each save held up training (benchmarks)
+
+    @property
+    def group(self):
+        """A gloo group for checkpoint collectives, created on first use (collectively)."""
+        if self._group is None and self.env.distributed:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _barrier(self) -> None:
+        if self.env.distributed:
+            dist.barrier(group=self.group)
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.train.checkpoint_every
+        return every > 0 and (step % every == 0 or step == self.cfg.train.steps)
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, step: int) -> None:
+        """Checkpoint the state after `step` training steps into checkpoints/step-NNNNNN/."""
+        started = time.perf_counter()
+        self.wait()
+        final = step_dir(self.run, step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            (tmp / "config.toml").write_text(self.cfg.to_toml())
+            if (self.run / "tokenizer.json").is_file():
+                shutil.copyfile(self.run / "tokenizer.json", tmp / "tokenizer.json")
+        self._barrier()
+        state: dict = training_state(self.pm, self.runner, self.ctx, for_load=False)
+        state[f"rng/{self.env.rank}"] = rng_state(self.env.device)
+        info = {"step": step, "optimizer_steps": optimizer_steps(self.runner), "world_size": self.env.world_size,
+                "layout": _layout(self.pm), "config_hash": self.cfg.fingerprint(), "config": self.cfg.to_dict(),
+                "next_lr": lr_at(step, self.cfg.train) if step < self.cfg.train.steps else None,
+                "data_position": {"next_step": step, "seed": self.cfg.train.seed},
+                "torch": torch.__version__, "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        writer = FileSystemWriter(tmp, thread_count=1)
+        no_dist = not self.env.distributed
+        if self.cfg.train.async_checkpoint:
+            upload = dcp.async_save(state, storage_writer=writer, planner=BoxSavePlanner(), process_group=self.group,
+                                    async_stager=_StageToCPU(), no_dist=no_dist)
+            done: Future = Future()
+
+            def finish(f: Future) -> None:  # in the writer thread: every rank's data is on disk
+                try:
+                    f.result()
+                    if self.env.is_main:
+                        self._publish(tmp, final, info)
+                    done.set_result(None)
+                except BaseException as e:  # re-raised by wait()
+                    done.set_exception(e)
+
+            upload.add_done_callback(finish)
+            self._pending = (done, step)
+        else:
+            dcp.save(state, storage_writer=writer, planner=BoxSavePlanner(), process_group=self.group, no_dist=no_dist)
+            maybe_test_kill(self.env, self.run, step, "save")
+            self._barrier()
+            if self.env.is_main:
+                self._publish(tmp, final, info)
+        self.blocked_s.append(time.perf_counter() - started)
+
+    def _publish(self, tmp: Path, final: Path, info: dict) -> None:
+        publish(tmp, final, info)
+        removed = prune(self.run, self.cfg.train.keep_checkpoints, keep_paths=(final,))
+        self.log(f"checkpoint {final}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
+
+    def wait(self) -> None:
+        """Block until an async save in flight is published; re-raise its error."""
+        if self._pending is not None:
+            done, step = self._pending
+            self._pending = None
+            try:
+                done.result()
+            except Exception as e:
+                raise CheckpointError(f"the asynchronous save of step {step} failed: {e}") from e
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, point: ResumePoint) -> int:
+        """Load a verified checkpoint into the model and optimizer of this layout; returns its step."""
+        manifest = point.manifest
+        saved = manifest.get("config", {}).get("model")
+        mine = self.cfg.to_dict()["model"]
+        if saved != mine:
+            diff = sorted(k for k in mine if (saved or {}).get(k) != mine[k])
+            raise CheckpointError(f"checkpoint {point.path} was written for a different model (model.{', model.'.join(diff)} "
+                                  f"differ); resume with the config it was trained with.")
+        if manifest.get("config_hash") != self.cfg.fingerprint():
+            self.log(f"note: {point.path} was written with different training settings (seed, lr, steps or batch); "
+                     f"the resumed run will not reproduce the original one")
+        state: dict = training_state(self.pm, self.runner, self.ctx, for_load=True)
+        rng_key = f"rng/{self.env.rank}"
+        same_world = manifest.get("world_size") == self.env.world_size
+        if same_world:
+            state[rng_key] = None
+        planner = BoxLoadPlanner()
+        dcp.load(state, storage_reader=FileSystemReader(point.path), planner=planner, process_group=self.group,
+                 no_dist=not self.env.distributed)
+        set_optimizer_steps(self.runner, int(manifest["optimizer_steps"]))
+        if same_world:
+            set_rng_state(planner.loaded[rng_key], self.env.device)
+        layout = manifest.get("layout", {}).get("describe", "?")
+        self.log(f"resumed from {point.path} at step {point.step} (saved by {manifest.get('world_size')} process(es), "
+                 f"layout {layout})")
+        return point.step
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_checkpoint(run: Path, out: Path, step: int | None = None, log=print) -> Path:
+    """Consolidate a sharded checkpoint of `run` (the newest complete one, or step `step`) into
+    OUT/model.safetensors + config.toml + tokenizer.json, the files `meshlm generate --run OUT`
+    loads. One process; works for a checkpoint written by any layout."""
+    from meshlm.model.weights_file import save_weights
+
+    run, out = Path(run), Path(out)
+    if step is None:
+        found = newest_valid(run, log)
+        if found is None:
+            raise CheckpointError(f"{run} has no complete checkpoint (looked in {checkpoints_dir(run)}).")
+        path, manifest = found
+    else:
+        path = step_dir(run, step)
+        if not path.is_dir():
+            have = ", ".join(str(s) for s, _ in list_checkpoints(run)) or "none"
+            raise CheckpointError(f"{run} has no checkpoint of step {step} (steps available: {have}).")
+        manifest = verify_checkpoint(path)
+    cfg = config_from_dict(manifest["config"], source=f"{path}/{MANIFEST}")
+    state = {f"model/{name}": Sharded(size, [Box((0,) * len(size), torch.empty(size))])
+             for name, size in global_shapes(cfg.model).items() if checkpoint_key(name, cfg.model) == name}
+    dcp.load(state, storage_reader=FileSystemReader(path), planner=BoxLoadPlanner(), no_dist=True)
+    weights = {key.removeprefix("model/"): value.boxes[0].data for key, value in state.items()}
+    tokenizer = next((p for p in (path / "tokenizer.json", run / "tokenizer.json") if p.is_file()), None)
+    if tokenizer is None:
+        raise CheckpointError(f"neither {path} nor {run} holds tokenizer.json; cannot export a usable model.")
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(weights, cfg.model, out / "model.safetensors")
+    write_text_atomic(out / "config.toml", cfg.to_toml())
+    if tokenizer.resolve() != (out / "tokenizer.json").resolve():
+        shutil.copyfile(tokenizer, out / "tokenizer.json")
+    log(f"exported {path} (step {manifest['step']}) to {out / 'model.safetensors'}")
+    return out
