@@ -124,3 +124,16 @@ def test_tensor_parallel_bytes(cache, tmp_path, sequence_parallel):
         assert ops["reduce_scatter_single"] == {"count": accum * per_micro, "bytes": accum * per_micro * F32 * N}
         replicated = (2 * L + 1) * d  # llama: every RMSNorm gain
         assert ops["all_reduce"] == {"count": accum * 2 + 1, "bytes": accum * loss_bytes + F32 * replicated}
+
+
+def test_pipeline_bytes(cache, tmp_path):
+    """pp2: per step, the first stage sends each micro-batch's activation (B T d) forward and
+    receives its gradient (B T d) back; tied embeddings (gpt2) add one all-reduce of the
+    embedding's gradient between the first and last stage."""
+    cfg, comm, _ = run_layout(cache, tmp_path / "pp", 2, ["parallel.pp=2", "model.arch=\"gpt2\"", "model.n_kv_heads=0"])
+    m, B, T = cfg.model, cfg.train.micro_batch, cfg.data.seq_len
+    n_micro = cfg.train.global_batch // B
+    activation = F32 * B * T * m.d_model
+    assert comm["pp"]["isend"] == {"count": n_micro, "bytes": n_micro * activation}
+    assert comm["pp"]["irecv"] == {"count": n_micro, "bytes": n_micro * activation}
+    assert comm["pp-tied-embedding"]["all_reduce"] == {"count": 1, "bytes": F32 * m.vocab_size * m.d_model}

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None,
                    help="start N local worker processes (through torch.distributed.run, like torchrun)")
     p.add_argument("--max-restarts", type=int, default=0, help="with --nproc: restart failed workers up to R times")
+    p.add_argument("--resume", default=None, metavar="DIR|auto",
+                   help="continue from a checkpoint directory, a run directory's newest complete checkpoint, or "
+                        "'auto': the newest complete one in --out (a fresh start when there is none)")
     p.add_argument("--init-from-hf", metavar="HF_DIR", default=None,
                    help="start from a local Hugging Face model (same as --set train.init_from_hf=HF_DIR)")
     p.set_defaults(func=cmd_train)
@@ -48,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = config_sub.add_parser("show", help="print the resolved config as TOML")
     _add_config_args(p)
     p.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("export", help="consolidate a sharded training checkpoint into model.safetensors + config + tokenizer")
+    p.add_argument("--run", required=True, help="run directory written by `meshlm train`")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+    p.add_argument("--out", required=True, help="output directory (then: meshlm generate --run OUT)")
+    p.set_defaults(func=cmd_export)
 
     for add_commands in COMMAND_MODULES:
         add_commands(sub)
@@ -75,9 +84,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from meshlm.train.trainer import train
 
     env = read_launch_env()
-    train(cfg, out, overwrite=args.overwrite, env=env)
+    train(cfg, out, overwrite=args.overwrite, env=env, resume=args.resume)
     if env.distributed:
         shutdown_distributed(exit_process=True)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from meshlm.train.checkpoint import export_checkpoint
+
+    export_checkpoint(Path(args.run), Path(args.out), step=args.step)
     return 0
 
 

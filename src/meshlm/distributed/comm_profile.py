@@ -44,6 +44,7 @@ class CommProfiler:
         self.axis_of_group = axis_of_group
         self.counts: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
         self._saved: dict[str, Any] = {}
+        self._in_pipeline_batch = False
 
     def _axis(self, group) -> str:
         if group is None:
@@ -68,12 +69,28 @@ class CommProfiler:
 
         return wrapper
 
+    def _record_p2p(self, p2p_ops) -> None:
+        for op in p2p_ops:
+            self._record(getattr(op.op, "__name__", "p2p"), op.group, _nbytes(op.tensor))
+
     def _wrap_batch(self, fn):
         def wrapper(p2p_ops):
-            for op in p2p_ops:
-                kind = getattr(op.op, "__name__", "p2p")
-                self._record(kind, op.group, _nbytes(op.tensor))
+            if not self._in_pipeline_batch:
+                self._record_p2p(p2p_ops)
             return fn(p2p_ops)
+
+        return wrapper
+
+    def _wrap_pipeline_batch(self, fn):
+        """torch's pipeline schedules send homogeneous batches op by op (isend/irecv called
+        through the P2POp), bypassing batch_isend_irecv: count them at their entry point."""
+        def wrapper(p2p_ops, *args, **kwargs):
+            self._record_p2p(p2p_ops)
+            self._in_pipeline_batch = True
+            try:
+                return fn(p2p_ops, *args, **kwargs)
+            finally:
+                self._in_pipeline_batch = False
 
         return wrapper
 
@@ -84,12 +101,19 @@ class CommProfiler:
                 setattr(dist, name, self._wrap(name, self._saved[name]))
         self._saved["batch_isend_irecv"] = dist.batch_isend_irecv
         dist.batch_isend_irecv = self._wrap_batch(self._saved["batch_isend_irecv"])
+        from torch.distributed.pipelining import schedules
+
+        self._pipeline_batch = schedules._batch_p2p
+        schedules._batch_p2p = self._wrap_pipeline_batch(self._pipeline_batch)
         return self
 
     def __exit__(self, *exc) -> None:
         for name, fn in self._saved.items():
             setattr(dist, name, fn)
         self._saved.clear()
+        from torch.distributed.pipelining import schedules
+
+        schedules._batch_p2p = self._pipeline_batch
 
     def report(self) -> dict[str, dict[str, dict[str, int]]]:
         """{axis: {op: {"count": n, "bytes": b}}}, sorted for stable output."""

@@ -40,6 +40,10 @@ def launch_local(nproc: int, worker_argv: list[str], max_restarts: int = 0) -> i
     # One thread per worker unless the user says otherwise: N workers each spawning a
     # thread per core would oversubscribe the CPU many times over.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # torch 2.13's agent shares one TCPStore across restart rounds, but workers no longer prefix
+    # their keys per attempt: restarted workers read the dead ones' gloo addresses and fail to
+    # connect. Without sharing, every round gets a fresh store (so --max-restarts works).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = parse_args([
         "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
         "--module", "meshlm", *worker_argv,

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from meshlm.data.tokenizer import EOT_ID
-from meshlm.inference.kv_forward import KVCache, check_inference_model, decode, prefill
+from meshlm.inference.kv_forward import KVCache, KVModel
 from meshlm.inference.sampling import SamplingParams, sample_rows
 from meshlm.inference.text_stream import TextStream
 from meshlm.model.transformer import Transformer
@@ -82,12 +82,14 @@ class _Sequence:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: tokenizers.Tokenizer | None = None, max_batch: int = 16,
-                 max_len: int | None = None, tp_group: ProcessGroup | None = None, prefill_tokens: int = 4096):
+                 max_len: int | None = None, tp_group: ProcessGroup | None = None, prefill_tokens: int = 4096,
+                 pack_weights: bool | None = None):
         """max_batch: sequences decoded together (slots of the cache); max_len: the longest
         sequence, prompt included (default and upper bound: the model's max_seq_len);
-        prefill_tokens: prompt tokens prefilled in one forward (more are split up)."""
-        check_inference_model(model)
+        prefill_tokens: prompt tokens prefilled together (admission stops at this budget;
+        a longer prompt is prefilled alone); pack_weights: see linear_ops (default: CPU float32)."""
         self.model = model.eval()
+        self.runner = KVModel(model, pack_weights)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
@@ -161,11 +163,11 @@ class Engine:
                     seen[first:first + len(new)] = False
                     for s, seq in zip(slots, new):
                         seen[s, torch.tensor(seq.prompt, device=self.device)] = True
-                logits = prefill(self.model, cache, [seq.prompt for seq in new], slots)
+                logits = self.runner.prefill(cache, [seq.prompt for seq in new], slots)
                 active.extend(new)
                 rows = slice(first, first + len(new))
             elif active:
-                logits = decode(self.model, cache, next_tokens[:len(active)])
+                logits = self.runner.decode(cache, next_tokens[:len(active)])
                 rows = slice(0, len(active))
             else:
                 continue

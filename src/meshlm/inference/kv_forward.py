@@ -1,18 +1,18 @@
 """The model's forward pass with a preallocated key/value cache (inference only).
 
-The engine runs the model's own submodules (embeddings, norms, projections, MLPs, output
-layer) and replaces only the attention core, which reads and writes the cache. Nothing in
-`meshlm.model.transformer` changes, and the same code runs on a tensor-parallel shard:
+The engine runs the model's own weights and norms and replaces only the attention core,
+which reads and writes the cache. Nothing in `meshlm.model.transformer` changes, and the
+same code runs on a tensor-parallel shard made by `apply_tensor_parallel`:
 
-- `Attention.forward` is not called; wq/wk/wv (column-parallel under TP) are called
-  directly. The region entrance f that `apply_tensor_parallel` installs as a forward
-  pre-hook on `attention` is the identity in forward without sequence parallelism, so
-  skipping it changes nothing (inference never uses sequence parallelism; see
-  `check_inference_model`).
-- wo and feed_forward.w2 are row-parallel modules whose forward holds the all-reduce g,
-  the token embedding's forward holds its own all-reduce, and `feed_forward` and `output`
-  are called as modules, hooks included. So a TP shard issues exactly its training
-  forward's collectives: 2 all-reduces per block + 1 for the embedding.
+- The matrix multiplies go through `linear_ops.Linear` (the module's weight, or a fused /
+  prepacked copy of it). Column-parallel projections (wq, wk, wv, w1, w3, output) need no
+  communication: the region entrance f that `apply_tensor_parallel` hooks in front of
+  `attention`, `feed_forward` and `output` is the identity in forward without sequence
+  parallelism (which inference never uses; see `check_inference_model`).
+- Row-parallel wo and w2 all-reduce their partial products (Megatron's g) before the
+  replicated bias, and the vocab-parallel token embedding (called as a module) all-reduces
+  inside. So a TP shard issues exactly its training forward's collectives: 2 all-reduces
+  per block and 1 for the embedding; the output layer returns local logits.
 - Each rank's wk/wv produce only its own kv heads, so the cache holds only those.
 
 Cache layout (one tensor for keys, one for values):

@@ -37,6 +37,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,9 @@ from meshlm.train.checkpoint_state import (Box, BoxLoadPlanner, BoxSavePlanner, 
                                            training_state)
 from meshlm.train.optim import lr_at
 from meshlm.train.run_dir import write_text_atomic
+
+# A single process saves and loads without a process group (no_dist=True); DCP warns about it each time.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized", category=UserWarning)
 
 __all__ = ["Checkpointer", "ResumePoint", "find_resume_checkpoint", "reopen_run_dir", "export_checkpoint",
            "maybe_test_kill", "CheckpointError", "verify_checkpoint", "list_checkpoints"]

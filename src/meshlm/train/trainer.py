@@ -191,7 +191,11 @@ class Trainer:
         if mesh is None:
             return {}
         names = list(mesh.mesh_dim_names) + (["dp"] if self.dims.dp_replicate > 1 else [])
-        return {id(mesh[name].get_group()): name for name in names}
+        axes = {id(mesh[name].get_group()): name for name in names}
+        tied_group = getattr(self.pm.tied_sync, "group", None)
+        if tied_group is not None:
+            axes[id(tied_group)] = "pp-tied-embedding"
+        return axes
 
     def _report_state_bytes(self) -> None:
         """Each rank's parameter, gradient and optimizer-state bytes after the first step."""

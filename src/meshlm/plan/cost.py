@@ -1,0 +1,245 @@
+"""One layout's predicted step time and memory: the pieces of compute.py, memory.py and
+comm.py put together over the pipeline schedule and the data-parallel reduction.
+
+    step = pipeline (or accumulation) time + exposed data-parallel communication
+           + optimizer step + the step's small collectives (loss, gradient norm, tied / SP grads)
+
+    pipeline time, m micro-batches, p stages, chunk times t = f + b (forward, backward):
+        no pipeline           m t
+        gpipe, 1f1b           m max_rank(sum of its chunks' t) + (p - 1) max_chunk t
+        interleaved-1f1b      the same with v chunks per rank: the bubble is (p - 1) / v of the rank's time
+        interleaved-zb        bubble (p - 1) max(0, f + b_in - b_w)  (ZB-H1, Qi et al. 2023)
+        zbv                   bubble (p - 1) max(0, f + b_in - 2 b_w) (ZB-V)
+      (b_in: input-gradient backward, b_w: weight-gradient GEMMs; p2p sends on the critical path.)
+
+    data parallel (P = parameters on the rank, e = bytes per gradient element):
+        DDP           all-reduce of P e in 25 MB buckets; overlapped with the last micro-batch's
+                      backward where the software does it (not after a pipeline flush in meshlm)
+        ZeRO-1/2      reduce-scatter of the gradients + all-gather of the updated parameters
+        FSDP (ZeRO-3) per micro-batch an all-gather of the parameters forward and backward,
+                      one reduce-scatter of the gradients per step; overlapped on GPUs
+
+On the CPU (cpu-local) N processes share C cores: when N > C each process computes at C/N
+of its speed, but a pipeline rank waiting in a bubble frees its core, so
+    step = max(the schedule at full speed, total work of all ranks / C) + communication.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from meshlm.model.stats import flops_per_token
+from meshlm.plan import comm
+from meshlm.plan.compute import PassTimes, chunk_pass
+from meshlm.plan.hardware import GB, Cluster
+from meshlm.plan.layout import Layout, Software, Workload
+from meshlm.plan.memory import Memory, rank_memory
+from meshlm.plan.shapes import (Chunk, chunk_shapes, fsdp_shard_numel, numel, padded_vocab, rank_chunks,
+                                rank_param_shapes, replicated_tp_params)
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    step_time_s: float
+    tokens_per_s: float
+    tflops_per_device: float
+    mfu: float
+    memory: Memory  # the most loaded rank
+    fits: bool
+    reason: str
+    breakdown: dict[str, float] = field(default_factory=dict)  # seconds per step by cause
+    memory_is_state: bool = False  # cpu-local: "memory" = params + grads + optimizer (what the trainer reports)
+    meshlm_valid: bool = True
+    invalid_reason: str = ""
+
+    @property
+    def memory_gb_per_device(self) -> float:
+        return (self.memory.state if self.memory_is_state else self.memory.total) / GB
+
+    def to_dict(self) -> dict:
+        lay = self.layout
+        return {
+            "dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "zero": lay.zero, "dp_replicate": lay.dp_replicate,
+            "micro_batch": lay.micro_batch, "recompute": lay.recompute, "sequence_parallel": lay.sequence_parallel,
+            "schedule": lay.schedule if lay.pp > 1 else None,
+            "virtual_stages": lay.virtual_stages if lay.pp > 1 else 1,
+            "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
+            "tflops_per_device": self.tflops_per_device, "mfu": self.mfu,
+            "memory_gb_per_device": self.memory_gb_per_device,
+            "memory_breakdown_gb": {"params": self.memory.params / GB, "grads": self.memory.grads / GB,
+                                    "optimizer": self.memory.optimizer / GB,
+                                    "activations": self.memory.activations / GB, "other": self.memory.other / GB},
+            "fits": self.fits, "reason": self.reason,
+            "time_breakdown_s": dict(self.breakdown),
+            "meshlm_valid": self.meshlm_valid,
+        }
+
+
+def _bubble(layout: Layout, passes: list[PassTimes]) -> float:
+    p = layout.pp
+    if p == 1:
+        return 0.0
+    if layout.schedule == "interleaved-zero-bubble":
+        return (p - 1) * max(max(0.0, x.fwd + x.bwd_input - x.bwd_weight) for x in passes)
+    if layout.schedule == "zbv":
+        return (p - 1) * max(max(0.0, x.fwd + x.bwd_input - 2 * x.bwd_weight) for x in passes)
+    return (p - 1) * max(x.total for x in passes)
+
+
+def estimate(workload: Workload, layout: Layout, cluster: Cluster, sw: Software) -> Estimate:
+    dev = cluster.device
+    m = workload.model
+    micro = layout.microbatches(workload.global_batch)
+    chunks_by_rank = rank_chunks(workload, layout, even_split=sw.name != "meshlm")
+    n_stage = sum(len(c) for c in chunks_by_rank)
+    pp_group = comm.place_group(cluster, layout.pp, layout.tp * layout.dp)
+    tp_group = comm.place_group(cluster, layout.tp, 1)
+    dp_group = comm.place_group(cluster, layout.dp, layout.tp)
+    b, s = layout.micro_batch, workload.seq_len
+    p2p_bytes = b * s * m.d_model * sw.residual_bytes / (layout.tp if layout.sequence_parallel else 1)
+    p2p = comm.send_recv(cluster, pp_group.crosses_nodes, p2p_bytes) if layout.pp > 1 else 0.0
+    if layout.pp > 1 and dev.kind == "cpu":
+        p2p += _PIPELINE_ACTION_OPS * dev.op_overhead_s  # torch.distributed.pipelining's per-action Python work
+
+    cache: dict[tuple, PassTimes] = {}
+    all_passes: list[PassTimes] = []
+    rank_times, rank_tp, mems, rank_params = [], [], [], []
+    for r, chunks in enumerate(chunks_by_rank):
+        shapes = rank_param_shapes(workload, layout, chunks)
+        rank_params.append((shapes, chunks))
+        total, tp_total = 0.0, 0.0
+        for c in chunks:
+            tied_copy = layout.pp > 1 and (len(chunks) > 1 or not any(x.has_embedding for x in chunks))
+            params_c = numel(chunk_shapes(m, layout.tp, c, tied_copy))
+            key = (c.layers, c.has_embedding, c.has_output, params_c)
+            if key not in cache:
+                cache[key] = chunk_pass(workload, layout, cluster, sw, c, params_c)
+            base = cache[key]
+            x = PassTimes(base.fwd + (p2p if c.stage > 0 else 0.0), base.bwd_input + (p2p if c.stage < n_stage - 1 else 0.0),
+                          base.bwd_weight, base.tp_comm)
+            all_passes.append(x)
+            total += x.total
+            tp_total += x.tp_comm
+        rank_times.append(total)
+        rank_tp.append(tp_total)
+        mems.append(rank_memory(workload, layout, cluster, sw, chunks, shapes, r))
+    per_micro = max(rank_times)
+    pipeline = micro * per_micro
+    bubble = _bubble(layout, all_passes)
+    tp_comm = micro * rank_tp[rank_times.index(per_micro)]
+
+    # ---- data parallel, optimizer, small collectives (the most loaded rank: the one with the most parameters)
+    shapes, chunks = max(rank_params, key=lambda x: numel(x[0]))
+    P = numel(shapes)
+    last_bwd = max(x.bwd_input + x.bwd_weight for x in all_passes)
+    first_fwd = max(x.fwd for x in all_passes)
+    dp_exposed, dp_total = _data_parallel(workload, layout, cluster, sw, dp_group, shapes, chunks, micro,
+                                          last_bwd, first_fwd)
+    opt_elems = P if layout.zero == 0 or layout.dp == 1 else (
+        fsdp_shard_numel(shapes, layout.dp // layout.dp_replicate) if layout.zero == 3 else math.ceil(P / layout.dp))
+    n_tensors = sum(k for _, _, k in shapes)
+    optimizer = opt_elems * sw.optimizer_bytes_per_param / dev.elementwise_bandwidth \
+        + n_tensors * sw.optimizer_ops_per_tensor * (dev.op_overhead_s if dev.kind == "cpu" else 0.0)
+    world_group = comm.place_group(cluster, layout.world_size, 1)
+    small = comm.all_reduce(cluster, world_group, 4)  # global gradient norm
+    small += comm.all_reduce(cluster, dp_group, 4)  # loss mean over dp
+    if layout.pp > 1:
+        small += comm.all_reduce(cluster, pp_group, 4)  # loss from the last stage
+        if m.tied:
+            pair = comm.Group(2, 1, 2 if pp_group.crosses_nodes else 1)
+            vocab = padded_vocab(m, layout.tp) // layout.tp
+            small += comm.all_reduce(cluster, pair, vocab * m.d_model * sw.grad_comm_bytes)
+    if layout.sequence_parallel:
+        layers = sum(c.layers for c in chunks)
+        rep = replicated_tp_params(m, layers, any(c.has_embedding for c in chunks), any(c.has_output for c in chunks))
+        small += comm.all_reduce(cluster, tp_group, rep * sw.grad_comm_bytes)
+
+    compute_path = pipeline + bubble
+    step = compute_path + dp_exposed + optimizer + small
+    if dev.kind == "cpu" and dev.cores and layout.world_size > dev.cores:
+        # every rank's own work (its micro-batches and optimizer step) shares the cores
+        work = sum(micro * t for t in rank_times) * layout.dp * layout.tp + optimizer * layout.world_size
+        step = max(step, work / dev.cores + dp_exposed + small)
+    tokens = workload.tokens_per_step
+    model_flops = flops_per_token(m, s) * tokens
+    tflops = model_flops / step / layout.world_size
+    worst = max(mems, key=lambda x: x.total)
+    fits, reason = _fits(worst, cluster, layout)
+    breakdown = {
+        "compute": pipeline - tp_comm - (micro * p2p * 2 if layout.pp > 1 else 0.0),
+        "tp_comm": tp_comm, "pp_bubble": bubble, "pp_p2p": micro * p2p * 2 if layout.pp > 1 else 0.0,
+        "dp_comm_exposed": dp_exposed, "dp_comm_total": dp_total, "optimizer": optimizer, "small_collectives": small,
+    }
+    return Estimate(layout, step, tokens / step, tflops / 1e12, tflops / dev.peak_flops, worst, fits, reason, breakdown,
+                    memory_is_state=dev.kind == "cpu")
+
+
+_PIPELINE_ACTION_OPS = 40  # Python work per forward/backward action in torch's schedules, in op overheads
+
+
+def _data_parallel(workload: Workload, layout: Layout, cluster: Cluster, sw: Software, group: comm.Group,
+                   shapes, chunks: list[Chunk], micro: int, last_bwd: float, first_fwd: float) -> tuple[float, float]:
+    """(exposed, total) seconds of data-parallel communication per step."""
+    if layout.dp == 1:
+        return 0.0, 0.0
+    P = numel(shapes)
+    grad_bytes = P * sw.grad_comm_bytes
+    overlap = sw.dp_overlap if layout.pp == 1 else sw.pp_dp_overlap
+    bucket = sw.bucket_bytes
+    if layout.zero == 0:
+        total = comm.bucketed_all_reduce(cluster, group, grad_bytes, bucket)
+        if not overlap:
+            return total, total
+        last = comm.all_reduce(cluster, group, min(bucket, grad_bytes))
+        return max(total - last_bwd, last), total
+    if layout.zero in (1, 2):
+        rs = comm.bucketed_half(cluster, group, grad_bytes, bucket)
+        ag = comm.bucketed_half(cluster, group, P * sw.param_comm_bytes, bucket)
+        if not sw.zero_overlap:
+            return rs + ag, rs + ag
+        last = comm.all_gather(cluster, group, min(bucket, grad_bytes))
+        return max(rs - last_bwd, last) + max(ag - first_fwd, 0.0), rs + ag
+    # FSDP / HSDP
+    shard = layout.dp // layout.dp_replicate
+    shard_group = comm.place_group(cluster, shard, layout.tp)
+    units = sum(c.layers for c in chunks) + 1
+    param_bytes = P * sw.param_comm_bytes
+    ag = comm.all_gather(cluster, shard_group, param_bytes / units, units)  # one pass over all units
+    rs = comm.reduce_scatter(cluster, shard_group, grad_bytes / units, units)
+    replicate = 0.0
+    if layout.dp_replicate > 1:
+        rep_group = comm.place_group(cluster, layout.dp_replicate, layout.tp * shard)
+        replicate = comm.all_reduce(cluster, rep_group, grad_bytes / shard / units, units)
+    total = micro * 2 * ag + rs + replicate
+    if not overlap:
+        return total, total
+    per_micro = max(0.0, ag - first_fwd) + max(0.0, ag - last_bwd) + ag / units
+    return micro * per_micro + max(0.0, rs + replicate - last_bwd) + (rs + replicate) / units, total
+
+
+def _fits(mem: Memory, cluster: Cluster, layout: Layout) -> tuple[bool, str]:
+    dev = cluster.device
+    if dev.kind == "cpu":
+        need = mem.total * cluster.devices_per_node
+        limit = 0.9 * dev.memory_bytes
+        if need <= limit:
+            return True, ""
+        return False, (f"{cluster.devices_per_node} processes x {mem.total / GB:.2f} GB = {need / GB:.1f} GB exceed 90% of "
+                       f"this machine's {dev.memory_bytes / GB:.1f} GB of RAM")
+    if mem.total <= dev.memory_bytes:
+        return True, ""
+    parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in (("params", mem.params), ("grads", mem.grads),
+                                                        ("optimizer", mem.optimizer), ("activations", mem.activations),
+                                                        ("other", mem.other)))
+    hints = []
+    if layout.zero < 3 and layout.dp > 1:
+        hints.append(f"zero={min(3, layout.zero + 1)}")
+    if layout.recompute != "full":
+        hints.append("recompute=full")
+    if layout.micro_batch > 1:
+        hints.append("a smaller micro_batch")
+    hints.append("more tp or pp")
+    return False, (f"needs {mem.total / GB:.1f} GB per device ({parts}) > {dev.memory_bytes / GB:.1f} GB; "
+                   f"try {', '.join(hints)}")
