@@ -137,3 +137,14 @@ def test_pipeline_bytes(cache, tmp_path):
     assert comm["pp"]["isend"] == {"count": n_micro, "bytes": n_micro * activation}
     assert comm["pp"]["irecv"] == {"count": n_micro, "bytes": n_micro * activation}
     assert comm["pp-tied-embedding"]["all_reduce"] == {"count": 1, "bytes": F32 * m.vocab_size * m.d_model}
+
+
+def test_trace_writes_chrome_traces_and_the_schedule_picture(cache, tmp_path):
+    out = tmp_path / "trace"
+    cfg = load_config(None, BASE + [f"data.cache_dir=\"{cache}\"", "parallel.pp=2", "train.trace=true", "train.steps=3"])
+    run_distributed(_run, 2, cfg, out)
+    for rank in range(2):
+        events = json.loads((out / "traces" / f"rank{rank}.json").read_text())["traceEvents"]
+        assert any("forward" in str(e.get("name", "")).lower() or e.get("ph") == "X" for e in events)
+    png = (out / "pipeline_schedule.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -118,3 +118,15 @@ def test_cli_reports_missing_corpus_and_empty_corpus(tmp_path):
 def test_generate_on_a_directory_that_is_not_a_run(tmp_path):
     proc = _cli("generate", "--run", str(tmp_path), "--prompt", "x", check=False)
     assert proc.returncode != 0 and "not a meshlm run directory" in proc.stderr
+
+
+def test_activation_checkpointing_and_bf16_autocast(tmp_path):
+    """Recomputing activations changes nothing (same losses); bf16 autocast trains close to float32."""
+    base = tiny_overrides(tmp_path, "train.steps=4", "train.eval_every=0")
+    runs = {}
+    for name, extra in {"plain": [], "ac": ["train.activation_checkpointing=true"], "bf16": ["train.dtype=bfloat16"]}.items():
+        train(load_config(None, base + extra), tmp_path / name, log=lambda *a, **k: None)
+        runs[name] = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+    assert runs["ac"] == pytest.approx(runs["plain"], rel=1e-6)
+    assert runs["bf16"] == pytest.approx(runs["plain"], rel=2e-2)
+    assert runs["bf16"] != runs["plain"]  # autocast really ran in bfloat16
