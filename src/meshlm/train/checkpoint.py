@@ -58,11 +58,16 @@ from meshlm.train.checkpoint_state import (Box, BoxLoadPlanner, BoxSavePlanner, 
 from meshlm.train.optim import lr_at
 from meshlm.train.run_dir import write_text_atomic
 
-# A single process saves and loads without a process group (no_dist=True); DCP warns about it each time.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized", category=UserWarning)
-
-__all__ = ["Checkpointer", "ResumePoint", "find_resume_checkpoint", "reopen_run_dir", "export_checkpoint",
+__all__ = ["Checkpointer", "ResumePoint", "find_resume_checkpoint", "resume_on_restart", "reopen_run_dir", "export_checkpoint",
            "maybe_test_kill", "CheckpointError", "verify_checkpoint", "list_checkpoints"]
+
+
+def _dcp_no_dist(no_dist: bool) -> bool:
+    """A single process saves and loads without a process group; DCP warns each time that it
+    assumes so (also from an async save's thread, hence a filter rather than catch_warnings)."""
+    if no_dist:
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    return no_dist
 
 
 @dataclass(frozen=True)
@@ -107,12 +112,18 @@ def find_resume_checkpoint(resume: str, run: Path, env: LaunchEnv, log=print) ->
         try:
             found = choose()
             answer = ("ok", (str(found[0]), found[1]) if found else None)
-        except ConfigError as e:
+        except (ConfigError, OSError, ValueError) as e:  # reported on every rank, not just this one
             answer = ("error", str(e))
     answer = _broadcast(env, answer)
     if answer[0] == "error":
         raise CheckpointError(answer[1])
     return ResumePoint(Path(answer[1][0]), answer[1][1]) if answer[1] else None
+
+
+def resume_on_restart(resume: str | None, run: Path) -> str | None:
+    """What a worker restarted by the elastic agent resumes from: this run's newest complete
+    checkpoint once it has one (whatever --resume first said), else the original --resume."""
+    return "auto" if list_checkpoints(run) or not resume else resume
 
 
 def reopen_run_dir(out: Path, cfg: Config, step: int) -> None:
@@ -221,7 +232,7 @@ class Checkpointer:
                 "data_position": {"next_step": step, "seed": self.cfg.train.seed},
                 "torch": torch.__version__, "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
         writer = FileSystemWriter(tmp, thread_count=1)
-        no_dist = not self.env.distributed
+        no_dist = _dcp_no_dist(not self.env.distributed)
         if self.cfg.train.async_checkpoint:
             upload = dcp.async_save(state, storage_writer=writer, planner=BoxSavePlanner(), process_group=self.group,
                                     async_stager=_StageToCPU(), no_dist=no_dist)
@@ -282,7 +293,7 @@ class Checkpointer:
             state[rng_key] = None
         planner = BoxLoadPlanner()
         dcp.load(state, storage_reader=FileSystemReader(point.path), planner=planner, process_group=self.group,
-                 no_dist=not self.env.distributed)
+                 no_dist=_dcp_no_dist(not self.env.distributed))
         set_optimizer_steps(self.runner, int(manifest["optimizer_steps"]))
         if same_world:
             set_rng_state(planner.loaded[rng_key], self.env.device)
@@ -316,7 +327,7 @@ def export_checkpoint(run: Path, out: Path, step: int | None = None, log=print) 
     cfg = config_from_dict(manifest["config"], source=f"{path}/{MANIFEST}")
     state = {f"model/{name}": Sharded(size, [Box((0,) * len(size), torch.empty(size))])
              for name, size in global_shapes(cfg.model).items() if checkpoint_key(name, cfg.model) == name}
-    dcp.load(state, storage_reader=FileSystemReader(path), planner=BoxLoadPlanner(), no_dist=True)
+    dcp.load(state, storage_reader=FileSystemReader(path), planner=BoxLoadPlanner(), no_dist=_dcp_no_dist(True))
     weights = {key.removeprefix("model/"): value.boxes[0].data for key, value in state.items()}
     tokenizer = next((p for p in (path / "tokenizer.json", run / "tokenizer.json") if p.is_file()), None)
     if tokenizer is None:

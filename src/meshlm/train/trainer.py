@@ -33,7 +33,8 @@ from meshlm.model.transformer import build_model
 from meshlm.model.weights_file import save_weights
 from meshlm.parallel.gather import gather_full_state_dict
 from meshlm.parallel.parallelize import ParallelModel, parallelize
-from meshlm.train.checkpoint import Checkpointer, find_resume_checkpoint, maybe_test_kill, reopen_run_dir
+from meshlm.train.checkpoint import (Checkpointer, find_resume_checkpoint, maybe_test_kill, reopen_run_dir,
+                                    resume_on_restart)
 from meshlm.train.metrics import MetricsWriter, plot_losses
 from meshlm.train.optim import lr_at
 from meshlm.train.progress import Progress
@@ -85,7 +86,7 @@ class Trainer:
         self.dims: ParallelDims = parallel_dims_from_config(cfg, self.env.world_size)
         self.accum = accumulation_steps(cfg, self.dims.dp) if self.dims.pp == 1 else 1
         if self.env.restart_count > 0:  # restarted by the elastic agent: continue this run
-            resume, overwrite = resume or "auto", False
+            resume, overwrite = resume_on_restart(resume, self.out), False
         if resume and overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite deletes it; pass only one of them.")
         check_run_dir(self.out, cfg, overwrite)
