@@ -76,6 +76,16 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / sum(len(x) for x in a)
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -84,11 +94,14 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--device", default="cpu", help="cpu (the benchmark) or cuda (meshlm with CUDA graphs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
 
-    print(f"# generate throughput, {platform.processor() or platform.machine()}, {args.threads} threads, "
+    where = f"{args.device}, " + (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+                                   f"{cpu_name()}, {args.threads} threads")
+    print(f"# generate throughput, {where}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens, greedy, float32, median of {args.rounds} alternating rounds")
     print("| model | batch | meshlm tokens/s | transformers tokens/s | ratio (meshlm / HF) | same tokens |")
@@ -96,9 +109,11 @@ def main() -> None:
     for name in args.models:
         cfg = SHAPES[name]
         ours = build_model(cfg, seed=0).eval()
-        theirs = hf_model(cfg, ours)
+        theirs = hf_model(cfg, ours).to(args.device)
+        ours = ours.to(args.device)
         for batch in args.batches:
             prompts = torch.randint(1, cfg.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
+            prompts = prompts.to(args.device)
             engine = Engine(ours, max_batch=batch)
             run_meshlm(engine, prompts, 8), run_hf(theirs, prompts, 8)  # warm-up
             t_ours, t_theirs = [], []

@@ -106,3 +106,17 @@ def test_convert_cli_round_trip_and_generate(tmp_path):
         assert torch.equal(a, b), name
     refused = cli("convert", "--from-hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert refused.returncode != 0 and "nowhere" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_generate_directly_from_a_hugging_face_directory(tmp_path):
+    import subprocess
+    import sys
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    make_hf_dir(hf_dir, "gpt2")
+    cmd = [sys.executable, "-m", "meshlm", "generate", "--init-from-hf", str(hf_dir), "--prompt", "def ",
+           "--temperature", "0", "--max-new-tokens", "6", "--ignore-eos"]
+    first, second = (subprocess.run(cmd, capture_output=True, text=True) for _ in range(2))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.startswith("def ")

@@ -46,8 +46,11 @@ def launch_local(nproc: int, worker_argv: list[str], max_restarts: int = 0) -> i
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = parse_args([
         "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
-        "--module", "meshlm", *worker_argv,
+        "--module", "meshlm",
     ])
+    # The worker's arguments are set after parsing: torch.distributed.run's parser would read
+    # a worker option such as --run as an abbreviation of its own --run-path.
+    args.training_script_args = list(worker_argv)
     try:
         run(args)
     except ChildFailedError as e:

@@ -1,0 +1,35 @@
+"""Inference: the KV-cache generation engine, tensor- and data-parallel execution, batch
+prediction over files and distributed evaluation.
+
+    from meshlm.inference import Engine, Request, SamplingParams
+    from meshlm.inference.loading import find_model_files, load_model
+
+    loaded = load_model(find_model_files(run="runs/tiny-cpu"))
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=16)
+    ids = loaded.tokenizer.encode("def ").ids
+    [out] = engine.generate([Request(ids, SamplingParams(max_new_tokens=32, temperature=0))])
+    print(out.text, out.finish_reason)
+
+Modules: engine (scheduling, sampling, streaming), kv_forward (the cached forward pass and
+CUDA graphs), linear_ops (fused/prepacked matrix multiplies), sampling, text_stream
+(incremental detokenisation, stop strings), loading (model files, TP shards, process
+layout), predict, evaluate, commands (the CLI), simple_generate (the full-recompute
+reference).
+"""
+
+_EXPORTS = {
+    "Engine": "meshlm.inference.engine", "Request": "meshlm.inference.engine",
+    "Completion": "meshlm.inference.engine", "StreamEvent": "meshlm.inference.engine",
+    "SamplingParams": "meshlm.inference.sampling",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # Lazy: `meshlm --help` should not pay for importing torch.
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'meshlm.inference' has no attribute {name!r}")

@@ -1,8 +1,15 @@
-"""CLI subcommands of the inference side: `meshlm generate`."""
+"""CLI subcommands of the inference side: `meshlm generate`, `meshlm predict`, `meshlm eval`.
+
+Several processes: `--tp N` (generate), `--nproc N [--tp T]` (predict), `--nproc N` (eval)
+start the workers through torch.distributed.run (as `train --nproc` does) unless the
+command already runs under a launcher (torchrun sets WORLD_SIZE); every worker reads the
+launch environment, and only global rank 0 reads the input and writes the output.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -10,36 +17,303 @@ from meshlm.config import ConfigError
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("generate", help="continue a prompt with a trained model")
-    p.add_argument("--run", required=True, help="run directory written by `meshlm train`")
-    p.add_argument("--prompt", required=True)
+    p = sub.add_parser("generate", help="continue prompts with a trained model (streams to the terminal)")
+    _add_model_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="prompt text; repeatable")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompts file: one prompt per line, or a .jsonl file with a \"prompt\" per line")
+    _add_sampling_args(p, temperature=0.8)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (starts N local processes)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("predict", help="batch inference over a JSONL file of prompts (resumable)")
+    _add_model_args(p)
+    p.add_argument("--input", required=True, metavar="IN.jsonl", help="one JSON object per line with a \"prompt\"")
+    p.add_argument("--output", required=True, metavar="OUT.jsonl", help="answers in input order; re-running resumes")
+    _add_sampling_args(p, temperature=0.0)
+    p.add_argument("--nproc", type=int, default=None, help="processes: nproc / tp data-parallel groups")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per group")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a model on a corpus")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, metavar="SRC",
+                   help="corpus: a directory, 'GLOB', a text/.jsonl/.parquet file or python-stdlib")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    p.add_argument("--max-bytes", type=int, default=0, help="read at most this many bytes of the corpus (0 = all)")
+    p.add_argument("--nproc", type=int, default=None, help="data-parallel processes")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", default=None, help="run directory written by `meshlm train`")
+    src.add_argument("--init-from-hf", metavar="HF_DIR", default=None,
+                     help="a local Hugging Face model directory (Llama, Mistral, GPT-2), converted on the fly")
+    src.add_argument("--checkpoint", default=None,
+                     help="a model.safetensors with config.toml and tokenizer.json next to it (or above it)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.set_defaults(func=cmd_generate)
+    p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+
+
+def _sampling(args: argparse.Namespace):
+    from meshlm.inference.sampling import SamplingParams
+
+    try:
+        return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                              stop=tuple(args.stop), stop_token_ids=())
+    except ValueError as e:
+        raise ConfigError(f"sampling options: {e}.") from None
+
+
+def _with_end_of_text(params, tokenizer, args: argparse.Namespace):
+    """Stop at the tokenizer's own end-of-text token (meshlm's <|endoftext|>, or an imported
+    model's </s>, ...) unless --ignore-eos."""
+    import dataclasses
+
+    from meshlm.data.tokenizer import document_separator_id
+
+    if args.ignore_eos:
+        return params
+    return dataclasses.replace(params, stop_token_ids=(document_separator_id(tokenizer),))
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    return sys.argv[1:] if args.argv is None else list(args.argv)
+
+
+def _launch(nproc: int, args: argparse.Namespace) -> int:
+    from meshlm.distributed.launch import launch_local, strip_launch_args
+
+    return launch_local(nproc, strip_launch_args(_argv(args)))
+
+
+def _prepare(args: argparse.Namespace, tp: int, nproc: int):
+    """Check the model files and the layout before any worker starts. Returns the files and
+    None, or the exit code of the launched workers."""
+    from meshlm.distributed.env import read_launch_env
+    from meshlm.inference.loading import check_layout, find_model_files
+    from meshlm.train.run_dir import load_run_config
+
+    if args.init_from_hf:
+        args.run = str(_converted_hf_run(Path(args.init_from_hf)))
+    files = find_model_files(args.run, args.checkpoint)
+    env = read_launch_env()
+    world = env.world_size if env.distributed else nproc
+    check_layout(world, tp, load_run_config(files.config.parent).model)
+    if not env.distributed and nproc > 1:
+        return files, _launch(nproc, args)
+    return files, None
+
+
+def _converted_hf_run(hf_dir: Path) -> Path:
+    """A meshlm run directory for a Hugging Face model, converted once into a cache folder keyed
+    by the directory's config and weights (each rank of a --tp launch finds it there)."""
+    import hashlib
+    import tempfile
+
+    from meshlm.interop.convert import import_hf
+    from meshlm.interop.hf_weights import hf_weight_files
+
+    files = [hf_dir / "config.json", *hf_weight_files(hf_dir)]
+    key = hashlib.sha256("|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files).encode())
+    out = Path(tempfile.gettempdir()) / f"meshlm-hf-{key.hexdigest()[:16]}"
+    if not (out / "model.safetensors").is_file():
+        staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+        import_hf(hf_dir, staging, overwrite=True)
+        try:
+            staging.rename(out)
+        except OSError:  # another rank got there first
+            pass
+    return out
+
+
+def _finish(layout) -> None:
+    if layout.env.distributed:
+        from meshlm.distributed.process_group import shutdown_distributed
+
+        shutdown_distributed(exit_process=True)
+
+
+def _engine(args: argparse.Namespace, files, layout):
+    from meshlm.inference.engine import Engine
+    from meshlm.inference.loading import DTYPES, load_model
+
+    loaded = load_model(files, layout.env.device, DTYPES[args.dtype], layout.tp_group)
+    return Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, tp_group=layout.tp_group)
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise ConfigError(f"prompts file {path} not found.")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    obj = None
+                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                    raise ConfigError(f"{path} line {number}: expected a JSON object with a string \"prompt\".")
+                prompts.append(obj["prompt"])
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise ConfigError("pass --prompt TEXT (repeatable) or --prompts FILE.")
+    return prompts
+
+
+class _InOrderPrinter:
+    """Streams the requests' text in request order: request i's tokens are written as they
+    come; later requests are buffered until every earlier one has finished."""
+
+    def __init__(self, prompts: list[str], out=None):
+        self.prompts, self.out = prompts, out or sys.stdout
+        self.buffers = [""] * len(prompts)
+        self.finished = [False] * len(prompts)
+        self.cursor = 0
+        self._write(self._header(0))
+
+    def _header(self, i: int) -> str:
+        return ("\n" if i else "") + self.prompts[i]
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+    def __call__(self, event) -> None:
+        i = event.index
+        if i == self.cursor:
+            self._write(event.text)
+        else:
+            self.buffers[i] += event.text
+        if event.finished:
+            self.finished[i] = True
+            while self.cursor < len(self.prompts) and self.finished[self.cursor]:
+                self._write("\n")
+                self.cursor += 1
+                if self.cursor < len(self.prompts):
+                    self._write(self._header(self.cursor) + self.buffers[self.cursor])
+                    self.buffers[self.cursor] = ""
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from meshlm.inference.simple_generate import generate_tokens, load_run
+    from meshlm.distributed.env import read_launch_env
+    from meshlm.inference.engine import Request
+    from meshlm.inference.loading import broadcast_object, setup_layout
 
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise ConfigError("need --max-new-tokens >= 0, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1.")
-    loaded = load_run(Path(args.run))
-    tok = loaded.tokenizer
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    produced: list[int] = []
-    printed = ""
-    for token in generate_tokens(loaded.model, tok.encode(args.prompt).ids, args.max_new_tokens,
-                                 args.temperature, args.top_k, args.top_p, args.seed):
-        produced.append(token)
-        # Decode the whole continuation each time: a byte-level token may end mid-character.
-        text = tok.decode(produced)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write(tok.decode(produced)[len(printed):] + "\n")
+    params = _sampling(args)
+    files, code = _prepare(args, args.tp, args.tp)
+    if code is not None:
+        return code
+    env = read_launch_env()
+    if env.world_size != args.tp:
+        raise ConfigError(f"generate runs on exactly --tp ranks: the launcher started {env.world_size}, --tp is {args.tp}.")
+    layout = setup_layout(env, args.tp)
+    prompts = broadcast_object(_read_prompts(args) if layout.is_main else None, layout)
+    engine = _engine(args, files, layout)
+    params = _with_end_of_text(params, engine.tokenizer, args)
+    requests = [Request(engine.tokenizer.encode(p).ids, params) for p in prompts]
+    try:
+        for r in requests:
+            engine.check(r)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    printer = _InOrderPrinter(prompts) if layout.is_main else None
+    engine.generate(requests, on_event=printer)
+    _finish(layout)
+    return 0
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from meshlm.distributed.env import read_launch_env
+    from meshlm.inference.loading import setup_layout
+    from meshlm.inference.predict import run_predict
+
+    defaults = _sampling(args)
+    if not Path(args.input).is_file():
+        raise ConfigError(f"input file {args.input} not found.")
+    nproc = args.nproc if args.nproc is not None else args.tp
+    files, code = _prepare(args, args.tp, nproc)
+    if code is not None:
+        return code
+    layout = setup_layout(read_launch_env(), args.tp)
+    engine = _engine(args, files, layout)
+    defaults = _with_end_of_text(defaults, engine.tokenizer, args)
+    base_seed = defaults.seed
+    import dataclasses
+
+    defaults = dataclasses.replace(defaults, seed=None)
+    summary = run_predict(args.input if layout.is_main else None, args.output if layout.is_main else None, engine,
+                          layout, defaults, base_seed, progress=not args.no_progress)
+    if summary is not None:
+        print(f"predict: {summary.answered} answered, {summary.skipped} already in {summary.output}, "
+              f"{summary.errors} error line(s){' (see their error field)' if summary.errors else ''}", file=sys.stderr)
+    _finish(layout)
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from meshlm.distributed.env import read_launch_env
+    from meshlm.inference.evaluate import evaluate_tokens, tokenize_corpus
+    from meshlm.inference.loading import DTYPES, load_model, setup_layout
+
+    files, code = _prepare(args, 1, args.nproc or 1)
+    if code is not None:
+        return code
+    layout = setup_layout(read_launch_env(), 1)
+    loaded = load_model(files, layout.env.device, DTYPES[args.dtype])
+    seq_len = args.seq_len or min(loaded.cfg.data.seq_len, loaded.cfg.model.max_seq_len)
+    if seq_len < 1 or args.batch_size < 1:
+        raise ConfigError("--seq-len and --batch-size must be at least 1.")
+    tokens = tokenize_corpus(args.data, loaded.tokenizer, args.max_bytes) if layout.is_main else None
+    if layout.env.distributed:  # rank 0 reads the corpus; the others get its tokens
+        import torch.distributed as dist
+
+        n = torch.tensor([0 if tokens is None else len(tokens)], device=layout.env.device)
+        dist.broadcast(n, src=0)
+        if tokens is None:
+            tokens = torch.empty(int(n.item()), dtype=torch.long)
+        buf = tokens.to(layout.env.device)
+        dist.broadcast(buf, src=0)
+        tokens = buf.cpu()
+    result = evaluate_tokens(loaded.model, tokens, seq_len, args.batch_size, layout.env.rank, layout.env.world_size)
+    if layout.is_main:
+        if args.json:
+            print(json.dumps(result.to_dict()))
+        else:
+            print(f"loss {result.loss:.6f}  perplexity {result.perplexity:.4f}  "
+                  f"({result.tokens:,} tokens in {result.windows:,} windows of {result.seq_len})")
+    _finish(layout)
     return 0

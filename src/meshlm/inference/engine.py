@@ -83,13 +83,14 @@ class _Sequence:
 class Engine:
     def __init__(self, model: Transformer, tokenizer: tokenizers.Tokenizer | None = None, max_batch: int = 16,
                  max_len: int | None = None, tp_group: ProcessGroup | None = None, prefill_tokens: int = 4096,
-                 pack_weights: bool | None = None):
+                 pack_weights: bool | None = None, cuda_graphs: bool | None = None):
         """max_batch: sequences decoded together (slots of the cache); max_len: the longest
         sequence, prompt included (default and upper bound: the model's max_seq_len);
         prefill_tokens: prompt tokens prefilled together (admission stops at this budget;
-        a longer prompt is prefilled alone); pack_weights: see linear_ops (default: CPU float32)."""
+        a longer prompt is prefilled alone); pack_weights: see linear_ops (default: CPU float32);
+        cuda_graphs: replay decode steps from CUDA graphs (default: on a GPU without TP)."""
         self.model = model.eval()
-        self.runner = KVModel(model, pack_weights)
+        self.runner = KVModel(model, pack_weights, cuda_graphs)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
@@ -124,7 +125,7 @@ class Engine:
                 out[event.index] = event.completion
         return out  # type: ignore[return-value]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def stream(self, requests: Sequence[Request]) -> Iterator[StreamEvent]:
         """Yield an event for every token as it is produced (and the finish of each request)."""
         for r in requests:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from meshlm.inference.linear_ops import Linear, packing_available, row_parallel_group
-from meshlm.model.transformer import Transformer, apply_rotary
+from meshlm.model.transformer import Transformer
 
 
 class KVCache:
@@ -80,6 +80,13 @@ def check_inference_model(model: Transformer) -> None:
         raise ValueError("the inference engine needs a whole model (not a pipeline stage)")
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` with tables prepared by KVModel._rope: x * [cos, cos] + [x2, x1] * [-sin, sin]
+    is (x1 cos - x2 sin, x2 cos + x1 sin), the same products and sums, in fewer operations."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((x2, x1), dim=-1) * sin
+
+
 class _Layer:
     """One block's weights as the engine calls them (see linear_ops)."""
 
@@ -102,12 +109,18 @@ class _Layer:
 
     def qkv_proj(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
+        if len(self.qkv) == 1 and rope is not None:
+            # Fused: q and k are neighbours in the output, so one rotation covers both.
+            heads, kv_heads = (n // self.head_dim for n in self.qkv[0].split[:2])
+            y = self.qkv[0](x).view(B, T, -1, self.head_dim)  # (B, T, heads + 2 kv_heads, head_dim)
+            qk = rotate(y[:, :, :heads + kv_heads], *rope)
+            return qk[:, :, :heads], qk[:, :, heads:], y[:, :, heads + kv_heads:]
         parts = [p for lin in self.qkv for p in lin.parts(lin(x))]
         q = parts[0].view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
         k = parts[1].view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         v = parts[2].view(B, T, -1, self.head_dim)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = rotate(q, *rope), rotate(k, *rope)
         return q, k, v
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,9 +135,10 @@ class KVModel:
     """A Transformer (or its tensor-parallel shard) run against a KVCache.
 
     pack: fuse and prepack the weights for oneDNN (default: where available, i.e. CPU
-    float32); the weights are then copied once, here."""
+    float32); the weights are then copied once, here. cuda_graphs: replay the decode step
+    from CUDA graphs (default: on a GPU, without tensor parallelism)."""
 
-    def __init__(self, model: Transformer, pack: bool | None = None):
+    def __init__(self, model: Transformer, pack: bool | None = None, cuda_graphs: bool | None = None):
         check_inference_model(model)
         param = next(model.parameters())
         if pack is None:
@@ -133,6 +147,16 @@ class KVModel:
         self.layers = [_Layer(block, pack) for block in model.layers.values()]
         self.output = Linear([model.output], pack)  # column-parallel under TP: local logits
         self.device = param.device
+        self.rope_tables = None
+        if model.rope is not None:
+            cos, sin = model.rope.cos, model.rope.sin  # (max_seq_len, head_dim/2)
+            self.rope_tables = (torch.cat([cos, cos], dim=-1).to(param.dtype), torch.cat([-sin, sin], dim=-1).to(param.dtype))
+        tp = getattr(model, "tensor_parallel", None)
+        if cuda_graphs is None:
+            cuda_graphs = param.device.type == "cuda" and (tp is None or tp.tp == 1)
+        if cuda_graphs and param.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.graphs = CudaGraphDecode(self) if cuda_graphs else None
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         model = self.model
@@ -142,16 +166,18 @@ class KVModel:
         return h
 
     def _rope(self, positions: torch.Tensor):
-        rope = self.model.rope
-        if rope is None:
+        """(cos, sin) for the positions, each (B, T, 1, head_dim): the model's tables laid out
+        for rotate_half, with the sign of the first half of sin folded in (see `rotate`)."""
+        if self.rope_tables is None:
             return None
-        return rope.cos[positions], rope.sin[positions]  # (B, T, head_dim/2) each
+        cos, sin = self.rope_tables
+        return cos[positions].unsqueeze(-2), sin[positions].unsqueeze(-2)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., V_local) logits of the given positions only."""
         return self.output(self.model.norm(h))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, cache: KVCache, prompts: list[list[int]], slots: list[int], all_logits: bool = False):
         """Append each prompt to its slot's cache (starting at the slot's current length) and
         return the logits after its last token, (n, V_local); with `all_logits` a list of
@@ -199,7 +225,7 @@ class KVModel:
         last = torch.tensor([b - 1 for b in bounds[1:]], device=device)
         return self._logits(h[0, last])  # (n, V_local)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
         """One new token for each of the slots 0..n-1 (tokens: (n,)), each at its own position.
         Returns the next-token logits (n, V_local)."""
@@ -208,22 +234,35 @@ class KVModel:
         shortest, longest = min(lengths), max(lengths) + 1
         if longest > cache.max_len:
             raise ValueError(f"a sequence would exceed the cache length {cache.max_len}")
-        device = self.device
-        pos = torch.tensor(lengths, dtype=torch.long, device=device)  # (n,)
+        pos = torch.tensor(lengths, dtype=torch.long).to(self.device, non_blocking=True)  # (n,)
+        if self.graphs is not None:
+            logits = self.graphs.decode(cache, tokens, pos)
+        else:
+            # Attend up to the longest sequence; mask only when the positions differ.
+            logits = self._decode(cache, tokens, pos, longest, shortest if shortest + 1 == longest else None)
+        for s in range(n):
+            cache.lengths[s] += 1
+        return logits
+
+    def _decode(self, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor, longest: int,
+                same_position: int | None) -> torch.Tensor:
+        """The decode step as tensor operations only: keys 0..longest-1 of each slot, those
+        beyond the slot's own position masked (no mask when every slot is at `same_position`)."""
+        n = tokens.shape[0]
+        device = tokens.device
         positions = pos.unsqueeze(1)  # (n, 1)
-        rows = torch.arange(n, device=device)
-        # Keys beyond a slot's own length (other slots are longer) are masked out.
         mask = None
-        if shortest + 1 != longest:
+        if same_position is None:
             mask = (torch.arange(longest, device=device) <= positions).view(n, 1, 1, longest)
+            rows = torch.arange(n, device=device)
         h = self._embed(tokens.unsqueeze(1), positions)  # (n, 1, d)
         rope = self._rope(positions)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv_proj(layer.attention_norm(h), rope)  # (n, 1, heads, head_dim)
             kc, vc = cache.k[i], cache.v[i]  # (max_batch, kv, max_len, head_dim)
             if mask is None:  # every slot at the same position: a plain slice
-                kc[:n, :, shortest] = k[:, 0]
-                vc[:n, :, shortest] = v[:, 0]
+                kc[:n, :, same_position] = k[:, 0]
+                vc[:n, :, same_position] = v[:, 0]
             else:
                 kc[rows, :, pos] = k[:, 0]
                 vc[rows, :, pos] = v[:, 0]
@@ -234,9 +273,66 @@ class KVModel:
             scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(1.0 / math.sqrt(head_dim))  # (n, kv, group, L)
             if mask is not None:
                 scores.masked_fill_(~mask, float("-inf"))
-            y = torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype), values)  # (n, kv, group, hd)
+            probs = scores.softmax(dim=-1) if scores.dtype == torch.float32 else scores.float().softmax(dim=-1).to(scores.dtype)
+            y = torch.matmul(probs, values)  # (n, kv, group, head_dim)
             h = h + layer.wo(y.reshape(n, 1, -1))
             h = h + layer.mlp(layer.ffn_norm(h))
-        for s in range(n):
-            cache.lengths[s] += 1
         return self._logits(h[:, 0])  # (n, V_local)
+
+
+class CudaGraphDecode:
+    """The decode step replayed from CUDA graphs (GPU only; a speedup, never required).
+
+    A small model's decode step on a GPU is a few hundred tiny kernels, and launching them
+    from Python costs more than running them. A graph records the whole step once and
+    replays it with one launch. Graphs need fixed shapes and addresses, so there is one per
+    batch bucket (1, 2, 4, ... up to the cache's max_batch; a batch is padded up to its
+    bucket with rows of free slots), attention always spans the whole cache with a mask,
+    and the graphs belong to one cache (a new cache records new graphs). Not used under
+    tensor parallelism (collectives inside graphs are left out on purpose).
+    """
+
+    def __init__(self, runner: "KVModel"):
+        self.runner = runner
+        self.cache: KVCache | None = None
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+
+    def _bucket(self, n: int, limit: int) -> int:
+        b = 1
+        while b < n:
+            b *= 2
+        return min(b, limit)
+
+    def _capture(self, cache: KVCache, nb: int):
+        device = self.runner.device
+        # Warm-up and capture write position max_len-1 of slots 0..nb-1: free slots, or
+        # active ones whose next write lands there anyway (this very step).
+        tokens = torch.zeros(nb, dtype=torch.long, device=device)
+        pos = torch.full((nb,), cache.max_len - 1, dtype=torch.long, device=device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.runner._decode(cache, tokens, pos, cache.max_len, None)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.runner._decode(cache, tokens, pos, cache.max_len, None)
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph, tokens, pos, logits
+
+    def decode(self, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if cache is not self.cache:
+            self.cache, self.graphs, self.pool = cache, {}, None
+        n = tokens.shape[0]
+        nb = self._bucket(n, cache.max_batch)
+        if nb not in self.graphs:
+            self.graphs[nb] = self._capture(cache, nb)
+        graph, static_tokens, static_pos, logits = self.graphs[nb]
+        static_tokens[:n].copy_(tokens)
+        static_pos[:n].copy_(pos)
+        static_pos[n:].fill_(cache.max_len - 1)
+        graph.replay()
+        return logits[:n].clone()

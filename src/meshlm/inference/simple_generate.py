@@ -1,5 +1,6 @@
-"""A plain generation loop (full recompute per token). The KV-cache engine replaces it later;
-this one stays as the reference it is tested against."""
+"""A plain generation loop (full recompute per token): the reference the KV-cache engine
+(`meshlm.inference.engine`) is tested against, and the small helper the trainer uses for
+its end-of-run sample. Serving and the CLI use the engine."""
 
 from __future__ import annotations
 

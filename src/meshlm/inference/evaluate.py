@@ -1,0 +1,85 @@
+"""Validation loss and perplexity of a model on a corpus: `meshlm eval --run DIR --data SRC`.
+
+The corpus (any `data.source`: a directory, a glob, a text, .jsonl or .parquet file) is read
+in its deterministic document order and encoded with the run's own tokenizer.json, the
+documents joined by the end-of-text token as in the training data. The token stream is cut
+into fixed, non-overlapping windows of `seq_len` predictions (the last one may be shorter),
+so every token after the first is predicted exactly once, with the context of its window.
+
+Data parallel, with the same result for every number of processes: the windows form fixed
+batches of `batch_size`; batch b is computed by rank b % N, in the same shape whatever N is,
+so its loss sum is the same bits on any layout. The per-batch sums are combined with one
+all-reduce of a vector in which each batch has exactly one non-zero contributor (exact),
+then added up in batch order in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from meshlm.config import ConfigError
+from meshlm.data.sources import iter_documents
+from meshlm.data.tokenizer import EOT_ID
+from meshlm.model.transformer import Transformer
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean next-token cross-entropy, nats
+    perplexity: float
+    tokens: int  # predicted tokens
+    windows: int
+    seq_len: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokenize_corpus(source: str, tokenizer, max_bytes: int = 0) -> torch.Tensor:
+    """The corpus as one int64 token stream, documents separated by the end-of-text token."""
+    ids: list[int] = []
+    for i, text in enumerate(iter_documents(source, max_bytes)):
+        if i:
+            ids.append(EOT_ID)
+        ids.extend(tokenizer.encode(text).ids)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
+    """(start, length) of each window: inputs tokens[start:start+length], targets shifted by one."""
+    if n_tokens < 2:
+        raise ConfigError(f"the corpus has {n_tokens} token(s); evaluation needs at least 2.")
+    predictions = n_tokens - 1
+    return [(s, min(seq_len, predictions - s)) for s in range(0, predictions, seq_len)]
+
+
+@torch.no_grad()
+def evaluate_tokens(model: Transformer, tokens: torch.Tensor, seq_len: int, batch_size: int = 8,
+                    rank: int = 0, world: int = 1, group=None) -> EvalResult:
+    """Every rank passes the same tokens; batches are split round-robin over the ranks."""
+    if seq_len > model.cfg.max_seq_len:
+        raise ConfigError(f"--seq-len {seq_len} is longer than the model's context ({model.cfg.max_seq_len}).")
+    device = next(model.parameters()).device
+    spans = windows(len(tokens), seq_len)
+    # Full windows in batches of batch_size; a shorter last window is a batch of its own.
+    full = [s for s in spans if s[1] == seq_len]
+    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[s] for s in spans if s[1] != seq_len]
+    sums = torch.zeros(len(batches), dtype=torch.float64, device=device)
+    for b in range(rank, len(batches), world):
+        length = batches[b][0][1]
+        idx = torch.tensor([start for start, _ in batches[b]]).unsqueeze(1) + torch.arange(length + 1)
+        window = tokens[idx].to(device)  # (B, T+1)
+        logits = model(window[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].flatten(), reduction="sum")
+        sums[b] = loss.double()
+    if world > 1:
+        dist.all_reduce(sums, group=group)
+    n = sum(length for _, length in spans)
+    loss = float(sums.sum()) / n
+    return EvalResult(loss, math.exp(loss), n, len(spans), seq_len)
