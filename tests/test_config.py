@@ -93,3 +93,11 @@ def test_fingerprint_tracks_what_is_trained():
     assert a.fingerprint() == b.fingerprint()
     b.model.d_model = 256
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_parallel_auto_in_toml_and_override(tmp_path):
+    path = tmp_path / "auto.toml"
+    path.write_text('parallel = "auto"\n[train]\nsteps = 3\n')
+    assert load_config(str(path)).parallel.auto is True
+    assert load_config(None, ["parallel.auto=true"]).parallel.auto is True
+    assert load_config(None).parallel.auto is False

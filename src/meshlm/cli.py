@@ -77,6 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from meshlm.train.run_dir import check_run_dir
 
         # Every layout and run-directory error is reported once, here, before any worker starts.
+        if cfg.parallel.auto:
+            from meshlm.train.trainer import resolve_auto_layout
+
+            resolve_auto_layout(cfg, args.nproc)  # measures this machine once; the workers reuse it
         parallel_dims_from_config(cfg, args.nproc)
         check_run_dir(out, cfg, args.overwrite)
         return launch_local(args.nproc, strip_launch_args(sys.argv[1:] if args.argv is None else args.argv),

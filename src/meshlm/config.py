@@ -125,6 +125,9 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
+    # Let the planner choose every key below for the world size at hand (`parallel = "auto"`
+    # in a TOML file, or --set parallel.auto=true); the choice and the runner-up are logged.
+    auto: bool = False
     # "auto" = world size / (tp x pp).
     dp: Union[int, Literal["auto"]] = "auto"
     # 0 = DDP, 1 = optimizer state sharded, 2 = + gradients, 3 = + parameters (FSDP).
@@ -202,6 +205,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     cfg = Config()
     for section, values in raw.items():
         sub = _section(cfg, section, source)
+        if section == "parallel" and values == "auto":
+            cfg.parallel.auto = True
+            continue
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: '{section}' must be a table ([{section}]), got {type(values).__name__}.")
         for key, value in values.items():

@@ -52,6 +52,14 @@ class TrainResult:
     losses: list[float]
 
 
+def resolve_auto_layout(cfg: Config, world_size: int, log=print) -> None:
+    """`parallel = "auto"`: write the planner's layout for this world size into cfg."""
+    from meshlm.plan.auto import apply_layout, choose_layout
+
+    apply_layout(cfg, choose_layout(cfg, world_size, log=log))
+    cfg.parallel.auto = False
+
+
 def _quiet(*args, **kwargs) -> None:
     pass
 
@@ -82,6 +90,9 @@ class Trainer:
         self.env = env or read_launch_env()
         self.log = log if self.env.is_main else _quiet
         self.device = self.env.device
+        if cfg.parallel.auto:
+            init_distributed(self.env)  # rank 0 plans and tells the others
+            resolve_auto_layout(cfg, self.env.world_size, self.log)
         # Everything that can be wrong with the layout fails here, before a process group exists.
         self.dims: ParallelDims = parallel_dims_from_config(cfg, self.env.world_size)
         self.accum = accumulation_steps(cfg, self.dims.dp) if self.dims.pp == 1 else 1
