@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from meshlm.toml_writer import dump_toml
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG_NAME = "tiny-cpu"
 
@@ -383,31 +385,3 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'parallel.dp' must be a positive integer or \"auto\", got {p.dp}.")
     if isinstance(p.pp_split, list) and any(n <= 0 for n in p.pp_split):
         raise ConfigError(f"'parallel.pp_split' entries must be positive layer counts, got {p.pp_split}.")
-
-
-# ----------------------------------------------------------------------------- TOML writing
-
-
-def dump_toml(data: dict[str, Any]) -> str:
-    """Write nested dicts of scalars and lists as TOML (enough for our configs)."""
-    lines: list[str] = []
-    for section, values in data.items():
-        if lines:
-            lines.append("")
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-        return f'"{escaped}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
