@@ -69,7 +69,7 @@ def step_times(cfg, world: int, out: Path) -> list[float]:
 def _tp_compare(rank, cfg, steps):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, loss_parallel,
                                                    parallelize_module)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from meshlm.distributed.spawn import run_distributed
 from meshlm.config import load_config

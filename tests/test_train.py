@@ -56,8 +56,8 @@ def test_loss_falls_and_run_directory_is_complete(trained_run):
 def test_accumulation_equals_one_large_batch(tmp_path):
     """global_batch 16 as 2 x micro-batch 8 trains the same model as micro-batch 16."""
     base = tiny_overrides(tmp_path, "train.steps=3", "train.eval_every=0")
-    a = train(load_config(None, base), tmp_path / "a", log=lambda *a, **k: None)
-    b = train(load_config(None, base + ["train.micro_batch=16"]), tmp_path / "b", log=lambda *a, **k: None)
+    train(load_config(None, base), tmp_path / "a", log=lambda *a, **k: None)
+    train(load_config(None, base + ["train.micro_batch=16"]), tmp_path / "b", log=lambda *a, **k: None)
     la = [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")]
     lb = [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
     assert la == pytest.approx(lb, rel=1e-5)

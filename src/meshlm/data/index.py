@@ -11,7 +11,6 @@ else it contains.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,7 @@ def bin_problem(data_dir: Path, index: dict[str, Any], split: str) -> str | None
     """Why `split`'s token file does not match the index (missing, wrong size), or None if it does.
 
     Only the size is checked: it is free, and it catches truncated copies and
-    interrupted writes. `file_sha256` is there for a full check.
+    interrupted writes. `meshlm.file_hash.file_sha256` is there for a full check.
     """
     path = Path(data_dir) / bin_file(split)
     if not path.is_file():
@@ -79,9 +78,3 @@ def bin_problem(data_dir: Path, index: dict[str, Any], split: str) -> str | None
     return None
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

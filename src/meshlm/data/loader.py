@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from meshlm.config import ConfigError
-from meshlm.data.index import bin_file, bin_problem, file_sha256, read_index
+from meshlm.data.index import bin_file, bin_problem, read_index
+from meshlm.file_hash import file_sha256
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

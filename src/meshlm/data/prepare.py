@@ -31,11 +31,11 @@ from meshlm.data.index import (
     TOKENIZER_FILE,
     bin_file,
     bin_problem,
-    file_sha256,
     read_index,
     token_dtype,
     write_index,
 )
+from meshlm.file_hash import file_sha256
 from meshlm.data.sources import describe_source, iter_documents
 from meshlm.data.tokenizer import document_separator_id, load_or_train_tokenizer
 

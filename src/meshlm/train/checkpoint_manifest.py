@@ -14,7 +14,6 @@ a flipped bit) is refused with a message naming the bad file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from meshlm.config import ConfigError
+from meshlm.file_hash import file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -51,14 +51,6 @@ def list_checkpoints(run: Path) -> list[tuple[int, Path]]:
         if m and path.is_dir():
             found.append((int(m.group(1)), path))
     return sorted(found)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
