@@ -53,30 +53,74 @@ def _rate_and_alpha(cluster: Cluster, group: Group) -> tuple[float, float]:
     return min(cluster.intra.rate, group.per_node * inter.rate), inter.latency_s
 
 
+MEASURED_SPLIT = 1 << 18  # cpu-local's two measured segments: up to 256 KB, and above
+
+
+def measured(cluster: Cluster, op: str, p: int, nbytes: float) -> float:
+    """cpu-local: the measured cost of one collective among p of the cluster's processes: the
+    measurement for the nearest process count at or above the world size and this group size
+    (other group sizes scaled as a ring would: latency by p - 1, bytes by (p - 1) / p)."""
+    table = cluster.measured_collectives
+    worlds = sorted(int(w) for w in table)
+    active = cluster.active_processes or cluster.world_size
+    upper = next((w for w in worlds if w >= active), worlds[-1])
+    lower = max([w for w in worlds if w <= active and w <= upper] or [upper])
+
+    def cost(world: int) -> float:
+        entry = table[str(world)]
+        sizes = sorted(int(q) for q in entry)
+        if op == "send_recv":
+            key = sizes[0]  # pairs of processes
+        else:
+            key = p if p in sizes else max([q for q in sizes if q <= p] or sizes[:1])
+        segments = entry[str(key)][op]
+        alpha, beta = segments[0] if nbytes <= MEASURED_SPLIT else segments[-1]
+        if key != p and op != "send_recv":
+            alpha *= (p - 1) / (key - 1)
+            beta *= ((p - 1) / p) / ((key - 1) / key)
+        if active > world:  # beyond the measurement: more processes wait for a core
+            alpha *= active / world
+        return alpha + beta * nbytes
+
+    if lower == upper:
+        return cost(upper)
+    share = (active - lower) / (upper - lower)  # between two measured process counts: linear
+    return (1 - share) * cost(lower) + share * cost(upper)
+
+
 def all_reduce(cluster: Cluster, group: Group, nbytes: float, count: int = 1) -> float:
     """`count` all-reduces of `nbytes` each."""
     p = group.size
     if p <= 1 or nbytes <= 0 or count <= 0:
         return 0.0
+    if cluster.measured_collectives:
+        return count * measured(cluster, "all_reduce", p, nbytes)
     rate, alpha = _rate_and_alpha(cluster, group)
     return count * (2 * (p - 1) * alpha + 2 * (p - 1) / p * nbytes / rate)
 
 
-def all_gather(cluster: Cluster, group: Group, nbytes: float, count: int = 1) -> float:
+def all_gather(cluster: Cluster, group: Group, nbytes: float, count: int = 1, op: str = "all_gather") -> float:
     """`count` all-gathers whose output has `nbytes` (each rank contributes nbytes / p)."""
     p = group.size
     if p <= 1 or nbytes <= 0 or count <= 0:
         return 0.0
+    if cluster.measured_collectives:
+        return count * measured(cluster, op, p, nbytes)
     rate, alpha = _rate_and_alpha(cluster, group)
     return count * ((p - 1) * alpha + (p - 1) / p * nbytes / rate)
 
 
-reduce_scatter = all_gather  # same traffic: input of nbytes, each rank keeps nbytes / p
+def reduce_scatter(cluster: Cluster, group: Group, nbytes: float, count: int = 1) -> float:
+    """`count` reduce-scatters of an `nbytes` input (each rank keeps nbytes / p): the all-gather's
+    traffic on the ring formulas; measured separately on cpu-local (gloo's differ)."""
+    return all_gather(cluster, group, nbytes, count, op="reduce_scatter")
 
 
 def send_recv(cluster: Cluster, crosses_nodes: bool, nbytes: float, count: int = 1) -> float:
     if nbytes <= 0 or count <= 0:
         return 0.0
+    if cluster.measured_collectives:
+        return count * measured(cluster, "send_recv", 2, nbytes)
     link = cluster.inter if crosses_nodes else cluster.intra
     return count * (link.latency_s + nbytes / link.rate)
 
@@ -89,9 +133,10 @@ def bucketed_all_reduce(cluster: Cluster, group: Group, nbytes: float, bucket_by
     return all_reduce(cluster, group, bucket_bytes, int(full)) + all_reduce(cluster, group, rest, 1 if rest else 0)
 
 
-def bucketed_half(cluster: Cluster, group: Group, nbytes: float, bucket_bytes: float) -> float:
-    """Reduce-scatter (or all-gather) of `nbytes` in buckets (ZeRO-1/2)."""
+def bucketed_half(cluster: Cluster, group: Group, nbytes: float, bucket_bytes: float, op: str = "all_gather") -> float:
+    """Reduce-scatter or all-gather of `nbytes` in buckets (ZeRO-1/2)."""
     if nbytes <= 0:
         return 0.0
     full, rest = divmod(nbytes, bucket_bytes)
-    return all_gather(cluster, group, bucket_bytes, int(full)) + all_gather(cluster, group, rest, 1 if rest else 0)
+    return (all_gather(cluster, group, bucket_bytes, int(full), op)
+            + all_gather(cluster, group, rest, 1 if rest else 0, op))

@@ -22,7 +22,7 @@ max(device time, host time); on a CPU they are one thread and add up.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from meshlm.plan import comm
 from meshlm.plan.hardware import Cluster, Device
@@ -37,12 +37,23 @@ class PassTimes:
     fwd: float = 0.0
     bwd_input: float = 0.0  # input-gradient backward, recomputation included
     bwd_weight: float = 0.0  # weight-gradient GEMMs
-    tp_comm: float = 0.0  # part of fwd + bwd_input spent in tensor-parallel collectives
-    detail: dict = field(default_factory=dict)
+    tp_fwd: float = 0.0  # part of fwd spent in tensor-parallel collectives
+    tp_bwd: float = 0.0  # part of bwd_input spent in tensor-parallel collectives
 
     @property
     def total(self) -> float:
         return self.fwd + self.bwd_input + self.bwd_weight
+
+    @property
+    def tp_comm(self) -> float:
+        return self.tp_fwd + self.tp_bwd
+
+    def slowed(self, factor: float, p2p_in: float = 0.0, p2p_out: float = 0.0) -> "PassTimes":
+        """Compute `factor` times slower (processes sharing cores), collectives as they are, plus
+        the pipeline's receive before the forward and send after the backward."""
+        return PassTimes((self.fwd - self.tp_fwd) * factor + self.tp_fwd + p2p_in,
+                         (self.bwd_input - self.tp_bwd) * factor + self.tp_bwd + p2p_out,
+                         self.bwd_weight * factor, self.tp_fwd, self.tp_bwd)
 
 
 class _Acc:
@@ -56,13 +67,11 @@ class _Acc:
         self.host += count * self.dev.host_op_overhead_s
         self.ops += count
 
-    def flops(self, flops: float, rate: float, ops: int = 1) -> None:
-        self.device += flops / rate + ops * self.dev.op_overhead_s
-        self.host += ops * self.dev.host_op_overhead_s
-        self.ops += ops
-
-    def memory(self, nbytes: float, ops: float) -> None:
-        self.device += nbytes / self.dev.elementwise_bandwidth + ops * self.dev.op_overhead_s
+    def memory(self, nbytes: float, ops: float, reduce_bytes: float = 0.0) -> None:
+        """Memory-bound kernels: `nbytes` streamed (elementwise) and `reduce_bytes` through
+        row reductions (norms, softmax, bias gradients), which reach less of the bandwidth."""
+        self.device += (nbytes / self.dev.elementwise_bandwidth + reduce_bytes / self.dev.reduction_bandwidth
+                        + ops * self.dev.op_overhead_s)
         self.host += ops * self.dev.host_op_overhead_s
         self.ops += ops
 
@@ -78,9 +87,21 @@ class _Acc:
         return max(self.device, self.host)
 
 
-def _block_elementwise(workload: Workload, layout: Layout, sw: Software) -> tuple[float, float, float, float]:
-    """(forward bytes, forward kernels, backward bytes, backward kernels) of one block's
-    non-GEMM, non-attention work on one tp rank."""
+@dataclass
+class Elementwise:
+    """One block's memory-bound work on one tp rank, in bytes and kernels."""
+
+    fwd: float
+    fwd_reduce: float
+    fwd_ops: float
+    bwd: float
+    bwd_reduce: float
+    bwd_ops: float
+
+
+def block_elementwise(workload: Workload, layout: Layout, sw: Software) -> Elementwise:
+    """The non-GEMM, non-attention work of one block: streamed bytes (activations, residual adds,
+    casts, rotary) and reduced bytes (norms, their backward with the gain gradients, bias gradients)."""
     m = workload.model
     b, s, t = layout.micro_batch, workload.seq_len, layout.tp
     N = b * s * m.d_model / (t if layout.sequence_parallel else 1)
@@ -89,19 +110,21 @@ def _block_elementwise(workload: Workload, layout: Layout, sw: Software) -> tupl
     F = b * s * m.ffn_dim / t
     e, er = sw.act_bytes, sw.residual_bytes
     gated = m.arch == "llama"
+    norms_fwd = 2 * 2 * N * er  # two norms: read x, write y
+    norms_bwd = 2 * 5 * N * er  # read x and dy, write dx; the gain (and bias) gradient: read x and dy again
+    bias_grads = 0.0 if gated else ((Q + 2 * K) + N + F + N) * e  # column sums of the output gradients (gpt2)
     if sw.fused_elementwise:
-        # fused norm (r+w), fused bias-dropout-add (r x, r residual, w, + 1-byte mask), fused
-        # bias-gelu / swiglu, fused rotary; attention-layout copies of q, k and the context.
+        # Megatron's fused kernels: bias-dropout-add (r x, r residual, w out, w 1-byte mask),
+        # bias-gelu / swiglu, rotary; the attention-layout copies of q, k and the context.
         dropout_add = (3 * er + 1) if sw.attention_dropout else 3 * er
-        fwd = 2 * 2 * N * er + 2 * dropout_add * N + (3 if gated else 2) * F * e
-        fwd += (2 * (Q + K) * e if gated else 0) + 2 * (Q + K) * e + 2 * Q * e
+        fwd = 2 * dropout_add * N + (3 if gated else 2) * F * e + (2 * (Q + K) * e if gated else 0)
+        fwd += 2 * (Q + K) * e + 2 * Q * e
         fwd_ops = 10
-        bwd = 2 * fwd + 4 * N * er
-        bwd_ops = 2 * fwd_ops + 2
+        bwd, bwd_ops = 2 * fwd + 2 * 3 * N * er, 2 * fwd_ops + 2
     else:
-        # meshlm (model/transformer.py), unfused: 2 norms (r+w), 2 residual adds (r r w), rotary on q and k
-        # (4 muls, 2 add/sub, cat: 9 element passes), the context's contiguous copy, silu + mul (llama) or gelu.
-        fwd = 2 * 2 * N * er + 2 * 3 * N * er + 2 * Q * e
+        # meshlm (model/transformer.py), unfused: 2 residual adds (r r w), rotary on q and k (4 muls,
+        # 2 add/sub, cat: 9 element passes), the context's contiguous copy, silu + mul (llama) or gelu.
+        fwd = 2 * 3 * N * er + 2 * Q * e
         fwd_ops = 5
         if gated:
             fwd += 9 * (Q + K) * e + (2 + 3) * F * e
@@ -112,11 +135,11 @@ def _block_elementwise(workload: Workload, layout: Layout, sw: Software) -> tupl
         if e != er:  # autocast: the two norm outputs are cast to bf16 for the linear layers
             fwd += 2 * N * (er + e)
             fwd_ops += 2
-        # backward: each forward pass roughly twice (read saved inputs and the incoming gradient,
+        # backward: each forward pass about twice (read the saved input and the incoming gradient,
         # write the gradient), plus the gradient sums where the residual stream and q/k/v (w1/w3) fork.
         bwd = 2 * fwd + (3 + 2 + (1 if gated else 0)) * 3 * N * er
         bwd_ops = 2 * fwd_ops + 6
-    return fwd, fwd_ops, bwd, bwd_ops
+    return Elementwise(fwd, norms_fwd, fwd_ops, bwd, norms_bwd + bias_grads, bwd_ops + (0 if gated else 6))
 
 
 def _attention(acc_f: _Acc, acc_b: _Acc, workload: Workload, layout: Layout, sw: Software, dev: Device,
@@ -127,8 +150,9 @@ def _attention(acc_f: _Acc, acc_b: _Acc, workload: Workload, layout: Layout, sw:
     e = sw.act_bytes
     if sw.attention == "flash":
         causal_fwd = 2 * b * heads * s * s * hd  # half of 4 b a s^2 hd
-        acc_f.flops(causal_fwd, dev.attention_flops)
-        acc_b.flops(2.5 * causal_fwd, dev.attention_flops)
+        rows = b * heads * s * dev.attention_row_s  # per query row: loads, statistics, diagonal tiles
+        acc_f.seconds(causal_fwd / dev.attention_flops + rows / 3.5 + dev.op_overhead_s, 1)
+        acc_b.seconds(2.5 * causal_fwd / dev.attention_flops + rows * 2.5 / 3.5 + dev.op_overhead_s, 1)
         return
     scores = b * heads * s * s
     bmm = 2 * b * heads * s * s * hd  # one of the two batched GEMMs (QK^T, PV), full square
@@ -136,20 +160,20 @@ def _attention(acc_f: _Acc, acc_b: _Acc, workload: Workload, layout: Layout, sw:
     def core_forward(acc: _Acc) -> None:
         for _ in range(2):  # each batched GEMM moves the score matrix once (write, then read)
             acc.seconds(max(bmm / dev.gemm_flops, scores * e / dev.elementwise_bandwidth) + dev.gemm_overhead_s, ops=1)
-        passes = 2 + ((2 + 0.5) if sw.attention_dropout else 0)  # fused scale-mask-softmax r+w; dropout r, w, mask
-        acc.memory(passes * scores * e, 2 if sw.attention_dropout else 1)
+        dropout = 2.5 if sw.attention_dropout else 0  # dropout: read, write, 1-byte mask
+        acc.memory(dropout * scores * e, 2 if sw.attention_dropout else 1, 2 * scores * e)  # fused scale-mask-softmax r+w
 
     core_forward(acc_f)
     for _ in range(4):  # dV, dP, dQ, dK
         acc_b.seconds(max(bmm / dev.gemm_flops, scores * e / dev.elementwise_bandwidth) + dev.gemm_overhead_s, ops=1)
-    passes = 3 + (2.5 if sw.attention_dropout else 0)  # softmax backward r r w; dropout backward
-    acc_b.memory(passes * scores * e, 2 if sw.attention_dropout else 1)
+    dropout = 2.5 if sw.attention_dropout else 0  # dropout backward: read gradient and mask, write
+    acc_b.memory(dropout * scores * e, 2 if sw.attention_dropout else 1, 3 * scores * e)  # softmax backward r r w
     if recompute_core:
         core_forward(acc_b)
 
 
 def _tp_collectives(cluster: Cluster, layout: Layout, workload: Workload, sw: Software, layers: int,
-                    chunk: Chunk) -> tuple[float, float, float]:
+                    has_embedding: bool, has_output: bool) -> tuple[float, float, float]:
     """(forward, backward, recompute) seconds of tensor-parallel collectives for one micro-batch
     (the table in meshlm.parallel.tensor_parallel's docstring)."""
     if layout.tp == 1:
@@ -161,86 +185,97 @@ def _tp_collectives(cluster: Cluster, layout: Layout, workload: Workload, sw: So
         ag = comm.all_gather(cluster, group, nbytes)
         rs = comm.reduce_scatter(cluster, group, nbytes)
         block = 2 * ag + 2 * rs
-        fwd = layers * block + (rs if chunk.has_embedding else 0) + (ag if chunk.has_output else 0)
-        bwd = layers * block + (ag if chunk.has_embedding else 0) + (rs if chunk.has_output else 0)
+        fwd = layers * block + (rs if has_embedding else 0) + (ag if has_output else 0)
+        bwd = layers * block + (ag if has_embedding else 0) + (rs if has_output else 0)
         recompute = layers * block
     else:
         ar = comm.all_reduce(cluster, group, nbytes)
-        fwd = layers * 2 * ar + (ar if chunk.has_embedding else 0)
-        bwd = layers * 2 * ar + (ar if chunk.has_output else 0)
+        fwd = layers * 2 * ar + (ar if has_embedding else 0)
+        bwd = layers * 2 * ar + (ar if has_output else 0)
         recompute = layers * 2 * ar
-    if chunk.has_output:  # vocabulary-parallel cross-entropy: max and (sum-exp, target) all-reduces, float32
+    if has_output:  # vocabulary-parallel cross-entropy: max and (sum-exp, target) all-reduces, float32
         fwd += comm.all_reduce(cluster, group, b * s * 4) + comm.all_reduce(cluster, group, 2 * b * s * 4)
     return fwd, bwd, recompute
 
 
-def chunk_pass(workload: Workload, layout: Layout, cluster: Cluster, sw: Software, chunk: Chunk,
-               chunk_params: float) -> PassTimes:
-    """Times of one micro-batch through `chunk` on one rank (compute + tensor-parallel collectives)."""
+def block_pass(workload: Workload, layout: Layout, cluster: Cluster, sw: Software) -> PassTimes:
+    """One transformer block, one micro-batch, one tp rank: GEMMs, attention, elementwise work,
+    recomputation and the block's tensor-parallel collectives."""
     dev = cluster.device
     m = workload.model
     b, s, t = layout.micro_batch, workload.seq_len, layout.tp
     M = b * s
     d, hd = m.d_model, m.head_dim
     q, kv, F = m.n_heads * hd / t, m.kv_heads * hd / t, m.ffn_dim / t
-    L = chunk.layers
-    fwd, bwd_in, bwd_w = _Acc(dev), _Acc(dev), _Acc(dev)
-
-    # one block, then scaled by L
-    blk_f, blk_bi, blk_bw, blk_rc = _Acc(dev), _Acc(dev), _Acc(dev), _Acc(dev)
-    gemms = ([(M, d, q), (M, d, kv), (M, d, kv)] if sw.separate_qkv else [(M, d, q + 2 * kv)])
+    f, bi, bw, rc = _Acc(dev), _Acc(dev), _Acc(dev), _Acc(dev)
+    gemms = [(M, d, q), (M, d, kv), (M, d, kv)] if sw.separate_qkv else [(M, d, q + 2 * kv)]
     gemms.append((M, q, d))
-    gated = m.arch == "llama"
-    gemms += ([(M, d, F), (M, d, F)] if sw.separate_qkv else [(M, d, 2 * F)]) if gated else [(M, d, F)]
+    if m.arch == "llama":
+        gemms += [(M, d, F), (M, d, F)] if sw.separate_qkv else [(M, d, 2 * F)]
+    else:
+        gemms.append((M, d, F))
     gemms.append((M, F, d))
     for g in gemms:
-        blk_f.gemm(*g)
-        blk_bi.gemm(*g)
-        blk_bw.gemm(*g)
-    ew_f, ops_f, ew_b, ops_b = _block_elementwise(workload, layout, sw)
-    blk_f.memory(ew_f, ops_f)
-    blk_bi.memory(ew_b, ops_b)
-    _attention(blk_f, blk_bi, workload, layout, sw, dev, recompute_core=layout.recompute == "selective")
+        f.gemm(*g)
+        bi.gemm(*g)
+        bw.gemm(*g)
+    ew = block_elementwise(workload, layout, sw)
+    f.memory(ew.fwd, ew.fwd_ops, ew.fwd_reduce)
+    bi.memory(ew.bwd, ew.bwd_ops, ew.bwd_reduce)
+    _attention(f, bi, workload, layout, sw, dev, recompute_core=layout.recompute == "selective")
     if layout.recompute == "full":
         for g in gemms:
-            blk_rc.gemm(*g)
-        blk_rc.memory(ew_f, ops_f)
-        _attention(blk_rc, _Acc(dev), workload, layout, sw, dev, recompute_core=False)
+            rc.gemm(*g)
+        rc.memory(ew.fwd, ew.fwd_ops, ew.fwd_reduce)
+        _attention(rc, _Acc(dev), workload, layout, sw, dev, recompute_core=False)
+    tp_f, tp_b, tp_rc = _tp_collectives(cluster, layout, workload, sw, 1, False, False)
+    tp_rc = tp_rc if layout.recompute == "full" else 0.0
+    return PassTimes(f.time() + tp_f, bi.time() + rc.time() + tp_b + tp_rc, bw.time(), tp_f, tp_b + tp_rc)
 
-    detail = {}
-    f_t, bi_t, bw_t, rc_t = (L * a.time() for a in (blk_f, blk_bi, blk_bw, blk_rc))
-    detail["blocks"] = f_t + bi_t + bw_t + rc_t
 
-    # embedding: a gather forward, a zeroed gradient and a scatter-add backward
-    if chunk.has_embedding:
-        vocab = padded_vocab(m, t) // t
-        fwd.memory(2 * M * d * sw.residual_bytes, 2 if m.arch == "gpt2" else 1)
-        bwd_in.memory(vocab * d * 4 + 2 * M * d * 4, 3)
-    if chunk.has_output:
-        vocab = padded_vocab(m, t) // t
+def ends_pass(workload: Workload, layout: Layout, cluster: Cluster, sw: Software, has_embedding: bool,
+              has_output: bool) -> PassTimes:
+    """The embedding (stage 0) and the final norm, output layer and loss (last stage)."""
+    dev = cluster.device
+    m = workload.model
+    b, s, t = layout.micro_batch, workload.seq_len, layout.tp
+    M, d = b * s, m.d_model
+    f, bi, bw = _Acc(dev), _Acc(dev), _Acc(dev)
+    vocab = padded_vocab(m, t) // t
+    if has_embedding:  # a gather forward; backward zeroes the (vocab, d) gradient and scatter-adds
+        f.memory(2 * M * d * sw.residual_bytes, 2 if m.arch == "gpt2" else 1)
+        bi.memory(vocab * d * 4 + 2 * M * d * 4, 3)
+    if has_output:
         n = M * d / (t if layout.sequence_parallel else 1)
-        fwd.memory(2 * n * sw.residual_bytes, 1)  # final norm
-        bwd_in.memory(4 * n * sw.residual_bytes, 2)
-        fwd.gemm(M, d, vocab)
-        bwd_in.gemm(M, d, vocab)
-        bwd_w.gemm(M, d, vocab)
+        f.memory(0, 1, 2 * n * sw.residual_bytes)  # final norm
+        bi.memory(0, 2, 5 * n * sw.residual_bytes)
+        f.gemm(M, d, vocab)
+        bi.gemm(M, d, vocab)
+        bw.gemm(M, d, vocab)
         logits = M * vocab
         if dev.softmax_s_per_element:  # measured on this CPU (exp-bound, not memory-bound)
-            fwd.seconds(0.4 * logits * dev.softmax_s_per_element + 3 * dev.op_overhead_s, ops=3)
-            bwd_in.seconds(0.6 * logits * dev.softmax_s_per_element + 3 * dev.op_overhead_s, ops=3)
+            f.seconds(0.4 * logits * dev.softmax_s_per_element + 3 * dev.op_overhead_s, ops=3)
+            bi.seconds(0.6 * logits * dev.softmax_s_per_element + 3 * dev.op_overhead_s, ops=3)
         else:
-            fwd.memory(logits * sw.loss_bytes_per_logit * 0.4, 3 if t == 1 else 8)
-            bwd_in.memory(logits * sw.loss_bytes_per_logit * 0.6, 3 if t == 1 else 6)
-        detail["output"] = 3 * (2 * M * d * vocab / dev.gemm_flops)
-    # weight casts / gradient accumulation per micro-batch
-    if sw.weight_traffic_bytes:
-        bwd_w.memory(chunk_params * sw.weight_traffic_bytes, 0)
+            f.memory(0, 3 if t == 1 else 8, logits * sw.loss_bytes_per_logit * 0.4)
+            bi.memory(0, 3 if t == 1 else 6, logits * sw.loss_bytes_per_logit * 0.6)
+    tp_f, tp_b, _ = _tp_collectives(cluster, layout, workload, sw, 0, has_embedding, has_output)
+    return PassTimes(f.time() + tp_f, bi.time() + tp_b, bw.time(), tp_f, tp_b)
 
-    tp_f, tp_b, tp_rc = _tp_collectives(cluster, layout, workload, sw, L, chunk)
-    out = PassTimes()
-    out.fwd = f_t + fwd.time() + tp_f
-    out.bwd_input = bi_t + rc_t + bwd_in.time() + tp_b + (tp_rc if layout.recompute == "full" else 0.0)
-    out.bwd_weight = bw_t + bwd_w.time()
-    out.tp_comm = tp_f + tp_b + (tp_rc if layout.recompute == "full" else 0.0)
-    out.detail = detail
-    return out
+
+def weight_traffic(cluster: Cluster, sw: Software, params: float) -> float:
+    """Per micro-batch: autocast's weight casts and the gradient accumulation into .grad."""
+    if not sw.weight_traffic_bytes:
+        return 0.0
+    return params * sw.weight_traffic_bytes / cluster.device.elementwise_bandwidth
+
+
+def chunk_pass(workload: Workload, layout: Layout, cluster: Cluster, sw: Software, chunk: Chunk,
+               chunk_params: float) -> PassTimes:
+    """One micro-batch through `chunk` on one rank (compute + tensor-parallel collectives)."""
+    blk = block_pass(workload, layout, cluster, sw)
+    ends = ends_pass(workload, layout, cluster, sw, chunk.has_embedding, chunk.has_output)
+    L = chunk.layers
+    return PassTimes(L * blk.fwd + ends.fwd, L * blk.bwd_input + ends.bwd_input,
+                     L * blk.bwd_weight + ends.bwd_weight + weight_traffic(cluster, sw, chunk_params),
+                     L * blk.tp_fwd + ends.tp_fwd, L * blk.tp_bwd + ends.tp_bwd)

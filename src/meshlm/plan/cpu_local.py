@@ -3,18 +3,22 @@
 What is measured (one thread per process, as meshlm's local ranks run; each figure is the
 best of several repetitions, so that other programs on the machine disturb it less):
 
-    GEMM              forward + backward of a linear layer at a few sizes, fitted to
+    GEMM              forward + backward of linear layers at five sizes, fitted to
                       t = 3 (2 M K N / rate + overhead): the matmul rate and the fixed cost per GEMM
-    elementwise       a multiply over 64K and 4M float32 elements: bandwidth and the per-op cost
-                      (with autograd: forward + backward of a chain of tiny ops)
-    cross-entropy     log-softmax + NLL forward + backward over (512, 2048) logits: seconds per logit
-    attention         causal scaled_dot_product_attention forward + backward
-    gloo              all-reduce between 2 forked local processes (4 KB and 4 MB): latency and
-                      bandwidth of the ring model; send/recv likewise
+    per-op cost       forward + backward of a chain of tiny autograd ops
+    elementwise       the elementwise work of a reference llama block (norms, rotary, SwiGLU
+                      product, residual adds, the context copy; forward + backward) run as meshlm
+                      runs it: the cost model's bytes for it over its time give the bandwidth
+    cross-entropy     a narrow output layer + meshlm's loss, less its GEMM: seconds per logit
+    attention         causal scaled_dot_product_attention forward + backward at two shapes:
+                      the rate and the cost per query row
+    gloo              cpu_collectives.py: each collective's latency and bandwidth, and the
+                      in-situ cost for 2, 4, 8 (and cores, 2 x cores) processes
 
-It takes a few seconds. The result is cached in a JSON file under the user's cache directory
+It takes about 4 s. The result is cached in a JSON file under the user's cache directory
 ($MESHLM_CACHE_DIR, else $XDG_CACHE_HOME/meshlm, else ~/.cache/meshlm), keyed by machine
-(host name, CPU model, core count, torch version), so it runs once per machine.
+(host name, CPU model, core count, torch version), so it runs once per machine. A busy machine
+gives pessimistic figures: `meshlm plan --cluster cpu-local --remeasure` measures again.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import platform
 import time
 from pathlib import Path
 
+from meshlm.plan.cpu_collectives import measure_collectives
 from meshlm.plan.hardware import Cluster, Device, Link
 
-VERSION = 1
+VERSION = 10
 
 
 def cache_dir() -> Path:
@@ -95,19 +100,22 @@ def _measure_compute() -> dict:
     import torch.nn.functional as F
 
     out: dict = {}
-    # GEMM: forward + backward of a linear layer = 3 GEMMs of 2 M K N FLOPs
+    # GEMM: forward + backward of a linear layer = 3 GEMMs of 2 M K N FLOPs. As in a training step,
+    # where each layer's operands were evicted by the layers in between, the layers cycle through
+    # distinct operands (over 8 MB, beyond a core's cache).
     points = []
     for M, K, N in ((256, 64, 64), (512, 128, 128), (512, 128, 512), (512, 512, 128), (512, 384, 384)):
-        x = torch.randn(M, K, requires_grad=True)
-        w = torch.randn(N, K, requires_grad=True)
+        copies = max(2, (8 << 20) // (4 * (M * K + N * K + M * N)))
+        sets = [(torch.randn(M, K, requires_grad=True), torch.randn(N, K, requires_grad=True), torch.randn(M, N))
+                for _ in range(copies)]
 
         def step():
-            F.linear(x, w).sum().backward()
-            x.grad = None
-            w.grad = None
+            for x, w, grad in sets:  # grad: a dense output gradient, as in training
+                F.linear(x, w).backward(grad)
+                x.grad = None
+                w.grad = None
 
-        sum_t = _best(lambda: torch.randn(M, N).sum(), 3, 5)  # the .sum() and its gradient, not GEMM work
-        points.append((3 * 2 * M * K * N, max(1e-7, _best(step, 5, 3) - 2 * sum_t)))
+        points.append((3 * 2 * M * K * N, _best(step, 5, 1) / copies))
     # least squares for t = f / rate + 3 t0 (relative errors: weight by 1/t)
     sw = sum(1 / t**2 for _, t in points)
     sf = sum(f / t**2 for f, t in points)
@@ -138,73 +146,111 @@ def _measure_compute() -> dict:
         x.grad = None
 
     out["op_overhead_s"] = _best(chain, 7, 5) / (2 * n_ops + 2)
-    # cross-entropy over logits
+    # cross-entropy over logits, cycling through 8 buffers (32 MB) so that, as in training, the
+    # logits are not already in the cache
     M, V = 512, 2048
-    logits = torch.randn(M, V, requires_grad=True)
+    buffers = [torch.randn(M, V, requires_grad=True) for _ in range(8)]
     target = torch.randint(0, V, (M,))
 
     def ce():
-        F.cross_entropy(logits.float(), target).backward()
-        logits.grad = None
+        for logits in buffers:
+            F.cross_entropy(logits.float(), target).backward()
+            logits.grad = None
 
-    out["softmax_s_per_element"] = max(0.0, _best(ce, 7, 3) - 8 * out["op_overhead_s"]) / (M * V)
-    # causal attention forward + backward; real work = 3.5 x (half of 4 B H T^2 hd)
-    rates = []
-    for B, H, T, hd in ((4, 4, 128, 32), (2, 8, 256, 64)):
+    out["softmax_s_per_element"] = max(0.0, _best(ce, 5, 1) / 8 - 8 * out["op_overhead_s"]) / (M * V)
+    # causal attention forward + backward: t = real work / rate + rows x per-row cost, from two shapes
+    # (real work = 3.5 x half of 4 B H T^2 hd; rows = B H T), as for the GPU presets
+    points = []
+    for B, H, T, hd in ((8, 4, 64, 32), (2, 4, 256, 32)):
         q, k, v = (torch.randn(B, H, T, hd, requires_grad=True) for _ in range(3))
+        grad = torch.randn(B, H, T, hd)
 
         def attn():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
             for t in (q, k, v):
                 t.grad = None
 
-        rates.append(3.5 * 2 * B * H * T * T * hd / _best(attn, 5, 3))
-    out["attention_flops"] = (rates[0] * rates[1]) ** 0.5
+        points.append((3.5 * 2 * B * H * T * T * hd, B * H * T, _best(attn, 7, 3)))
+    (f1, r1, t1), (f2, r2, t2) = points
+    det = f1 * r2 - f2 * r1
+    inv_rate = (t1 * r2 - t2 * r1) / det
+    row = (f1 * t2 - f2 * t1) / det
+    if inv_rate <= 0 or row < 0:  # noisy: one rate through both points
+        inv_rate, row = (t1 + t2) / (f1 + f2), 0.0
+    out["attention_flops"] = 1 / inv_rate
+    out["attention_row_s"] = row
+    out.update(_measure_reference_block())
     return out
 
 
-def _gloo_rank(rank: int, sizes: tuple[int, ...], repeat: int) -> dict:
+# The reference shapes: one llama block and the output layer + loss, timed as a whole so that
+# the elementwise work between the GEMMs (norms, rotary, activations, residual adds, their
+# backward) and the cross-entropy are measured as meshlm runs them, caches included.
+REFERENCE = dict(arch="llama", d_model=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=4096, max_seq_len=128)
+REFERENCE_BATCH = 4
+
+
+def _measure_reference_block() -> dict:
+    """The elementwise work of the reference block, run as meshlm runs it (the norms, rotary
+    embeddings, SwiGLU product, residual adds, the attention output's copy; forward and backward)
+    without its GEMMs and attention; and the head (final norm, a narrow output layer, the
+    cross-entropy) with its GEMM timed alone, alternated."""
     import torch
-    import torch.distributed as dist
+    import torch.nn.functional as F
 
-    results = {}
-    for n in sizes:
-        t = torch.zeros(n // 4)
-        best = float("inf")
-        for _ in range(repeat):
-            dist.barrier()
-            start = time.perf_counter()
-            for _ in range(5):
-                dist.all_reduce(t)
-            best = min(best, (time.perf_counter() - start) / 5)
-        results[f"all_reduce_{n}"] = best
-        best = float("inf")
-        for _ in range(repeat):
-            dist.barrier()
-            start = time.perf_counter()
-            for _ in range(5):
-                if rank == 0:
-                    dist.send(t, 1)
-                    dist.recv(t, 1)
-                else:
-                    dist.recv(t, 0)
-                    dist.send(t, 0)
-            best = min(best, (time.perf_counter() - start) / 10)
-        results[f"send_recv_{n}"] = best
-    return results
+    from meshlm.config import ModelConfig
+    from meshlm.model.transformer import RotaryEmbedding, apply_rotary, lm_loss, make_norm
 
+    cfg = ModelConfig(**REFERENCE)
+    B, T, d, hd = REFERENCE_BATCH, cfg.max_seq_len, cfg.d_model, cfg.head_dim
+    rope = RotaryEmbedding(hd, T, cfg.rope_theta)
+    norm1, norm2 = make_norm(cfg), make_norm(cfg)
+    x = torch.randn(B, T, d, requires_grad=True)
+    q_in = torch.randn(B, T, cfg.n_heads * hd, requires_grad=True)
+    k_in = torch.randn(B, T, cfg.kv_heads * hd, requires_grad=True)
+    up = [torch.randn(B, T, cfg.ffn_dim, requires_grad=True) for _ in range(2)]
+    leaves = [x, q_in, k_in, *up]
 
-def _measure_gloo() -> dict:
-    from meshlm.distributed.spawn import run_distributed
+    def elementwise():
+        h = norm1(x)
+        q = apply_rotary(q_in.view(B, T, -1, hd), rope.cos[:T], rope.sin[:T])
+        k = apply_rotary(k_in.view(B, T, -1, hd), rope.cos[:T], rope.sin[:T])
+        ctx = q.transpose(1, 2).transpose(1, 2).reshape(B, T, -1)  # the context's contiguous copy
+        h = x + h * ctx[..., :d]
+        h2 = norm2(h)
+        h = h + h2 * (F.silu(up[0]) * up[1])[..., :d]
+        (h.sum() + k.sum()).backward()
+        for t in leaves:
+            t.grad = None
 
-    small, large = 4096, 4 << 20
-    r = run_distributed(_gloo_rank, 2, (small, large), 5, timeout=120)[0]
-    # p = 2 ring: all-reduce = 2 alpha + n / rate
-    rate = (large - small) / max(1e-9, r[f"all_reduce_{large}"] - r[f"all_reduce_{small}"])
-    alpha = max(1e-6, (r[f"all_reduce_{small}"] - small / rate) / 2)
-    p2p_rate = (large - small) / max(1e-9, r[f"send_recv_{large}"] - r[f"send_recv_{small}"])
-    p2p_alpha = max(1e-6, r[f"send_recv_{small}"] - small / p2p_rate)
-    return {"link_rate": rate, "link_alpha_s": alpha, "p2p_rate": p2p_rate, "p2p_alpha_s": p2p_alpha, "raw": r}
+    dh, vocab = 32, cfg.vocab_size
+    head = torch.nn.Linear(dh, vocab, bias=False)
+    norm = torch.nn.RMSNorm(dh)
+    hx = torch.randn(B, T, dh, requires_grad=True)
+    y = torch.randint(0, vocab, (B, T))
+    g = torch.randn(B, T, vocab)
+
+    def head_step():
+        lm_loss(head(norm(hx)), y).backward()
+        hx.grad = None
+        head.weight.grad = None
+
+    def head_gemm():
+        head(hx).backward(g)
+        hx.grad = None
+        head.weight.grad = None
+
+    fns = {"elementwise": elementwise, "head": head_step, "head_gemm": head_gemm}
+    best = {name: float("inf") for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(7):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            fn()
+            best[name] = min(best[name], (time.perf_counter() - t) / 2)
+    return {"reference_" + k + "_s": v for k, v in best.items()}
 
 
 def measure(log=None) -> dict:
@@ -216,15 +262,17 @@ def measure(log=None) -> dict:
     try:
         started = time.perf_counter()
         figures = _measure_compute()
-        figures.update(_measure_gloo())
+        figures["collectives"] = measure_collectives(cores())
     finally:
         torch.set_num_threads(threads)
     figures.update({"cores": cores(), "memory_bytes": _host_memory(), "cpu": _cpu_model(), "host": platform.node(),
                     "torch": torch.__version__, "version": VERSION, "seconds": time.perf_counter() - started,
                     "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     if log:
+        ar = figures["collectives"]["2"]["2"]["all_reduce"][1]
         log(f"cpu-local: measured this machine in {figures['seconds']:.1f} s: matmul {figures['gemm_flops'] / 1e9:.1f} GFLOP/s "
-            f"per core, gloo all-reduce {figures['link_alpha_s'] * 1e6:.0f} us + {figures['link_rate'] / 1e9:.2f} GB/s")
+            f"per core, gloo all-reduce between 2 processes {ar[0] * 1e6:.0f} us + {1e-9 / ar[1]:.2f} GB/s "
+            f"(cached in {cache_path()})")
     return figures
 
 
@@ -237,6 +285,10 @@ def load_or_measure(remeasure: bool = False, log=None) -> dict:
                 return figures
         except (OSError, ValueError):
             pass
+    if log:
+        log("cpu-local: measuring this machine (once; a few seconds)...")
+    if _inside_process_group():
+        return _measure_in_subprocess(path)
     figures = measure(log=log)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,19 +300,81 @@ def load_or_measure(remeasure: bool = False, log=None) -> dict:
     return figures
 
 
+def _inside_process_group() -> bool:
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
+def _measure_in_subprocess(path: Path) -> dict:
+    """The gloo measurement forks ranks that start their own process group, which a process that
+    already has one (a training rank planning parallel = "auto") cannot do: measure in a fresh
+    interpreter, then read its cache file."""
+    import subprocess
+    import sys
+
+    import meshlm
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(meshlm.__file__).resolve().parents[1]),
+                                                      env.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", "from meshlm.plan.cpu_local import load_or_measure; load_or_measure(True)"],
+                   env=env, check=True)
+    return json.loads(path.read_text())
+
+
 def device_from_figures(f: dict) -> Device:
+    """The cpu-local device: measured rates, with the elementwise bandwidth and the cross-entropy
+    cost per logit chosen so that the cost model reproduces the reference block and head timings."""
+    device = _raw_device(f)
+    if "reference_block_s" in f:
+        device = _calibrate(device, f)
+    return device
+
+
+def _raw_device(f: dict) -> Device:
     return Device(
         name=f"CPU process ({f['cpu']})", kind="cpu", peak_flops=f["gemm_flops"], memory_bytes=f["memory_bytes"],
-        mem_bandwidth=f["bandwidth_small"], gemm_efficiency=1.0, gemm_overhead_s=f["gemm_overhead_s"],
-        attention_efficiency=f["attention_flops"] / f["gemm_flops"], mem_efficiency=1.0,
+        # a step's activations (tens of MB) do not stay in a core's cache: the streaming rate applies
+        mem_bandwidth=f["bandwidth_large"], gemm_efficiency=1.0, gemm_overhead_s=f["gemm_overhead_s"],
+        attention_efficiency=f["attention_flops"] / f["gemm_flops"], attention_row_s=f["attention_row_s"],
+        mem_efficiency=1.0, reduction_efficiency=1.0,
         op_overhead_s=f["op_overhead_s"], host_op_overhead_s=0.0, softmax_s_per_element=f["softmax_s_per_element"],
         reserve_bytes=0.0, cores=int(f["cores"]),
     )
 
 
+def _calibrate(device: Device, f: dict) -> Device:
+    """Elementwise bandwidth and cross-entropy cost from the reference timings: the bytes and
+    kernels the cost model counts for the reference block's elementwise work, over the time it
+    took; the head's time beyond its GEMM and norm, per logit."""
+    from dataclasses import replace
+
+    from meshlm.config import ModelConfig
+    from meshlm.plan.compute import block_elementwise
+    from meshlm.plan.layout import Layout, Workload, meshlm_software
+
+    workload = Workload(ModelConfig(**REFERENCE), REFERENCE_BATCH, REFERENCE["max_seq_len"])
+    ew = block_elementwise(workload, Layout(micro_batch=REFERENCE_BATCH), meshlm_software("cpu"))
+    rest = f["reference_elementwise_s"] - (ew.fwd_ops + ew.bwd_ops) * device.op_overhead_s
+    if rest > 0:
+        device = replace(device, mem_bandwidth=(ew.fwd + ew.fwd_reduce + ew.bwd + ew.bwd_reduce) / rest)
+    logits = REFERENCE_BATCH * REFERENCE["max_seq_len"] * REFERENCE["vocab_size"]
+    norm = REFERENCE_BATCH * REFERENCE["max_seq_len"] * 32 * 4 * 7 / device.mem_bandwidth
+    rest = f["reference_head_s"] - f["reference_head_gemm_s"] - norm - 9 * device.op_overhead_s
+    if rest > 0:
+        device = replace(device, softmax_s_per_element=rest / logits)
+    return device
+
+
 def cluster_from_figures(f: dict, n: int) -> Cluster:
-    link = Link(f["link_rate"], f["link_alpha_s"], 1.0)
-    return Cluster("cpu-local", device_from_figures(f), 1, n, link, link,
+    ar = f["collectives"]["2"]["2"]["all_reduce"][1]  # large messages, p = 2 ring: 2 alpha + n / rate
+    link = Link(1 / ar[1], ar[0] / 2, 1.0)
+    measured_id = hashlib.sha256(json.dumps(f["collectives"], sort_keys=True).encode()).hexdigest()[:16]
+    return Cluster("cpu-local", device_from_figures(f), 1, n, link, link, measured_collectives=f["collectives"],
+                   measured_id=measured_id,
                    notes=f"measured {f.get('measured_at', '')} on {f.get('host', '')}: {f['cores']} cores")
 
 

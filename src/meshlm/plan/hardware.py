@@ -51,16 +51,25 @@ class Device:
     gemm_efficiency: float = 0.8  # fraction of peak a large GEMM sustains
     gemm_overhead_s: float = 8e-6  # fixed cost per GEMM (launch, ramp-up, tail wave): t = flops/rate + this
     attention_efficiency: float = 0.5  # flash attention fwd+bwd, fraction of peak (causal work counted)
+    attention_row_s: float = 1.6e-9  # flash attention's fixed cost per query row and head (fwd + bwd)
     mem_efficiency: float = 0.85  # fraction of mem_bandwidth elementwise kernels reach
+    reduction_efficiency: float = 0.60  # ... and row-reduction kernels (norms, softmax, bias gradients)
     op_overhead_s: float = 5e-6  # per non-GEMM kernel launch (device side) / per op (cpu)
-    host_op_overhead_s: float = 12e-6  # eager PyTorch dispatch per op on the host (GPU: overlaps device work)
+    host_op_overhead_s: float = 17e-6  # eager PyTorch dispatch per op on the host (GPU: overlaps device work)
     softmax_s_per_element: float = 0.0  # cpu only: measured log-softmax fwd+bwd cost per element (0: memory-bound)
     reserve_bytes: float = 3 * GiB  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation
     cores: int = 0  # cpu only: physical cores shared by the local ranks
+    fp32_peak_flops: float = 0.0  # GPUs: float32 without tensor cores (training in train.dtype = float32)
 
     @property
     def gemm_flops(self) -> float:
         return self.peak_flops * self.gemm_efficiency
+
+    def in_float32(self) -> "Device":
+        """The device computing in float32 (no tensor cores): its float32 peak, same efficiencies."""
+        if self.kind != "gpu" or not self.fp32_peak_flops:
+            return self
+        return replace(self, peak_flops=self.fp32_peak_flops)
 
     @property
     def attention_flops(self) -> float:
@@ -69,6 +78,10 @@ class Device:
     @property
     def elementwise_bandwidth(self) -> float:
         return self.mem_bandwidth * self.mem_efficiency
+
+    @property
+    def reduction_bandwidth(self) -> float:
+        return self.mem_bandwidth * self.reduction_efficiency
 
 
 @dataclass(frozen=True)
@@ -92,9 +105,14 @@ class Cluster:
     devices_per_node: int
     intra: Link
     inter: Link
-    # Collective cost measured per group size (cpu-local): {p: (alpha_s, seconds_per_byte)} for an
-    # all-reduce of n bytes among p ranks = alpha + n * beta. Empty: use the ring formulas.
-    measured_all_reduce: dict = field(default_factory=dict, compare=False)
+    # cpu-local: collective costs measured per process count and group size,
+    # {"world": {"p": {"all_reduce" | "all_gather" | "reduce_scatter" | "send_recv": [alpha_s, s_per_byte]}}}.
+    # Empty: the ring formulas on the links.
+    measured_collectives: dict = field(default_factory=dict, compare=False, hash=False)
+    measured_id: str = ""  # identifies the measurement (clusters compare and hash by it)
+    # cpu-local: processes computing at once when it differs from the world size (a pipeline's
+    # ranks idle in its bubble); the measured collective costs are interpolated to it. 0: all.
+    active_processes: float = 0.0
     notes: str = ""
 
     @property
@@ -112,22 +130,30 @@ class Cluster:
 
 # ----------------------------------------------------------------------------- presets
 
-# Datasheet figures (NVIDIA A100 / H100 / H200 datasheets): dense bf16 tensor-core peak,
-# HBM capacity and bandwidth. gemm_efficiency: the largest GEMM rate cuBLAS reaches over
-# shapes (the "maximum achievable matmul FLOPS" measured by S. Bekman's mamf-finder:
-# ~86% on A100 SXM, ~80% on H100 SXM; checked on an H100 here, docs/planner.md).
-# attention_efficiency: FlashAttention-2 fwd+bwd (Dao 2023: ~50-60% of peak on A100;
-# ~35-45% on H100, where FA2 does not use Hopper's wgmma). mem_efficiency: STREAM-like
-# copy kernels reach ~85-90% of HBM bandwidth.
+# Datasheet figures (NVIDIA A100 / H100 / H200 datasheets): dense bf16 tensor-core peak, HBM
+# capacity and bandwidth. The efficiencies are measured kernel rates, not fitted to training runs:
+#   H100: measured on an H100 SXM 80GB here (benchmarks/planner_accuracy.py gpu, docs/planner.md):
+#     GEMMs of LLM shapes fit t = flops / (0.75 peak) + 8 us (a square 8192^3 reaches 0.81,
+#     the "maximum achievable matmul FLOPS" S. Bekman reports for H100 SXM: ~0.80);
+#     cuDNN flash attention fwd+bwd fits t = flops / (0.57 peak) + 1.75 ns per query row and head;
+#     a bf16 add streams at 0.91 of HBM bandwidth, RMSNorm at 0.60; eager dispatch 17 us per op.
+#   A100: not measured here. GEMM: Bekman's maximum achievable 0.86 of peak, times the typical-shape /
+#     maximum ratio measured on the H100 (0.94): 0.80. Flash attention: FlashAttention-2's published
+#     fwd+bwd rates on A100 (Dao 2023: ~110 TFLOP/s at 512 tokens to ~190 at 16k, head size 128)
+#     fit 0.64 of peak + 1.6 ns per row.
 DEVICES: dict[str, Device] = {
-    "a100-40gb": Device("A100 SXM 40GB", "gpu", 312 * TFLOPS, 40 * GiB, 1555 * GB, gemm_efficiency=0.86,
-                        attention_efficiency=0.55),
-    "a100-80gb": Device("A100 SXM 80GB", "gpu", 312 * TFLOPS, 80 * GiB, 2039 * GB, gemm_efficiency=0.86,
-                        attention_efficiency=0.55),
-    "h100-sxm": Device("H100 SXM 80GB", "gpu", 989 * TFLOPS, 80 * GiB, 3350 * GB, gemm_efficiency=0.80,
-                       attention_efficiency=0.40, gemm_overhead_s=6e-6),
-    "h200": Device("H200 SXM 141GB", "gpu", 989 * TFLOPS, 141 * GB, 4800 * GB, gemm_efficiency=0.80,
-                   attention_efficiency=0.40, gemm_overhead_s=6e-6),
+    "a100-40gb": Device("A100 SXM 40GB", "gpu", 312 * TFLOPS, 40 * GiB, 1555 * GB, gemm_efficiency=0.80,
+                        gemm_overhead_s=8e-6, attention_efficiency=0.64, attention_row_s=1.6e-9,
+                        fp32_peak_flops=19.5 * TFLOPS),
+    "a100-80gb": Device("A100 SXM 80GB", "gpu", 312 * TFLOPS, 80 * GiB, 2039 * GB, gemm_efficiency=0.80,
+                        gemm_overhead_s=8e-6, attention_efficiency=0.64, attention_row_s=1.6e-9,
+                        fp32_peak_flops=19.5 * TFLOPS),
+    "h100-sxm": Device("H100 SXM 80GB", "gpu", 989 * TFLOPS, 80 * GiB, 3350 * GB, gemm_efficiency=0.75,
+                       gemm_overhead_s=8e-6, attention_efficiency=0.57, attention_row_s=1.75e-9,
+                       fp32_peak_flops=67 * TFLOPS),
+    "h200": Device("H200 SXM 141GB", "gpu", 989 * TFLOPS, 141 * GB, 4800 * GB, gemm_efficiency=0.75,
+                   gemm_overhead_s=8e-6, attention_efficiency=0.57, attention_row_s=1.75e-9,
+                   fp32_peak_flops=67 * TFLOPS),
 }
 
 # NVLink 3 (A100): 12 links x 25 GB/s = 300 GB/s per direction; NVLink 4 (H100/H200): 18 x 25 =
@@ -196,7 +222,8 @@ _DEVICE_KEYS = {
     "memory_gb": ("memory_bytes", float, GB), "memory_gib": ("memory_bytes", float, GiB),
     "hbm_gbps": ("mem_bandwidth", float, GB), "gemm_efficiency": ("gemm_efficiency", float, 1),
     "gemm_overhead_us": ("gemm_overhead_s", float, 1e-6), "attention_efficiency": ("attention_efficiency", float, 1),
-    "mem_efficiency": ("mem_efficiency", float, 1), "op_overhead_us": ("op_overhead_s", float, 1e-6),
+    "mem_efficiency": ("mem_efficiency", float, 1), "reduction_efficiency": ("reduction_efficiency", float, 1),
+    "attention_row_ns": ("attention_row_s", float, 1e-9), "op_overhead_us": ("op_overhead_s", float, 1e-6),
     "host_op_overhead_us": ("host_op_overhead_s", float, 1e-6), "reserve_gb": ("reserve_bytes", float, GB),
 }
 _LINK_KEYS = {"bandwidth_gbps": ("bandwidth", GB), "latency_us": ("latency_s", 1e-6), "efficiency": ("efficiency", 1)}

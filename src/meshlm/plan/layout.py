@@ -106,6 +106,7 @@ class Software:
     loss_bytes_per_logit: float = 40.0  # cross-entropy traffic per logit (fwd + bwd, casts included)
     bucket_bytes: float = 25 * 2**20
     activation_model: str = "meshlm"  # meshlm (counted from the code) | megatron (Korthikanti et al. 2022)
+    pipeline_split: str = "balanced"  # layers per stage: balanced (meshlm) | even (Megatron) | ends-lighter (Llama 3)
 
     @property
     def state_bytes_per_param(self) -> float:
@@ -126,20 +127,23 @@ def meshlm_software(device_kind: str, dtype: str = "bfloat16") -> Software:
 
 SOFTWARE: dict[str, Software] = {
     # Megatron-LM / Megatron-DeepSpeed, 2021-2022 (GPT-3-style runs, MT-NLG, BLOOM): fp16/bf16
-    # weights with fp32 main gradients, master weights and Adam state (18 B/param); attention
+    # weights with fp32 main gradients, master weights and Adam state (18 B/param); after each
+    # micro-batch a hook adds the 16-bit weight gradient into the fp32 main gradient (w 2, r 2,
+    # r 4, w 4 = 12 B per parameter); attention
     # scores materialised (fused scale-mask-softmax kernel, attention dropout); fused QKV
     # GEMM and fused elementwise kernels; gradient all-reduce after the pipeline flush.
     "megatron": Software("megatron", 2, 4, 4, 8, 2, 2, 2, 2, attention="materialized", attention_dropout=True,
-                         fused_elementwise=True, separate_qkv=False, dp_overlap=False, pp_dp_overlap=False,
+                         fused_elementwise=True, separate_qkv=False, weight_traffic_bytes=12.0,
+                         dp_overlap=False, pp_dp_overlap=False,
                          zero_overlap=False, optimizer_bytes_per_param=30.0, optimizer_ops_per_tensor=1.0,
-                         loss_bytes_per_logit=16.0, activation_model="megatron"),
+                         loss_bytes_per_logit=16.0, activation_model="megatron", pipeline_split="even"),
     # Megatron-Core style (2023+; Llama 3's 4D parallelism is similar): FlashAttention, no
-    # attention dropout, distributed optimizer with gradient reduce-scatter in fp32 and
-    # parameter all-gather in bf16, both overlapped with compute.
+    # attention dropout, fused weight-gradient accumulation, distributed optimizer with gradient
+    # reduce-scatter in fp32 and parameter all-gather in bf16, both overlapped with compute.
     "megatron-flash": Software("megatron-flash", 2, 4, 4, 8, 4, 2, 2, 2, attention="flash", attention_dropout=False,
                                fused_elementwise=True, separate_qkv=False, dp_overlap=True, pp_dp_overlap=True,
                                zero_overlap=True, optimizer_bytes_per_param=30.0, optimizer_ops_per_tensor=1.0,
-                               loss_bytes_per_logit=16.0, activation_model="megatron"),
+                               loss_bytes_per_logit=16.0, activation_model="megatron", pipeline_split="even"),
 }
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from meshlm.plan.hardware import Cluster
 from meshlm.plan.layout import Layout, Software, Workload
-from meshlm.plan.shapes import Chunk, ceil_div, fsdp_shard_numel, numel, padded_vocab
+from meshlm.plan.shapes import Chunk, ParamStats, ceil_div, padded_vocab
 
 
 @dataclass
@@ -52,9 +52,14 @@ class Memory:
         return self.state + self.activations + self.other
 
 
-def state_bytes(shapes: list[tuple[int, int, int]], layout: Layout, sw: Software) -> Memory:
-    P = numel(shapes)
-    n = layout.dp // layout.dp_replicate if layout.zero == 3 else layout.dp
+def shard_count(layout: Layout) -> int:
+    """Ranks the model state is sharded over (ZeRO-1/2: dp; FSDP: dp / dp_replicate)."""
+    return layout.dp // layout.dp_replicate if layout.zero == 3 else layout.dp
+
+
+def state_bytes(stats: ParamStats, layout: Layout, sw: Software) -> Memory:
+    P = stats.numel
+    n = shard_count(layout)
     mem = Memory()
     if layout.zero == 0 or layout.dp == 1:
         mem.params, mem.grads, mem.optimizer = P * sw.param_bytes, P * sw.grad_bytes, P * (sw.master_bytes + sw.optimizer_bytes)
@@ -65,7 +70,7 @@ def state_bytes(shapes: list[tuple[int, int, int]], layout: Layout, sw: Software
         mem.grads = padded * sw.grad_bytes if layout.zero == 1 else S * sw.grad_bytes
         mem.optimizer = S * (sw.master_bytes + sw.optimizer_bytes)
     else:
-        shard = fsdp_shard_numel(shapes, n)
+        shard = stats.fsdp_shard(n)
         mem.params, mem.grads, mem.optimizer = shard * sw.param_bytes, shard * sw.grad_bytes, shard * (sw.master_bytes + sw.optimizer_bytes)
     return mem
 
@@ -87,16 +92,18 @@ def layer_activation_bytes(workload: Workload, layout: Layout, sw: Software, rec
     e, er = sw.act_bytes, sw.residual_bytes
     if sw.activation_model == "megatron":
         # Korthikanti's 34 s b h, term by term: layer-norm inputs 2N, QKV input N, Q K V, the
-        # projection input, MLP input N, MLP activations (2 F, gated 4 F), dropout masks (1 byte each).
+        # projection input, MLP input N, MLP activations (fc1 output and GELU output: 2 F; gated,
+        # Megatron-Core's fused SwiGLU keeps the fc1 output, 2 F, and its result: 3 F), dropout
+        # masks (1 byte each).
         masks = 2 * N if sw.attention_dropout else 0
-        elems = 4 * N + 2 * Q + 2 * K + (4 if gated else 2) * F
+        elems = 4 * N + 2 * Q + 2 * K + (3 if gated else 2) * F
         total = e * elems + masks
     else:
         # meshlm, counted from model/transformer.py: per block the two norm inputs (residual dtype) and
         # outputs (float32 under autocast, plus the bf16 copy the linear layers keep), q k v, the rotary
         # outputs (llama), the attention output and its contiguous copy (wo's input), the MLP's
         # activations (llama: w1, w3, silu, product; gpt2: w1, gelu).
-        norm = 2 * N * (er + 4 + (e if e != 4 else 0)) if e != 4 else 4 * N * er
+        norm = 2 * N * (er + 4 + (e if e != 4 else 0))
         attn = e * ((Q + 2 * K) + (Q + K if gated else 0) + 2 * Q)
         mlp = e * (4 if gated else 2) * F
         total = norm + attn + mlp
@@ -124,17 +131,19 @@ def in_flight(layout: Layout, microbatches: int, pp_rank: int) -> float:
     return float(warm)
 
 
-def rank_memory(workload: Workload, layout: Layout, cluster: Cluster, sw: Software, chunks: list[Chunk],
-                shapes: list[tuple[int, int, int]], pp_rank: int) -> Memory:
+def rank_memory(workload: Workload, layout: Layout, cluster: Cluster, sw: Software, chunks: tuple[Chunk, ...],
+                stats: ParamStats, pp_rank: int, per_layer: tuple[float, float] | None = None) -> Memory:
+    """Memory of pipeline rank `pp_rank` holding `chunks`. per_layer: (bytes kept per layer and
+    micro-batch, bytes of one layer without recomputation), when the caller has them."""
     m = workload.model
-    mem = state_bytes(shapes, layout, sw)
+    mem = state_bytes(stats, layout, sw)
     layers = sum(c.layers for c in chunks)
     micro = layout.microbatches(workload.global_batch)
-    per_layer = layer_activation_bytes(workload, layout, sw)
-    acts = in_flight(layout, micro, pp_rank) * layers * per_layer
+    if per_layer is None:
+        per_layer = (layer_activation_bytes(workload, layout, sw), layer_activation_bytes(workload, layout, sw, "none"))
+    acts = in_flight(layout, micro, pp_rank) * layers * per_layer[0]
     if layout.recompute == "full" and layers:
-        # backward re-runs one block at a time: its full activations exist once
-        acts += layer_activation_bytes(workload, layout, sw, recompute="none")
+        acts += per_layer[1]  # backward re-runs one block at a time: its full activations exist once
     mem.activations = acts
     b, s = layout.micro_batch, workload.seq_len
     other = 0.0
@@ -142,10 +151,10 @@ def rank_memory(workload: Workload, layout: Layout, cluster: Cluster, sw: Softwa
         vocab = padded_vocab(m, layout.tp) // layout.tp
         other += b * s * vocab * (sw.act_bytes + 4 + 4)  # logits, float32 copy, log-probabilities
     if layout.zero == 3 and layout.dp > 1 and layers:
-        block = numel(shapes) / max(layers, 1)
+        block = stats.numel / max(layers, 1)
         other += block * (2 * sw.param_bytes + sw.grad_bytes)  # two unsharded blocks (prefetch) + one block's grads
     if layout.zero in (1, 2) and layout.dp > 1:
-        other += min(sw.bucket_bytes, numel(shapes) * sw.grad_bytes) * 2  # reduce-scatter / all-gather staging
+        other += min(sw.bucket_bytes, stats.numel * sw.grad_bytes) * 2  # reduce-scatter / all-gather staging
     if cluster.device.kind == "gpu":
         other += cluster.device.reserve_bytes
     mem.other = other

@@ -1,19 +1,24 @@
-"""Which parameters and layers each rank holds, from the config alone (no model is built).
+"""Which parameters and layers each rank holds, from the config alone (no model is built,
+torch is not imported: the planner runs in a fraction of a second).
 
-Mirrors meshlm exactly: the tensor-parallel split of meshlm.parallel.tensor_parallel
-(column/row-parallel matrices, replicated norms and row-parallel biases, the vocabulary
-padded to a multiple of tp), the pipeline split of meshlm.parallel.pipeline_split (stage 0
-holds the embeddings, the last stage the final norm and the output layer, a tied output
-layer split from its embedding gets its own copy), and the stage placement of each schedule.
+Mirrors meshlm exactly (tests compare both): the tensor-parallel split of
+meshlm.parallel.tensor_parallel (column/row-parallel matrices, replicated norms and
+row-parallel biases, the vocabulary padded to a multiple of tp), the pipeline split of
+meshlm.parallel.pipeline_split.stage_layer_counts (balanced by matmul cost; stage 0 holds
+the embeddings, the last stage the final norm and the output layer, a tied output layer on
+another stage than its embedding has its own copy) and the stage placement of each schedule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
-from meshlm.config import Config, ModelConfig
+from meshlm.config import ModelConfig
 from meshlm.plan.layout import Layout, Workload
+
+MULTI_STAGE = ("interleaved-1f1b", "interleaved-zero-bubble", "zbv")
 
 
 @dataclass(frozen=True)
@@ -26,17 +31,28 @@ class Chunk:
     has_output: bool
 
 
+def model_key(m: ModelConfig) -> tuple:
+    """The config's field values in order (hashable; ModelConfig(*key) rebuilds it)."""
+    return tuple(m.__dict__[f] for f in _MODEL_FIELDS)
+
+
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
 def padded_vocab(m: ModelConfig, tp: int) -> int:
     return -(-m.vocab_size // tp) * tp
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def layer_shapes(m: ModelConfig, tp: int) -> list[tuple[int, int]]:
     """(rows, cols) of every parameter of one block on one tp rank (1-D parameters: (n, 1))."""
     d, hd = m.d_model, m.head_dim
     q, kv, f = m.n_heads * hd // tp, m.kv_heads * hd // tp, m.ffn_dim // tp
-    gpt2 = m.arch == "gpt2"
     shapes = [(d, 1), (q, d), (kv, d), (kv, d), (d, q), (d, 1), (f, d), (d, f)]  # norms, wq wk wv wo, norm, w1 w2
-    if not gpt2:
+    if m.arch == "llama":
         shapes.append((f, d))  # w3
     else:
         shapes += [(d, 1), (d, 1)]  # LayerNorm biases
@@ -46,7 +62,7 @@ def layer_shapes(m: ModelConfig, tp: int) -> list[tuple[int, int]]:
 
 def chunk_shapes(m: ModelConfig, tp: int, chunk: Chunk, tied_copy: bool) -> list[tuple[int, int, int]]:
     """(rows, cols, multiplicity) of the parameters of one chunk on one tp rank.
-    `tied_copy`: the output layer is tied to an embedding on another stage (its own copy)."""
+    `tied_copy`: a tied output layer is its own module's copy (not shared with an embedding here)."""
     d, v = m.d_model, padded_vocab(m, tp) // tp
     out = [(r, c, chunk.layers) for r, c in layer_shapes(m, tp)]
     if chunk.has_embedding:
@@ -62,112 +78,174 @@ def chunk_shapes(m: ModelConfig, tp: int, chunk: Chunk, tied_copy: bool) -> list
     return out
 
 
-def numel(shapes: list[tuple[int, int, int]]) -> int:
-    return sum(r * c * k for r, c, k in shapes)
+@dataclass(frozen=True)
+class ParamStats:
+    numel: int
+    tensors: int
+    fsdp: dict  # dp shard count -> FSDP2's largest per-rank piece
+
+    def fsdp_shard(self, n: int) -> int:
+        return self.fsdp[n] if n in self.fsdp else self.numel
+
+
+@functools.lru_cache(maxsize=4096)
+def _chunk_stats(mkey: tuple, tp: int, chunk: Chunk, tied_copy: bool, shard_counts: tuple[int, ...]) -> tuple:
+    shapes = chunk_shapes(ModelConfig(*mkey), tp, chunk, tied_copy)
+    numel = sum(r * c * k for r, c, k in shapes)
+    fsdp = tuple((n, fsdp_shard_numel(shapes, n)) for n in shard_counts)
+    return numel, sum(k for _, _, k in shapes), fsdp
+
+
+@functools.lru_cache(maxsize=65536)
+def rank_stats(mkey: tuple, tp: int, chunks: tuple[Chunk, ...], pp: int, shard_counts: tuple[int, ...] = ()) -> ParamStats:
+    """Parameter count, tensor count and FSDP shard sizes of everything one rank holds
+    (mkey = model_key(model config))."""
+    numel = tensors = 0
+    fsdp: dict[int, int] = {n: 0 for n in shard_counts}
+    tied_copy = pp > 1 and (len(chunks) > 1 or not any(c.has_embedding for c in chunks))
+    for c in chunks:
+        n, t, f = _chunk_stats(mkey, tp, c, tied_copy, shard_counts)
+        numel += n
+        tensors += t
+        for k, v in f:
+            fsdp[k] += v
+    return ParamStats(numel, tensors, fsdp)
+
+
+def chunk_numel(mkey: tuple, tp: int, chunk: Chunk, tied_copy: bool) -> int:
+    return _chunk_stats(mkey, tp, chunk, tied_copy, ())[0]
 
 
 def fsdp_shard_numel(shapes: list[tuple[int, int, int]], n: int) -> int:
     """FSDP2 splits each parameter's first dimension into n pieces of ceil(rows / n) rows;
-    rank 0 holds the largest piece (the most a rank holds)."""
+    rank 0 holds the largest piece (the most any rank holds)."""
     return sum(min(-(-r // n), r) * c * k for r, c, k in shapes)
 
 
-def block_matmul_params(m: ModelConfig) -> int:
+def stage_costs(m: ModelConfig) -> tuple[int, int, int]:
+    """(embedding, block, output) in matmul parameters per token: meshlm.parallel.pipeline_split.stage_costs."""
     d, hd = m.d_model, m.head_dim
     q, kv = m.n_heads * hd, m.kv_heads * hd
-    return d * q + 2 * d * kv + q * d + (3 if m.arch == "llama" else 2) * d * m.ffn_dim
+    block = d * q + 2 * d * kv + q * d + (3 if m.arch == "llama" else 2) * d * m.ffn_dim
+    return d, block, m.vocab_size * d
 
 
-@functools.lru_cache(maxsize=512)
-def _stage_counts(model_fields: tuple, n_stages: int) -> tuple[int, ...]:
-    m = ModelConfig(*model_fields)
-    if m.n_layers <= 64:  # meshlm's own split (a dynamic program: exact, fast enough for small L)
-        from meshlm.parallel.pipeline_split import stage_layer_counts as meshlm_split
-
-        return tuple(meshlm_split(Config(model=m), n_stages))
-    # Large models: the same min-max objective (largest stage cost), by bisection.
-    from meshlm.parallel.pipeline_split import stage_costs
-
+@functools.lru_cache(maxsize=1024)
+def _balanced_counts(mkey: tuple, n_stages: int) -> tuple[int, ...]:
+    m = ModelConfig(*mkey)
+    n_layers = m.n_layers
     embedding, block, output = stage_costs(m)
 
-    def fits(limit: float) -> list[int] | None:
-        counts, left = [], m.n_layers
-        for s in range(n_stages):
-            extra = (embedding if s == 0 else 0) + (output if s == n_stages - 1 else 0)
-            k = left if s == n_stages - 1 else min(left - (n_stages - s - 1), int((limit - extra) // block))
-            if k < 1 or k * block + extra > limit:
+    def cost(stage: int, layers: int) -> int:
+        return layers * block + (embedding if stage == 0 else 0) + (output if stage == n_stages - 1 else 0)
+
+    if n_layers * n_stages > 4096:
+        return _bisect_counts(n_layers, n_stages, cost, block)
+    # meshlm's dynamic program, step for step: smallest maximum stage cost, then the most even
+    # split under it, ties giving earlier stages fewer layers.
+    inf = float("inf")
+    best_max = [[inf] * (n_layers + 1) for _ in range(n_stages + 1)]
+    best_max[n_stages][0] = 0
+    for s in range(n_stages - 1, -1, -1):
+        for n in range(1, n_layers + 1):
+            for k in range(1, n - (n_stages - s - 1) + 1):
+                best_max[s][n] = min(best_max[s][n], max(cost(s, k), best_max[s + 1][n - k]))
+    limit = best_max[0][n_layers]
+    best_sq = [[inf] * (n_layers + 1) for _ in range(n_stages + 1)]
+    best_sq[n_stages][0] = 0
+    for s in range(n_stages - 1, -1, -1):
+        for n in range(1, n_layers + 1):
+            for k in range(1, n - (n_stages - s - 1) + 1):
+                if cost(s, k) <= limit:
+                    best_sq[s][n] = min(best_sq[s][n], cost(s, k) ** 2 + best_sq[s + 1][n - k])
+    counts, left = [], n_layers
+    for s in range(n_stages):
+        k = next(k for k in range(1, left - (n_stages - s - 1) + 1)
+                 if cost(s, k) <= limit and cost(s, k) ** 2 + best_sq[s + 1][left - k] == best_sq[s][left])
+        counts.append(k)
+        left -= k
+    return tuple(counts)
+
+
+def _bisect_counts(n_layers: int, n_stages: int, cost, block: int) -> tuple[int, ...]:
+    """Large models: the same smallest maximum stage cost, found by bisection, layers then spread
+    from the back so that the first stages (most activations in flight) get the fewest."""
+    def fill(limit: float) -> list[int] | None:
+        counts, left = [0] * n_stages, n_layers
+        for s in range(n_stages - 1, -1, -1):
+            k = left if s == 0 else min(left - s, int((limit - cost(s, 0)) // block))
+            if k < 1 or cost(s, k) > limit:
                 return None
-            counts.append(k)
+            counts[s] = k
             left -= k
         return counts
 
-    lo, hi = 0.0, float(m.n_layers * block + embedding + output)
-    for _ in range(64):
+    lo, hi = 0.0, float(cost(0, n_layers) + cost(n_stages - 1, 0))
+    for _ in range(80):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return tuple(fits(hi))
+        lo, hi = (lo, mid) if fill(mid) else (mid, hi)
+    counts = fill(hi)
+    assert counts is not None
+    return tuple(counts)
 
 
-def stage_layer_counts(m: ModelConfig, n_stages: int, even: bool = False) -> tuple[int, ...]:
-    """Layers per pipeline stage: meshlm's balanced split (the output layer counts as its matmul
-    cost), or `even` (Megatron: equal layers, the remainder on the first stages)."""
-    if even:
+SPLITS = ("balanced", "even", "ends-lighter")
+
+
+def stage_layer_counts(m: ModelConfig, n_stages: int, split: str = "balanced") -> tuple[int, ...]:
+    """Layers per pipeline stage: meshlm's `balanced` split (the output layer counts by its matmul
+    cost); `even` (Megatron: equal layers, any remainder on the first stages); `ends-lighter`
+    (Llama 3: one layer fewer on the first stage, which holds the most activations, and on the
+    last, which holds the output layer)."""
+    if split == "even" or (split == "ends-lighter" and n_stages < 3):
         base, rest = divmod(m.n_layers, n_stages)
         return tuple(base + (1 if s < rest else 0) for s in range(n_stages))
-    import dataclasses
-
-    return _stage_counts(dataclasses.astuple(m), n_stages)
-
-
-def stages_for_rank(pp_rank: int, layout: Layout) -> list[int]:
-    from meshlm.parallel.pipeline_split import stage_ids_for_rank
-
-    if layout.pp == 1:
-        return [0]
-    v = layout.virtual_stages if layout.schedule in ("interleaved-1f1b", "interleaved-zero-bubble", "zbv") else 1
-    return stage_ids_for_rank(pp_rank, layout.pp, layout.schedule, v)
+    if split == "ends-lighter":
+        base, rest = divmod(m.n_layers + 2, n_stages)
+        counts = [base + (1 if 0 < s <= rest else 0) for s in range(n_stages)]
+        counts[0] -= 1
+        counts[-1] -= 1
+        if min(counts) < 1 or sum(counts) != m.n_layers:
+            return stage_layer_counts(m, n_stages, "even")
+        return tuple(counts)
+    return _balanced_counts(model_key(m), n_stages)
 
 
-def n_stages(layout: Layout) -> int:
-    if layout.pp == 1:
+def stages_per_rank(layout: Layout) -> int:
+    if layout.pp == 1 or layout.schedule not in MULTI_STAGE:
         return 1
-    v = layout.virtual_stages if layout.schedule in ("interleaved-1f1b", "interleaved-zero-bubble", "zbv") else 1
-    return layout.pp * v
+    return 2 if layout.schedule == "zbv" else layout.virtual_stages
 
 
-def rank_chunks(workload: Workload, layout: Layout, even_split: bool = False) -> list[list[Chunk]]:
+def stage_ids_for_rank(pp_rank: int, layout: Layout) -> list[int]:
+    """meshlm.parallel.pipeline_split.stage_ids_for_rank: one stage, looped, or the zbv V."""
+    pp, v = layout.pp, stages_per_rank(layout)
+    if v == 1:
+        return [pp_rank]
+    if layout.schedule == "zbv":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + i * pp for i in range(v)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _rank_chunks(mkey: tuple, pp: int, schedule: str, v: int, split: str) -> tuple[tuple[Chunk, ...], ...]:
+    m = ModelConfig(*mkey)
+    layout = Layout(pp=pp, schedule=schedule, virtual_stages=v)
+    total = pp * stages_per_rank(layout)
+    counts = stage_layer_counts(m, total, split) if total > 1 else (m.n_layers,)
+    return tuple(tuple(Chunk(s, counts[s], s == 0, s == total - 1) for s in stage_ids_for_rank(r, layout))
+                 for r in range(pp))
+
+
+def rank_chunks(workload: Workload, layout: Layout, split: str = "balanced") -> tuple[tuple[Chunk, ...], ...]:
     """For every pipeline rank, the chunks (stages) it holds."""
-    m = workload.model
-    s_total = n_stages(layout)
-    counts = stage_layer_counts(m, s_total, even_split) if s_total > 1 else (m.n_layers,)
-    out = []
-    for r in range(layout.pp):
-        out.append([Chunk(s, counts[s], s == 0, s == s_total - 1) for s in stages_for_rank(r, layout)])
-    return out
-
-
-def rank_param_shapes(workload: Workload, layout: Layout, chunks: list[Chunk]) -> list[tuple[int, int, int]]:
-    """All parameters one rank holds (its chunks, on its tp rank)."""
-    m = workload.model
-    has_emb = any(c.has_embedding for c in chunks)
-    shapes = []
-    for c in chunks:
-        # a tied output layer on a rank that also holds the embedding shares it (zbv rank 0
-        # holds both stages but as two modules: each module has its own copy)
-        tied_copy = layout.pp > 1 and (not has_emb or len(chunks) > 1)
-        shapes += chunk_shapes(m, layout.tp, c, tied_copy)
-    return shapes
+    return _rank_chunks(model_key(workload.model), layout.pp, layout.schedule if layout.pp > 1 else "1f1b",
+                        layout.virtual_stages if layout.pp > 1 else 1, split)
 
 
 def replicated_tp_params(m: ModelConfig, layers: int, has_embedding: bool, has_output: bool) -> int:
-    """Parameters that tensor parallelism leaves replicated on a stage (sequence-parallel grad sync)."""
+    """Parameters tensor parallelism leaves replicated on a stage (the sequence-parallel gradient sync)."""
     d = m.d_model
     if m.arch == "llama":
         return (2 * layers + (1 if has_output else 0)) * d
     return 2 * (2 * layers + (1 if has_output else 0)) * d + 2 * layers * d + (m.max_seq_len * d if has_embedding else 0)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
