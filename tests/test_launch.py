@@ -83,3 +83,20 @@ def test_torchrun_command_line_works_unchanged(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(_losses(tmp_path / "tr")) == 4 and (tmp_path / "tr" / "model.safetensors").is_file()
+
+
+def test_parallel_auto_lets_the_planner_choose(tmp_path, monkeypatch):
+    """parallel.auto=true: the planner measures this machine (once, cached), picks a layout for
+    the world size, logs it with the runner-up, and the run trains with it."""
+    import os
+    import tomllib
+
+    monkeypatch.setenv("MESHLM_CACHE_DIR", str(tmp_path / "planner-cache"))
+    proc = _train(tmp_path, tmp_path / "auto", "parallel.auto=true", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parallel = auto:" in proc.stdout + proc.stderr and "runner-up" in proc.stdout + proc.stderr
+    chosen = tomllib.loads((tmp_path / "auto" / "config.toml").read_text())["parallel"]
+    assert chosen["auto"] is False
+    assert chosen["tp"] * chosen["pp"] * (2 // (chosen["tp"] * chosen["pp"])) == 2
+    assert len(_losses(tmp_path / "auto")) == 4
+    assert os.listdir(tmp_path / "planner-cache")
