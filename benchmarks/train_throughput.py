@@ -61,28 +61,36 @@ def main() -> None:
 
     print(f"# train throughput, {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, batch {args.batch} x {args.seq_len}, float32")
-    print("| model | params | meshlm tokens/s | transformers tokens/s | ratio (meshlm / HF) |")
-    print("|---|---|---|---|---|")
+    print("| model | params | meshlm tokens/s | meshlm + compile tokens/s | transformers tokens/s "
+          "| ratio meshlm / HF | ratio meshlm + compile / HF |")
+    print("|---|---|---|---|---|---|---|")
     for name, cfg in SHAPES.items():
         ours = build_model(cfg, seed=0)
         theirs = hf_model(cfg, ours)
+        compiled = build_model(cfg, seed=0)
+        for block_name, block in list(compiled.layers.named_children()):  # what train.compile=true does
+            compiled.layers[block_name] = torch.compile(block)
         x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len))
         y = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len))
         with torch.no_grad():  # same weights, same function
             diff = (ours(x[:1]) - theirs(input_ids=x[:1]).logits).abs().max().item()
         assert diff < 1e-3, f"{name}: logits differ by {diff}"
-        step_ours, step_theirs = make_step(ours, meshlm_loss), make_step(theirs, hf_loss)
-        timed(step_ours, x, y, 2), timed(step_theirs, x, y, 2)  # warm-up
-        t_ours, t_theirs = [], []
-        for _ in range(args.rounds):
-            t_ours.append(timed(step_ours, x, y, args.steps))
-            t_theirs.append(timed(step_theirs, x, y, args.steps))
+        steps = {"ours": make_step(ours, meshlm_loss), "compiled": make_step(compiled, meshlm_loss),
+                 "theirs": make_step(theirs, hf_loss)}
+        for step in steps.values():
+            timed(step, x, y, 2)  # warm-up (and compilation)
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        for r in range(args.rounds):
+            # Rotate which goes first every round, so none always runs on a warmer cache.
+            order = list(steps)[r % 3:] + list(steps)[:r % 3]
+            for key in order:
+                times[key].append(timed(steps[key], x, y, args.steps))
         tokens = args.batch * args.seq_len
-        m_ours, m_theirs = statistics.median(t_ours), statistics.median(t_theirs)
+        med = {k: statistics.median(v) for k, v in times.items()}
         n_params = sum(p.numel() for p in ours.parameters())
-        print(f"| {name} | {n_params / 1e6:.1f}M | {tokens / m_ours:,.0f} | {tokens / m_theirs:,.0f} | {m_theirs / m_ours:.2f} |",
+        print(f"| {name} | {n_params / 1e6:.1f}M | {tokens / med['ours']:,.0f} | {tokens / med['compiled']:,.0f} "
+              f"| {tokens / med['theirs']:,.0f} | {med['theirs'] / med['ours']:.2f} | {med['theirs'] / med['compiled']:.2f} |",
               flush=True)
-
 
 if __name__ == "__main__":
     main()
