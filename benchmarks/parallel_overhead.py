@@ -91,8 +91,9 @@ def _tp_compare(rank, cfg, steps):
         for name in ("attention.wo", "feed_forward.w2"):
             plan[f"layers.{i}.{name}"] = RowwiseParallel()
     parallelize_module(theirs, mesh, plan)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True)
-    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, foreach=True)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=False)
+    # foreach cannot mix the plan's DTensors with its replicated plain tensors (the norms)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, foreach=False)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.data.seq_len), generator=gen)
     y = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.data.seq_len), generator=gen)

@@ -31,6 +31,9 @@ class ParallelDims:
     zero: int = 0
     sequence_parallel: bool = False
     mesh: object = field(default=None, compare=False, repr=False)
+    # With HSDP, the flattened ("dp_replicate", "dp_shard") mesh: PyTorch wants it kept by the
+    # caller rather than sliced from the root mesh again.
+    flat_dp_mesh: object = field(default=None, compare=False, repr=False)
 
     @property
     def dp(self) -> int:
@@ -57,11 +60,21 @@ class ParallelDims:
         if self.dp_replicate > 1:
             mesh = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),
                                     mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
-            mesh["dp_replicate", "dp_shard"]._flatten("dp")
+            object.__setattr__(self, "flat_dp_mesh", mesh["dp_replicate", "dp_shard"]._flatten("dp"))
         else:
             mesh = init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
         object.__setattr__(self, "mesh", mesh)
         return mesh
+
+
+    def submesh(self, axis: str):
+        """The 1-D mesh of one axis: "pp", "dp" or "tp" (and with HSDP "dp_replicate", "dp_shard")."""
+        if axis == "dp" and self.flat_dp_mesh is not None:
+            return self.flat_dp_mesh
+        return self.mesh[axis]
+
+    def axis_names(self) -> list[str]:
+        return list(self.mesh.mesh_dim_names) + (["dp"] if self.flat_dp_mesh is not None else [])
 
 
 def parallel_dims_from_config(cfg: Config, world_size: int) -> ParallelDims:

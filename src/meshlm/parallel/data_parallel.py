@@ -29,7 +29,7 @@ def apply_data_parallel(module: nn.Module, dims: ParallelDims, device, bucket_mb
     if dims.zero == 0:
         return DistributedDataParallel(
             module,
-            process_group=mesh["dp"].get_group(),
+            process_group=dims.submesh("dp").get_group(),
             device_ids=[device.index] if device.type == "cuda" else None,
             bucket_cap_mb=bucket_mb,
             # The first bucket also 25 MB (PyTorch's default first bucket is 1 MB): fewer, larger
@@ -38,7 +38,7 @@ def apply_data_parallel(module: nn.Module, dims: ParallelDims, device, bucket_mb
         )
     from torch.distributed.fsdp import fully_shard
 
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp"]
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else dims.submesh("dp")
     # One FSDP unit per block (all-gathered just before it runs, freed after), the rest
     # (embeddings, final norm, output) in the root unit, as torchtitan does.
     for block in module.layers.values():

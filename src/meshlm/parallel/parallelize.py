@@ -90,7 +90,7 @@ def parallelize(model: Transformer, dims: ParallelDims, cfg: Config, device: tor
     mesh = dims.mesh
     groups = {}
     if mesh is not None:
-        groups = {axis: mesh[axis].get_group() for axis in ("pp", "dp", "tp")}
+        groups = {axis: dims.submesh(axis).get_group() for axis in ("pp", "dp", "tp")}
     coords = mesh.get_coordinate() if mesh is not None else None
     pp_rank = coords[0] if coords is not None else 0
 

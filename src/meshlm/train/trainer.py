@@ -202,8 +202,7 @@ class Trainer:
         mesh = self.dims.mesh
         if mesh is None:
             return {}
-        names = list(mesh.mesh_dim_names) + (["dp"] if self.dims.dp_replicate > 1 else [])
-        axes = {id(mesh[name].get_group()): name for name in names}
+        axes = {id(self.dims.submesh(name).get_group()): name for name in self.dims.axis_names()}
         tied_group = getattr(self.pm.tied_sync, "group", None)
         if tied_group is not None:
             axes[id(tied_group)] = "pp-tied-embedding"
