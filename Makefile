@@ -28,8 +28,14 @@ test: $(STAMP)
 test-all: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
+# The CPU benchmarks behind docs/benchmarks.md (about 15 minutes on 2 cores).
 bench: $(STAMP)
-	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/train_throughput.py --rounds 9 --steps 3
+	OMP_NUM_THREADS=1 $(PY) benchmarks/parallel_overhead.py --steps 8
+	OMP_NUM_THREADS=1 $(PY) benchmarks/generate_throughput.py --rounds 5 --threads 1
+	OMP_NUM_THREADS=1 $(PY) benchmarks/checkpoint_io.py --size medium --repeats 3
+	OMP_NUM_THREADS=1 $(PY) benchmarks/planner_accuracy.py cpu --repeats 2
+	$(PY) benchmarks/planner_accuracy.py published
 
 clean:
 	rm -rf $(VENV) runs .meshlm-cache .pytest_cache
