@@ -16,7 +16,7 @@ from meshlm.train.trainer import train
 TINY = [
     "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=512",
     "model.max_seq_len=64", "data.seq_len=32", "data.max_bytes=600000", "train.micro_batch=8",
-    "train.global_batch=16", "train.steps=60", "train.warmup_steps=5", "train.eval_every=20",
+    "train.global_batch=16", "train.steps=90", "train.warmup_steps=5", "train.eval_every=30",
     "train.eval_batches=4", "train.lr=0.01", "train.min_lr=0.001", "train.sample_tokens=8", "train.progress=false",
 ]
 
@@ -44,7 +44,7 @@ def test_loss_falls_and_run_directory_is_complete(trained_run):
     assert [r["step"] for r in steps] == list(range(1, cfg.train.steps + 1))
     for r in steps:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
-    assert [r["step"] for r in evals] == [20, 40, 60]
+    assert [r["step"] for r in evals] == [30, 60, 90]
     first = sum(r["loss"] for r in steps[:3]) / 3
     last = sum(r["loss"] for r in steps[-3:]) / 3
     assert first > math.log(cfg.model.vocab_size) - 0.5

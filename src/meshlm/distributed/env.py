@@ -45,7 +45,8 @@ def read_launch_env() -> LaunchEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     want_cpu = os.environ.get("MESHLM_DEVICE", "").lower() == "cpu"
-    if cuda_available() and not want_cpu:
+    # want_cpu first: a forked CPU rank must not touch CUDA at all (its parent may hold a context).
+    if not want_cpu and cuda_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         backend = "nccl"
     else:
