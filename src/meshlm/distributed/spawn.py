@@ -45,10 +45,23 @@ def _child(fn, rank, world_size, port, queue, args):
         os._exit(0)
 
 
+def _start_method() -> str:
+    """fork, unless this process has initialised CUDA (on a GPU machine, after a test that ran
+    on the GPU): a forked child cannot use the parent's CUDA context, and even CPU-only code
+    (the optimizer's graph-capture check) queries it. spawn then starts clean interpreters;
+    `fn` and its arguments must be importable / picklable, as module-level test functions are."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return "spawn"
+    return "fork"
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0) -> list[Any]:
     """Run fn(rank, *args) on `world_size` forked ranks; return the results ordered by rank.
     Any rank's exception fails the call with that rank's traceback."""
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(_start_method())
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, queue, args), daemon=True) for r in range(world_size)]
