@@ -16,6 +16,7 @@ import functools
 from dataclasses import dataclass
 
 from meshlm.config import ModelConfig
+from meshlm.parallel.stage_balance import balanced_layer_counts, stage_costs
 from meshlm.plan.layout import Layout, Workload
 
 MULTI_STAGE = ("interleaved-1f1b", "interleaved-zero-bubble", "zbv")
@@ -122,14 +123,6 @@ def fsdp_shard_numel(shapes: list[tuple[int, int, int]], n: int) -> int:
     return sum(min(-(-r // n), r) * c * k for r, c, k in shapes)
 
 
-def stage_costs(m: ModelConfig) -> tuple[int, int, int]:
-    """(embedding, block, output) in matmul parameters per token: meshlm.parallel.pipeline_split.stage_costs."""
-    d, hd = m.d_model, m.head_dim
-    q, kv = m.n_heads * hd, m.kv_heads * hd
-    block = d * q + 2 * d * kv + q * d + (3 if m.arch == "llama" else 2) * d * m.ffn_dim
-    return d, block, m.vocab_size * d
-
-
 @functools.lru_cache(maxsize=1024)
 def _balanced_counts(mkey: tuple, n_stages: int) -> tuple[int, ...]:
     m = ModelConfig(*mkey)
@@ -141,30 +134,8 @@ def _balanced_counts(mkey: tuple, n_stages: int) -> tuple[int, ...]:
 
     if n_layers * n_stages > 4096:
         return _bisect_counts(n_layers, n_stages, cost, block)
-    # meshlm's dynamic program, step for step: smallest maximum stage cost, then the most even
-    # split under it, ties giving earlier stages fewer layers.
-    inf = float("inf")
-    best_max = [[inf] * (n_layers + 1) for _ in range(n_stages + 1)]
-    best_max[n_stages][0] = 0
-    for s in range(n_stages - 1, -1, -1):
-        for n in range(1, n_layers + 1):
-            for k in range(1, n - (n_stages - s - 1) + 1):
-                best_max[s][n] = min(best_max[s][n], max(cost(s, k), best_max[s + 1][n - k]))
-    limit = best_max[0][n_layers]
-    best_sq = [[inf] * (n_layers + 1) for _ in range(n_stages + 1)]
-    best_sq[n_stages][0] = 0
-    for s in range(n_stages - 1, -1, -1):
-        for n in range(1, n_layers + 1):
-            for k in range(1, n - (n_stages - s - 1) + 1):
-                if cost(s, k) <= limit:
-                    best_sq[s][n] = min(best_sq[s][n], cost(s, k) ** 2 + best_sq[s + 1][n - k])
-    counts, left = [], n_layers
-    for s in range(n_stages):
-        k = next(k for k in range(1, left - (n_stages - s - 1) + 1)
-                 if cost(s, k) <= limit and cost(s, k) ** 2 + best_sq[s + 1][left - k] == best_sq[s][left])
-        counts.append(k)
-        left -= k
-    return tuple(counts)
+    # meshlm's own split (parallel.stage_balance), step for step.
+    return tuple(balanced_layer_counts(m, n_stages))
 
 
 def _bisect_counts(n_layers: int, n_stages: int, cost, block: int) -> tuple[int, ...]:
