@@ -130,15 +130,16 @@ def parallelize(model: Transformer, dims: ParallelDims, cfg: Config, device: tor
     if dims.pp > 1:
         from meshlm.parallel import pipeline
 
-        local_batch = (cfg.train.global_batch or cfg.train.micro_batch * dims.dp) // dims.dp
         pm.schedule = pipeline.build_schedule(
             parts, stage_ids, n_stages, groups["pp"], device, pipeline_microbatches(cfg, dims.dp),
-            cfg.parallel.pp_schedule, _pipeline_loss(pm, local_batch),
+            cfg.parallel.pp_schedule, _pipeline_loss(pm),
         )
     return pm
 
 
-def _pipeline_loss(pm: ParallelModel, local_batch: int) -> Callable:
+def _pipeline_loss(pm: ParallelModel) -> Callable:
+    """The per-micro-batch mean loss the last stage computes (vocabulary-parallel under tp)."""
+
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return pm.loss(logits, targets, reduction="mean")
 

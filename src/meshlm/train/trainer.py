@@ -93,7 +93,8 @@ class Trainer:
         if cfg.parallel.auto:
             init_distributed(self.env)  # rank 0 plans and tells the others
             resolve_auto_layout(cfg, self.env.world_size, self.log)
-        # Everything that can be wrong with the layout fails here, before a process group exists.
+        # Everything that can be wrong with the layout fails here, before a process group exists
+        # (unless the planner needed one above).
         self.dims: ParallelDims = parallel_dims_from_config(cfg, self.env.world_size)
         self.accum = accumulation_steps(cfg, self.dims.dp) if self.dims.pp == 1 else 1
         if self.env.restart_count > 0:  # restarted by the elastic agent: continue this run
