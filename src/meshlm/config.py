@@ -124,6 +124,10 @@ class TrainConfig:
     profile_comm: bool = False
     trace: bool = False
 
+    def global_batch_for(self, dp: int) -> int:
+        """Sequences per optimizer step over all ranks: global_batch, or micro_batch x dp when 0."""
+        return self.global_batch or self.micro_batch * dp
+
 
 @dataclass
 class ParallelConfig:

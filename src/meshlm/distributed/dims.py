@@ -136,7 +136,7 @@ def pipeline_microbatches(cfg: Config, dp: int) -> int:
     """Micro-batches per pipeline step: parallel.pp_microbatches, or by default the data-parallel
     rank's batch split into train.micro_batch-sized pieces (the schedule is the accumulation)."""
     t = cfg.train
-    local_batch = (t.global_batch or t.micro_batch * dp) // dp
+    local_batch = t.global_batch_for(dp) // dp
     return cfg.parallel.pp_microbatches or max(1, local_batch // t.micro_batch)
 
 
@@ -168,7 +168,7 @@ def _validate_pipeline(cfg: Config, dp: int) -> None:
             f"model.n_layers ({m.n_layers}) is less than the number of pipeline stages (pp {p.pp} x {v} per rank = {n_stages}); "
             f"lower pp or pp_virtual_stages."
         )
-    local_batch = (t.global_batch or t.micro_batch * dp) // dp
+    local_batch = t.global_batch_for(dp) // dp
     micro = pipeline_microbatches(cfg, dp)
     if local_batch % micro:
         raise ConfigError(

@@ -54,7 +54,7 @@ def _plan(cfg: Config, world_size: int, log) -> dict[str, object]:
 
     cluster = cluster_for(world_size, log)
     t = cfg.train
-    workload = Workload(cfg.model, t.global_batch or t.micro_batch * world_size, cfg.data.seq_len)
+    workload = Workload(cfg.model, t.global_batch_for(world_size), cfg.data.seq_len)
     sw = software_for("meshlm", cluster.device.kind, t.dtype)
     result = search(workload, cluster, sw, top=20, meshlm_only=True)
     best = result.best

@@ -15,7 +15,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from meshlm.config import Config, ConfigError
+from meshlm.config import Config
 from meshlm.data.loader import TokenDataset, eval_batch, sample_ids_for, train_batch
 from meshlm.parallel.data_parallel import gradient_sync
 from meshlm.parallel.grad_norm import clip_coefficient, global_norm, local_tensor, scale_grads_, weighted_grad_sq_sum
@@ -24,17 +24,9 @@ from meshlm.train.optim import build_optimizer, lr_at, set_lr
 
 
 def accumulation_steps(cfg: Config, dp: int) -> int:
-    """global_batch = micro_batch x accumulation x dp; a global_batch of 0 means no accumulation."""
-    t = cfg.train
-    if not t.global_batch:
-        return 1
-    per_step = t.micro_batch * dp
-    if t.global_batch % per_step:
-        raise ConfigError(
-            f"'train.global_batch' ({t.global_batch}) must be a multiple of 'train.micro_batch' ({t.micro_batch}) "
-            f"x data-parallel degree ({dp}) = {per_step}; change one of them."
-        )
-    return t.global_batch // per_step
+    """Micro-batches per rank and step: global_batch = micro_batch x accumulation x dp
+    (parallel_dims_from_config has checked that it divides)."""
+    return cfg.train.global_batch_for(dp) // (cfg.train.micro_batch * dp)
 
 
 def autocast_context(cfg: Config, device: torch.device):
@@ -83,9 +75,9 @@ class StepRunner:
         if pm.schedule is not None:
             from meshlm.parallel.pipeline import pipeline_step
 
-            # The schedule is the accumulation: it splits this rank's whole batch into micro-batches.
-            n_micro = self.cfg.train.global_batch // (self.cfg.train.micro_batch * pm.dims.dp) if self.cfg.train.global_batch else 1
-            ids = [i for m in range(max(1, n_micro)) for i in self._local_sample_ids(m)]
+            # The schedule is the accumulation: it takes this rank's whole batch (all its
+            # micro-batches' samples) and splits it into pipeline micro-batches itself.
+            ids = [i for m in range(self.accum) for i in self._local_sample_ids(m)]
             x, y = self._batch(step, ids)
             with autocast_context(self.cfg, self.device):
                 loss = pipeline_step(pm.schedule, pm.stage_ids, pm.n_stages, pm.pp_group, x, y)
@@ -162,7 +154,7 @@ class StepRunner:
         t, pm, seq_len = self.cfg.train, self.pm, self.cfg.data.seq_len
         for module in pm.modules():
             module.eval()
-        global_batch = t.global_batch or t.micro_batch * pm.dims.dp
+        global_batch = t.global_batch_for(pm.dims.dp)
         local = global_batch // pm.dims.dp
         n_samples = t.eval_batches * global_batch
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, token count

@@ -96,7 +96,7 @@ class Trainer:
         # Everything that can be wrong with the layout fails here, before a process group exists
         # (unless the planner needed one above).
         self.dims: ParallelDims = parallel_dims_from_config(cfg, self.env.world_size)
-        self.accum = accumulation_steps(cfg, self.dims.dp) if self.dims.pp == 1 else 1
+        self.accum = accumulation_steps(cfg, self.dims.dp)
         if self.env.restart_count > 0:  # restarted by the elastic agent: continue this run
             resume, overwrite = resume_on_restart(resume, self.out), False
         if resume and overwrite:
@@ -140,7 +140,7 @@ class Trainer:
     @property
     def global_batch(self) -> int:
         t = self.cfg.train
-        return t.global_batch or t.micro_batch * self.dims.dp
+        return t.global_batch_for(self.dims.dp)
 
     def run(self) -> TrainResult:
         t = self.cfg.train
