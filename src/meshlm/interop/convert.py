@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,7 +27,7 @@ from meshlm.interop.hf_config import hf_config_from_model, model_config_from_hf,
 from meshlm.interop.hf_weights import read_hf_tensors, state_dict_from_hf, state_dict_to_hf
 from meshlm.model.transformer import Transformer
 from meshlm.model.weights_file import load_weights, save_weights
-from meshlm.train.run_dir import load_run_config
+from meshlm.train.run_dir import clear_run_files, copy_file_atomic, load_run_config, write_text_atomic
 
 # Files a Hugging Face model directory may hold; an export replaces all of them
 # so that no stale shard or tokenizer from an earlier model is picked up.
@@ -38,8 +37,6 @@ _HF_FILES = (
     "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
 )
 _HF_SHARD_GLOBS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
-# What an import replaces in a run directory (with overwrite): the run's files and checkpoints.
-_RUN_FILES = ("config.toml", "metrics.jsonl", "loss.png", "model.safetensors", "tokenizer.json")
 # Special tokens recognised when writing tokenizer_config.json / generation_config.json.
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>", "<|eot_id|>")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|endoftext|>")
@@ -97,11 +94,11 @@ def import_hf(hf_dir: Path | str, out_run_dir: Path | str, overwrite: bool = Fal
     cfg = run_config_for(model_cfg)
     state = state_dict_from_hf(read_hf_tensors(hf_dir, torch.float32), model_cfg, source=str(hf_dir))
     _prepare_run_dir(out, overwrite)
-    _write_text_atomic(out / "config.toml", cfg.to_toml())
+    write_text_atomic(out / "config.toml", cfg.to_toml())
     save_weights(state, model_cfg, out / "model.safetensors")
     tokenizer = hf_dir / "tokenizer.json"
     if tokenizer.is_file():
-        _copy_atomic(tokenizer, out / "tokenizer.json")
+        copy_file_atomic(tokenizer, out / "tokenizer.json")
     else:
         (out / "tokenizer.json").unlink(missing_ok=True)
         warnings.warn(
@@ -122,9 +119,7 @@ def _prepare_run_dir(out: Path, overwrite: bool) -> None:
                 f"{out} already holds a meshlm run. Pass overwrite=True (--overwrite) to replace it, or choose "
                 f"another output directory."
             )
-        for name in _RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        clear_run_files(out)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -178,11 +173,11 @@ def write_hf_dir(
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
-    _write_text_atomic(out / "config.json", _json(config))
+    write_text_atomic(out / "config.json", _json(config))
     generation = {"_from_model_config": True, "bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos")}
-    _write_text_atomic(out / "generation_config.json", _json(generation))
+    write_text_atomic(out / "generation_config.json", _json(generation))
     if tok_path is not None and tok_path.is_file():
-        _copy_atomic(tok_path, out / "tokenizer.json")
+        copy_file_atomic(tok_path, out / "tokenizer.json")
         tok_config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": cfg.max_seq_len,
@@ -191,7 +186,7 @@ def write_hf_dir(
         for role in ("bos", "eos"):
             if role in specials:
                 tok_config[f"{role}_token"] = specials[role][0]
-        _write_text_atomic(out / "tokenizer_config.json", _json(tok_config))
+        write_text_atomic(out / "tokenizer_config.json", _json(tok_config))
     else:
         warnings.warn(
             f"no tokenizer.json{f' at {tok_path}' if tok_path else ''}: {out} holds the model only. Copy the "
@@ -222,18 +217,6 @@ def _special_tokens(tokenizer_path: Path) -> dict[str, tuple[str, int]]:
                 found[role] = (name, by_name[name])
                 break
     return found
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def _json(data: dict[str, Any]) -> str:

@@ -39,19 +39,30 @@ def init_run_dir(out: Path, cfg: Config, overwrite: bool) -> None:
     """Create `out` (once the data is known to be usable) and write the resolved config."""
     check_run_dir(out, cfg, overwrite)
     if overwrite and out.is_dir():
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        clear_run_files(out)
     out.mkdir(parents=True, exist_ok=True)
     # A rerun of the same config starts its metrics afresh.
     (out / "metrics.jsonl").unlink(missing_ok=True)
     write_text_atomic(out / "config.toml", cfg.to_toml())
 
 
+def clear_run_files(out: Path) -> None:
+    """Remove what a run leaves in `out` (its files and checkpoints), nothing else."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def copy_file_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
 
 
 def load_run_config(run: Path) -> Config:
