@@ -14,6 +14,7 @@ from torch.distributed import ProcessGroup
 from meshlm.config import ConfigError
 from meshlm.data.tokenizer import load_tokenizer
 from meshlm.distributed.env import LaunchEnv
+from meshlm.distributed.rank_zero import broadcast_from_rank0
 from meshlm.inference.simple_generate import LoadedModel
 from meshlm.model.weights_file import load_weights
 from meshlm.train.run_dir import load_run_config
@@ -126,8 +127,4 @@ def setup_layout(env: LaunchEnv, tp: int) -> InferenceLayout:
 
 def broadcast_object(obj, layout: InferenceLayout):
     """Global rank 0's `obj` on every rank."""
-    if layout.env.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_from_rank0(obj, layout.env.world_size > 1)

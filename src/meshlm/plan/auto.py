@@ -78,16 +78,9 @@ def choose_layout(cfg: Config, world_size: int, log=print) -> dict[str, object]:
 
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [None, None]
-        if dist.get_rank() == 0:
-            try:
-                box[0] = _plan(cfg, world_size, log)
-            except ConfigError as e:
-                box[1] = str(e)
-        dist.broadcast_object_list(box, src=0)
-        if box[1] is not None:
-            raise ConfigError(box[1])
-        return box[0]
+        from meshlm.distributed.rank_zero import run_on_rank0
+
+        return run_on_rank0(lambda: _plan(cfg, world_size, log), distributed=True)
     return _plan(cfg, world_size, log)
 
 

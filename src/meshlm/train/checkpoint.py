@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from meshlm.config import Config, ConfigError, config_from_dict
 from meshlm.distributed.env import LaunchEnv
+from meshlm.distributed.rank_zero import run_on_rank0
 from meshlm.train.checkpoint_manifest import (CheckpointError, MANIFEST, checkpoints_dir, list_checkpoints, newest_valid,
                                               prune, publish, step_dir, verify_checkpoint)
 from meshlm.train.checkpoint_state import (Box, BoxLoadPlanner, BoxSavePlanner, ShardContext, Sharded, checkpoint_key,
@@ -80,14 +81,6 @@ class ResumePoint:
         return int(self.manifest["step"])
 
 
-def _broadcast(env: LaunchEnv, value):
-    if not env.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def find_resume_checkpoint(resume: str, run: Path, env: LaunchEnv, log=print) -> ResumePoint | None:
     """What `--resume` names, verified: "auto" is the newest complete checkpoint of `run`
     (broken ones are reported and skipped; None when there is none: start fresh); a run
@@ -107,17 +100,15 @@ def find_resume_checkpoint(resume: str, run: Path, env: LaunchEnv, log=print) ->
             return found
         return path, verify_checkpoint(path)
 
-    answer = None
-    if env.is_main:
+    def answer():
         try:
             found = choose()
-            answer = ("ok", (str(found[0]), found[1]) if found else None)
         except (ConfigError, OSError, ValueError) as e:  # reported on every rank, not just this one
-            answer = ("error", str(e))
-    answer = _broadcast(env, answer)
-    if answer[0] == "error":
-        raise CheckpointError(answer[1])
-    return ResumePoint(Path(answer[1][0]), answer[1][1]) if answer[1] else None
+            raise CheckpointError(str(e)) from None
+        return (str(found[0]), found[1]) if found else None
+
+    found = run_on_rank0(answer, env.distributed)
+    return ResumePoint(Path(found[0]), found[1]) if found else None
 
 
 def resume_on_restart(resume: str | None, run: Path) -> str | None:

@@ -28,6 +28,7 @@ from meshlm.distributed.comm_profile import CommProfiler, format_comm, make_ddp_
 from meshlm.distributed.dims import ParallelDims, parallel_dims_from_config
 from meshlm.distributed.env import LaunchEnv, read_launch_env
 from meshlm.distributed.process_group import init_distributed
+from meshlm.distributed.rank_zero import run_on_rank0
 from meshlm.model.stats import count_params, flops_per_token
 from meshlm.model.transformer import build_model
 from meshlm.model.weights_file import save_weights
@@ -67,18 +68,7 @@ def _quiet(*args, **kwargs) -> None:
 def _on_main_first(env: LaunchEnv, fn):
     """Run `fn` on rank 0, then (if it succeeded) on the others; a user error on rank 0 is
     raised on every rank, so no rank waits forever for a peer that has given up."""
-    if not env.distributed:
-        return fn()
-    error, result = None, None
-    if env.is_main:
-        try:
-            result = fn()
-        except ConfigError as e:
-            error = str(e)
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise ConfigError(box[0])
+    result = run_on_rank0(fn, env.distributed)
     return result if env.is_main else fn()
 
 

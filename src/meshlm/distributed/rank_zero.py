@@ -1,0 +1,38 @@
+"""Work that only global rank 0 does (read files, plan, choose a checkpoint), with its answer
+or its error delivered to every rank, so that no rank waits forever for a peer that gave up."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+from meshlm.config import ConfigError
+
+
+def broadcast_from_rank0(value: Any, distributed: bool) -> Any:
+    """Rank 0's `value` on every rank (picklable objects; a no-op in a single process)."""
+    if not distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_on_rank0(fn: Callable[[], Any], distributed: bool, errors: tuple[type[Exception], ...] = (ConfigError,)) -> Any:
+    """fn() on rank 0 only; its result on every rank. An error of the types in `errors` raised
+    there is raised again, with the same type and message, on every rank. In a single process
+    this is fn()."""
+    if not distributed:
+        return fn()
+    outcome = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = ("ok", fn())
+        except errors as e:
+            outcome = ("error", (type(e), str(e)))
+    kind, payload = broadcast_from_rank0(outcome, distributed)
+    if kind == "error":
+        error_type, message = payload
+        raise error_type(message)
+    return payload
