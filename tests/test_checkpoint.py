@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from meshlm.config import ConfigError, load_config
-from meshlm.data.prepare import prepare_data
 from meshlm.distributed.env import read_launch_env
 from meshlm.distributed.spawn import run_distributed
 from meshlm.model.weights_file import load_weights
@@ -49,12 +48,8 @@ def quiet(*args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    """Prepare the corpus once, before any fork."""
-    cache = tmp_path_factory.mktemp("data-cache")
-    cfg = load_config(None, BASE + [f"data.cache_dir=\"{cache}\""])
-    prepare_data(cfg.data, cfg.model.vocab_size, log=quiet)
-    return cache
+def data_cache(prepare_corpus):
+    return prepare_corpus(BASE)
 
 
 def _config(variant, cache, extra=()):

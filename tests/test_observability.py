@@ -11,7 +11,6 @@ import pytest
 
 from meshlm.distributed.spawn import run_distributed
 from meshlm.config import load_config
-from meshlm.data.prepare import prepare_data
 from meshlm.model.stats import count_params
 from meshlm.train.trainer import train
 
@@ -23,11 +22,8 @@ F32 = 4
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    cfg = load_config(None, BASE + [f"data.cache_dir=\"{cache}\""])
-    prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a, **k: None)
-    return cache
+def cache(prepare_corpus):
+    return prepare_corpus(BASE)
 
 
 def _run(rank, cfg, out):

@@ -13,7 +13,6 @@ import pytest
 
 from meshlm.distributed.spawn import run_distributed
 from meshlm.config import load_config
-from meshlm.data.prepare import prepare_data
 from meshlm.model.weights_file import load_weights
 from meshlm.train.trainer import train
 
@@ -57,12 +56,8 @@ LAYOUTS = [
 
 
 @pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    """Prepare the corpus once, before any fork, so every rank and case reuses it."""
-    cache = tmp_path_factory.mktemp("data-cache")
-    cfg = load_config(None, BASE + [f"data.cache_dir=\"{cache}\""])
-    prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a, **k: None)
-    return cache
+def data_cache(prepare_corpus):
+    return prepare_corpus(BASE)
 
 
 def _config(variant: str, cache, extra: list[str]):

@@ -90,20 +90,17 @@ STATE_CASES = [  # (overrides, world): zero 1 / zero 3 on a tied llama, tp on gp
 
 
 @pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    from meshlm.data.prepare import prepare_data
+def data_cache(prepare_corpus):
+    return prepare_corpus(TINY_TRAIN)
 
-    cache = tmp_path_factory.mktemp("cache")
-    cfg = load_config(None, _tiny_train_args(cache))
-    prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a, **k: None)
-    return cache
+
+TINY_TRAIN = ["model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=301",
+              "model.max_seq_len=64", "data.seq_len=32", "data.max_bytes=300000", "train.steps=1", "train.micro_batch=2",
+              "train.global_batch=8", "train.eval_every=0", "train.sample_tokens=0", "train.progress=false"]
 
 
 def _tiny_train_args(cache) -> list[str]:
-    return ["model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=301",
-            "model.max_seq_len=64", "data.seq_len=32", "data.max_bytes=300000", "train.steps=1", "train.micro_batch=2",
-            "train.global_batch=8", "train.eval_every=0", "train.sample_tokens=0", "train.progress=false",
-            f"data.cache_dir=\"{cache}\""]
+    return TINY_TRAIN + [f"data.cache_dir=\"{cache}\""]
 
 
 @pytest.mark.parametrize("overrides,world", STATE_CASES, ids=["zero1-tied", "zero3", "gpt2-tp2", "zbv-tied"])
