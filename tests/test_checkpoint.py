@@ -272,7 +272,7 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(data_cache, tmp_path
 
 def test_export_consolidates_a_sharded_checkpoint(data_cache, tmp_path):
     from meshlm.cli import main
-    from meshlm.inference.simple_generate import load_run
+    from meshlm.inference.loading import find_model_files, load_model
 
     cfg = _config("gpt2", data_cache, ["parallel.tp=2", "parallel.pp=2"])
     _run(4, cfg, tmp_path / "run")
@@ -282,7 +282,7 @@ def test_export_consolidates_a_sharded_checkpoint(data_cache, tmp_path):
     for name in trained:
         assert torch.equal(final[name], trained[name]), name
     export_checkpoint(tmp_path / "run", tmp_path / "step3", step=3, log=quiet)
-    loaded = load_run(tmp_path / "step3")
+    loaded = load_model(find_model_files(run=tmp_path / "step3"))
     assert loaded.cfg.model == cfg.model and loaded.tokenizer.get_vocab_size() > 0
     assert not torch.equal(loaded.model.state_dict()["tok_embeddings.weight"], trained["tok_embeddings.weight"])
     with pytest.raises(CheckpointError, match="steps available: 3, 6"):

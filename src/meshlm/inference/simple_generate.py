@@ -6,17 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import tokenizers
 import torch
 
-from meshlm.data.tokenizer import load_tokenizer
-from meshlm.config import Config, ConfigError
+from meshlm.config import Config
 from meshlm.inference.sampling import sample_next
 from meshlm.model.transformer import Transformer
-from meshlm.model.weights_file import load_weights
-from meshlm.train.run_dir import load_run_config
 
 
 @dataclass
@@ -24,17 +20,6 @@ class LoadedModel:
     cfg: Config
     model: Transformer
     tokenizer: tokenizers.Tokenizer
-
-
-def load_run(run: Path, device: torch.device | str = "cpu") -> LoadedModel:
-    run = Path(run)
-    cfg = load_run_config(run)
-    tok_path = run / "tokenizer.json"
-    if not tok_path.is_file():
-        raise ConfigError(f"{run} has no tokenizer.json; it is not a finished run. Train it to the end or export a checkpoint.")
-    model = load_weights(run / "model.safetensors", cfg.model, device)
-    model.eval()
-    return LoadedModel(cfg, model, load_tokenizer(tok_path))
 
 
 @torch.no_grad()
