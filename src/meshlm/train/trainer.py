@@ -222,9 +222,10 @@ class Trainer:
         save_weights(state, self.cfg.model, self.out / "model.safetensors")
         plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
         from meshlm.inference.simple_generate import LoadedModel, generate_text
-        from meshlm.model.weights_file import load_weights
+        from meshlm.interop.convert import model_from_state_dict
 
-        model = load_weights(self.out / "model.safetensors", self.cfg.model, self.device)
+        # The sample comes from the gathered weights just saved, without reading the file back.
+        model = model_from_state_dict(self.cfg.model, state, self.device)
         loaded = LoadedModel(self.cfg, model.eval(), load_tokenizer(self.out / "tokenizer.json"))
         prompt = self.cfg.train.sample_prompt
         sample = prompt + generate_text(loaded, prompt, self.cfg.train.sample_tokens, temperature=0.8, top_k=40,
