@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench clean venv
+.PHONY: demo test test-fast lint bench clean venv
 
 venv: $(STAMP)
 
@@ -20,13 +20,17 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=2 $(VENV)/bin/meshlm train --out runs/demo --overwrite
 	$(VENV)/bin/meshlm generate --run runs/demo --prompt "def " --max-new-tokens 60 --temperature 0.8 --top-k 40 --seed 0
 
-# The fast default suite (what CI runs).
-test: $(STAMP)
+# Lint and format check over the whole repository, then the whole suite (what CI runs).
+test: lint
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# Quick iterations: lint, then the suite without the tests marked slow.
+test-fast: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
 
-# Everything, including slow multi-process tests.
-test-all: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The CPU benchmarks behind docs/benchmarks.md (about 15 minutes on 2 cores).
 bench: $(STAMP)

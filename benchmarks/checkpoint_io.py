@@ -34,17 +34,44 @@ from meshlm.distributed.spawn import run_distributed
 
 SIZES = {
     # ~88M parameters (GPU): 3 x 350 MB
-    "large": ["model.d_model=768", "model.n_layers=12", "model.n_heads=12", "model.n_kv_heads=4", "model.vocab_size=8192",
-              "data.max_bytes=8000000"],
+    "large": [
+        "model.d_model=768",
+        "model.n_layers=12",
+        "model.n_heads=12",
+        "model.n_kv_heads=4",
+        "model.vocab_size=8192",
+        "data.max_bytes=8000000",
+    ],
     # ~6.8M parameters: 3 x 27 MB of float32 state (parameters, exp_avg, exp_avg_sq)
-    "medium": ["model.d_model=256", "model.n_layers=8", "model.n_heads=8", "model.n_kv_heads=4", "model.vocab_size=2048",
-               "data.max_bytes=2000000"],
-    "small": ["model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=2048",
-              "data.max_bytes=2000000"],
+    "medium": [
+        "model.d_model=256",
+        "model.n_layers=8",
+        "model.n_heads=8",
+        "model.n_kv_heads=4",
+        "model.vocab_size=2048",
+        "data.max_bytes=2000000",
+    ],
+    "small": [
+        "model.d_model=128",
+        "model.n_layers=4",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.vocab_size=2048",
+        "data.max_bytes=2000000",
+    ],
 }
-COMMON = ["model.max_seq_len=128", "data.seq_len=128", "train.micro_batch=4",
-          "train.global_batch=16", "train.steps=100", "train.eval_every=0", "train.sample_tokens=0",
-          "train.progress=false", "train.checkpoint_every=0", "train.keep_checkpoints=2"]
+COMMON = [
+    "model.max_seq_len=128",
+    "data.seq_len=128",
+    "train.micro_batch=4",
+    "train.global_batch=16",
+    "train.steps=100",
+    "train.eval_every=0",
+    "train.sample_tokens=0",
+    "train.progress=false",
+    "train.checkpoint_every=0",
+    "train.keep_checkpoints=2",
+]
 
 LAYOUTS = [
     ("single process", 1, []),
@@ -85,8 +112,15 @@ def _bench(rank, cfg, out, repeats):
             dist.barrier()
 
     base = train_steps(3)[1:]
-    rows = {"sync_s": [], "async_blocked_s": [], "async_published_s": [], "verify_s": [], "load_s": [],
-            "step_s": base, "step_during_async_s": []}
+    rows = {
+        "sync_s": [],
+        "async_blocked_s": [],
+        "async_published_s": [],
+        "verify_s": [],
+        "load_s": [],
+        "step_s": base,
+        "step_during_async_s": [],
+    }
     for _ in range(repeats):
         barrier()
         cfg.train.async_checkpoint = False
@@ -117,8 +151,12 @@ def _bench(rank, cfg, out, repeats):
     path = step_dir(out, saved)
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     data = sum(p.stat().st_size for p in path.glob("*.distcp"))
-    return {**{k: statistics.median(v) for k, v in rows.items()}, "bytes": size, "distcp_bytes": data,
-            "files": len(list(path.glob("*.distcp")))}
+    return {
+        **{k: statistics.median(v) for k, v in rows.items()},
+        "bytes": size,
+        "distcp_bytes": data,
+        "files": len(list(path.glob("*.distcp"))),
+    }
 
 
 def main() -> None:
@@ -132,7 +170,7 @@ def main() -> None:
         torch.set_num_threads(1)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        base = SIZES[args.size] + COMMON + [f"data.cache_dir=\"{tmp}/cache\""]
+        base = SIZES[args.size] + COMMON + [f'data.cache_dir="{tmp}/cache"']
         cfg = load_config(None, base)
         prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a, **k: None)
         n_params = None
@@ -141,25 +179,39 @@ def main() -> None:
                 continue
             cfg = load_config(None, base + layout)
             out = Path(tmp) / f"run{i}"
-            row = run_distributed(_bench, world, cfg, out, args.repeats)[0] if world > 1 else _bench(0, cfg, out, args.repeats)
+            row = (
+                run_distributed(_bench, world, cfg, out, args.repeats)[0]
+                if world > 1
+                else _bench(0, cfg, out, args.repeats)
+            )
             if n_params is None:
                 from meshlm.model.stats import count_params
+
                 n_params = count_params(cfg.model)
             results.append({"layout": name, "world": world, **row})
-            print(f"{name:20s} world {world}: {row['bytes'] / 2**20:6.1f} MiB in {row['files']} data file(s); "
-                  f"sync save {row['sync_s']:.3f} s, verify {row['verify_s']:.3f} s, load {row['load_s']:.3f} s; "
-                  f"async: blocked {row['async_blocked_s']:.3f} s, published after {row['async_published_s']:.3f} s; "
-                  f"step {row['step_s']:.3f} s, during async write {row['step_during_async_s']:.3f} s", flush=True)
+            print(
+                f"{name:20s} world {world}: {row['bytes'] / 2**20:6.1f} MiB in {row['files']} data file(s); "
+                f"sync save {row['sync_s']:.3f} s, verify {row['verify_s']:.3f} s, load {row['load_s']:.3f} s; "
+                f"async: blocked {row['async_blocked_s']:.3f} s, published after {row['async_published_s']:.3f} s; "
+                f"step {row['step_s']:.3f} s, during async write {row['step_during_async_s']:.3f} s",
+                flush=True,
+            )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"\nmachine: {platform.machine()}, {device}, {torch.get_num_threads()} thread(s) per rank, "
-          f"torch {torch.__version__}; model {args.size} ({n_params / 1e6:.2f}M parameters)")
-    print("\n| layout | ranks | size (MiB) | data files | sync save (s) | verify (s) | load (s) | async: blocked (s) | "
-          "async: published after (s) | step (s) | step during async write (s) |")
+    print(
+        f"\nmachine: {platform.machine()}, {device}, {torch.get_num_threads()} thread(s) per rank, "
+        f"torch {torch.__version__}; model {args.size} ({n_params / 1e6:.2f}M parameters)"
+    )
+    print(
+        "\n| layout | ranks | size (MiB) | data files | sync save (s) | verify (s) | load (s) | async: blocked (s) | "
+        "async: published after (s) | step (s) | step during async write (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['layout']} | {r['world']} | {r['bytes'] / 2**20:.1f} | {r['files']} | {r['sync_s']:.3f} | "
-              f"{r['verify_s']:.3f} | {r['load_s']:.3f} | {r['async_blocked_s']:.3f} | {r['async_published_s']:.3f} | "
-              f"{r['step_s']:.3f} | {r['step_during_async_s']:.3f} |")
+        print(
+            f"| {r['layout']} | {r['world']} | {r['bytes'] / 2**20:.1f} | {r['files']} | {r['sync_s']:.3f} | "
+            f"{r['verify_s']:.3f} | {r['load_s']:.3f} | {r['async_blocked_s']:.3f} | {r['async_published_s']:.3f} | "
+            f"{r['step_s']:.3f} | {r['step_during_async_s']:.3f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

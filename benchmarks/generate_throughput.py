@@ -23,6 +23,7 @@ from meshlm.inference.engine import Engine, Request
 from meshlm.inference.sampling import SamplingParams
 from meshlm.model.transformer import build_model
 
+
 def run_meshlm(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_token_ids=())
     return [c.token_ids for c in engine.generate([Request(p, params) for p in prompts.tolist()])]
@@ -30,9 +31,17 @@ def run_meshlm(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> list[l
 
 @torch.no_grad()
 def run_hf(model, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
-    out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None)
-    return out[:, prompts.shape[1]:].tolist()
+    out = model.generate(
+        input_ids=prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    return out[:, prompts.shape[1] :].tolist()
 
 
 def timed(fn, *args) -> tuple[float, list[list[int]]]:
@@ -75,11 +84,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import transformers
 
-    where = f"{args.device}, " + (torch.cuda.get_device_name() if args.device.startswith("cuda") else
-                                   f"{cpu_name()}, {args.threads} threads")
-    print(f"# generate throughput, {where}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, prompt {args.prompt_len} tokens, "
-          f"{args.new_tokens} new tokens, greedy, float32, median of {args.rounds} alternating rounds")
+    where = f"{args.device}, " + (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{cpu_name()}, {args.threads} threads"
+    )
+    print(
+        f"# generate throughput, {where}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, prompt {args.prompt_len} tokens, "
+        f"{args.new_tokens} new tokens, greedy, float32, median of {args.rounds} alternating rounds"
+    )
     print("| model | batch | meshlm tokens/s | transformers tokens/s | ratio (meshlm / HF) | same tokens |")
     print("|---|---|---|---|---|---|")
     for name in args.models:
@@ -88,7 +100,9 @@ def main() -> None:
         theirs = hf_model(cfg, ours).eval().to(args.device)
         ours = ours.to(args.device)
         for batch in args.batches:
-            prompts = torch.randint(1, cfg.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
+            prompts = torch.randint(
+                1, cfg.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch)
+            )
             prompts = prompts.to(args.device)
             engine = Engine(ours, max_batch=batch)
             run_meshlm(engine, prompts, 8), run_hf(theirs, prompts, 8)  # warm-up
@@ -101,8 +115,11 @@ def main() -> None:
             assert all(len(x) == args.new_tokens for x in out_ours + out_theirs)
             tokens = batch * args.new_tokens
             m_ours, m_theirs = statistics.median(t_ours), statistics.median(t_theirs)
-            print(f"| {name} | {batch} | {tokens / m_ours:,.0f} | {tokens / m_theirs:,.0f} | {m_theirs / m_ours:.2f} | "
-                  f"{agreement(out_ours, out_theirs):.0%} |", flush=True)
+            print(
+                f"| {name} | {batch} | {tokens / m_ours:,.0f} | {tokens / m_theirs:,.0f} | {m_theirs / m_ours:.2f} | "
+                f"{agreement(out_ours, out_theirs):.0%} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,16 @@ from meshlm.interop.hf_weights import state_dict_to_hf
 
 # The shapes both benchmarks compare on.
 SHAPES = {
-    "llama": ModelConfig(arch="llama", d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096,
-                         max_seq_len=256, tie_embeddings=False),
+    "llama": ModelConfig(
+        arch="llama",
+        d_model=256,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=4,
+        vocab_size=4096,
+        max_seq_len=256,
+        tie_embeddings=False,
+    ),
     "gpt2": ModelConfig(arch="gpt2", d_model=256, n_layers=4, n_heads=8, vocab_size=4096, max_seq_len=256),
 }
 

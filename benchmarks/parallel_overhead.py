@@ -27,9 +27,21 @@ from meshlm.config import load_config
 from meshlm.data.prepare import prepare_data
 from meshlm.distributed.spawn import run_distributed
 
-MODEL = ["model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=2048",
-         "model.max_seq_len=128", "data.seq_len=128", "data.max_bytes=2000000", "train.micro_batch=4",
-         "train.global_batch=16", "train.eval_every=0", "train.sample_tokens=0", "train.progress=false"]
+MODEL = [
+    "model.d_model=128",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=2048",
+    "model.max_seq_len=128",
+    "data.seq_len=128",
+    "data.max_bytes=2000000",
+    "train.micro_batch=4",
+    "train.global_batch=16",
+    "train.eval_every=0",
+    "train.sample_tokens=0",
+    "train.progress=false",
+]
 
 LAYOUTS = [
     ("single process", 1, []),
@@ -40,8 +52,12 @@ LAYOUTS = [
     ("tp2", 2, ["parallel.tp=2"]),
     ("tp2 + sequence parallel", 2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     ("pp2 1f1b", 2, ["parallel.pp=2"]),
-    ("pp2 interleaved-1f1b v2", 2, ["parallel.pp=2", "parallel.pp_schedule=\"interleaved-1f1b\"", "parallel.pp_virtual_stages=2"]),
-    ("pp2 zbv", 2, ["parallel.pp=2", "parallel.pp_schedule=\"zbv\"", "parallel.pp_virtual_stages=2"]),
+    (
+        "pp2 interleaved-1f1b v2",
+        2,
+        ["parallel.pp=2", 'parallel.pp_schedule="interleaved-1f1b"', "parallel.pp_virtual_stages=2"],
+    ),
+    ("pp2 zbv", 2, ["parallel.pp=2", 'parallel.pp_schedule="zbv"', "parallel.pp_virtual_stages=2"]),
     ("dp2 x tp2", 4, ["parallel.dp=2", "parallel.tp=2"]),
     ("hsdp 2x2", 4, ["parallel.zero=3", "parallel.dp_replicate=2"]),
     ("dp2 x tp2 x pp2", 8, ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"]),
@@ -70,8 +86,7 @@ def _tp_compare(rank, cfg, steps):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, loss_parallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
 
     from meshlm.model.transformer import build_model
     from meshlm.parallel.tensor_parallel import apply_tensor_parallel
@@ -83,8 +98,10 @@ def _tp_compare(rank, cfg, steps):
     ours = build_model(cfg.model, seed=0)
     apply_tensor_parallel(ours, group)
     theirs = build_model(cfg.model, seed=0)
-    plan = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
-            "output": ColwiseParallel(use_local_output=False)}
+    plan = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
+        "output": ColwiseParallel(use_local_output=False),
+    }
     for i in theirs.layers:
         for name in ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3"):
             plan[f"layers.{i}.{name}"] = ColwiseParallel()
@@ -130,11 +147,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="meshlm-bench-"))
-    base = MODEL + [f"train.steps={args.steps}", f"data.cache_dir=\"{work / 'cache'}\""]
+    base = MODEL + [f"train.steps={args.steps}", f'data.cache_dir="{work / "cache"}"']
     cfg = load_config(None, base)
     prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a, **k: None)
-    print(f"# parallel overhead, {platform.machine()}, gloo, 1 thread per rank, torch {torch.__version__}; "
-          f"model d{cfg.model.d_model} L{cfg.model.n_layers}, global batch {cfg.train.global_batch} x {cfg.data.seq_len}")
+    print(
+        f"# parallel overhead, {platform.machine()}, gloo, 1 thread per rank, torch {torch.__version__}; "
+        f"model d{cfg.model.d_model} L{cfg.model.n_layers}, global batch {cfg.train.global_batch} x {cfg.data.seq_len}"
+    )
     print("| layout | ranks | median step (s) | ratio to single process |")
     print("|---|---|---|---|")
     reference = None
@@ -150,7 +169,9 @@ def main() -> None:
     print("| tp2 implementation | median step (s) | ratio |")
     print("|---|---|---|")
     print(f"| meshlm hand-written (autograd.Function pairs) | {result['ours']:.4f} | 1.00 |")
-    print(f"| DTensor parallelize_module + loss_parallel | {result['theirs']:.4f} | {result['theirs'] / result['ours']:.2f} |")
+    print(
+        f"| DTensor parallelize_module + loss_parallel | {result['theirs']:.4f} | {result['theirs'] / result['ours']:.2f} |"
+    )
 
 
 if __name__ == "__main__":

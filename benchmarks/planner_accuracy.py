@@ -1,20 +1,20 @@
 """How close the planner's predictions are to what actually happens.
 
-    python benchmarks/planner_accuracy.py cpu [--steps 8 --repeats 2]
-        Trains a small model with the real trainer on local gloo ranks (forked, one thread each,
-        as benchmarks/parallel_overhead.py does) in many layouts (1 to 8 processes), and prints
-        the predicted against the measured step time (median of the steps after the first two;
-        the best of --repeats runs, since the machine is shared) and memory per rank (params +
-        grads + optimizer state, from DIR/state_bytes.json: what "memory" means on cpu-local).
+python benchmarks/planner_accuracy.py cpu [--steps 8 --repeats 2]
+    Trains a small model with the real trainer on local gloo ranks (forked, one thread each,
+    as benchmarks/parallel_overhead.py does) in many layouts (1 to 8 processes), and prints
+    the predicted against the measured step time (median of the steps after the first two;
+    the best of --repeats runs, since the machine is shared) and memory per rank (params +
+    grads + optimizer state, from DIR/state_bytes.json: what "memory" means on cpu-local).
 
-    python benchmarks/planner_accuracy.py published [--no-search]
-        Predicted against reported throughput per GPU of published large runs
-        (meshlm.plan.published; figures from memory), and the planner's own best layout.
+python benchmarks/planner_accuracy.py published [--no-search]
+    Predicted against reported throughput per GPU of published large runs
+    (meshlm.plan.published; figures from memory), and the planner's own best layout.
 
-    python benchmarks/planner_accuracy.py gpu [--out DIR]
-        On a GPU machine: kernel rates against the device preset (GEMM shapes, elementwise
-        bandwidth, flash attention, per-kernel host overhead) and single-GPU meshlm training
-        runs against the planner (step time, and peak allocated memory).
+python benchmarks/planner_accuracy.py gpu [--out DIR]
+    On a GPU machine: kernel rates against the device preset (GEMM shapes, elementwise
+    bandwidth, flash attention, per-kernel host overhead) and single-GPU meshlm training
+    runs against the planner (step time, and peak allocated memory).
 """
 
 from __future__ import annotations
@@ -35,9 +35,21 @@ from meshlm.plan.layout import Layout, Workload, meshlm_software
 
 # ----------------------------------------------------------------------------- cpu
 
-CPU_MODEL = ["model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=2048",
-             "model.max_seq_len=128", "data.seq_len=128", "data.max_bytes=2000000", "train.micro_batch=4",
-             "train.global_batch=16", "train.eval_every=0", "train.sample_tokens=0", "train.progress=false"]
+CPU_MODEL = [
+    "model.d_model=128",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=2048",
+    "model.max_seq_len=128",
+    "data.seq_len=128",
+    "data.max_bytes=2000000",
+    "train.micro_batch=4",
+    "train.global_batch=16",
+    "train.eval_every=0",
+    "train.sample_tokens=0",
+    "train.progress=false",
+]
 
 CPU_LAYOUTS = [
     ("single process", 1, []),
@@ -107,9 +119,18 @@ def layout_of(cfg, world: int) -> Layout:
     dims = parallel_dims_from_config(cfg, world)
     p = cfg.parallel
     v = 2 if p.pp_schedule == "zbv" else p.pp_virtual_stages
-    return Layout(dims.dp, dims.tp, dims.pp, dims.zero, cfg.train.micro_batch,
-                  "full" if cfg.train.activation_checkpointing else "none", dims.sequence_parallel, p.pp_schedule, v,
-                  dims.dp_replicate)
+    return Layout(
+        dims.dp,
+        dims.tp,
+        dims.pp,
+        dims.zero,
+        cfg.train.micro_batch,
+        "full" if cfg.train.activation_checkpointing else "none",
+        dims.sequence_parallel,
+        p.pp_schedule,
+        v,
+        dims.dp_replicate,
+    )
 
 
 def cpu(args) -> None:
@@ -120,19 +141,25 @@ def cpu(args) -> None:
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="meshlm-plan-accuracy-"))
-    base = CPU_MODEL + [f"train.steps={args.steps}", f"data.cache_dir=\"{work / 'cache'}\""]
+    base = CPU_MODEL + [f"train.steps={args.steps}", f'data.cache_dir="{work / "cache"}"']
     cfg0 = load_config(None, base)
     prepare_data(cfg0.data, cfg0.model.vocab_size, log=lambda *a, **k: None)
     if args.remeasure:
         wait_for_quiet()
     cluster1 = cpu_local_cluster(1, remeasure=args.remeasure, log=print)
     dev = cluster1.device
-    print(f"# planner accuracy on cpu-local: {platform.machine()} '{dev.name}', {dev.cores} cores, torch {torch.__version__}, "
-          f"gloo, 1 thread per rank; load average {os.getloadavg()[0]:.1f} at start")
-    print(f"# model d{cfg0.model.d_model} L{cfg0.model.n_layers} heads {cfg0.model.n_heads}/{cfg0.model.kv_heads} "
-          f"vocab {cfg0.model.vocab_size}, global batch {cfg0.train.global_batch} x {cfg0.data.seq_len}; "
-          f"step time = median of steps 3..{args.steps}, best of {args.repeats} runs")
-    print("| layout | ranks | predicted step (s) | measured step (s) | error | predicted memory/rank (MB) | measured (MB) | error |")
+    print(
+        f"# planner accuracy on cpu-local: {platform.machine()} '{dev.name}', {dev.cores} cores, torch {torch.__version__}, "
+        f"gloo, 1 thread per rank; load average {os.getloadavg()[0]:.1f} at start"
+    )
+    print(
+        f"# model d{cfg0.model.d_model} L{cfg0.model.n_layers} heads {cfg0.model.n_heads}/{cfg0.model.kv_heads} "
+        f"vocab {cfg0.model.vocab_size}, global batch {cfg0.train.global_batch} x {cfg0.data.seq_len}; "
+        f"step time = median of steps 3..{args.steps}, best of {args.repeats} runs"
+    )
+    print(
+        "| layout | ranks | predicted step (s) | measured step (s) | error | predicted memory/rank (MB) | measured (MB) | error |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     # Round-robin over the layouts, each run started on a quiet machine: a burst of other work
     # then spoils one run of a layout, not all of them; each layout keeps its best run.
@@ -141,8 +168,9 @@ def cpu(args) -> None:
     for r in range(args.repeats):
         for name, world, overrides in CPU_LAYOUTS:
             wait_for_quiet()
-            median, _, states[name] = measure_cpu(load_config(None, base + overrides), world,
-                                                  work / f"{name.replace(' ', '_')}_{r}")
+            median, _, states[name] = measure_cpu(
+                load_config(None, base + overrides), world, work / f"{name.replace(' ', '_')}_{r}"
+            )
             measured[name] = min(measured[name], median)
     rows, saved = [], {}
     for name, world, overrides in CPU_LAYOUTS:
@@ -154,15 +182,26 @@ def cpu(args) -> None:
         t_err = est.step_time_s / measured[name] - 1
         m_err = est.memory.state / state - 1
         rows.append((name, t_err, m_err))
-        saved[name] = {"world": world, "measured_s": measured[name], "predicted_s": est.step_time_s,
-                       "state_bytes": state, "predicted_state_bytes": est.memory.state, "breakdown": est.breakdown}
-        print(f"| {name} | {world} | {est.step_time_s:.3f} | {measured[name]:.3f} | {100 * t_err:+.0f}% | "
-              f"{est.memory.state / 1e6:.2f} | {state / 1e6:.2f} | {100 * m_err:+.1f}% |", flush=True)
+        saved[name] = {
+            "world": world,
+            "measured_s": measured[name],
+            "predicted_s": est.step_time_s,
+            "state_bytes": state,
+            "predicted_state_bytes": est.memory.state,
+            "breakdown": est.breakdown,
+        }
+        print(
+            f"| {name} | {world} | {est.step_time_s:.3f} | {measured[name]:.3f} | {100 * t_err:+.0f}% | "
+            f"{est.memory.state / 1e6:.2f} | {state / 1e6:.2f} | {100 * m_err:+.1f}% |",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(saved, indent=1))
     within = sum(abs(t) <= 0.25 for _, t, _ in rows)
-    print(f"\n{within} of {len(rows)} layouts within 25% on step time; memory within "
-          f"{100 * max(abs(m) for *_, m in rows):.1f}% on every layout; load average {os.getloadavg()[0]:.1f} at the end")
+    print(
+        f"\n{within} of {len(rows)} layouts within 25% on step time; memory within "
+        f"{100 * max(abs(m) for *_, m in rows):.1f}% on every layout; load average {os.getloadavg()[0]:.1f} at the end"
+    )
 
 
 # ----------------------------------------------------------------------------- published runs
@@ -171,42 +210,99 @@ def cpu(args) -> None:
 def published(args) -> None:
     from meshlm.plan.published import RUNS, compare
 
-    print("| run | GPUs | layout (theirs) | reported TFLOP/s/GPU | predicted | error | planner's best layout | its speed-up |")
+    print(
+        "| run | GPUs | layout (theirs) | reported TFLOP/s/GPU | predicted | error | planner's best layout | its speed-up |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     errors = []
     for run in RUNS:
         c = compare(run, with_search=not args.no_search)
         errors.append(c.error)
-        best = (f"{c.best_layout.describe()} | {c.predicted_step_s / c.best_step_s:.2f}x" if c.best_layout else "- | -")
-        print(f"| {run.name} | {run.gpus} | {c.layout.describe()} | {run.reported_tflops:.0f} | {c.predicted_tflops:.0f} | "
-              f"{100 * c.error:+.0f}% | {best} |", flush=True)
-    print(f"\n{sum(abs(e) <= 0.15 for e in errors)} of {len(errors)} runs within 15%; "
-          f"median error {100 * statistics.median(errors):+.0f}%")
+        best = f"{c.best_layout.describe()} | {c.predicted_step_s / c.best_step_s:.2f}x" if c.best_layout else "- | -"
+        print(
+            f"| {run.name} | {run.gpus} | {c.layout.describe()} | {run.reported_tflops:.0f} | {c.predicted_tflops:.0f} | "
+            f"{100 * c.error:+.0f}% | {best} |",
+            flush=True,
+        )
+    print(
+        f"\n{sum(abs(e) <= 0.15 for e in errors)} of {len(errors)} runs within 15%; "
+        f"median error {100 * statistics.median(errors):+.0f}%"
+    )
 
 
 # ----------------------------------------------------------------------------- gpu
 
 GEMM_SHAPES = [
-    (8192, 8192, 8192), (4096, 4096, 4096), (2048, 2048, 2048), (1024, 1024, 1024), (512, 512, 512),
-    (8192, 4096, 4096), (8192, 4096, 1024), (8192, 4096, 14336), (8192, 14336, 4096),  # llama3-8b, 2 x 4096 tokens
-    (8192, 8192, 1024), (8192, 8192, 3584), (8192, 3584, 8192),  # llama3-70b tp8
-    (8192, 16384, 2048), (8192, 16384, 6656), (8192, 6656, 16384),  # llama3-405b tp8
-    (2048, 12288, 4608), (2048, 1536, 12288), (2048, 12288, 6144), (2048, 6144, 12288),  # gpt3-175b tp8, mb 1
-    (8192, 2048, 2048), (8192, 2048, 512), (8192, 2048, 8192), (8192, 8192, 2048),  # llama-1b shapes, 4 x 2048
-    (16384, 768, 768), (16384, 768, 3072), (16384, 3072, 768), (16384, 768, 32768),  # gpt2-124m, 16 x 1024
+    (8192, 8192, 8192),
+    (4096, 4096, 4096),
+    (2048, 2048, 2048),
+    (1024, 1024, 1024),
+    (512, 512, 512),
+    (8192, 4096, 4096),
+    (8192, 4096, 1024),
+    (8192, 4096, 14336),
+    (8192, 14336, 4096),  # llama3-8b, 2 x 4096 tokens
+    (8192, 8192, 1024),
+    (8192, 8192, 3584),
+    (8192, 3584, 8192),  # llama3-70b tp8
+    (8192, 16384, 2048),
+    (8192, 16384, 6656),
+    (8192, 6656, 16384),  # llama3-405b tp8
+    (2048, 12288, 4608),
+    (2048, 1536, 12288),
+    (2048, 12288, 6144),
+    (2048, 6144, 12288),  # gpt3-175b tp8, mb 1
+    (8192, 2048, 2048),
+    (8192, 2048, 512),
+    (8192, 2048, 8192),
+    (8192, 8192, 2048),  # llama-1b shapes, 4 x 2048
+    (16384, 768, 768),
+    (16384, 768, 3072),
+    (16384, 3072, 768),
+    (16384, 768, 32768),  # gpt2-124m, 16 x 1024
 ]
 
 GPU_RUNS = [
-    ("llama-1b, mb4, checkpointing", "llama-1b", ["train.micro_batch=4", "train.global_batch=8",
-                                                  "train.activation_checkpointing=true"]),
-    ("llama-1b, mb4", "llama-1b", ["train.micro_batch=4", "train.global_batch=8", "train.activation_checkpointing=false"]),
-    ("llama-1b, mb1", "llama-1b", ["train.micro_batch=1", "train.global_batch=4", "train.activation_checkpointing=false"]),
-    ("gpt2-124m, mb16", "gpt2-124m", ["train.micro_batch=16", "train.global_batch=16", "train.activation_checkpointing=false",
-                                      "model.vocab_size=32768"]),
-    ("llama d3072 L8, seq 4096, mb2", "llama-1b", ["model.d_model=3072", "model.n_layers=8", "model.n_heads=24",
-                                                   "model.ffn_hidden=8192", "model.max_seq_len=4096", "data.seq_len=4096",
-                                                   "train.micro_batch=2", "train.global_batch=4",
-                                                   "train.activation_checkpointing=false"]),
+    (
+        "llama-1b, mb4, checkpointing",
+        "llama-1b",
+        ["train.micro_batch=4", "train.global_batch=8", "train.activation_checkpointing=true"],
+    ),
+    (
+        "llama-1b, mb4",
+        "llama-1b",
+        ["train.micro_batch=4", "train.global_batch=8", "train.activation_checkpointing=false"],
+    ),
+    (
+        "llama-1b, mb1",
+        "llama-1b",
+        ["train.micro_batch=1", "train.global_batch=4", "train.activation_checkpointing=false"],
+    ),
+    (
+        "gpt2-124m, mb16",
+        "gpt2-124m",
+        [
+            "train.micro_batch=16",
+            "train.global_batch=16",
+            "train.activation_checkpointing=false",
+            "model.vocab_size=32768",
+        ],
+    ),
+    (
+        "llama d3072 L8, seq 4096, mb2",
+        "llama-1b",
+        [
+            "model.d_model=3072",
+            "model.n_layers=8",
+            "model.n_heads=24",
+            "model.ffn_hidden=8192",
+            "model.max_seq_len=4096",
+            "data.seq_len=4096",
+            "train.micro_batch=2",
+            "train.global_batch=4",
+            "train.activation_checkpointing=false",
+        ],
+    ),
 ]
 
 
@@ -229,23 +325,34 @@ def gpu_kernels(dev) -> dict:
     import torch
     import torch.nn.functional as F
 
-    out: dict = {"gemm": [], "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                 "sms": torch.cuda.get_device_properties(0).multi_processor_count}
+    out: dict = {
+        "gemm": [],
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+    }
     for M, K, N in GEMM_SHAPES:
         a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
         dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
-        t = _cuda_time(lambda: a @ b)
-        t_dw = _cuda_time(lambda: a.t() @ dy)  # the weight-gradient layout: (K x M) @ (M x N)
+        t = _cuda_time(lambda a=a, b=b: a @ b)
+        t_dw = _cuda_time(lambda a=a, dy=dy: a.t() @ dy)  # the weight-gradient layout: (K x M) @ (M x N)
         pred = 2 * M * K * N / dev.gemm_flops + dev.gemm_overhead_s
-        out["gemm"].append({"shape": [M, K, N], "seconds": t, "tflops": 2 * M * K * N / t / 1e12,
-                            "dw_tflops": 2 * M * K * N / t_dw / 1e12, "predicted_s": pred})
+        out["gemm"].append(
+            {
+                "shape": [M, K, N],
+                "seconds": t,
+                "tflops": 2 * M * K * N / t / 1e12,
+                "dw_tflops": 2 * M * K * N / t_dw / 1e12,
+                "predicted_s": pred,
+            }
+        )
         del a, b, dy
     # elementwise bandwidth (bf16 and fp32 add: read 2, write 1)
     for dtype, size in ((torch.bfloat16, 2), (torch.float32, 4)):
         n = 1 << 28 if size == 2 else 1 << 27
         x, y = torch.randn(n, device="cuda", dtype=dtype), torch.randn(n, device="cuda", dtype=dtype)
-        t = _cuda_time(lambda: x + y)
+        t = _cuda_time(lambda x=x, y=y: x + y)
         out[f"add_{size}B_GBps"] = 3 * n * size / t / 1e9
         del x, y
     x = torch.randn(8 * 2048, 4096, device="cuda", dtype=torch.float32)
@@ -254,17 +361,29 @@ def gpu_kernels(dev) -> dict:
     out["rms_norm_fp32_GBps"] = 2 * x.numel() * 4 / t / 1e9
     # flash attention (SDPA), causal, forward + backward: real work 3.5 x (half of 4 B H T^2 hd)
     out["attention"] = []
-    for B, H, T, hd in ((4, 32, 2048, 64), (4, 16, 2048, 128), (1, 32, 8192, 128), (2, 24, 4096, 128), (16, 12, 1024, 64)):
+    for B, H, T, hd in (
+        (4, 32, 2048, 64),
+        (4, 16, 2048, 128),
+        (1, 32, 8192, 128),
+        (2, 24, 4096, 128),
+        (16, 12, 1024, 64),
+    ):
         q, k, v = (torch.randn(B, H, T, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         g = torch.randn(B, H, T, hd, device="cuda", dtype=torch.bfloat16)
 
-        def attn():
+        def attn(q=q, k=k, v=v, g=g):
             F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
 
         t = _cuda_time(attn, iters=10)
         flops = 3.5 * 2 * B * H * T * T * hd
-        out["attention"].append({"shape": [B, H, T, hd], "seconds": t, "tflops": flops / t / 1e12,
-                                 "predicted_s": flops / dev.attention_flops})
+        out["attention"].append(
+            {
+                "shape": [B, H, T, hd],
+                "seconds": t,
+                "tflops": flops / t / 1e12,
+                "predicted_s": flops / dev.attention_flops,
+            }
+        )
         del q, k, v, g
     # host dispatch: forward + backward of a chain of tiny ops (launch-bound)
     x = torch.randn(16, device="cuda", requires_grad=True)
@@ -294,13 +413,30 @@ def gpu_training(cluster, work: Path, steps: int, profile_dir: Path | None = Non
 
     results = []
     for name, config, overrides in GPU_RUNS:
-        cfg = load_config(config, overrides + [f"train.steps={steps}", "train.eval_every=0", "train.checkpoint_every=0",
-                                               "train.sample_tokens=0", "train.progress=false", "train.dtype=\"bfloat16\"",
-                                               "data.max_bytes=20000000", "parallel.zero=0", "parallel.dp=1",
-                                               f"data.cache_dir=\"{work / 'cache'}\""])
+        cfg = load_config(
+            config,
+            overrides
+            + [
+                f"train.steps={steps}",
+                "train.eval_every=0",
+                "train.checkpoint_every=0",
+                "train.sample_tokens=0",
+                "train.progress=false",
+                'train.dtype="bfloat16"',
+                "data.max_bytes=20000000",
+                "parallel.zero=0",
+                "parallel.dp=1",
+                f'data.cache_dir="{work / "cache"}"',
+            ],
+        )
         torch.cuda.empty_cache()
-        trainer = Trainer(cfg, work / name.replace(" ", "_").replace(",", ""), overwrite=True, env=read_launch_env(),
-                          log=lambda *a, **k: None)
+        trainer = Trainer(
+            cfg,
+            work / name.replace(" ", "_").replace(",", ""),
+            overwrite=True,
+            env=read_launch_env(),
+            log=lambda *a, **k: None,
+        )
         times = []
         for step in range(steps):
             if step == 2:
@@ -323,12 +459,22 @@ def gpu_training(cluster, work: Path, steps: int, profile_dir: Path | None = Non
         layout = Layout(1, 1, 1, 0, cfg.train.micro_batch, "full" if cfg.train.activation_checkpointing else "none")
         est = estimate(workload, layout, cluster, meshlm_software("gpu"))
         predicted_mem = est.memory.total - cluster.device.reserve_bytes
-        row = {"name": name, "measured_s": statistics.median(times[2:]), "times": times, "predicted_s": est.step_time_s,
-               "peak_allocated": peak, "predicted_memory": predicted_mem, "breakdown": est.breakdown,
-               "memory": est.to_dict()["memory_breakdown_gb"]}
+        row = {
+            "name": name,
+            "measured_s": statistics.median(times[2:]),
+            "times": times,
+            "predicted_s": est.step_time_s,
+            "peak_allocated": peak,
+            "predicted_memory": predicted_mem,
+            "breakdown": est.breakdown,
+            "memory": est.to_dict()["memory_breakdown_gb"],
+        }
         results.append(row)
-        print(f"| {name} | {est.step_time_s:.3f} | {row['measured_s']:.3f} | {100 * (est.step_time_s / row['measured_s'] - 1):+.0f}% | "
-              f"{predicted_mem / 2**30:.2f} | {peak / 2**30:.2f} | {100 * (predicted_mem / peak - 1):+.0f}% |", flush=True)
+        print(
+            f"| {name} | {est.step_time_s:.3f} | {row['measured_s']:.3f} | {100 * (est.step_time_s / row['measured_s'] - 1):+.0f}% | "
+            f"{predicted_mem / 2**30:.2f} | {peak / 2**30:.2f} | {100 * (predicted_mem / peak - 1):+.0f}% |",
+            flush=True,
+        )
         del trainer
     return results
 
@@ -347,10 +493,14 @@ def gpu(args) -> None:
     print("|---|---|---|---|")
     for g in kernels["gemm"]:
         M, K, N = g["shape"]
-        print(f"| {M} x {K} x {N} | {g['tflops']:.0f} | {g['dw_tflops']:.0f} | {2 * M * K * N / g['predicted_s'] / 1e12:.0f} |")
+        print(
+            f"| {M} x {K} x {N} | {g['tflops']:.0f} | {g['dw_tflops']:.0f} | {2 * M * K * N / g['predicted_s'] / 1e12:.0f} |"
+        )
     print("| attention B, H, T, hd | measured TFLOP/s | predicted |")
     for a in kernels["attention"]:
-        print(f"| {a['shape']} | {a['tflops']:.0f} | {3.5 * 2 * a['shape'][0] * a['shape'][1] * a['shape'][2] ** 2 * a['shape'][3] / a['predicted_s'] / 1e12:.0f} |")
+        print(
+            f"| {a['shape']} | {a['tflops']:.0f} | {3.5 * 2 * a['shape'][0] * a['shape'][1] * a['shape'][2] ** 2 * a['shape'][3] / a['predicted_s'] / 1e12:.0f} |"
+        )
     print({k: v for k, v in kernels.items() if k not in ("gemm", "attention")})
     (out_dir / "kernels.json").write_text(json.dumps(kernels, indent=1))
     print("| run | predicted step (s) | measured (s) | error | predicted memory (GiB) | peak allocated (GiB) | error |")

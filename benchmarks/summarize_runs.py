@@ -20,14 +20,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for run in map(Path, args.runs):
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in records if "loss" in r][args.skip:]
+        steps = [r for r in records if "loss" in r][args.skip :]
         evals = [r for r in records if "val_loss" in r]
         tok = statistics.median(r["tokens_per_s"] for r in steps)
         tfl = statistics.median(r["tflops"] for r in steps)
         st = statistics.median(r["step_time_s"] for r in steps)
         val = f"{evals[-1]['val_loss']:.3f}" if evals else "-"
-        print(f"| {run.name} | {len(steps) + args.skip} | {tok:,.0f} | {st:.3f} | {tfl:.1f} | {100 * tfl / args.peak_tflops:.1f}% "
-              f"| {steps[-1]['loss']:.3f} | {val} |")
+        print(
+            f"| {run.name} | {len(steps) + args.skip} | {tok:,.0f} | {st:.3f} | {tfl:.1f} | {100 * tfl / args.peak_tflops:.1f}% "
+            f"| {steps[-1]['loss']:.3f} | {val} |"
+        )
 
 
 if __name__ == "__main__":

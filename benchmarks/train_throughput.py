@@ -19,6 +19,7 @@ from hf_reference import SHAPES, hf_model
 
 from meshlm.model.transformer import build_model, lm_loss
 
+
 def make_step(model, forward_loss):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
@@ -59,10 +60,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import transformers
 
-    print(f"# train throughput, {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, batch {args.batch} x {args.seq_len}, float32")
-    print("| model | params | meshlm tokens/s | meshlm + compile tokens/s | transformers tokens/s "
-          "| ratio meshlm / HF | ratio meshlm + compile / HF |")
+    print(
+        f"# train throughput, {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, batch {args.batch} x {args.seq_len}, float32"
+    )
+    print(
+        "| model | params | meshlm tokens/s | meshlm + compile tokens/s | transformers tokens/s "
+        "| ratio meshlm / HF | ratio meshlm + compile / HF |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, cfg in SHAPES.items():
         ours = build_model(cfg, seed=0)
@@ -75,22 +80,28 @@ def main() -> None:
         with torch.no_grad():  # same weights, same function
             diff = (ours(x[:1]) - theirs(input_ids=x[:1]).logits).abs().max().item()
         assert diff < 1e-3, f"{name}: logits differ by {diff}"
-        steps = {"ours": make_step(ours, meshlm_loss), "compiled": make_step(compiled, meshlm_loss),
-                 "theirs": make_step(theirs, hf_loss)}
+        steps = {
+            "ours": make_step(ours, meshlm_loss),
+            "compiled": make_step(compiled, meshlm_loss),
+            "theirs": make_step(theirs, hf_loss),
+        }
         for step in steps.values():
             timed(step, x, y, 2)  # warm-up (and compilation)
         times: dict[str, list[float]] = {k: [] for k in steps}
         for r in range(args.rounds):
             # Rotate which goes first every round, so none always runs on a warmer cache.
-            order = list(steps)[r % 3:] + list(steps)[:r % 3]
+            order = list(steps)[r % 3 :] + list(steps)[: r % 3]
             for key in order:
                 times[key].append(timed(steps[key], x, y, args.steps))
         tokens = args.batch * args.seq_len
         med = {k: statistics.median(v) for k, v in times.items()}
         n_params = sum(p.numel() for p in ours.parameters())
-        print(f"| {name} | {n_params / 1e6:.1f}M | {tokens / med['ours']:,.0f} | {tokens / med['compiled']:,.0f} "
-              f"| {tokens / med['theirs']:,.0f} | {med['theirs'] / med['ours']:.2f} | {med['theirs'] / med['compiled']:.2f} |",
-              flush=True)
+        print(
+            f"| {name} | {n_params / 1e6:.1f}M | {tokens / med['ours']:,.0f} | {tokens / med['compiled']:,.0f} "
+            f"| {tokens / med['theirs']:,.0f} | {med['theirs'] / med['ours']:.2f} | {med['theirs'] / med['compiled']:.2f} |",
+            flush=True,
+        )
+
 
 if __name__ == "__main__":
     main()

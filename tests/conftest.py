@@ -18,7 +18,7 @@ def prepare_corpus(tmp_path_factory):
 
     def prepare(overrides: list[str]):
         cache = tmp_path_factory.mktemp("data-cache")
-        cfg = load_config(None, list(overrides) + [f"data.cache_dir=\"{cache}\""])
+        cfg = load_config(None, list(overrides) + [f'data.cache_dir="{cache}"'])
         prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a, **k: None)
         return cache
 

@@ -32,14 +32,28 @@ from meshlm.train.trainer import train
 SAME_RTOL, CROSS_RTOL, PARAM_ATOL = 1e-6, 1e-5, 1e-4
 
 VARIANTS = {
-    "llama": ["model.arch=\"llama\"", "model.n_heads=8", "model.n_kv_heads=4", "model.tie_embeddings=false"],
-    "gpt2": ["model.arch=\"gpt2\"", "model.n_heads=4", "model.n_kv_heads=0"],  # tied embeddings, biases
+    "llama": ['model.arch="llama"', "model.n_heads=8", "model.n_kv_heads=4", "model.tie_embeddings=false"],
+    "gpt2": ['model.arch="gpt2"', "model.n_heads=4", "model.n_kv_heads=0"],  # tied embeddings, biases
 }
 BASE = [
-    "model.d_model=64", "model.n_layers=4", "model.vocab_size=301", "model.max_seq_len=64", "data.seq_len=32",
-    "data.max_bytes=300000", "train.steps=6", "train.micro_batch=2", "train.global_batch=8", "train.lr=0.01",
-    "train.min_lr=0.001", "train.warmup_steps=2", "train.grad_clip=0.5", "train.eval_every=6", "train.eval_batches=2",
-    "train.sample_tokens=0", "train.progress=false", "train.checkpoint_every=3",
+    "model.d_model=64",
+    "model.n_layers=4",
+    "model.vocab_size=301",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+    "data.max_bytes=300000",
+    "train.steps=6",
+    "train.micro_batch=2",
+    "train.global_batch=8",
+    "train.lr=0.01",
+    "train.min_lr=0.001",
+    "train.warmup_steps=2",
+    "train.grad_clip=0.5",
+    "train.eval_every=6",
+    "train.eval_batches=2",
+    "train.sample_tokens=0",
+    "train.progress=false",
+    "train.checkpoint_every=3",
 ]
 
 
@@ -53,7 +67,7 @@ def data_cache(prepare_corpus):
 
 
 def _config(variant, cache, extra=()):
-    return load_config(None, BASE + VARIANTS[variant] + [f"data.cache_dir=\"{cache}\""] + list(extra))
+    return load_config(None, BASE + VARIANTS[variant] + [f'data.cache_dir="{cache}"'] + list(extra))
 
 
 def _train_rank(rank, cfg, out, resume):
@@ -93,8 +107,13 @@ def assert_resumed(source, resumed, rtol, cfg, source_dir, resumed_dir):
 def test_same_layout_resume_is_exact_with_async_saves_and_retention(data_cache, tmp_path):
     """ZeRO-2 over dp2 (optimizer shards that cut through parameters), async saves every step,
     keep the last 4; resume from step 3 in the same layout."""
-    layout = ["parallel.dp=2", "parallel.zero=2", "train.async_checkpoint=true", "train.checkpoint_every=1",
-              "train.keep_checkpoints=4"]
+    layout = [
+        "parallel.dp=2",
+        "parallel.zero=2",
+        "train.async_checkpoint=true",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=4",
+    ]
     cfg = _config("llama", data_cache, layout)
     source = _run(2, cfg, tmp_path / "a")
     assert [s for s, _ in list_checkpoints(tmp_path / "a")] == [3, 4, 5, 6]
@@ -109,15 +128,35 @@ CROSS = [
     ("zero3-dp4-to-single", "gpt2", 4, ["parallel.dp=4", "parallel.zero=3"], 1, []),
     ("single-to-dp2xtp2xpp2", "gpt2", 1, [], 8, ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"]),
     # ZeRO ranges and padded vocabulary slices (301 rows over tp2) into FSDP2 chunks of tp slices
-    ("zero2xtp2-to-zero3xtp2-sp", "gpt2", 4, ["parallel.dp=2", "parallel.zero=2", "parallel.tp=2"],
-     4, ["parallel.dp=2", "parallel.zero=3", "parallel.tp=2", "parallel.sequence_parallel=true"]),
+    (
+        "zero2xtp2-to-zero3xtp2-sp",
+        "gpt2",
+        4,
+        ["parallel.dp=2", "parallel.zero=2", "parallel.tp=2"],
+        4,
+        ["parallel.dp=2", "parallel.zero=3", "parallel.tp=2", "parallel.sequence_parallel=true"],
+    ),
     # tied embedding copies on one rank (zbv) loading from one key, ZeRO-1 under pp
-    ("tp4-to-zero1xzbv", "gpt2", 4, ["parallel.tp=4"],
-     4, ["parallel.dp=2", "parallel.zero=1", "parallel.pp=2", "parallel.pp_schedule=\"zbv\"", "parallel.pp_virtual_stages=2"]),
+    (
+        "tp4-to-zero1xzbv",
+        "gpt2",
+        4,
+        ["parallel.tp=4"],
+        4,
+        [
+            "parallel.dp=2",
+            "parallel.zero=1",
+            "parallel.pp=2",
+            'parallel.pp_schedule="zbv"',
+            "parallel.pp_virtual_stages=2",
+        ],
+    ),
 ]
 
 
-@pytest.mark.parametrize("case, variant, src_world, src_layout, dst_world, dst_layout", CROSS, ids=[c[0] for c in CROSS])
+@pytest.mark.parametrize(
+    "case, variant, src_world, src_layout, dst_world, dst_layout", CROSS, ids=[c[0] for c in CROSS]
+)
 def test_resume_across_layouts(case, variant, src_world, src_layout, dst_world, dst_layout, data_cache, tmp_path):
     src_cfg = _config(variant, data_cache, src_layout)
     source = _run(src_world, src_cfg, tmp_path / "a")
@@ -220,11 +259,16 @@ def test_incomplete_checkpoints_are_never_loaded(data_cache, tmp_path):
 
 
 def _cli_train(cache, out, overrides, *extra, env_extra=None):
-    sets = [x for o in BASE + VARIANTS["llama"] + [f"data.cache_dir=\"{cache}\""] + overrides for x in ("--set", o)]
+    sets = [x for o in BASE + VARIANTS["llama"] + [f'data.cache_dir="{cache}"'] + overrides for x in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "meshlm", "train", *sets, "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "meshlm", "train", *sets, "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def _logged_losses(run):
@@ -236,8 +280,16 @@ def test_sigkilled_worker_restarts_resumes_and_matches_uninterrupted(data_cache,
     step-2 checkpoint); the agent restarts both workers, which resume from step 2 and finish."""
     layout = ["parallel.dp=2", "parallel.zero=1", "train.checkpoint_every=2"]
     reference, _ = _run(2, _config("llama", data_cache, layout), tmp_path / "reference")
-    proc = _cli_train(data_cache, tmp_path / "run", layout, "--nproc", "2", "--max-restarts", "1",
-                      env_extra={"MESHLM_TEST_KILL_AT_STEP": "3"})
+    proc = _cli_train(
+        data_cache,
+        tmp_path / "run",
+        layout,
+        "--nproc",
+        "2",
+        "--max-restarts",
+        "1",
+        env_extra={"MESHLM_TEST_KILL_AT_STEP": "3"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "run" / ".test-kill-3-step").exists(), "the worker was never killed"
     assert "exitcode: -9" in proc.stderr

@@ -217,7 +217,8 @@ def test_prepare_writes_disjoint_deterministic_split(prepared, tmp_path):
         assert index[f"n_{split}_tokens"] * 2 == (prepared / f"{split}.bin").stat().st_size
     # The same corpus elsewhere gives byte-identical files.
     again = prepare_data(
-        DataConfig(source=index["source"], seq_len=16, val_fraction=0.2, dir=str(tmp_path / "other")), VOCAB,
+        DataConfig(source=index["source"], seq_len=16, val_fraction=0.2, dir=str(tmp_path / "other")),
+        VOCAB,
         log=lambda _: None,
     )
     assert json.loads((again / "index.json").read_text())["sha256"] == index["sha256"]

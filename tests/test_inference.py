@@ -79,14 +79,17 @@ def test_kv_cache_logits_equal_full_recompute(arch, pack, monkeypatch):
     cache = KVCache(model, max_batch=4, max_len=64)
     worst = 0.0
     with torch.no_grad():
-        for seq, n, logits in zip(seqs, prompt_lens, runner.prefill(cache, [s[:n] for s, n in zip(seqs, prompt_lens)],
-                                                                     [0, 1, 2], all_logits=True)):
+        for seq, n, logits in zip(
+            seqs,
+            prompt_lens,
+            runner.prefill(cache, [s[:n] for s, n in zip(seqs, prompt_lens)], [0, 1, 2], all_logits=True),
+        ):
             worst = max(worst, (model(torch.tensor([seq[:n]]))[0] - logits).abs().max().item())
         for step in range(14):
             fed = [n + step for n in prompt_lens]
             logits = runner.decode(cache, torch.tensor([s[f] for s, f in zip(seqs, fed)]))
             for row, (seq, f) in enumerate(zip(seqs, fed)):
-                ref = model(torch.tensor([seq[:f + 1]]))[0, -1]
+                ref = model(torch.tensor([seq[: f + 1]]))[0, -1]
                 worst = max(worst, (ref - logits[row]).abs().max().item())
         # a continued prefill (cached prefix + several new tokens) sees the same context
         more = runner.prefill(cache, [seqs[0][19:20]], [0], all_logits=True)[0]
@@ -102,11 +105,15 @@ def test_batched_prompts_of_different_lengths_equal_each_alone(arch):
     equals the full-recompute reference loop."""
     model = build_model(CONFIGS[arch], seed=0).eval()
     prompts = prompts_of((3, 17, 1, 9, 30, 5, 12))
-    params = [GREEDY, SamplingParams(max_new_tokens=7, temperature=0.0, stop_token_ids=()),
-              SamplingParams(max_new_tokens=12, temperature=1.0, top_k=40, top_p=0.9, seed=5, stop_token_ids=()),
-              GREEDY, SamplingParams(max_new_tokens=3, temperature=0.7, seed=1, repetition_penalty=1.3,
-                                     stop_token_ids=()),
-              SamplingParams(max_new_tokens=0), GREEDY]
+    params = [
+        GREEDY,
+        SamplingParams(max_new_tokens=7, temperature=0.0, stop_token_ids=()),
+        SamplingParams(max_new_tokens=12, temperature=1.0, top_k=40, top_p=0.9, seed=5, stop_token_ids=()),
+        GREEDY,
+        SamplingParams(max_new_tokens=3, temperature=0.7, seed=1, repetition_penalty=1.3, stop_token_ids=()),
+        SamplingParams(max_new_tokens=0),
+        GREEDY,
+    ]
     requests = [Request(p, sp) for p, sp in zip(prompts, params)]
     batched = Engine(model, max_batch=3).generate(requests)
     alone = Engine(model, max_batch=1)
@@ -128,8 +135,15 @@ def test_sampling_is_deterministic_per_seed():
         sp = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=(), **kw)
         return engine.generate([Request(prompt, sp)])[0].token_ids
 
-    a, b, c = (c.token_ids for c in engine.generate(
-        [Request(prompt, SamplingParams(max_new_tokens=20, temperature=1.5, seed=s, stop_token_ids=())) for s in (7, 7, 8)]))
+    a, b, c = (
+        c.token_ids
+        for c in engine.generate(
+            [
+                Request(prompt, SamplingParams(max_new_tokens=20, temperature=1.5, seed=s, stop_token_ids=()))
+                for s in (7, 7, 8)
+            ]
+        )
+    )
     assert a == b and a != c  # same seed -> same tokens, even side by side in one batch
     greedy = run(temperature=0.0)
     assert run(temperature=1.0, top_k=1, seed=3) == greedy  # top-k 1 is greedy
@@ -152,24 +166,29 @@ def test_stop_strings_stop_tokens_and_streaming(run_dir):
     text = free.text
     assert len(text) > 20 and loaded.tokenizer.decode(free.token_ids) == text
     stop = text[12:15]
-    cut = text[:text.index(stop)]
-    events = list(engine.stream([Request(prompt, SamplingParams(max_new_tokens=40, temperature=0.0, stop=(stop, "\x00")))]))
+    cut = text[: text.index(stop)]
+    events = list(
+        engine.stream([Request(prompt, SamplingParams(max_new_tokens=40, temperature=0.0, stop=(stop, "\x00")))])
+    )
     done = events[-1].completion
     assert done.text == cut and done.finish_reason == "stop"
     assert "".join(e.text for e in events) == cut  # the stream never shows the stop string
     assert sum(e.completion is not None for e in events) == 1
     stop_id = free.token_ids[5]
     first = free.token_ids.index(stop_id)
-    by_token = engine.generate([Request(prompt, SamplingParams(max_new_tokens=40, temperature=0.0, stop_token_ids=(stop_id,)))])[0]
-    assert by_token.token_ids == free.token_ids[:first + 1] and by_token.finish_reason == "stop"
+    by_token = engine.generate(
+        [Request(prompt, SamplingParams(max_new_tokens=40, temperature=0.0, stop_token_ids=(stop_id,)))]
+    )[0]
+    assert by_token.token_ids == free.token_ids[: first + 1] and by_token.finish_reason == "stop"
     assert by_token.text == loaded.tokenizer.decode(free.token_ids[:first])
 
 
 def test_context_limit_and_bad_prompts():
     model = build_model(CONFIGS["gpt2"], seed=0).eval()
     engine = Engine(model, max_batch=2)
-    out = engine.generate([Request(prompts_of((120,))[0], SamplingParams(max_new_tokens=50, temperature=0.0,
-                                                                          stop_token_ids=()))])[0]
+    out = engine.generate(
+        [Request(prompts_of((120,))[0], SamplingParams(max_new_tokens=50, temperature=0.0, stop_token_ids=()))]
+    )[0]
     assert out.completion_tokens == 128 - 120 + 1 and out.finish_reason == "length"  # the context is full
     with pytest.raises(ValueError, match="at most 127"):
         engine.check(Request(prompts_of((128,))[0]))
@@ -186,8 +205,12 @@ def _tp_case(rank: int, arch: str) -> tuple[list, list, float]:
 
     cfg = CONFIGS[arch]
     requests = [Request(p, GREEDY) for p in prompts_of((4, 13, 7))]
-    requests.append(Request(prompts_of((9,))[0], SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95,
-                                                               seed=2, stop_token_ids=())))
+    requests.append(
+        Request(
+            prompts_of((9,))[0],
+            SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=2, stop_token_ids=()),
+        )
+    )
     reference = [c.token_ids for c in Engine(build_model(cfg, seed=0).eval(), max_batch=4).generate(requests)]
     full = build_model(cfg, seed=0).eval()
     shard = build_model(cfg, seed=0).eval()
@@ -233,7 +256,7 @@ def test_eval_is_the_same_for_every_number_of_processes():
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(tokens) - 1, 32):
-            w = tokens[start:start + 33]
+            w = tokens[start : start + 33]
             total += torch.nn.functional.cross_entropy(model(w[None, :-1])[0], w[1:], reduction="sum").item()
     assert one.loss == pytest.approx(total / (len(tokens) - 1), rel=1e-6)
 
@@ -271,8 +294,20 @@ def _records(path: Path) -> list[dict]:
 def test_predict_reports_bad_lines_and_resumes(run_dir, tmp_path, capsys):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write_input(src)
-    args = ["predict", "--run", str(run_dir), "--input", str(src), "--output", str(out), "--seed", "1",
-            "--no-progress", "--max-new-tokens", "8"]
+    args = [
+        "predict",
+        "--run",
+        str(run_dir),
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--seed",
+        "1",
+        "--no-progress",
+        "--max-new-tokens",
+        "8",
+    ]
     assert cli_main(args) == 0
     first = _records(out)
     assert [r["line"] for r in first] == [1, 2, 3, 5, 6, 7, 8]  # input order, the blank line skipped
@@ -307,8 +342,21 @@ def test_predict_nproc_2_equals_nproc_1_and_tp(run_dir, tmp_path):
     outs = {}
     for name, extra in (("n1", []), ("n2", ["--nproc", "2"]), ("tp2", ["--nproc", "2", "--tp", "2"])):
         outs[name] = tmp_path / f"{name}.jsonl"
-        proc = _cli("predict", "--run", str(run_dir), "--input", str(src), "--output", str(outs[name]), "--seed", "1",
-                    "--no-progress", "--max-new-tokens", "8", *extra)
+        proc = _cli(
+            "predict",
+            "--run",
+            str(run_dir),
+            "--input",
+            str(src),
+            "--output",
+            str(outs[name]),
+            "--seed",
+            "1",
+            "--no-progress",
+            "--max-new-tokens",
+            "8",
+            *extra,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert _records(outs["n2"]) == _records(outs["n1"])
     # tensor parallel: greedy lines token for token; sampled lines may part after a near-tie
@@ -320,26 +368,75 @@ def test_predict_nproc_2_equals_nproc_1_and_tp(run_dir, tmp_path):
 def test_generate_streams_several_prompts_in_order(run_dir, capsys):
     from meshlm.inference.loading import find_model_files, load_model
 
-    args = ["generate", "--run", str(run_dir), "--prompt", "def ", "--prompt", "import sys\n", "--prompt", "x",
-            "--temperature", "0", "--max-new-tokens", "10", "--ignore-eos", "--max-batch", "2"]
+    args = [
+        "generate",
+        "--run",
+        str(run_dir),
+        "--prompt",
+        "def ",
+        "--prompt",
+        "import sys\n",
+        "--prompt",
+        "x",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "10",
+        "--ignore-eos",
+        "--max-batch",
+        "2",
+    ]
     assert cli_main(args) == 0
     shown = capsys.readouterr().out
     loaded = load_model(find_model_files(run=run_dir))
     engine = Engine(loaded.model, loaded.tokenizer)
     sp = SamplingParams(max_new_tokens=10, temperature=0.0, stop_token_ids=())
-    texts = [p + c.text for p, c in zip(["def ", "import sys\n", "x"],
-                                        engine.generate([Request(loaded.tokenizer.encode(p).ids, sp) for p in ["def ", "import sys\n", "x"]]))]
+    texts = [
+        p + c.text
+        for p, c in zip(
+            ["def ", "import sys\n", "x"],
+            engine.generate([Request(loaded.tokenizer.encode(p).ids, sp) for p in ["def ", "import sys\n", "x"]]),
+        )
+    ]
     assert shown == "\n\n".join(texts) + "\n"
 
 
 def test_commands_fail_clearly(run_dir, tmp_path, capsys):
-    assert cli_main(["predict", "--run", str(run_dir), "--input", str(tmp_path / "none.jsonl"),
-                     "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert (
+        cli_main(
+            [
+                "predict",
+                "--run",
+                str(run_dir),
+                "--input",
+                str(tmp_path / "none.jsonl"),
+                "--output",
+                str(tmp_path / "o.jsonl"),
+            ]
+        )
+        == 2
+    )
     assert "not found" in capsys.readouterr().err
     assert cli_main(["generate", "--checkpoint", str(tmp_path / "nope.safetensors"), "--prompt", "x"]) == 2
     assert "not found" in capsys.readouterr().err
-    assert cli_main(["predict", "--run", str(run_dir), "--input", str(run_dir / "config.toml"),
-                     "--output", str(tmp_path / "o.jsonl"), "--nproc", "3", "--tp", "2"]) == 2
+    assert (
+        cli_main(
+            [
+                "predict",
+                "--run",
+                str(run_dir),
+                "--input",
+                str(run_dir / "config.toml"),
+                "--output",
+                str(tmp_path / "o.jsonl"),
+                "--nproc",
+                "3",
+                "--tp",
+                "2",
+            ]
+        )
+        == 2
+    )
     assert "multiple of --tp" in capsys.readouterr().err
     assert cli_main(["generate", "--run", str(run_dir), "--prompt", "x", "--tp", "3"]) == 2
     assert "divisible" in capsys.readouterr().err
@@ -385,7 +482,7 @@ def test_engine_on_cuda(arch):
     with torch.no_grad():
         for i in range(6, 12):
             logits = runner.decode(cache, torch.tensor([seq[i]], device=device))
-            ref = model(torch.tensor([seq[:i + 1]], device=device))[0, -1]
+            ref = model(torch.tensor([seq[: i + 1]], device=device))[0, -1]
             assert (logits[0] - ref).abs().max().item() < 1e-4
     half = build_model(CONFIGS[arch], device=device, seed=0).to(torch.bfloat16).eval()
     out = Engine(half).generate(requests)

@@ -36,9 +36,17 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 def llama_hf(tmp_path: Path, kv_heads: int, tied: bool, **kw) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=1001, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv_heads, max_position_embeddings=64, tie_word_embeddings=tied,
-        bos_token_id=0, eos_token_id=0, **kw,
+        vocab_size=1001,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        bos_token_id=0,
+        eos_token_id=0,
+        **kw,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     randomize(model, 1)
@@ -49,8 +57,9 @@ def llama_hf(tmp_path: Path, kv_heads: int, tied: bool, **kw) -> tuple[Path, tor
 
 def gpt2_hf(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=1001, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=1001, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(config).eval()
     randomize(model, 2)
     out = tmp_path / "hf"
@@ -85,15 +94,30 @@ def test_gpt2_import_matches_transformers_logits(tmp_path):
     path, hf = gpt2_hf(tmp_path)
     cfg, model = load_hf_model(path)
     assert (cfg.arch, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.vocab_size, cfg.ffn_dim, cfg.max_seq_len) == (
-        "gpt2", 64, 2, 4, 1001, 256, 64)
+        "gpt2",
+        64,
+        2,
+        4,
+        1001,
+        256,
+        64,
+    )
     assert max_logit_diff(model, hf, 1001) <= TOL
 
 
 def test_sharded_checkpoint_imports(tmp_path):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=1001, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      bos_token_id=0, eos_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=1001,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     hf = transformers.LlamaForCausalLM(config).eval()
     randomize(hf, 4)
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="200KB")
@@ -143,10 +167,20 @@ def test_wrong_shapes_and_missing_tensors_are_named(tmp_path):
 
 
 MESHLM_VARIANTS = {
-    "llama-gqa-untied": ModelConfig(arch="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1001,
-                                    ffn_hidden=96, max_seq_len=32, rope_theta=20000.0),
-    "llama-tied": ModelConfig(arch="llama", d_model=64, n_layers=2, n_heads=4, vocab_size=1001, max_seq_len=32,
-                              tie_embeddings=True),
+    "llama-gqa-untied": ModelConfig(
+        arch="llama",
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=1001,
+        ffn_hidden=96,
+        max_seq_len=32,
+        rope_theta=20000.0,
+    ),
+    "llama-tied": ModelConfig(
+        arch="llama", d_model=64, n_layers=2, n_heads=4, vocab_size=1001, max_seq_len=32, tie_embeddings=True
+    ),
     "gpt2": ModelConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=1001, max_seq_len=32),
 }
 
@@ -184,6 +218,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, variant):
 
     tok = transformers.AutoTokenizer.from_pretrained(out)
     from tokenizers import Tokenizer
+
     ours = Tokenizer.from_file(str(run / "tokenizer.json"))
     text = "def add(x, y):\n    return x + y\n"
     assert tok(text)["input_ids"] == ours.encode(text).ids
@@ -197,8 +232,19 @@ def test_round_trip_meshlm_hf_meshlm_is_exact(tmp_path, variant):
     with pytest.warns(UserWarning, match="tokenizer"):
         out = export_hf(run, tmp_path / "hf")
     cfg2, model2 = load_hf_model(out)
-    for key in ("arch", "d_model", "n_layers", "n_heads", "kv_heads", "vocab_size", "ffn_dim", "max_seq_len",
-                "rope_theta", "norm_eps", "tied"):
+    for key in (
+        "arch",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "kv_heads",
+        "vocab_size",
+        "ffn_dim",
+        "max_seq_len",
+        "rope_theta",
+        "norm_eps",
+        "tied",
+    ):
         assert getattr(cfg2, key) == getattr(cfg, key), key
     a, b = model.state_dict(), model2.state_dict()
     assert a.keys() == b.keys()
@@ -263,8 +309,15 @@ def test_export_refuses_to_overwrite_and_step_is_not_yet_supported(tmp_path):
 
 
 def hf_dict(arch: str, **extra) -> dict:
-    base = {"architectures": [arch], "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "intermediate_size": 96, "vocab_size": 1001, "max_position_embeddings": 64}
+    base = {
+        "architectures": [arch],
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 96,
+        "vocab_size": 1001,
+        "max_position_embeddings": 64,
+    }
     return {**base, **extra}
 
 
@@ -279,22 +332,30 @@ def test_sliding_window_is_named():
     with pytest.raises(ConfigError, match="'sliding_window' is 16"):
         model_config_from_hf(hf_dict("MistralForCausalLM", sliding_window=16))
     # A window at least as long as the context changes nothing: accepted.
-    assert model_config_from_hf(hf_dict("MistralForCausalLM", sliding_window=64, num_key_value_heads=2)).max_seq_len == 64
+    assert (
+        model_config_from_hf(hf_dict("MistralForCausalLM", sliding_window=64, num_key_value_heads=2)).max_seq_len == 64
+    )
     mistral = model_config_from_hf(hf_dict("MistralForCausalLM", sliding_window=None, num_attention_heads=16))
     assert mistral.kv_heads == 8  # the Mistral default when config.json leaves the key out
 
 
-@pytest.mark.parametrize("arch,extra,named", [
-    ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_parameters"),
-    ("LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}, "'attention_bias'.*'mlp_bias'"),
-    ("LlamaForCausalLM", {"hidden_act": "gelu"}, "hidden_act"),
-    ("LlamaForCausalLM", {"head_dim": 32}, "head_dim"),
-    ("Qwen2ForCausalLM", {}, "biases"),
-    ("GPT2LMHeadModel", {"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True},
-     "scale_attn_by_inverse_layer_idx.*reorder_and_upcast_attn"),
-    ("GPT2LMHeadModel", {"activation_function": "relu"}, "activation_function"),
-])
+@pytest.mark.parametrize(
+    "arch,extra,named",
+    [
+        ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_parameters"),
+        ("LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}, "'attention_bias'.*'mlp_bias'"),
+        ("LlamaForCausalLM", {"hidden_act": "gelu"}, "hidden_act"),
+        ("LlamaForCausalLM", {"head_dim": 32}, "head_dim"),
+        ("Qwen2ForCausalLM", {}, "biases"),
+        (
+            "GPT2LMHeadModel",
+            {"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True},
+            "scale_attn_by_inverse_layer_idx.*reorder_and_upcast_attn",
+        ),
+        ("GPT2LMHeadModel", {"activation_function": "relu"}, "activation_function"),
+    ],
+)
 def test_unsupported_features_are_named(arch, extra, named):
     with pytest.raises(ConfigError, match=named):
         model_config_from_hf(hf_dict(arch, **extra))
@@ -302,8 +363,9 @@ def test_unsupported_features_are_named(arch, extra, named):
 
 def test_config_key_spellings_and_defaults():
     v4 = model_config_from_hf(hf_dict("LlamaForCausalLM", rope_theta=5e5, rope_scaling=None, num_key_value_heads=2))
-    v5 = model_config_from_hf(hf_dict("LlamaForCausalLM", rope_parameters={"rope_type": "default", "rope_theta": 5e5},
-                                      num_key_value_heads=2))
+    v5 = model_config_from_hf(
+        hf_dict("LlamaForCausalLM", rope_parameters={"rope_type": "default", "rope_theta": 5e5}, num_key_value_heads=2)
+    )
     assert v4 == v5 and v4.rope_theta == 5e5 and v4.kv_heads == 2
     gpt2 = model_config_from_hf({"architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_head": 4, "n_layer": 2})
     assert (gpt2.ffn_dim, gpt2.max_seq_len, gpt2.vocab_size, gpt2.norm_eps) == (256, 1024, 50257, 1e-5)

@@ -11,10 +11,23 @@ import pytest
 from meshlm.config import ConfigError, load_config
 from meshlm.distributed.dims import parallel_dims_from_config
 
-SMALL = ["model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=301",
-         "model.max_seq_len=64", "data.seq_len=32", "data.max_bytes=300000", "train.steps=4", "train.micro_batch=2",
-         "train.global_batch=8", "train.eval_every=4", "train.eval_batches=2", "train.sample_tokens=4",
-         "train.progress=false"]
+SMALL = [
+    "model.d_model=64",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=301",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+    "data.max_bytes=300000",
+    "train.steps=4",
+    "train.micro_batch=2",
+    "train.global_batch=8",
+    "train.eval_every=4",
+    "train.eval_batches=2",
+    "train.sample_tokens=4",
+    "train.progress=false",
+]
 
 
 def _sets(overrides):
@@ -22,8 +35,15 @@ def _sets(overrides):
 
 
 def _train(tmp_path, out, *extra, nproc=None):
-    cmd = [sys.executable, "-m", "meshlm", "train", *_sets(SMALL + [f"data.cache_dir=\"{tmp_path / 'cache'}\"", *extra]),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "meshlm",
+        "train",
+        *_sets(SMALL + [f'data.cache_dir="{tmp_path / "cache"}"', *extra]),
+        "--out",
+        str(out),
+    ]
     if nproc:
         cmd += ["--nproc", str(nproc)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -44,15 +64,22 @@ def test_nproc_launch_trains_like_one_process_and_exits_zero(tmp_path):
     assert [r["rank"] for r in held] == [0, 1]
 
 
-@pytest.mark.parametrize("nproc, overrides, expected", [
-    (3, ["parallel.tp=2"], "world size 3 is not divisible by tp x pp = 2 x 1"),
-    (4, ["parallel.dp=3"], "dp x tp x pp = 3 x 1 x 1 = 3 but the world size is 4"),
-    (4, ["parallel.tp=4"], "model.n_kv_heads (2) must both be divisible by tp (4)"),
-    (2, ["parallel.pp=2", "model.n_layers=1"], "model.n_layers (1) is less than the number of pipeline stages"),
-    (4, ["parallel.pp=4", "parallel.pp_microbatches=2", "train.micro_batch=4"], "parallel.pp_microbatches (2) is fewer than the pipeline stages pp (4)"),
-    (2, ["parallel.pp=2", "parallel.pp_schedule=\"interleaved-1f1b\""], "needs parallel.pp_virtual_stages >= 2"),
-    (2, ["parallel.dp_replicate=2"], "needs parallel.zero=3"),
-])
+@pytest.mark.parametrize(
+    "nproc, overrides, expected",
+    [
+        (3, ["parallel.tp=2"], "world size 3 is not divisible by tp x pp = 2 x 1"),
+        (4, ["parallel.dp=3"], "dp x tp x pp = 3 x 1 x 1 = 3 but the world size is 4"),
+        (4, ["parallel.tp=4"], "model.n_kv_heads (2) must both be divisible by tp (4)"),
+        (2, ["parallel.pp=2", "model.n_layers=1"], "model.n_layers (1) is less than the number of pipeline stages"),
+        (
+            4,
+            ["parallel.pp=4", "parallel.pp_microbatches=2", "train.micro_batch=4"],
+            "parallel.pp_microbatches (2) is fewer than the pipeline stages pp (4)",
+        ),
+        (2, ["parallel.pp=2", 'parallel.pp_schedule="interleaved-1f1b"'], "needs parallel.pp_virtual_stages >= 2"),
+        (2, ["parallel.dp_replicate=2"], "needs parallel.zero=3"),
+    ],
+)
 def test_impossible_layouts_fail_before_any_worker_starts(tmp_path, nproc, overrides, expected):
     started = time.perf_counter()
     proc = _train(tmp_path, tmp_path / "run", *overrides, nproc=nproc)
@@ -65,7 +92,7 @@ def test_impossible_layouts_fail_before_any_worker_starts(tmp_path, nproc, overr
 
 def test_unknown_schedule_is_a_config_error():
     with pytest.raises(ConfigError, match="'parallel.pp_schedule' expects one of 'gpipe', '1f1b'"):
-        load_config(None, ["parallel.pp_schedule=\"looped\""])
+        load_config(None, ['parallel.pp_schedule="looped"'])
 
 
 def test_dims_resolve_auto_dp_and_coordinates():
@@ -77,9 +104,20 @@ def test_dims_resolve_auto_dp_and_coordinates():
 
 def test_torchrun_command_line_works_unchanged(tmp_path):
     """`torchrun --nproc-per-node 2 -m meshlm train ...` (torch.distributed.run is torchrun)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "meshlm",
-           "train", *_sets(SMALL + [f"data.cache_dir=\"{tmp_path / 'cache'}\"", "parallel.tp=2"]),
-           "--out", str(tmp_path / "tr")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "meshlm",
+        "train",
+        *_sets(SMALL + [f'data.cache_dir="{tmp_path / "cache"}"', "parallel.tp=2"]),
+        "--out",
+        str(tmp_path / "tr"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(_losses(tmp_path / "tr")) == 4 and (tmp_path / "tr" / "model.safetensors").is_file()

@@ -9,9 +9,12 @@ from meshlm.model.transformer import Transformer, build_model, lm_loss
 from meshlm.model.weights_file import load_weights, save_weights
 
 VARIANTS = {
-    "llama-gqa": ModelConfig(arch="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, max_seq_len=32),
-    "llama-untied-mha": ModelConfig(arch="llama", d_model=64, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32,
-                                    tie_embeddings=False),
+    "llama-gqa": ModelConfig(
+        arch="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, max_seq_len=32
+    ),
+    "llama-untied-mha": ModelConfig(
+        arch="llama", d_model=64, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32, tie_embeddings=False
+    ),
     "gpt2": ModelConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32),
 }
 

@@ -9,15 +9,28 @@ import math
 
 import pytest
 
-from meshlm.distributed.spawn import run_distributed
 from meshlm.config import load_config
+from meshlm.distributed.spawn import run_distributed
 from meshlm.model.stats import count_params
 from meshlm.train.trainer import train
 
-BASE = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=301",
-        "model.max_seq_len=64", "data.seq_len=32", "data.max_bytes=300000", "train.steps=2", "train.micro_batch=2",
-        "train.global_batch=8", "train.eval_every=0", "train.sample_tokens=0", "train.progress=false",
-        "train.profile_comm=true"]
+BASE = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=301",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+    "data.max_bytes=300000",
+    "train.steps=2",
+    "train.micro_batch=2",
+    "train.global_batch=8",
+    "train.eval_every=0",
+    "train.sample_tokens=0",
+    "train.progress=false",
+    "train.profile_comm=true",
+]
 F32 = 4
 
 
@@ -31,7 +44,7 @@ def _run(rank, cfg, out):
 
 
 def run_layout(cache, out, world, overrides):
-    cfg = load_config(None, BASE + [f"data.cache_dir=\"{cache}\""] + overrides)
+    cfg = load_config(None, BASE + [f'data.cache_dir="{cache}"'] + overrides)
     run_distributed(_run, world, cfg, out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return cfg, records[-1]["comm"], json.loads((out / "state_bytes.json").read_text())
@@ -111,8 +124,10 @@ def test_tensor_parallel_bytes(cache, tmp_path, sequence_parallel):
     loss_bytes = F32 * (B * T + 2 * B * T)
     ops = comm["tp"]
     if not sequence_parallel:
-        assert ops["all_reduce"] == {"count": accum * (2 * (2 * L + 1) + 2),
-                                     "bytes": accum * (2 * (2 * L + 1) * F32 * N + loss_bytes)}
+        assert ops["all_reduce"] == {
+            "count": accum * (2 * (2 * L + 1) + 2),
+            "bytes": accum * (2 * (2 * L + 1) * F32 * N + loss_bytes),
+        }
         assert set(ops) == {"all_reduce"}
     else:
         per_micro = 4 * L + 2  # per block 2 forward + 2 backward; embedding backward; output forward
@@ -126,7 +141,7 @@ def test_pipeline_bytes(cache, tmp_path):
     """pp2: per step, the first stage sends each micro-batch's activation (B T d) forward and
     receives its gradient (B T d) back; tied embeddings (gpt2) add one all-reduce of the
     embedding's gradient between the first and last stage."""
-    cfg, comm, _ = run_layout(cache, tmp_path / "pp", 2, ["parallel.pp=2", "model.arch=\"gpt2\"", "model.n_kv_heads=0"])
+    cfg, comm, _ = run_layout(cache, tmp_path / "pp", 2, ["parallel.pp=2", 'model.arch="gpt2"', "model.n_kv_heads=0"])
     m, B, T = cfg.model, cfg.train.micro_batch, cfg.data.seq_len
     n_micro = cfg.train.global_batch // B
     activation = F32 * B * T * m.d_model
@@ -137,7 +152,7 @@ def test_pipeline_bytes(cache, tmp_path):
 
 def test_trace_writes_chrome_traces_and_the_schedule_picture(cache, tmp_path):
     out = tmp_path / "trace"
-    cfg = load_config(None, BASE + [f"data.cache_dir=\"{cache}\"", "parallel.pp=2", "train.trace=true", "train.steps=3"])
+    cfg = load_config(None, BASE + [f'data.cache_dir="{cache}"', "parallel.pp=2", "train.trace=true", "train.steps=3"])
     run_distributed(_run, 2, cfg, out)
     for rank in range(2):
         events = json.loads((out / "traces" / f"rank{rank}.json").read_text())["traceEvents"]

@@ -11,8 +11,8 @@ import math
 
 import pytest
 
-from meshlm.distributed.spawn import run_distributed
 from meshlm.config import load_config
+from meshlm.distributed.spawn import run_distributed
 from meshlm.model.weights_file import load_weights
 from meshlm.train.trainer import train
 
@@ -21,16 +21,29 @@ PARAM_ATOL = 1e-4
 
 VARIANTS = {
     # llama with grouped-query attention (8 heads, 4 kv heads: splits up to tp4), untied output
-    "llama": ["model.arch=\"llama\"", "model.n_heads=8", "model.n_kv_heads=4", "model.tie_embeddings=false"],
+    "llama": ['model.arch="llama"', "model.n_heads=8", "model.n_kv_heads=4", "model.tie_embeddings=false"],
     # gpt2: learned positions, biases, tied embeddings
-    "gpt2": ["model.arch=\"gpt2\"", "model.n_heads=4", "model.n_kv_heads=0"],
+    "gpt2": ['model.arch="gpt2"', "model.n_heads=4", "model.n_kv_heads=0"],
 }
 
 BASE = [
-    "model.d_model=64", "model.n_layers=4", "model.vocab_size=301", "model.max_seq_len=64", "data.seq_len=32",
-    "data.max_bytes=300000", "train.steps=5", "train.micro_batch=2", "train.global_batch=8", "train.lr=0.01",
-    "train.min_lr=0.001", "train.warmup_steps=2", "train.grad_clip=0.5", "train.eval_every=5", "train.eval_batches=2",
-    "train.sample_tokens=0", "train.progress=false",
+    "model.d_model=64",
+    "model.n_layers=4",
+    "model.vocab_size=301",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+    "data.max_bytes=300000",
+    "train.steps=5",
+    "train.micro_batch=2",
+    "train.global_batch=8",
+    "train.lr=0.01",
+    "train.min_lr=0.001",
+    "train.warmup_steps=2",
+    "train.grad_clip=0.5",
+    "train.eval_every=5",
+    "train.eval_batches=2",
+    "train.sample_tokens=0",
+    "train.progress=false",
 ]
 
 # (case id, world size, overrides)
@@ -42,11 +55,19 @@ LAYOUTS = [
     ("hsdp-2x2", 4, ["parallel.zero=3", "parallel.dp_replicate=2"]),
     ("tp2", 2, ["parallel.tp=2"]),
     ("tp4-sp", 4, ["parallel.tp=4", "parallel.sequence_parallel=true"]),
-    ("pp2-gpipe", 2, ["parallel.pp=2", "parallel.pp_schedule=\"gpipe\""]),
-    ("pp2-1f1b", 2, ["parallel.pp=2", "parallel.pp_schedule=\"1f1b\""]),
-    ("pp2-interleaved-1f1b", 2, ["parallel.pp=2", "parallel.pp_schedule=\"interleaved-1f1b\"", "parallel.pp_virtual_stages=2"]),
-    ("pp2-interleaved-zb", 2, ["parallel.pp=2", "parallel.pp_schedule=\"interleaved-zero-bubble\"", "parallel.pp_virtual_stages=2"]),
-    ("pp2-zbv", 2, ["parallel.pp=2", "parallel.pp_schedule=\"zbv\"", "parallel.pp_virtual_stages=2"]),
+    ("pp2-gpipe", 2, ["parallel.pp=2", 'parallel.pp_schedule="gpipe"']),
+    ("pp2-1f1b", 2, ["parallel.pp=2", 'parallel.pp_schedule="1f1b"']),
+    (
+        "pp2-interleaved-1f1b",
+        2,
+        ["parallel.pp=2", 'parallel.pp_schedule="interleaved-1f1b"', "parallel.pp_virtual_stages=2"],
+    ),
+    (
+        "pp2-interleaved-zb",
+        2,
+        ["parallel.pp=2", 'parallel.pp_schedule="interleaved-zero-bubble"', "parallel.pp_virtual_stages=2"],
+    ),
+    ("pp2-zbv", 2, ["parallel.pp=2", 'parallel.pp_schedule="zbv"', "parallel.pp_virtual_stages=2"]),
     ("pp4-uneven-6-layers", 4, ["parallel.pp=4", "model.n_layers=6"]),
     ("dp2-tp2", 4, ["parallel.dp=2", "parallel.tp=2"]),
     ("pp2-tp2", 4, ["parallel.pp=2", "parallel.tp=2"]),
@@ -61,7 +82,7 @@ def data_cache(prepare_corpus):
 
 
 def _config(variant: str, cache, extra: list[str]):
-    return load_config(None, BASE + VARIANTS[variant] + [f"data.cache_dir=\"{cache}\""] + extra)
+    return load_config(None, BASE + VARIANTS[variant] + [f'data.cache_dir="{cache}"'] + extra)
 
 
 def _train_rank(rank: int, cfg, out):
@@ -78,7 +99,11 @@ def reference(variant: str, cache, tmp_path_factory, extra=()):
         out = tmp_path_factory.mktemp(f"ref-{variant}")
         cfg = _config(variant, cache, list(extra))
         result = train(cfg, out, log=lambda *a, **k: None)
-        _references[key] = (result.losses, result.final_val_loss, load_weights(out / "model.safetensors", cfg.model).state_dict())
+        _references[key] = (
+            result.losses,
+            result.final_val_loss,
+            load_weights(out / "model.safetensors", cfg.model).state_dict(),
+        )
     return _references[key]
 
 

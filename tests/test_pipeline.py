@@ -17,14 +17,25 @@ import torch.distributed as dist
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from torch.nn.parallel import DistributedDataParallel
 
-from meshlm.distributed.spawn import run_distributed
 from meshlm.config import Config, ConfigError, ModelConfig
 from meshlm.distributed.dims import ParallelDims
+from meshlm.distributed.spawn import run_distributed
 from meshlm.model.transformer import build_model, lm_loss
-from meshlm.parallel.pipeline import (TiedEmbeddingSync, build_schedule, pipeline_forward_eval, pipeline_step,
-                                      plot_pipeline_timeline, record_schedule_timeline)
-from meshlm.parallel.pipeline_split import (build_stage_module, stage_costs, stage_ids_for_rank, stage_layer_counts,
-                                            stage_pp_rank)
+from meshlm.parallel.pipeline import (
+    TiedEmbeddingSync,
+    build_schedule,
+    pipeline_forward_eval,
+    pipeline_step,
+    plot_pipeline_timeline,
+    record_schedule_timeline,
+)
+from meshlm.parallel.pipeline_split import (
+    build_stage_module,
+    stage_costs,
+    stage_ids_for_rank,
+    stage_layer_counts,
+    stage_pp_rank,
+)
 
 SCHEDULES_PP2 = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("interleaved-zero-bubble", 2), ("zbv", 2)]
 
@@ -32,8 +43,15 @@ SCHEDULES_PP2 = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("interleav
 def _cfg(arch: str, n_layers: int, vocab: int = 64, d: int = 32) -> Config:
     cfg = Config()
     # llama with grouped-query attention (4 heads, 2 kv heads), untied; gpt2 ties its embeddings.
-    cfg.model = ModelConfig(arch=arch, d_model=d, n_layers=n_layers, n_heads=4, n_kv_heads=2 if arch == "llama" else 0,
-                            vocab_size=vocab, max_seq_len=16)
+    cfg.model = ModelConfig(
+        arch=arch,
+        d_model=d,
+        n_layers=n_layers,
+        n_heads=4,
+        n_kv_heads=2 if arch == "llama" else 0,
+        vocab_size=vocab,
+        max_seq_len=16,
+    )
     return cfg
 
 
@@ -144,7 +162,9 @@ def test_stage_layer_counts_auto_balances_embedding_and_output():
         stage_layer_counts(_cfg("llama", 3), 4)
 
 
-@pytest.mark.parametrize("vocab,n_layers,n_stages", [(64, 7, 3), (4096, 7, 3), (1024, 8, 4), (16384, 6, 4), (256, 5, 5)])
+@pytest.mark.parametrize(
+    "vocab,n_layers,n_stages", [(64, 7, 3), (4096, 7, 3), (1024, 8, 4), (16384, 6, 4), (256, 5, 5)]
+)
 def test_stage_layer_counts_auto_is_optimal(vocab, n_layers, n_stages):
     """Brute force over every split: the smallest maximum stage cost, then the smallest sum of squares."""
     cfg = _cfg("llama", n_layers, vocab=vocab)
@@ -168,8 +188,12 @@ def test_stage_placement_matches_torch_schedules():
     assert stage_ids_for_rank(1, 4, "1f1b", 1) == [1]
     assert [stage_ids_for_rank(r, 2, "interleaved-1f1b", 2) for r in range(2)] == [[0, 2], [1, 3]]
     assert [stage_ids_for_rank(r, 2, "zbv", 2) for r in range(2)] == [[0, 3], [1, 2]]
-    for schedule, pp, v, style in [("gpipe", 4, 1, "loop"), ("interleaved-1f1b", 4, 3, "loop"),
-                                   ("interleaved-zero-bubble", 2, 4, "loop"), ("zbv", 4, 2, "v")]:
+    for schedule, pp, v, style in [
+        ("gpipe", 4, 1, "loop"),
+        ("interleaved-1f1b", 4, 3, "loop"),
+        ("interleaved-zero-bubble", 2, 4, "loop"),
+        ("zbv", 4, 2, "v"),
+    ]:
         torch_map = generate_stage_to_rank_mapping(pp, pp * v, style=style)  # what torch's schedules assume
         for r in range(pp):
             ids = stage_ids_for_rank(r, pp, schedule, v)
@@ -207,8 +231,11 @@ def test_build_stage_module_prunes_and_chains_to_the_full_model(arch):
 
 def _pp2_world(rank):
     dims = ParallelDims(world_size=2, dp_replicate=1, dp_shard=1, tp=1, pp=2)
-    return [_parity_case(rank, 2, None, dims, arch, schedule, v, n_layers=4, n_micro=4)
-            for arch in ("llama", "gpt2") for schedule, v in SCHEDULES_PP2]
+    return [
+        _parity_case(rank, 2, None, dims, arch, schedule, v, n_layers=4, n_micro=4)
+        for arch in ("llama", "gpt2")
+        for schedule, v in SCHEDULES_PP2
+    ]
 
 
 def test_pipeline_pp2_matches_single_device_all_schedules():
@@ -217,8 +244,11 @@ def test_pipeline_pp2_matches_single_device_all_schedules():
 
 def _pp4_world(rank):
     dims = ParallelDims(world_size=4, dp_replicate=1, dp_shard=1, tp=1, pp=4)
-    return [_parity_case(rank, 4, None, dims, arch, schedule, 1, n_layers=6, n_micro=4, expected_counts=[1, 2, 2, 1])
-            for arch in ("llama", "gpt2") for schedule in ("1f1b", "gpipe")]
+    return [
+        _parity_case(rank, 4, None, dims, arch, schedule, 1, n_layers=6, n_micro=4, expected_counts=[1, 2, 2, 1])
+        for arch in ("llama", "gpt2")
+        for schedule in ("1f1b", "gpipe")
+    ]
 
 
 def test_pipeline_pp4_uneven_auto_split_matches_single_device():
@@ -252,8 +282,10 @@ def _pp2_dp2_world(rank):
         modules = [build_stage_module(model, s, n_stages, stage_layer_counts(cfg, n_stages)) for s in ids]
         tied = TiedEmbeddingSync(modules, ids, n_stages, schedule, dims)
         if wrap:
-            modules = [DistributedDataParallel(m, process_group=dp_group, bucket_cap_mb=0.01, gradient_as_bucket_view=True)
-                       for m in modules]
+            modules = [
+                DistributedDataParallel(m, process_group=dp_group, bucket_cap_mb=0.01, gradient_as_bucket_view=True)
+                for m in modules
+            ]
         sched = build_schedule(modules, ids, n_stages, pp_group, "cpu", 2, schedule, lm_loss)
         for step in range(2 if wrap else 1):
             loss = pipeline_step(sched, ids, n_stages, pp_group, x[half], y[half])
@@ -280,7 +312,6 @@ def test_pipeline_with_data_parallel_pairs_tied_copies_per_dp_rank():
 
 
 def _timeline_world(rank):
-    dims = ParallelDims(world_size=2, dp_replicate=1, dp_shard=1, tp=1, pp=2)
     out = {}
     for schedule, v in (("1f1b", 1), ("zbv", 2)):
         cfg = _cfg("llama", 4)

@@ -21,18 +21,32 @@ from meshlm.plan.hardware import Cluster, Link, make_cluster
 from meshlm.plan.layout import Layout, Workload, check_meshlm_layout, meshlm_software, parse_layout, software_for
 from meshlm.plan.shapes import model_key, rank_chunks, rank_stats, stage_layer_counts
 
+
 def _collectives(alpha_2: float, per_byte: float) -> dict:
     """A measured-collectives table: latency growing with the processes per core and the group."""
     ops = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
-    return {str(w): {str(p): {op: [[alpha_2 * (w / 2) * (p - 1), per_byte]] * 2 for op in ops}
-                     for p in sorted({2, w})} for w in (2, 4, 8)}
+    return {
+        str(w): {str(p): {op: [[alpha_2 * (w / 2) * (p - 1), per_byte]] * 2 for op in ops} for p in sorted({2, w})}
+        for w in (2, 4, 8)
+    }
 
 
 FIGURES = {  # a cpu-local measurement of a 2-core machine, written to a temporary cache
-    "gemm_flops": 8e10, "gemm_overhead_s": 1e-5, "bandwidth_small": 6e10, "bandwidth_large": 2.5e10,
-    "op_overhead_s": 4e-6, "softmax_s_per_element": 2.5e-9, "attention_flops": 3e10, "attention_row_s": 1.5e-7,
-    "collectives": _collectives(1.2e-3, 1e-9), "cores": 2, "memory_bytes": 16e9, "cpu": "test CPU", "host": "test",
-    "torch": "x", "seconds": 1.0,
+    "gemm_flops": 8e10,
+    "gemm_overhead_s": 1e-5,
+    "bandwidth_small": 6e10,
+    "bandwidth_large": 2.5e10,
+    "op_overhead_s": 4e-6,
+    "softmax_s_per_element": 2.5e-9,
+    "attention_flops": 3e10,
+    "attention_row_s": 1.5e-7,
+    "collectives": _collectives(1.2e-3, 1e-9),
+    "cores": 2,
+    "memory_bytes": 16e9,
+    "cpu": "test CPU",
+    "host": "test",
+    "torch": "x",
+    "seconds": 1.0,
 }
 
 
@@ -55,9 +69,12 @@ def tiny_model(**kw) -> ModelConfig:
 def test_stage_split_matches_meshlm():
     from meshlm.parallel.pipeline_split import stage_layer_counts as meshlm_split
 
-    for m in (tiny_model(), tiny_model(n_layers=12, vocab_size=4096), ModelConfig(arch="gpt2", d_model=768, n_layers=12,
-                                                                                   n_heads=12, vocab_size=50304),
-              tiny_model(n_layers=7, d_model=32, vocab_size=3000)):
+    for m in (
+        tiny_model(),
+        tiny_model(n_layers=12, vocab_size=4096),
+        ModelConfig(arch="gpt2", d_model=768, n_layers=12, n_heads=12, vocab_size=50304),
+        tiny_model(n_layers=7, d_model=32, vocab_size=3000),
+    ):
         for n in range(1, m.n_layers + 1):
             assert stage_layer_counts(m, n) == tuple(meshlm_split(Config(model=m), n)), (m, n)
     # large models use bisection on the same objective: the most expensive stage is as cheap as the DP's
@@ -94,13 +111,26 @@ def data_cache(prepare_corpus):
     return prepare_corpus(TINY_TRAIN)
 
 
-TINY_TRAIN = ["model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=301",
-              "model.max_seq_len=64", "data.seq_len=32", "data.max_bytes=300000", "train.steps=1", "train.micro_batch=2",
-              "train.global_batch=8", "train.eval_every=0", "train.sample_tokens=0", "train.progress=false"]
+TINY_TRAIN = [
+    "model.d_model=64",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=301",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+    "data.max_bytes=300000",
+    "train.steps=1",
+    "train.micro_batch=2",
+    "train.global_batch=8",
+    "train.eval_every=0",
+    "train.sample_tokens=0",
+    "train.progress=false",
+]
 
 
 def _tiny_train_args(cache) -> list[str]:
-    return TINY_TRAIN + [f"data.cache_dir=\"{cache}\""]
+    return TINY_TRAIN + [f'data.cache_dir="{cache}"']
 
 
 @pytest.mark.parametrize("overrides,world", STATE_CASES, ids=["zero1-tied", "zero3", "gpt2-tp2", "zbv-tied"])
@@ -112,10 +142,23 @@ def test_state_bytes_equal_what_the_trainer_reports(data_cache, tmp_path, cpu_ca
     held = json.loads((tmp_path / "run" / "state_bytes.json").read_text())
     reported = max(r["params"] + r["grads"] + r["optimizer"] for r in held)
     dims = parallel_dims_from_config(cfg, world)
-    layout = Layout(dims.dp, dims.tp, dims.pp, dims.zero, cfg.train.micro_batch, "none", False, cfg.parallel.pp_schedule,
-                    2 if cfg.parallel.pp_schedule == "zbv" else 1)
-    est = estimate(Workload(cfg.model, cfg.train.global_batch, cfg.data.seq_len), layout,
-                   make_cluster("cpu-local", devices_per_node=world), meshlm_software("cpu"))
+    layout = Layout(
+        dims.dp,
+        dims.tp,
+        dims.pp,
+        dims.zero,
+        cfg.train.micro_batch,
+        "none",
+        False,
+        cfg.parallel.pp_schedule,
+        2 if cfg.parallel.pp_schedule == "zbv" else 1,
+    )
+    est = estimate(
+        Workload(cfg.model, cfg.train.global_batch, cfg.data.seq_len),
+        layout,
+        make_cluster("cpu-local", devices_per_node=world),
+        meshlm_software("cpu"),
+    )
     assert est.memory.state == reported
     assert est.memory_gb_per_device == pytest.approx(reported / 2**30)
 
@@ -234,8 +277,10 @@ def test_search_is_at_least_as_fast_as_the_published_layout():
 
 def test_cluster_files_and_presets(tmp_path):
     path = tmp_path / "mine.toml"
-    path.write_text('name = "mine"\nnodes = 2\ndevices_per_node = 4\n[device]\npreset = "a100-40gb"\nmemory_gb = 48\n'
-                    '[inter]\nbandwidth_gbps = 12.5\nlatency_us = 10\n')
+    path.write_text(
+        'name = "mine"\nnodes = 2\ndevices_per_node = 4\n[device]\npreset = "a100-40gb"\nmemory_gb = 48\n'
+        "[inter]\nbandwidth_gbps = 12.5\nlatency_us = 10\n"
+    )
     c = make_cluster(str(path))
     assert (c.name, c.nodes, c.devices_per_node, c.world_size) == ("mine", 2, 4, 8)
     assert c.device.memory_bytes == 48e9 and c.device.peak_flops == 312e12
@@ -251,10 +296,23 @@ def test_cluster_files_and_presets(tmp_path):
 
 def test_parse_layout():
     lay = parse_layout("tp=2,pp=2,zero=1,micro_batch=4,recompute=full,schedule=interleaved-1f1b", 16)
-    assert (lay.dp, lay.tp, lay.pp, lay.zero, lay.micro_batch, lay.recompute, lay.virtual_stages) == (4, 2, 2, 1, 4, "full", 2)
+    assert (lay.dp, lay.tp, lay.pp, lay.zero, lay.micro_batch, lay.recompute, lay.virtual_stages) == (
+        4,
+        2,
+        2,
+        1,
+        4,
+        "full",
+        2,
+    )
     assert parse_layout("dp=8,sp=true,tp=1", 8).sequence_parallel
-    for bad, match in (("tp=3", "does not divide"), ("tq=2", "unknown key 'tq'"), ("tp=two", "positive integer"),
-                       ("recompute=some", "recompute"), ("schedule=fast", "schedule")):
+    for bad, match in (
+        ("tp=3", "does not divide"),
+        ("tq=2", "unknown key 'tq'"),
+        ("tp=two", "positive integer"),
+        ("recompute=some", "recompute"),
+        ("schedule=fast", "schedule"),
+    ):
         with pytest.raises(ConfigError, match=match):
             parse_layout(bad, 8)
 
@@ -275,8 +333,22 @@ def test_cli_table_and_json(capsys):
     assert "layouts evaluated" in text and "Best: " in text and "TFLOP/s/dev" in text
     out = json.loads(_cli(common + ["--top", "4", "--json"], capsys))
     assert len(out["candidates"]) == 4
-    keys = {"dp", "tp", "pp", "zero", "micro_batch", "recompute", "schedule", "step_time_s", "tokens_per_s",
-            "tflops_per_device", "mfu", "memory_gb_per_device", "fits", "reason"}
+    keys = {
+        "dp",
+        "tp",
+        "pp",
+        "zero",
+        "micro_batch",
+        "recompute",
+        "schedule",
+        "step_time_s",
+        "tokens_per_s",
+        "tflops_per_device",
+        "mfu",
+        "memory_gb_per_device",
+        "fits",
+        "reason",
+    }
     assert keys <= set(out["candidates"][0])
     first = out["candidates"][0]
     assert first["dp"] * first["tp"] * first["pp"] == 8 and first["fits"]
@@ -292,20 +364,34 @@ def test_cli_errors(capsys):
     with pytest.raises(ConfigError, match="16 devices, but the cluster has 8"):
         _cli(common + ["--model", "llama3-8b", "--layout", "dp=2,tp=8"], capsys)
     with pytest.raises(ConfigError, match="global batch"):
-        _cli(common[:-4] + ["--global-batch", "6", "--seq-len", "4096", "--model", "llama3-8b", "--layout", "dp=4,tp=2"],
-             capsys)
+        _cli(
+            common[:-4] + ["--global-batch", "6", "--seq-len", "4096", "--model", "llama3-8b", "--layout", "dp=4,tp=2"],
+            capsys,
+        )
     with pytest.raises(ConfigError, match="--global-batch"):
         _cli(["plan", "--model", "llama3-8b", "--cluster", "dgx-h100"], capsys)
 
 
 def test_cli_cpu_local_with_config(cpu_cache, capsys):
-    out = json.loads(_cli(["plan", "--cluster", "cpu-local", "--devices-per-node", "4", "--json", "--top", "5"], capsys))
+    out = json.loads(
+        _cli(["plan", "--cluster", "cpu-local", "--devices-per-node", "4", "--json", "--top", "5"], capsys)
+    )
     assert out["cluster"]["name"] == "cpu-local" and out["cluster"]["devices_per_node"] == 4
     assert out["memory_definition"].startswith("params + grads + optimizer")
     cfg = load_config(None)
     for c in out["candidates"]:
-        layout = Layout(c["dp"], c["tp"], c["pp"], c["zero"], c["micro_batch"], c["recompute"], c["sequence_parallel"],
-                        c["schedule"] or "1f1b", c["virtual_stages"], c["dp_replicate"])
+        layout = Layout(
+            c["dp"],
+            c["tp"],
+            c["pp"],
+            c["zero"],
+            c["micro_batch"],
+            c["recompute"],
+            c["sequence_parallel"],
+            c["schedule"] or "1f1b",
+            c["virtual_stages"],
+            c["dp_replicate"],
+        )
         check_meshlm_layout(layout, Workload(cfg.model, cfg.train.global_batch, cfg.data.seq_len), 4)
 
 
@@ -315,8 +401,19 @@ def test_choose_layout_for_auto(cpu_cache):
     cfg = load_config(None, ["train.global_batch=16", "train.micro_batch=4"])
     logs: list[str] = []
     keys = choose_layout(cfg, 4, log=logs.append)
-    assert set(keys) == {"dp", "zero", "dp_replicate", "tp", "sequence_parallel", "pp", "pp_schedule",
-                         "pp_microbatches", "pp_virtual_stages", "micro_batch", "activation_checkpointing"}
+    assert set(keys) == {
+        "dp",
+        "zero",
+        "dp_replicate",
+        "tp",
+        "sequence_parallel",
+        "pp",
+        "pp_schedule",
+        "pp_microbatches",
+        "pp_virtual_stages",
+        "micro_batch",
+        "activation_checkpointing",
+    }
     apply_layout(cfg, keys)
     dims = parallel_dims_from_config(cfg, 4)
     assert dims.dp * dims.tp * dims.pp == 4
@@ -328,7 +425,9 @@ def test_cpu_local_is_measured_once(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MESHLM_CACHE_DIR", str(tmp_path))
     calls = []
-    monkeypatch.setattr(cpu_local, "measure", lambda log=None: calls.append(1) or dict(FIGURES, version=cpu_local.VERSION))
+    monkeypatch.setattr(
+        cpu_local, "measure", lambda log=None: calls.append(1) or dict(FIGURES, version=cpu_local.VERSION)
+    )
     first = cpu_local.cpu_local_cluster(3)
     second = cpu_local.cpu_local_cluster(2)
     assert calls == [1] and cpu_local.cache_path().is_file()

@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from meshlm.distributed.spawn import run_distributed
 from meshlm.config import ConfigError, ModelConfig
+from meshlm.distributed.spawn import run_distributed
 from meshlm.model.transformer import build_model, lm_loss
 from meshlm.parallel.activation_checkpoint import apply_activation_checkpointing
 from meshlm.parallel.tensor_parallel import (
@@ -45,8 +45,16 @@ def model_config(arch: str, tp: int, tied: bool = False) -> ModelConfig:
     heads, kv = (4, 2) if tp <= 2 else (8, 4)  # GQA with kv heads divisible by tp
     if arch == "gpt2":
         return ModelConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=V, max_seq_len=16)
-    return ModelConfig(arch="llama", d_model=64, n_layers=2, n_heads=heads, n_kv_heads=kv, vocab_size=V,
-                       max_seq_len=16, tie_embeddings=tied)
+    return ModelConfig(
+        arch="llama",
+        d_model=64,
+        n_layers=2,
+        n_heads=heads,
+        n_kv_heads=kv,
+        vocab_size=V,
+        max_seq_len=16,
+        tie_embeddings=tied,
+    )
 
 
 CASES = [("llama", False), ("llama", True), ("gpt2", True)]
@@ -95,7 +103,9 @@ def full_model_case(tp: int, arch: str, tied: bool, sp: bool, checkpointing: boo
     sync_sequence_parallel_grads(model, group)
     out["grads"] = grads_diff(model, ref_grads, group)
     gathered = gather_tp_state_dict(model, group)
-    out["state_dict_exact"] = gathered.keys() == full_sd.keys() and all(torch.equal(gathered[k], full_sd[k]) for k in full_sd)
+    out["state_dict_exact"] = gathered.keys() == full_sd.keys() and all(
+        torch.equal(gathered[k], full_sd[k]) for k in full_sd
+    )
     shards = shard_state_dict(full_sd, dist.get_rank(group), tp, V)
     out["shards_exact"] = all(torch.equal(shards[k], v) for k, v in model.state_dict().items())
     model.load_state_dict(shards)  # loads into the padded local shapes
@@ -232,19 +242,39 @@ def collectives_case(tp: int) -> dict:
     total, total_grad = sum(per_rank), sum(grads)
     check("copy", copy_to_tp_region, per_rank[0], grads[rank], per_rank[0], total_grad)
     check("reduce", reduce_from_tp_region, per_rank[rank], grads[0], total, grads[0])
-    check("gather", gather_from_sequence_region, chunk(per_rank[rank]), grads[rank],
-          torch.cat([chunk(p, r) for r, p in enumerate(per_rank)], dim=1), chunk(total_grad))
-    check("reduce_scatter", reduce_scatter_to_sequence_region, per_rank[rank], chunk(grads[rank]),
-          chunk(total), torch.cat([chunk(gr, r) for r, gr in enumerate(grads)], dim=1))
-    check("scatter", scatter_to_sequence_region, per_rank[0], chunk(grads[rank]),
-          chunk(per_rank[0]), torch.cat([chunk(gr, r) for r, gr in enumerate(grads)], dim=1))
+    check(
+        "gather",
+        gather_from_sequence_region,
+        chunk(per_rank[rank]),
+        grads[rank],
+        torch.cat([chunk(p, r) for r, p in enumerate(per_rank)], dim=1),
+        chunk(total_grad),
+    )
+    check(
+        "reduce_scatter",
+        reduce_scatter_to_sequence_region,
+        per_rank[rank],
+        chunk(grads[rank]),
+        chunk(total),
+        torch.cat([chunk(gr, r) for r, gr in enumerate(grads)], dim=1),
+    )
+    check(
+        "scatter",
+        scatter_to_sequence_region,
+        per_rank[0],
+        chunk(grads[rank]),
+        chunk(per_rank[0]),
+        torch.cat([chunk(gr, r) for r, gr in enumerate(grads)], dim=1),
+    )
     return out
 
 
 def head_errors(rank: int) -> list[str]:
     messages = []
-    for cfg in (ModelConfig(arch="llama", d_model=48, n_layers=1, n_heads=3, vocab_size=V),
-                ModelConfig(arch="llama", d_model=64, n_layers=1, n_heads=4, n_kv_heads=1, vocab_size=V)):
+    for cfg in (
+        ModelConfig(arch="llama", d_model=48, n_layers=1, n_heads=3, vocab_size=V),
+        ModelConfig(arch="llama", d_model=64, n_layers=1, n_heads=4, n_kv_heads=1, vocab_size=V),
+    ):
         try:
             apply_tensor_parallel(build_model(cfg, seed=0), dist.group.WORLD)
         except ConfigError as e:
@@ -313,8 +343,14 @@ def test_shard_naming_rule():
     assert tp_shard_dim("layers.0.feed_forward.w2.weight") == 1
     assert tp_shard_dim("tok_embeddings.weight") == 0 and tp_shard_dim("output.weight") == 0
     assert tp_shard_dim("layers.0._checkpoint_wrapped_module.feed_forward.w2.weight") == 1
-    for replicated in ("layers.0.attention.wo.bias", "layers.0.feed_forward.w2.bias", "layers.0.attention_norm.weight",
-                       "layers.1.ffn_norm.bias", "norm.weight", "pos_embeddings.weight"):
+    for replicated in (
+        "layers.0.attention.wo.bias",
+        "layers.0.feed_forward.w2.bias",
+        "layers.0.attention_norm.weight",
+        "layers.1.ffn_norm.bias",
+        "norm.weight",
+        "pos_embeddings.weight",
+    ):
         assert not is_tp_sharded(replicated), replicated
 
 

@@ -14,15 +14,29 @@ from meshlm.train.optim import lr_at
 from meshlm.train.trainer import train
 
 TINY = [
-    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=512",
-    "model.max_seq_len=64", "data.seq_len=32", "data.max_bytes=600000", "train.micro_batch=8",
-    "train.global_batch=16", "train.steps=90", "train.warmup_steps=5", "train.eval_every=30",
-    "train.eval_batches=4", "train.lr=0.01", "train.min_lr=0.001", "train.sample_tokens=8", "train.progress=false",
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=512",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+    "data.max_bytes=600000",
+    "train.micro_batch=8",
+    "train.global_batch=16",
+    "train.steps=90",
+    "train.warmup_steps=5",
+    "train.eval_every=30",
+    "train.eval_batches=4",
+    "train.lr=0.01",
+    "train.min_lr=0.001",
+    "train.sample_tokens=8",
+    "train.progress=false",
 ]
 
 
 def tiny_overrides(tmp_path, *extra):
-    return TINY + [f"data.cache_dir=\"{tmp_path / 'cache'}\"", *extra]
+    return TINY + [f'data.cache_dir="{tmp_path / "cache"}"', *extra]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +93,7 @@ def test_existing_different_run_is_refused_before_work(trained_run):
 
 
 def test_missing_corpus_is_one_clear_error(tmp_path):
-    cfg = load_config(None, tiny_overrides(tmp_path, f"data.source=\"{tmp_path / 'nope'}\""))
+    cfg = load_config(None, tiny_overrides(tmp_path, f'data.source="{tmp_path / "nope"}"'))
     with pytest.raises(ConfigError, match="nope"):
         train(cfg, tmp_path / "run", log=lambda *a, **k: None)
     assert not (tmp_path / "run" / "model.safetensors").exists()
@@ -95,11 +109,28 @@ def test_cli_train_then_generate(tmp_path):
     _cli("train", *sets, "--out", str(run))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum("loss" in r for r in records) == 8 and sum("val_loss" in r for r in records) == 2
-    greedy = [_cli("generate", "--run", str(run), "--prompt", "def ", "--temperature", "0",
-                   "--max-new-tokens", "12").stdout for _ in range(2)]
+    greedy = [
+        _cli("generate", "--run", str(run), "--prompt", "def ", "--temperature", "0", "--max-new-tokens", "12").stdout
+        for _ in range(2)
+    ]
     assert greedy[0] == greedy[1] and greedy[0].startswith("def ") and len(greedy[0]) > len("def \n")
-    sampled = _cli("generate", "--run", str(run), "--prompt", "import", "--temperature", "1.0", "--top-k", "20",
-                   "--top-p", "0.9", "--seed", "3", "--max-new-tokens", "12").stdout
+    sampled = _cli(
+        "generate",
+        "--run",
+        str(run),
+        "--prompt",
+        "import",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "12",
+    ).stdout
     assert sampled.startswith("import")
     # a second run into the same directory with another config is refused, unless --overwrite
     proc = _cli("train", *sets, "--set", "model.d_model=32", "--out", str(run), check=False)
@@ -110,8 +141,16 @@ def test_cli_reports_missing_corpus_and_empty_corpus(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     for source in (tmp_path / "missing", empty):
-        proc = _cli("train", "--set", f"data.source=\"{source}\"", "--set", f"data.cache_dir=\"{tmp_path}\"",
-                    "--out", str(tmp_path / "r"), check=False)
+        proc = _cli(
+            "train",
+            "--set",
+            f'data.source="{source}"',
+            "--set",
+            f'data.cache_dir="{tmp_path}"',
+            "--out",
+            str(tmp_path / "r"),
+            check=False,
+        )
         assert proc.returncode != 0 and str(source) in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -124,7 +163,11 @@ def test_activation_checkpointing_and_bf16_autocast(tmp_path):
     """Recomputing activations changes nothing (same losses); bf16 autocast trains close to float32."""
     base = tiny_overrides(tmp_path, "train.steps=4", "train.eval_every=0")
     runs = {}
-    for name, extra in {"plain": [], "ac": ["train.activation_checkpointing=true"], "bf16": ["train.dtype=bfloat16"]}.items():
+    for name, extra in {
+        "plain": [],
+        "ac": ["train.activation_checkpointing=true"],
+        "bf16": ["train.dtype=bfloat16"],
+    }.items():
         train(load_config(None, base + extra), tmp_path / name, log=lambda *a, **k: None)
         runs[name] = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
     assert runs["ac"] == pytest.approx(runs["plain"], rel=1e-6)

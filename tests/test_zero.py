@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from meshlm.distributed.spawn import run_distributed
 from meshlm.config import ModelConfig, TrainConfig
+from meshlm.distributed.spawn import run_distributed
 from meshlm.model.transformer import build_model, lm_loss
 from meshlm.parallel.zero import ZeroOptimizer, consolidate_state_dicts
 from meshlm.train.optim import lr_at
@@ -30,8 +30,9 @@ from meshlm.train.optim import lr_at
 STEPS, BATCH, SEQ = 5, 8, 16
 TRAIN = TrainConfig(steps=STEPS, lr=3e-3, min_lr=3e-4, warmup_steps=2, weight_decay=0.1, grad_clip=0.5)
 MODELS = {
-    "llama": ModelConfig(arch="llama", d_model=64, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32,
-                         tie_embeddings=True),
+    "llama": ModelConfig(
+        arch="llama", d_model=64, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32, tie_embeddings=True
+    ),
     "gpt2": ModelConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32),
 }
 
@@ -77,9 +78,16 @@ def data(kind: str) -> torch.Tensor:
 def reference(kind: str) -> dict:
     model = make_model(kind)
     params = list(model.parameters())  # each tied parameter once
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": TRAIN.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=TRAIN.lr, betas=(TRAIN.beta1, TRAIN.beta2), eps=1e-8, foreach=True)
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": TRAIN.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=TRAIN.lr,
+        betas=(TRAIN.beta1, TRAIN.beta2),
+        eps=1e-8,
+        foreach=True,
+    )
     losses, norms = [], []
     for step in range(STEPS):
         loss = loss_fn(kind, model, data(kind)[step])
@@ -243,9 +251,16 @@ def exact_against_torch_adamw(group, kind, stage):
     cfg = TRAIN
     ref, model = make_model(kind), make_model(kind)
     params = list(ref.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True)
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=1e-8,
+        foreach=True,
+    )
     zero = ZeroOptimizer(model, group, stage, cfg)
     for step in range(3):
         for m in (ref, model):
@@ -263,6 +278,7 @@ def exact_against_torch_adamw(group, kind, stage):
 
 def test_single_rank_group_is_exact_adamw_and_errors_are_clear():
     """dp=1 (no communication) is torch's AdamW bit for bit; wrong stages and foreign shards are refused."""
+
     def body(rank):
         group = dist.new_group([0])
         exact_against_torch_adamw(group, "llama", 1)

@@ -17,33 +17,55 @@ COMMAND_MODULES = (add_inference_commands, add_interop_commands, add_plan_comman
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="TOML file or built-in config name (default: tiny-cpu)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config key; repeatable, e.g. --set train.steps=100")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key; repeatable, e.g. --set train.steps=100",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshlm", description="Train and serve GPT-style language models, on one CPU or many GPUs.")
+    parser = argparse.ArgumentParser(
+        prog="meshlm", description="Train and serve GPT-style language models, on one CPU or many GPUs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (prepares the data and tokenizer on first use)")
     _add_config_args(p)
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
-    p.add_argument("--nproc", type=int, default=None,
-                   help="start N local worker processes (through torch.distributed.run, like torchrun)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="start N local worker processes (through torch.distributed.run, like torchrun)",
+    )
     p.add_argument("--max-restarts", type=int, default=0, help="with --nproc: restart failed workers up to R times")
-    p.add_argument("--resume", default=None, metavar="DIR|auto",
-                   help="continue from a checkpoint directory, a run directory's newest complete checkpoint, or "
-                        "'auto': the newest complete one in --out (a fresh start when there is none)")
-    p.add_argument("--init-from-hf", metavar="HF_DIR", default=None,
-                   help="start from a local Hugging Face model (same as --set train.init_from_hf=HF_DIR)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR|auto",
+        help="continue from a checkpoint directory, a run directory's newest complete checkpoint, or "
+        "'auto': the newest complete one in --out (a fresh start when there is none)",
+    )
+    p.add_argument(
+        "--init-from-hf",
+        metavar="HF_DIR",
+        default=None,
+        help="start from a local Hugging Face model (same as --set train.init_from_hf=HF_DIR)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="data preparation")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("prepare", help="corpus -> tokenizer.json + memory-mapped token files + index.json")
     _add_config_args(p)
-    p.add_argument("--source", default=None, help="python-stdlib | DIR | 'GLOB' | FILE.jsonl | FILE.parquet (default: data.source)")
+    p.add_argument(
+        "--source", default=None, help="python-stdlib | DIR | 'GLOB' | FILE.jsonl | FILE.parquet (default: data.source)"
+    )
     p.add_argument("--out", default=None, help="output directory (default: data.dir or a cache folder)")
     p.set_defaults(func=cmd_data_prepare)
 
@@ -53,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_config_show)
 
-    p = sub.add_parser("export", help="consolidate a sharded training checkpoint into model.safetensors + config + tokenizer")
+    p = sub.add_parser(
+        "export", help="consolidate a sharded training checkpoint into model.safetensors + config + tokenizer"
+    )
     p.add_argument("--run", required=True, help="run directory written by `meshlm train`")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
     p.add_argument("--out", required=True, help="output directory (then: meshlm generate --run OUT)")
@@ -84,8 +108,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             resolve_auto_layout(cfg, args.nproc)  # measures this machine once; the workers reuse it
         parallel_dims_from_config(cfg, args.nproc)
         check_run_dir(out, cfg, args.overwrite)
-        return launch_local(args.nproc, strip_launch_args(sys.argv[1:] if args.argv is None else args.argv),
-                            args.max_restarts)
+        return launch_local(
+            args.nproc, strip_launch_args(sys.argv[1:] if args.argv is None else args.argv), args.max_restarts
+        )
     from meshlm.train.trainer import train
 
     env = read_launch_env()

@@ -135,7 +135,7 @@ class ParallelConfig:
     # in a TOML file, or --set parallel.auto=true); the choice and the runner-up are logged.
     auto: bool = False
     # "auto" = world size / (tp x pp).
-    dp: Union[int, Literal["auto"]] = "auto"
+    dp: int | Literal["auto"] = "auto"
     # 0 = DDP, 1 = optimizer state sharded, 2 = + gradients, 3 = + parameters (FSDP).
     zero: int = 0
     # HSDP: number of replica groups, each fully sharding over dp / dp_replicate ranks.
@@ -148,7 +148,7 @@ class ParallelConfig:
     pp_microbatches: int = 0
     pp_virtual_stages: int = 1
     # "auto" balances layers over stages; or an explicit list of layer counts.
-    pp_split: Union[Literal["auto"], list[int]] = "auto"
+    pp_split: Literal["auto"] | list[int] = "auto"
 
 
 @dataclass
@@ -247,7 +247,9 @@ def _parse_value(text: str) -> Any:
 def _section(cfg: Config, section: str, source: str) -> Any:
     names = [f.name for f in dataclasses.fields(cfg)]
     if section not in names:
-        raise ConfigError(f"{source}: unknown config section '{section}'{_did_you_mean(section, names)}. Sections: {', '.join(names)}.")
+        raise ConfigError(
+            f"{source}: unknown config section '{section}'{_did_you_mean(section, names)}. Sections: {', '.join(names)}."
+        )
     return getattr(cfg, section)
 
 
@@ -331,20 +333,36 @@ def validate(cfg: Config) -> None:
     size live with ParallelDims, which knows the world size."""
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
     positive = {
-        "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
-        "model.vocab_size": m.vocab_size, "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
-        "train.steps": t.steps, "train.micro_batch": t.micro_batch, "train.eval_batches": t.eval_batches,
-        "train.log_every": t.log_every, "parallel.tp": p.tp, "parallel.pp": p.pp,
-        "parallel.dp_replicate": p.dp_replicate, "parallel.pp_virtual_stages": p.pp_virtual_stages,
+        "model.d_model": m.d_model,
+        "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads,
+        "model.vocab_size": m.vocab_size,
+        "model.max_seq_len": m.max_seq_len,
+        "data.seq_len": d.seq_len,
+        "train.steps": t.steps,
+        "train.micro_batch": t.micro_batch,
+        "train.eval_batches": t.eval_batches,
+        "train.log_every": t.log_every,
+        "parallel.tp": p.tp,
+        "parallel.pp": p.pp,
+        "parallel.dp_replicate": p.dp_replicate,
+        "parallel.pp_virtual_stages": p.pp_virtual_stages,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"'{key}' must be a positive integer, got {value}.")
     non_negative = {
-        "model.n_kv_heads": m.n_kv_heads, "model.ffn_hidden": m.ffn_hidden, "train.global_batch": t.global_batch,
-        "train.warmup_steps": t.warmup_steps, "train.eval_every": t.eval_every, "train.checkpoint_every": t.checkpoint_every,
-        "train.sample_tokens": t.sample_tokens, "data.max_bytes": d.max_bytes, "data.max_doc_bytes": d.max_doc_bytes,
-        "parallel.pp_microbatches": p.pp_microbatches, "train.keep_checkpoints": t.keep_checkpoints,
+        "model.n_kv_heads": m.n_kv_heads,
+        "model.ffn_hidden": m.ffn_hidden,
+        "train.global_batch": t.global_batch,
+        "train.warmup_steps": t.warmup_steps,
+        "train.eval_every": t.eval_every,
+        "train.checkpoint_every": t.checkpoint_every,
+        "train.sample_tokens": t.sample_tokens,
+        "data.max_bytes": d.max_bytes,
+        "data.max_doc_bytes": d.max_doc_bytes,
+        "parallel.pp_microbatches": p.pp_microbatches,
+        "train.keep_checkpoints": t.keep_checkpoints,
     }
     for key, value in non_negative.items():
         if value < 0:

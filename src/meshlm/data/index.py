@@ -46,7 +46,9 @@ def read_index(data_dir: Path) -> dict[str, Any]:
     try:
         index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}). Delete {data_dir} and run `meshlm data prepare` again.") from None
+        raise ConfigError(
+            f"{path} is not valid JSON ({e}). Delete {data_dir} and run `meshlm data prepare` again."
+        ) from None
     if index.get("format_version") != FORMAT_VERSION:
         raise ConfigError(
             f"{data_dir} was prepared with data format version {index.get('format_version')}, this meshlm reads "
@@ -76,5 +78,3 @@ def bin_problem(data_dir: Path, index: dict[str, Any], split: str) -> str | None
             f"tokens ({expected} bytes), so the file is truncated or from another prepare"
         )
     return None
-
-

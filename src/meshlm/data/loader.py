@@ -27,8 +27,9 @@ depend on the layout as long as `n_samples` does not.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -93,8 +94,14 @@ def train_batch(dataset: TokenDataset, seq_len: int, seed: int, step: int, sampl
 
 
 def get_batch(
-    dataset: TokenDataset, seq_len: int, batch_size: int, seed: int, step: int,
-    rank: int = 0, micro_step: int = 0, dp_size: int = 1,
+    dataset: TokenDataset,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    step: int,
+    rank: int = 0,
+    micro_step: int = 0,
+    dp_size: int = 1,
 ) -> Batch:
     """`batch_size` sequences for data-parallel `rank` of `dp_size` at (`step`, `micro_step`)."""
     return train_batch(dataset, seq_len, seed, step, sample_ids_for(micro_step, batch_size, rank, dp_size))
@@ -121,8 +128,7 @@ def eval_batches(dataset: TokenDataset, seq_len: int, batch_size: int, n_batches
     """The whole evaluation set (n_batches x batch_size windows) for a single process."""
     n_samples = batch_size * n_batches
     return [
-        eval_batch(dataset, seq_len, range(b * batch_size, (b + 1) * batch_size), n_samples)
-        for b in range(n_batches)
+        eval_batch(dataset, seq_len, range(b * batch_size, (b + 1) * batch_size), n_samples) for b in range(n_batches)
     ]
 
 

@@ -18,8 +18,8 @@ import shutil
 import tempfile
 import time
 from array import array
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -35,9 +35,9 @@ from meshlm.data.index import (
     token_dtype,
     write_index,
 )
-from meshlm.file_hash import file_sha256
 from meshlm.data.sources import describe_source, iter_documents
 from meshlm.data.tokenizer import document_separator_id, load_or_train_tokenizer
+from meshlm.file_hash import file_sha256
 
 # Documents per encode_batch call: large enough for the Rust thread pool to stay
 # busy, small enough that a chunk of token lists stays a few MB.
@@ -75,9 +75,7 @@ def prepare_data(
         if reason is None:
             index = read_index(out)
             _check_enough_tokens(index, cfg_data, out)
-            log(
-                f"data: reusing {out} ({index['n_train_tokens']:,} train / {index['n_val_tokens']:,} val tokens)"
-            )
+            log(f"data: reusing {out} ({index['n_train_tokens']:,} train / {index['n_val_tokens']:,} val tokens)")
             return out
         log(f"data: preparing {out} again: {reason}")
         # The tokenizer there belongs to the old settings; train a fresh one.
@@ -127,7 +125,9 @@ def _stale_reason(out: Path, wanted: dict) -> str | None:
     return None
 
 
-def _prepare_into(tmp: Path, out: Path, cfg_data: DataConfig, vocab_size: int, wanted: dict, reuse_tokenizer: bool, log) -> dict:
+def _prepare_into(
+    tmp: Path, out: Path, cfg_data: DataConfig, vocab_size: int, wanted: dict, reuse_tokenizer: bool, log
+) -> dict:
     def documents() -> Iterator[str]:
         return iter_documents(cfg_data.source, cfg_data.max_bytes, cfg_data.max_doc_bytes)
 
@@ -204,8 +204,12 @@ def _check_enough_tokens(index: dict, cfg_data: DataConfig, out: Path) -> None:
             f"the data in {out} has too few tokens ({counts}): the {' and '.join(short)} "
             f"{'splits need' if len(short) > 1 else 'split needs'} at least "
             f"data.seq_len + 1 = {need} for one window. Use more data (another data.source, or a larger "
-            f"data.max_bytes)" + (", a smaller data.seq_len, or a larger data.val_fraction." if short == ["val"]
-                                  else " or a smaller data.seq_len.")
+            f"data.max_bytes)"
+            + (
+                ", a smaller data.seq_len, or a larger data.val_fraction."
+                if short == ["val"]
+                else " or a smaller data.seq_len."
+            )
         )
 
 

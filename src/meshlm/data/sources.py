@@ -25,8 +25,8 @@ import os
 import re
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from meshlm.config import ConfigError
 
@@ -186,7 +186,7 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path} line {line_no} is not valid JSON ({e}). {fix}") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                what = "has no \"text\" field" if isinstance(obj, dict) else f"is a {type(obj).__name__}"
+                what = 'has no "text" field' if isinstance(obj, dict) else f"is a {type(obj).__name__}"
                 if isinstance(obj, dict) and "text" in obj:
                     what = f'has a "text" field of type {type(obj["text"]).__name__}'
                 raise ConfigError(f"{path} line {line_no} {what}. {fix}")
@@ -199,7 +199,9 @@ def _parquet_documents(path: Path) -> Iterator[str]:
     try:
         file = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a bad file
-        raise ConfigError(f"{path} is not a readable parquet file ({e}). Check the file or convert it to .jsonl.") from None
+        raise ConfigError(
+            f"{path} is not a readable parquet file ({e}). Check the file or convert it to .jsonl."
+        ) from None
     columns = file.schema_arrow.names
     if "text" not in columns:
         raise ConfigError(

@@ -14,8 +14,8 @@ That setting is not stored in tokenizer.json.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -71,7 +71,9 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises a plain Exception for a malformed file
-        raise ConfigError(f"{path} is not a valid tokenizer.json ({e}). Delete it and run `meshlm data prepare` again.") from None
+        raise ConfigError(
+            f"{path} is not a valid tokenizer.json ({e}). Delete it and run `meshlm data prepare` again."
+        ) from None
     document_separator_id(tok, str(path))  # fails early for a tokenizer without an end-of-text token
     tok.encode_special_tokens = True
     return tok

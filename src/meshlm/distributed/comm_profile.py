@@ -23,9 +23,19 @@ import torch.distributed as dist
 _BYTES_ARG = {
     # isend/irecv are counted through batch_isend_irecv only: P2POp checks the identity of its
     # op against torch's own isend/irecv, so those two must stay unwrapped.
-    "all_reduce": 0, "broadcast": 0, "send": 0, "recv": 0, "reduce": 0,
-    "all_gather": 1, "all_gather_into_tensor": 1, "all_gather_single": 1, "_all_gather_base": 1,
-    "reduce_scatter": 1, "reduce_scatter_tensor": 1, "reduce_scatter_single": 1, "_reduce_scatter_base": 1,
+    "all_reduce": 0,
+    "broadcast": 0,
+    "send": 0,
+    "recv": 0,
+    "reduce": 0,
+    "all_gather": 1,
+    "all_gather_into_tensor": 1,
+    "all_gather_single": 1,
+    "_all_gather_base": 1,
+    "reduce_scatter": 1,
+    "reduce_scatter_tensor": 1,
+    "reduce_scatter_single": 1,
+    "_reduce_scatter_base": 1,
     "all_to_all_single": 1,
 }
 
@@ -62,8 +72,13 @@ class CommProfiler:
         index = _BYTES_ARG[name]
 
         def wrapper(*args, **kwargs):
-            tensor = args[index] if len(args) > index else next(
-                (v for k, v in kwargs.items() if k in ("tensor", "input", "input_tensor", "input_list")), None)
+            tensor = (
+                args[index]
+                if len(args) > index
+                else next(
+                    (v for k, v in kwargs.items() if k in ("tensor", "input", "input_tensor", "input_list")), None
+                )
+            )
             self._record(name, kwargs.get("group", None), _nbytes(tensor))
             return fn(*args, **kwargs)
 
@@ -84,6 +99,7 @@ class CommProfiler:
     def _wrap_pipeline_batch(self, fn):
         """torch's pipeline schedules send homogeneous batches op by op (isend/irecv called
         through the P2POp), bypassing batch_isend_irecv: count them at their entry point."""
+
         def wrapper(p2p_ops, *args, **kwargs):
             self._record_p2p(p2p_ops)
             self._in_pipeline_batch = True
@@ -94,7 +110,7 @@ class CommProfiler:
 
         return wrapper
 
-    def __enter__(self) -> "CommProfiler":
+    def __enter__(self) -> CommProfiler:
         for name in _BYTES_ARG:
             if hasattr(dist, name):
                 self._saved[name] = getattr(dist, name)
@@ -117,8 +133,10 @@ class CommProfiler:
 
     def report(self) -> dict[str, dict[str, dict[str, int]]]:
         """{axis: {op: {"count": n, "bytes": b}}}, sorted for stable output."""
-        return {axis: {op: {"count": c, "bytes": b} for op, (c, b) in sorted(ops.items())}
-                for axis, ops in sorted(self.counts.items())}
+        return {
+            axis: {op: {"count": c, "bytes": b} for op, (c, b) in sorted(ops.items())}
+            for axis, ops in sorted(self.counts.items())
+        }
 
 
 def make_ddp_visible(ddp_module) -> None:
@@ -129,7 +147,10 @@ def make_ddp_visible(ddp_module) -> None:
 
 
 def format_comm(report: dict[str, dict[str, dict[str, int]]]) -> str:
-    return "; ".join(
-        f"{axis}: " + ", ".join(f"{op} x{v['count']} ({v['bytes'] / 2**20:.3f} MiB)" for op, v in ops.items())
-        for axis, ops in report.items()
-    ) or "none"
+    return (
+        "; ".join(
+            f"{axis}: " + ", ".join(f"{op} x{v['count']} ({v['bytes'] / 2**20:.3f} MiB)" for op, v in ops.items())
+            for axis, ops in report.items()
+        )
+        or "none"
+    )

@@ -41,7 +41,11 @@ class ParallelDims:
 
     @property
     def describe(self) -> str:
-        dp = f"dp={self.dp}" if self.dp_replicate == 1 else f"dp={self.dp} (replicate {self.dp_replicate} x shard {self.dp_shard})"
+        dp = (
+            f"dp={self.dp}"
+            if self.dp_replicate == 1
+            else f"dp={self.dp} (replicate {self.dp_replicate} x shard {self.dp_shard})"
+        )
         return f"{dp} (zero {self.zero}), tp={self.tp}{' +sp' if self.sequence_parallel else ''}, pp={self.pp}"
 
     def coordinates(self, rank: int) -> dict[str, int]:
@@ -49,8 +53,13 @@ class ParallelDims:
         tp_rank = rank % self.tp
         dp_rank = (rank // self.tp) % self.dp
         pp_rank = rank // (self.tp * self.dp)
-        return {"pp": pp_rank, "dp": dp_rank, "tp": tp_rank,
-                "dp_replicate": dp_rank // self.dp_shard, "dp_shard": dp_rank % self.dp_shard}
+        return {
+            "pp": pp_rank,
+            "dp": dp_rank,
+            "tp": tp_rank,
+            "dp_replicate": dp_rank // self.dp_shard,
+            "dp_shard": dp_rank % self.dp_shard,
+        }
 
     def build_mesh(self, device_type: str):
         """The named DeviceMesh ("pp", "dp", "tp"); with HSDP also ("dp_replicate", "dp_shard")
@@ -58,14 +67,16 @@ class ParallelDims:
         from torch.distributed.device_mesh import init_device_mesh
 
         if self.dp_replicate > 1:
-            mesh = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),
-                                    mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
+            mesh = init_device_mesh(
+                device_type,
+                (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+                mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
+            )
             object.__setattr__(self, "flat_dp_mesh", mesh["dp_replicate", "dp_shard"]._flatten("dp"))
         else:
             mesh = init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
         object.__setattr__(self, "mesh", mesh)
         return mesh
-
 
     def submesh(self, axis: str):
         """The 1-D mesh of one axis: "pp", "dp" or "tp" (and with HSDP "dp_replicate", "dp_shard")."""
@@ -91,7 +102,7 @@ def parallel_dims_from_config(cfg: Config, world_size: int) -> ParallelDims:
     if dp * p.tp * p.pp != world_size:
         raise ConfigError(
             f"dp x tp x pp = {dp} x {p.tp} x {p.pp} = {dp * p.tp * p.pp} but the world size is {world_size}. "
-            f"Set parallel.dp=\"auto\" or degrees whose product is {world_size}."
+            f'Set parallel.dp="auto" or degrees whose product is {world_size}.'
         )
     if dp % p.dp_replicate:
         raise ConfigError(
@@ -147,15 +158,15 @@ def _validate_pipeline(cfg: Config, dp: int) -> None:
     v = stages_per_rank(cfg)
     if p.pp_schedule in ("gpipe", "1f1b") and p.pp_virtual_stages != 1:
         raise ConfigError(
-            f"parallel.pp_schedule=\"{p.pp_schedule}\" runs one stage per rank; parallel.pp_virtual_stages "
-            f"({p.pp_virtual_stages}) needs \"interleaved-1f1b\" or \"interleaved-zero-bubble\"."
+            f'parallel.pp_schedule="{p.pp_schedule}" runs one stage per rank; parallel.pp_virtual_stages '
+            f'({p.pp_virtual_stages}) needs "interleaved-1f1b" or "interleaved-zero-bubble".'
         )
     if p.pp_schedule in ("interleaved-1f1b", "interleaved-zero-bubble") and v < 2:
-        raise ConfigError(
-            f"parallel.pp_schedule=\"{p.pp_schedule}\" needs parallel.pp_virtual_stages >= 2 (got {v})."
-        )
+        raise ConfigError(f'parallel.pp_schedule="{p.pp_schedule}" needs parallel.pp_virtual_stages >= 2 (got {v}).')
     if p.pp_schedule == "zbv" and p.pp_virtual_stages not in (1, 2):
-        raise ConfigError(f"the zbv schedule uses exactly 2 stages per rank (a V shape); set parallel.pp_virtual_stages=2, not {p.pp_virtual_stages}.")
+        raise ConfigError(
+            f"the zbv schedule uses exactly 2 stages per rank (a V shape); set parallel.pp_virtual_stages=2, not {p.pp_virtual_stages}."
+        )
     n_stages = p.pp * v
     if isinstance(p.pp_split, list):
         if len(p.pp_split) != n_stages or sum(p.pp_split) != m.n_layers:

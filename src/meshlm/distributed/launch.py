@@ -34,8 +34,8 @@ def launch_local(nproc: int, worker_argv: list[str], max_restarts: int = 0) -> i
     """Run `python -m meshlm <worker_argv>` on `nproc` local processes; returns the exit code."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}.")
-    from torch.distributed.run import parse_args, run
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
 
     # One thread per worker unless the user says otherwise: N workers each spawning a
     # thread per core would oversubscribe the CPU many times over.
@@ -44,10 +44,19 @@ def launch_local(nproc: int, worker_argv: list[str], max_restarts: int = 0) -> i
     # their keys per attempt: restarted workers read the dead ones' gloo addresses and fail to
     # connect. Without sharing, every round gets a fresh store (so --max-restarts works).
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    args = parse_args([
-        "--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
-        "--module", "meshlm",
-    ])
+    args = parse_args(
+        [
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(nproc),
+            "--max-restarts",
+            str(max_restarts),
+            "--module",
+            "meshlm",
+        ]
+    )
     # The worker's arguments are set after parsing: torch.distributed.run's parser would read
     # a worker option such as --run as an abbreviation of its own --run-path.
     args.training_script_args = list(worker_argv)

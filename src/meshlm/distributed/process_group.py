@@ -18,8 +18,11 @@ def init_distributed(env: LaunchEnv, timeout_s: float = 600.0) -> None:
         return
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    dist.init_process_group(backend=env.backend, timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=env.device if env.device.type == "cuda" else None)
+    dist.init_process_group(
+        backend=env.backend,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=env.device if env.device.type == "cuda" else None,
+    )
 
 
 def shutdown_distributed(exit_process: bool = False) -> None:

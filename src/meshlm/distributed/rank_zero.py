@@ -3,7 +3,8 @@ or its error delivered to every rank, so that no rank waits forever for a peer t
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.distributed as dist
 

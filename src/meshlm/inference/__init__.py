@@ -18,8 +18,10 @@ reference).
 """
 
 _EXPORTS = {
-    "Engine": "meshlm.inference.engine", "Request": "meshlm.inference.engine",
-    "Completion": "meshlm.inference.engine", "StreamEvent": "meshlm.inference.engine",
+    "Engine": "meshlm.inference.engine",
+    "Request": "meshlm.inference.engine",
+    "Completion": "meshlm.inference.engine",
+    "StreamEvent": "meshlm.inference.engine",
     "SamplingParams": "meshlm.inference.sampling",
 }
 

@@ -20,15 +20,19 @@ def add_commands(sub) -> None:
     p = sub.add_parser("generate", help="continue prompts with a trained model (streams to the terminal)")
     _add_model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeatable")
-    p.add_argument("--prompts", default=None, metavar="FILE",
-                   help="prompts file: one prompt per line, or a .jsonl file with a \"prompt\" per line")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help='prompts file: one prompt per line, or a .jsonl file with a "prompt" per line',
+    )
     _add_sampling_args(p, temperature=0.8)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (starts N local processes)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("predict", help="batch inference over a JSONL file of prompts (resumable)")
     _add_model_args(p)
-    p.add_argument("--input", required=True, metavar="IN.jsonl", help="one JSON object per line with a \"prompt\"")
+    p.add_argument("--input", required=True, metavar="IN.jsonl", help='one JSON object per line with a "prompt"')
     p.add_argument("--output", required=True, metavar="OUT.jsonl", help="answers in input order; re-running resumes")
     _add_sampling_args(p, temperature=0.0)
     p.add_argument("--nproc", type=int, default=None, help="processes: nproc / tp data-parallel groups")
@@ -38,8 +42,12 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a model on a corpus")
     _add_model_args(p)
-    p.add_argument("--data", required=True, metavar="SRC",
-                   help="corpus: a directory, 'GLOB', a text/.jsonl/.parquet file or python-stdlib")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="SRC",
+        help="corpus: a directory, 'GLOB', a text/.jsonl/.parquet file or python-stdlib",
+    )
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     p.add_argument("--max-bytes", type=int, default=0, help="read at most this many bytes of the corpus (0 = all)")
@@ -51,10 +59,17 @@ def add_commands(sub) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", default=None, help="run directory written by `meshlm train`")
-    src.add_argument("--init-from-hf", metavar="HF_DIR", default=None,
-                     help="a local Hugging Face model directory (Llama, Mistral, GPT-2), converted on the fly")
-    src.add_argument("--checkpoint", default=None,
-                     help="a model.safetensors with config.toml and tokenizer.json next to it (or above it)")
+    src.add_argument(
+        "--init-from-hf",
+        metavar="HF_DIR",
+        default=None,
+        help="a local Hugging Face model directory (Llama, Mistral, GPT-2), converted on the fly",
+    )
+    src.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a model.safetensors with config.toml and tokenizer.json next to it (or above it)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
@@ -74,9 +89,16 @@ def _sampling(args: argparse.Namespace):
     from meshlm.inference.sampling import SamplingParams
 
     try:
-        return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                              stop=tuple(args.stop), stop_token_ids=())
+        return SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            stop=tuple(args.stop),
+            stop_token_ids=(),
+        )
     except ValueError as e:
         raise ConfigError(f"sampling options: {e}.") from None
 
@@ -176,7 +198,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
                 except json.JSONDecodeError:
                     obj = None
                 if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                    raise ConfigError(f"{path} line {number}: expected a JSON object with a string \"prompt\".")
+                    raise ConfigError(f'{path} line {number}: expected a JSON object with a string "prompt".')
                 prompts.append(obj["prompt"])
             else:
                 prompts.append(line)
@@ -231,7 +253,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return code
     env = read_launch_env()
     if env.world_size != args.tp:
-        raise ConfigError(f"generate runs on exactly --tp ranks: the launcher started {env.world_size}, --tp is {args.tp}.")
+        raise ConfigError(
+            f"generate runs on exactly --tp ranks: the launcher started {env.world_size}, --tp is {args.tp}."
+        )
     layout = setup_layout(env, args.tp)
     prompts = broadcast_object(_read_prompts(args) if layout.is_main else None, layout)
     engine = _engine(args, files, layout)
@@ -270,11 +294,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import dataclasses
 
     defaults = dataclasses.replace(defaults, seed=None)
-    summary = run_predict(args.input if layout.is_main else None, args.output if layout.is_main else None, engine,
-                          layout, defaults, base_seed, progress=not args.no_progress)
+    summary = run_predict(
+        args.input if layout.is_main else None,
+        args.output if layout.is_main else None,
+        engine,
+        layout,
+        defaults,
+        base_seed,
+        progress=not args.no_progress,
+    )
     if summary is not None:
-        print(f"predict: {summary.answered} answered, {summary.skipped} already in {summary.output}, "
-              f"{summary.errors} error line(s){' (see their error field)' if summary.errors else ''}", file=sys.stderr)
+        print(
+            f"predict: {summary.answered} answered, {summary.skipped} already in {summary.output}, "
+            f"{summary.errors} error line(s){' (see their error field)' if summary.errors else ''}",
+            file=sys.stderr,
+        )
     _finish(layout)
     return 0
 
@@ -313,7 +347,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result.to_dict()))
         else:
-            print(f"loss {result.loss:.6f}  perplexity {result.perplexity:.4f}  "
-                  f"({result.tokens:,} tokens in {result.windows:,} windows of {result.seq_len})")
+            print(
+                f"loss {result.loss:.6f}  perplexity {result.perplexity:.4f}  "
+                f"({result.tokens:,} tokens in {result.windows:,} windows of {result.seq_len})"
+            )
     _finish(layout)
     return 0

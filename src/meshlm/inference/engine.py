@@ -81,9 +81,17 @@ class _Sequence:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: tokenizers.Tokenizer | None = None, max_batch: int = 16,
-                 max_len: int | None = None, tp_group: ProcessGroup | None = None, prefill_tokens: int = 4096,
-                 pack_weights: bool | None = None, cuda_graphs: bool | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: tokenizers.Tokenizer | None = None,
+        max_batch: int = 16,
+        max_len: int | None = None,
+        tp_group: ProcessGroup | None = None,
+        prefill_tokens: int = 4096,
+        pack_weights: bool | None = None,
+        cuda_graphs: bool | None = None,
+    ):
         """max_batch: sequences decoded together (slots of the cache); max_len: the longest
         sequence, prompt included (default and upper bound: the model's max_seq_len);
         prefill_tokens: prompt tokens prefilled together (admission stops at this budget;
@@ -109,13 +117,17 @@ class Engine:
         """Raise ValueError if the request cannot run (its prompt does not fit the context)."""
         n = len(request.prompt_ids)
         if n >= self.max_len:
-            raise ValueError(f"the prompt has {n} tokens; the model's context is {self.max_len} tokens, "
-                             f"so a prompt can have at most {self.max_len - 1}")
+            raise ValueError(
+                f"the prompt has {n} tokens; the model's context is {self.max_len} tokens, "
+                f"so a prompt can have at most {self.max_len - 1}"
+            )
         bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0 .. {self.vocab_size - 1})")
 
-    def generate(self, requests: Sequence[Request], on_event: Callable[[StreamEvent], None] | None = None) -> list[Completion]:
+    def generate(
+        self, requests: Sequence[Request], on_event: Callable[[StreamEvent], None] | None = None
+    ) -> list[Completion]:
         """Run every request to the end; completions in request order."""
         out: list[Completion | None] = [None] * len(requests)
         for event in self.stream(requests):
@@ -161,14 +173,14 @@ class Engine:
                 for s in slots:
                     cache.release(s)
                 if seen is not None:
-                    seen[first:first + len(new)] = False
+                    seen[first : first + len(new)] = False
                     for s, seq in zip(slots, new):
                         seen[s, torch.tensor(seq.prompt, device=self.device)] = True
                 logits = self.runner.prefill(cache, [seq.prompt for seq in new], slots)
                 active.extend(new)
                 rows = slice(first, first + len(new))
             elif active:
-                logits = self.runner.decode(cache, next_tokens[:len(active)])
+                logits = self.runner.decode(cache, next_tokens[: len(active)])
                 rows = slice(0, len(active))
             else:
                 continue

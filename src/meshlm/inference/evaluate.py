@@ -59,8 +59,15 @@ def windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def evaluate_tokens(model: Transformer, tokens: torch.Tensor, seq_len: int, batch_size: int = 8,
-                    rank: int = 0, world: int = 1, group=None) -> EvalResult:
+def evaluate_tokens(
+    model: Transformer,
+    tokens: torch.Tensor,
+    seq_len: int,
+    batch_size: int = 8,
+    rank: int = 0,
+    world: int = 1,
+    group=None,
+) -> EvalResult:
     """Every rank passes the same tokens; batches are split round-robin over the ranks."""
     if seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len} is longer than the model's context ({model.cfg.max_seq_len}).")
@@ -68,7 +75,7 @@ def evaluate_tokens(model: Transformer, tokens: torch.Tensor, seq_len: int, batc
     spans = windows(len(tokens), seq_len)
     # Full windows in batches of batch_size; a shorter last window is a batch of its own.
     full = [s for s in spans if s[1] == seq_len]
-    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[s] for s in spans if s[1] != seq_len]
     sums = torch.zeros(len(batches), dtype=torch.float64, device=device)
     for b in range(rank, len(batches), world):

@@ -40,8 +40,14 @@ from meshlm.model.transformer import Transformer
 class KVCache:
     """Keys and values of up to `max_batch` sequences of up to `max_len` tokens."""
 
-    def __init__(self, model: Transformer, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        max_batch: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
         block = next(iter(model.layers.values()))
         head_dim = block.attention.head_dim
         kv_heads = block.attention.wk.out_features // head_dim  # this rank's kv heads under TP
@@ -74,8 +80,10 @@ def check_inference_model(model: Transformer) -> None:
     """The engine handles full models and tensor-parallel shards without sequence parallelism."""
     info = getattr(model, "tensor_parallel", None)
     if info is not None and info.sequence_parallel:
-        raise ValueError("inference runs tensor parallelism without sequence parallelism; "
-                         "apply_tensor_parallel(model, group, sequence_parallel=False)")
+        raise ValueError(
+            "inference runs tensor parallelism without sequence parallelism; "
+            "apply_tensor_parallel(model, group, sequence_parallel=False)"
+        )
     if model.tok_embeddings is None or model.output is None:
         raise ValueError("the inference engine needs a whole model (not a pipeline stage)")
 
@@ -113,8 +121,8 @@ class _Layer:
             # Fused: q and k are neighbours in the output, so one rotation covers both.
             heads, kv_heads = (n // self.head_dim for n in self.qkv[0].split[:2])
             y = self.qkv[0](x).view(B, T, -1, self.head_dim)  # (B, T, heads + 2 kv_heads, head_dim)
-            qk = rotate(y[:, :, :heads + kv_heads], *rope)
-            return qk[:, :, :heads], qk[:, :, heads:], y[:, :, heads + kv_heads:]
+            qk = rotate(y[:, :, : heads + kv_heads], *rope)
+            return qk[:, :, :heads], qk[:, :, heads:], y[:, :, heads + kv_heads :]
         parts = [p for lin in self.qkv for p in lin.parts(lin(x))]
         q = parts[0].view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
         k = parts[1].view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
@@ -150,7 +158,10 @@ class KVModel:
         self.rope_tables = None
         if model.rope is not None:
             cos, sin = model.rope.cos, model.rope.sin  # (max_seq_len, head_dim/2)
-            self.rope_tables = (torch.cat([cos, cos], dim=-1).to(param.dtype), torch.cat([-sin, sin], dim=-1).to(param.dtype))
+            self.rope_tables = (
+                torch.cat([cos, cos], dim=-1).to(param.dtype),
+                torch.cat([-sin, sin], dim=-1).to(param.dtype),
+            )
         tp = getattr(model, "tensor_parallel", None)
         if cuda_graphs is None:
             cuda_graphs = param.device.type == "cuda" and (tp is None or tp.tp == 1)
@@ -201,18 +212,19 @@ class KVModel:
             ys = []
             for j, (slot, p0, n) in enumerate(zip(slots, starts, sizes)):
                 a, b = bounds[j], bounds[j + 1]
-                cache.k[i, slot, :, p0:p0 + n] = k[0, a:b].transpose(0, 1)
-                cache.v[i, slot, :, p0:p0 + n] = v[0, a:b].transpose(0, 1)
+                cache.k[i, slot, :, p0 : p0 + n] = k[0, a:b].transpose(0, 1)
+                cache.v[i, slot, :, p0 : p0 + n] = v[0, a:b].transpose(0, 1)
                 qj = q[:, a:b].transpose(1, 2)  # (1, heads, n, head_dim)
                 if p0 == 0:  # a fresh sequence: exactly the training model's attention
                     kj, vj = k[:, a:b].transpose(1, 2), v[:, a:b].transpose(1, 2)
                     mask, causal = None, True
                 else:  # continuing a cached sequence: keys 0..p0+n-1, query t sees keys <= p0+t
-                    kj, vj = cache.k[i, slot:slot + 1, :, :p0 + n], cache.v[i, slot:slot + 1, :, :p0 + n]
+                    kj, vj = cache.k[i, slot : slot + 1, :, : p0 + n], cache.v[i, slot : slot + 1, :, : p0 + n]
                     mask = torch.arange(p0 + n, device=device) <= torch.arange(p0, p0 + n, device=device).unsqueeze(1)
                     causal = False
-                y = F.scaled_dot_product_attention(qj, kj, vj, attn_mask=mask, is_causal=causal,
-                                                   enable_gqa=qj.shape[1] != kj.shape[1])
+                y = F.scaled_dot_product_attention(
+                    qj, kj, vj, attn_mask=mask, is_causal=causal, enable_gqa=qj.shape[1] != kj.shape[1]
+                )
                 ys.append(y.transpose(1, 2).reshape(1, n, -1))
             y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
             h = h + layer.wo(y)  # all-reduce inside under TP
@@ -221,7 +233,7 @@ class KVModel:
             cache.lengths[slot] = p0 + n
         if all_logits:
             logits = self._logits(h)[0]
-            return [logits[bounds[j]:bounds[j + 1]] for j in range(len(prompts))]
+            return [logits[bounds[j] : bounds[j + 1]] for j in range(len(prompts))]
         last = torch.tensor([b - 1 for b in bounds[1:]], device=device)
         return self._logits(h[0, last])  # (n, V_local)
 
@@ -244,8 +256,9 @@ class KVModel:
             cache.lengths[s] += 1
         return logits
 
-    def _decode(self, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor, longest: int,
-                same_position: int | None) -> torch.Tensor:
+    def _decode(
+        self, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor, longest: int, same_position: int | None
+    ) -> torch.Tensor:
         """The decode step as tensor operations only: keys 0..longest-1 of each slot, those
         beyond the slot's own position masked (no mask when every slot is at `same_position`)."""
         n = tokens.shape[0]
@@ -273,7 +286,11 @@ class KVModel:
             scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(1.0 / math.sqrt(head_dim))  # (n, kv, group, L)
             if mask is not None:
                 scores.masked_fill_(~mask, float("-inf"))
-            probs = scores.softmax(dim=-1) if scores.dtype == torch.float32 else scores.float().softmax(dim=-1).to(scores.dtype)
+            probs = (
+                scores.softmax(dim=-1)
+                if scores.dtype == torch.float32
+                else scores.float().softmax(dim=-1).to(scores.dtype)
+            )
             y = torch.matmul(probs, values)  # (n, kv, group, head_dim)
             h = h + layer.wo(y.reshape(n, 1, -1))
             h = h + layer.mlp(layer.ffn_norm(h))
@@ -292,7 +309,7 @@ class CudaGraphDecode:
     tensor parallelism (collectives inside graphs are left out on purpose).
     """
 
-    def __init__(self, runner: "KVModel"):
+    def __init__(self, runner: KVModel):
         self.runner = runner
         self.cache: KVCache | None = None
         self.graphs: dict[int, tuple] = {}

@@ -26,8 +26,13 @@ PACK_MIN_ELEMENTS = 1 << 18
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN prepacked linears: CPU, float32, a torch built with oneDNN."""
-    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
 
 
 class Linear:

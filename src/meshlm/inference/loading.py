@@ -40,12 +40,16 @@ def find_model_files(run: str | Path | None = None, checkpoint: str | Path | Non
         load_run_config(run)  # the clear "not a meshlm run directory" error
         tok = run / "tokenizer.json"
         if not tok.is_file():
-            raise ConfigError(f"{run} has no tokenizer.json; it is not a finished run. Train it to the end or export a checkpoint.")
+            raise ConfigError(
+                f"{run} has no tokenizer.json; it is not a finished run. Train it to the end or export a checkpoint."
+            )
         return ModelFiles(run / "config.toml", run / "model.safetensors", tok)
     path = Path(checkpoint)
     weights = path / "model.safetensors" if path.is_dir() else path
     if not weights.is_file():
-        raise ConfigError(f"checkpoint {weights} not found. Pass a model.safetensors file (or the directory holding it).")
+        raise ConfigError(
+            f"checkpoint {weights} not found. Pass a model.safetensors file (or the directory holding it)."
+        )
     found = {}
     for name in ("config.toml", "tokenizer.json"):
         for folder in [weights.parent, *list(weights.parent.parents)[:2]]:
@@ -53,13 +57,19 @@ def find_model_files(run: str | Path | None = None, checkpoint: str | Path | Non
                 found[name] = folder / name
                 break
         else:
-            raise ConfigError(f"no {name} next to checkpoint {weights} (nor in the two directories above it). "
-                              f"Put the run's config.toml and tokenizer.json beside the weights.")
+            raise ConfigError(
+                f"no {name} next to checkpoint {weights} (nor in the two directories above it). "
+                f"Put the run's config.toml and tokenizer.json beside the weights."
+            )
     return ModelFiles(found["config.toml"], weights, found["tokenizer.json"])
 
 
-def load_model(files: ModelFiles, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               tp_group: ProcessGroup | None = None) -> LoadedModel:
+def load_model(
+    files: ModelFiles,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    tp_group: ProcessGroup | None = None,
+) -> LoadedModel:
     """The model in eval mode on `device`; with a TP group of more than one rank, this rank's
     shard (every rank reads the full file and keeps its slices)."""
     cfg = load_run_config(files.config.parent)
@@ -84,6 +94,7 @@ def load_model(files: ModelFiles, device: torch.device | str = "cpu", dtype: tor
 class InferenceLayout:
     """world = dp x tp ranks, tp innermost: rank = dp_rank * tp + tp_rank. Global rank 0
     reads the input and writes the output; tp rank 0 of each group samples for its group."""
+
     env: LaunchEnv
     tp: int
     dp: int
@@ -100,13 +111,16 @@ def check_layout(world: int, tp: int, model_cfg=None) -> None:
     if tp < 1 or world < 1:
         raise ConfigError(f"--nproc and --tp must be at least 1 (got nproc {world}, tp {tp}).")
     if world % tp:
-        raise ConfigError(f"--nproc ({world}) must be a multiple of --tp ({tp}): the processes form nproc / tp "
-                          f"data-parallel groups of tp tensor-parallel ranks.")
+        raise ConfigError(
+            f"--nproc ({world}) must be a multiple of --tp ({tp}): the processes form nproc / tp "
+            f"data-parallel groups of tp tensor-parallel ranks."
+        )
     if model_cfg is not None and tp > 1:
         if model_cfg.n_heads % tp or model_cfg.kv_heads % tp or model_cfg.ffn_dim % tp:
             raise ConfigError(
                 f"--tp {tp} splits the model's attention heads and MLP: n_heads ({model_cfg.n_heads}), kv heads "
-                f"({model_cfg.kv_heads}) and the MLP hidden size ({model_cfg.ffn_dim}) must all be divisible by it.")
+                f"({model_cfg.kv_heads}) and the MLP hidden size ({model_cfg.ffn_dim}) must all be divisible by it."
+            )
 
 
 def setup_layout(env: LaunchEnv, tp: int) -> InferenceLayout:

@@ -31,9 +31,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.distributed as dist
 
@@ -69,21 +70,24 @@ def line_seed(base_seed: int | None, line: int) -> int | None:
     return (base_seed * 1_000_003 + line) % (1 << 63)
 
 
-def parse_line(number: int, text: str, tokenizer, defaults: SamplingParams, base_seed: int | None,
-               check: Callable[[Request], None]) -> Item:
+def parse_line(
+    number: int, text: str, tokenizer, defaults: SamplingParams, base_seed: int | None, check: Callable[[Request], None]
+) -> Item:
     """One input line -> Item; ValueError with a message that starts with the line number."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"line {number}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"line {number}: expected a JSON object with a \"prompt\", got {type(obj).__name__}")
+        raise ValueError(f'line {number}: expected a JSON object with a "prompt", got {type(obj).__name__}')
     unknown = sorted(set(obj) - set(ACCEPTED_KEYS))
     if unknown:
-        raise ValueError(f"line {number}: unknown field(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(ACCEPTED_KEYS)}")
+        raise ValueError(
+            f"line {number}: unknown field(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(ACCEPTED_KEYS)}"
+        )
     prompt = obj.get("prompt")
     if not isinstance(prompt, str):
-        raise ValueError(f"line {number}: \"prompt\" must be a string" + ("" if "prompt" in obj else " (it is missing)"))
+        raise ValueError(f'line {number}: "prompt" must be a string' + ("" if "prompt" in obj else " (it is missing)"))
     fields = {k: obj[k] for k in SAMPLING_KEYS if k in obj}
     if isinstance(fields.get("stop"), str):
         fields["stop"] = [fields["stop"]]
@@ -126,9 +130,16 @@ def _write_all(path: Path, records: dict[int, dict]) -> None:
     os.replace(tmp, path)
 
 
-def run_predict(input_path: Path | None, output_path: Path | None, engine: Engine, layout: InferenceLayout,
-                defaults: SamplingParams, base_seed: int | None = None, chunk_size: int | None = None,
-                progress: bool = True) -> PredictSummary | None:
+def run_predict(
+    input_path: Path | None,
+    output_path: Path | None,
+    engine: Engine,
+    layout: InferenceLayout,
+    defaults: SamplingParams,
+    base_seed: int | None = None,
+    chunk_size: int | None = None,
+    progress: bool = True,
+) -> PredictSummary | None:
     """Every rank calls this; only global rank 0 passes the paths and gets the summary."""
     main = layout.is_main
     chunk_size = chunk_size or 2 * engine.max_batch * layout.dp
@@ -167,11 +178,11 @@ def run_predict(input_path: Path | None, output_path: Path | None, engine: Engin
         while True:
             chunk = None
             if main and position < len(pending):
-                chunk = [(it.line, it.prompt_ids, it.params) for it in pending[position:position + chunk_size]]
+                chunk = [(it.line, it.prompt_ids, it.params) for it in pending[position : position + chunk_size]]
             chunk = broadcast_object(chunk, layout)
             if chunk is None:
                 break
-            mine = chunk[layout.dp_rank::layout.dp]
+            mine = chunk[layout.dp_rank :: layout.dp]
             completions = engine.generate([Request(ids, params) for _, ids, params in mine])
             results = [(line, c) for (line, _, _), c in zip(mine, completions)] if layout.tp_rank == 0 else []
             if layout.env.world_size > 1:
@@ -179,12 +190,18 @@ def run_predict(input_path: Path | None, output_path: Path | None, engine: Engin
                 dist.gather_object(results, gathered, dst=0)
                 results = [r for part in gathered for r in part] if main else []
             if main:
-                by_line = {it.line: it for it in pending[position:position + chunk_size]}
+                by_line = {it.line: it for it in pending[position : position + chunk_size]}
                 for line, c in sorted(results, key=lambda r: r[0]):
                     item = by_line[line]
-                    rec = {"line": line, **item.echo, "prompt": item.prompt, "text": c.text,
-                           "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                           "finish_reason": c.finish_reason}
+                    rec = {
+                        "line": line,
+                        **item.echo,
+                        "prompt": item.prompt,
+                        "text": c.text,
+                        "prompt_tokens": c.prompt_tokens,
+                        "completion_tokens": c.completion_tokens,
+                        "finish_reason": c.finish_reason,
+                    }
                     records[line] = rec
                     out.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 out.flush()

@@ -98,8 +98,12 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                seen: torch.Tensor | None = None) -> torch.Tensor:
+def sample_rows(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
     """logits: (B, V) -> (B,) token ids, row b sampled with params[b] and generators[b].
 
     Order as in Hugging Face generate: repetition penalty, temperature, top-k, top-p. Random

@@ -8,7 +8,7 @@ safe to print at once and never has to be taken back.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import tokenizers
 
@@ -40,24 +40,24 @@ class TextStream:
             return ""
         self.ids.append(token)
         start = max(self.done - _CONTEXT_TOKENS, 0)
-        before = self._decode(self.ids[start:self.done])
+        before = self._decode(self.ids[start : self.done])
         now = self._decode(self.ids[start:])
         if now.endswith("\ufffd") or not now.startswith(before):
             return ""  # an incomplete character: wait for the next token
-        self.text += now[len(before):]
+        self.text += now[len(before) :]
         self.done = len(self.ids)
         if self.stop:
             # Search only where a stop string can newly appear.
             lo = max(self.emitted - max(map(len, self.stop)), 0)
             hits = [i for i in (self.text.find(s, lo) for s in self.stop) if i >= 0]
             if hits:
-                self.text = self.text[:min(hits)]
+                self.text = self.text[: min(hits)]
                 self.stopped = True
                 return self.flush()
             safe = len(self.text) - _held_back(self.text, self.stop)
         else:
             safe = len(self.text)
-        delta = self.text[self.emitted:safe] if safe > self.emitted else ""
+        delta = self.text[self.emitted : safe] if safe > self.emitted else ""
         self.emitted = max(self.emitted, safe)
         return delta
 
@@ -66,9 +66,9 @@ class TextStream:
         incomplete character as U+FFFD)."""
         if self.tokenizer is not None and not self.stopped and self.done < len(self.ids):
             start = max(self.done - _CONTEXT_TOKENS, 0)
-            self.text += self._decode(self.ids[start:])[len(self._decode(self.ids[start:self.done])):]
+            self.text += self._decode(self.ids[start:])[len(self._decode(self.ids[start : self.done])) :]
             self.done = len(self.ids)
-        delta = self.text[self.emitted:]
+        delta = self.text[self.emitted :]
         self.emitted = len(self.text)
         return delta
 

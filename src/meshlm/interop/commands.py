@@ -15,7 +15,9 @@ def add_commands(sub) -> None:
     direction.add_argument("--to-hf", action="store_true", help="export --run as a Hugging Face directory")
     p.add_argument("--run", help="with --to-hf: the meshlm run directory to export")
     p.add_argument("--step", type=int, default=None, help="with --to-hf: a checkpoint step instead of the final model")
-    p.add_argument("--out", required=True, help="the run directory (import) or Hugging Face directory (export) to write")
+    p.add_argument(
+        "--out", required=True, help="the run directory (import) or Hugging Face directory (export) to write"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.set_defaults(func=cmd_convert)
 

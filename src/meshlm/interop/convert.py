@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -32,9 +33,18 @@ from meshlm.train.run_dir import clear_run_files, copy_file_atomic, load_run_con
 # Files a Hugging Face model directory may hold; an export replaces all of them
 # so that no stale shard or tokenizer from an earlier model is picked up.
 _HF_FILES = (
-    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-    "pytorch_model.bin", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
 )
 _HF_SHARD_GLOBS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
 # Special tokens recognised when writing tokenizer_config.json / generation_config.json.
@@ -59,7 +69,9 @@ def load_hf_model(hf_dir: Path | str, device: torch.device | str = "cpu") -> tup
     return model_cfg, model_from_state_dict(model_cfg, state, device)
 
 
-def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> Transformer:
+def model_from_state_dict(
+    cfg: ModelConfig, state: Mapping[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> Transformer:
     """A Transformer whose parameters *are* `state`'s tensors (moved to `device`); a tied
     output layer may be absent from `state`. Names and shapes must already be right."""
     with torch.device("meta"):
@@ -71,7 +83,9 @@ def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, torch.Tensor], d
         model.rope.reset()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise ConfigError(f"the checkpoint has no values for {', '.join(left[:5])}; it does not match the model config.")
+        raise ConfigError(
+            f"the checkpoint has no values for {', '.join(left[:5])}; it does not match the model config."
+        )
     return model
 
 
@@ -141,7 +155,9 @@ def export_hf(run_dir: Path | str, out_hf_dir: Path | str, step: int | None = No
     run = Path(run_dir)
     cfg = load_run_config(run)
     model = load_weights(run / "model.safetensors", cfg.model)
-    return write_hf_dir(cfg.model, model.state_dict(), out_hf_dir, tokenizer_path=run / "tokenizer.json", overwrite=overwrite)
+    return write_hf_dir(
+        cfg.model, model.state_dict(), out_hf_dir, tokenizer_path=run / "tokenizer.json", overwrite=overwrite
+    )
 
 
 def write_hf_dir(
@@ -208,7 +224,9 @@ def _special_tokens(tokenizer_path: Path) -> dict[str, tuple[str, int]]:
     try:
         added = json.loads(tokenizer_path.read_text()).get("added_tokens") or []
     except (json.JSONDecodeError, AttributeError) as e:
-        raise ConfigError(f"{tokenizer_path} is not a valid tokenizer.json ({e}); retrain or re-copy the tokenizer.") from None
+        raise ConfigError(
+            f"{tokenizer_path} is not a valid tokenizer.json ({e}); retrain or re-copy the tokenizer."
+        ) from None
     by_name = {t["content"]: t["id"] for t in added if isinstance(t, dict) and t.get("special")}
     found: dict[str, tuple[str, int]] = {}
     for role, names in (("eos", _EOS_NAMES), ("bos", _BOS_NAMES)):

@@ -26,28 +26,71 @@ SUPPORTED_ARCHITECTURES = LLAMA_LIKE + GPT2_LIKE
 # whose value equals the class default, so a missing key means this value.
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "LlamaForCausalLM": dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
-        tie_word_embeddings=False, initializer_range=0.02,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
     ),
     "MistralForCausalLM": dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, hidden_act="silu", max_position_embeddings=4096 * 32, rms_norm_eps=1e-6,
-        rope_theta=10000.0, tie_word_embeddings=False, sliding_window=4096, initializer_range=0.02,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        hidden_act="silu",
+        max_position_embeddings=4096 * 32,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        sliding_window=4096,
+        initializer_range=0.02,
     ),
     "Qwen2ForCausalLM": dict(
-        vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
-        rope_theta=10000.0, tie_word_embeddings=False, use_sliding_window=False, initializer_range=0.02,
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=22016,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        hidden_act="silu",
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        initializer_range=0.02,
     ),
     "GPT2LMHeadModel": dict(
-        vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
-        activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=True, initializer_range=0.02,
-        scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
+        vocab_size=50257,
+        n_positions=1024,
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        n_inner=None,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+        scale_attn_weights=True,
+        scale_attn_by_inverse_layer_idx=False,
+        reorder_and_upcast_attn=False,
         add_cross_attention=False,
     ),
 }
-_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2", "GPT2LMHeadModel": "gpt2"}
+_MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "GPT2LMHeadModel": "gpt2",
+}
 # Activations that are the same function as meshlm's (SiLU; GPT-2's tanh GELU).
 _LLAMA_ACTS = ("silu", "swish")
 _GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh")
@@ -63,13 +106,17 @@ def read_hf_config(hf_dir: Path | str) -> dict[str, Any]:
         )
     path = hf_dir / "config.json"
     if not path.is_file():
-        raise ConfigError(f"{hf_dir} has no config.json, so it is not a Hugging Face model directory. Pass the directory that `save_pretrained` wrote.")
+        raise ConfigError(
+            f"{hf_dir} has no config.json, so it is not a Hugging Face model directory. Pass the directory that `save_pretrained` wrote."
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}). Re-download or re-save the model.") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}. Re-download or re-save the model.")
+        raise ConfigError(
+            f"{path} must hold a JSON object, got {type(data).__name__}. Re-download or re-save the model."
+        )
     return data
 
 
@@ -110,9 +157,13 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
             f"{', '.join(SUPPORTED_ARCHITECTURES[:2])} and {GPT2_LIKE[0]})."
         )
     if cfg.d_model <= 0 or cfg.n_heads <= 0 or cfg.d_model % cfg.n_heads:
-        raise ConfigError(f"{source}: hidden size {cfg.d_model} is not divisible by the {cfg.n_heads} attention heads; the config is malformed.")
+        raise ConfigError(
+            f"{source}: hidden size {cfg.d_model} is not divisible by the {cfg.n_heads} attention heads; the config is malformed."
+        )
     if cfg.n_heads % cfg.kv_heads:
-        raise ConfigError(f"{source}: {cfg.n_heads} attention heads are not a multiple of the {cfg.kv_heads} key/value heads; the config is malformed.")
+        raise ConfigError(
+            f"{source}: {cfg.n_heads} attention heads are not a multiple of the {cfg.kv_heads} key/value heads; the config is malformed."
+        )
     return cfg
 
 
@@ -129,7 +180,11 @@ class _Getter:
 
     def int(self, key: str) -> int:
         value = self(key)
-        if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            and not (isinstance(value, float) and value.is_integer())
+        ):
             raise ConfigError(f"{self.source}: '{key}' must be an integer, got {value!r}. Fix config.json.")
         return int(value)
 
@@ -147,9 +202,13 @@ def _rope_theta_and_scaling(get: _Getter, problems: list[str]) -> float:
         theta = params.get("rope_theta", theta)
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type != "default":
-            problems.append(f"'rope_parameters' has rope_type {rope_type!r} (only plain RoPE, rope_type 'default', is supported)")
+            problems.append(
+                f"'rope_parameters' has rope_type {rope_type!r} (only plain RoPE, rope_type 'default', is supported)"
+            )
         if params.get("partial_rotary_factor", 1.0) != 1.0:
-            problems.append(f"'rope_parameters.partial_rotary_factor' is {params['partial_rotary_factor']} (only 1.0 is supported)")
+            problems.append(
+                f"'rope_parameters.partial_rotary_factor' is {params['partial_rotary_factor']} (only 1.0 is supported)"
+            )
     elif params is not None:
         problems.append(f"'rope_parameters' is {params!r}, expected a table with rope_type 'default'")
     scaling = get("rope_scaling")
@@ -166,7 +225,9 @@ def _llama_config(arch: str, get: _Getter, problems: list[str]) -> ModelConfig:
     kv_heads = get.int("num_key_value_heads") if get("num_key_value_heads") is not None else n_heads
     theta = _rope_theta_and_scaling(get, problems)
     if arch == "Qwen2ForCausalLM":
-        problems.append("Qwen2 has biases on its q/k/v projections ('attention bias'), which meshlm's llama variant does not have")
+        problems.append(
+            "Qwen2 has biases on its q/k/v projections ('attention bias'), which meshlm's llama variant does not have"
+        )
     if get("attention_bias", False):
         problems.append("'attention_bias' is true (meshlm's llama attention has no biases)")
     if get("mlp_bias", False):
@@ -179,12 +240,21 @@ def _llama_config(arch: str, get: _Getter, problems: list[str]) -> ModelConfig:
         problems.append(f"'head_dim' is {head_dim}, not hidden_size / num_attention_heads = {d_model / n_heads:g}")
     sliding = get.int("sliding_window") if get("sliding_window") is not None else None
     if sliding is not None and sliding < max_pos and (arch != "Qwen2ForCausalLM" or get("use_sliding_window", False)):
-        problems.append(f"'sliding_window' is {sliding} (< max_position_embeddings {max_pos}; sliding-window attention is not supported)")
+        problems.append(
+            f"'sliding_window' is {sliding} (< max_position_embeddings {max_pos}; sliding-window attention is not supported)"
+        )
     return ModelConfig(
-        arch="llama", d_model=d_model, n_layers=get.int("num_hidden_layers"), n_heads=n_heads,
-        n_kv_heads=0 if kv_heads == n_heads else kv_heads, vocab_size=get.int("vocab_size"),
-        ffn_hidden=get.int("intermediate_size"), max_seq_len=max_pos, rope_theta=theta,
-        norm_eps=get.float("rms_norm_eps"), tie_embeddings=bool(get("tie_word_embeddings")),
+        arch="llama",
+        d_model=d_model,
+        n_layers=get.int("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=0 if kv_heads == n_heads else kv_heads,
+        vocab_size=get.int("vocab_size"),
+        ffn_hidden=get.int("intermediate_size"),
+        max_seq_len=max_pos,
+        rope_theta=theta,
+        norm_eps=get.float("rms_norm_eps"),
+        tie_embeddings=bool(get("tie_word_embeddings")),
         init_std=get.float("initializer_range"),
     )
 
@@ -200,12 +270,20 @@ def _gpt2_config(get: _Getter, problems: list[str]) -> ModelConfig:
     if not get("scale_attn_weights", True):
         problems.append("'scale_attn_weights' is false (meshlm scales attention by 1/sqrt(head_dim))")
     if not get("tie_word_embeddings", True):
-        problems.append("'tie_word_embeddings' is false (meshlm's gpt2 always ties the output layer to the token embedding)")
+        problems.append(
+            "'tie_word_embeddings' is false (meshlm's gpt2 always ties the output layer to the token embedding)"
+        )
     n_inner = get.int("n_inner") if get("n_inner") is not None else None
     return ModelConfig(
-        arch="gpt2", d_model=d_model, n_layers=get.int("n_layer"), n_heads=get.int("n_head"),
-        vocab_size=get.int("vocab_size"), ffn_hidden=int(n_inner) if n_inner else 4 * d_model,
-        max_seq_len=get.int("n_positions"), norm_eps=get.float("layer_norm_epsilon"), tie_embeddings=True,
+        arch="gpt2",
+        d_model=d_model,
+        n_layers=get.int("n_layer"),
+        n_heads=get.int("n_head"),
+        vocab_size=get.int("vocab_size"),
+        ffn_hidden=int(n_inner) if n_inner else 4 * d_model,
+        max_seq_len=get.int("n_positions"),
+        norm_eps=get.float("layer_norm_epsilon"),
+        tie_embeddings=True,
         init_std=get.float("initializer_range"),
     )
 
@@ -270,5 +348,9 @@ def hf_config_from_model(
 
 
 __all__ = [
-    "SUPPORTED_ARCHITECTURES", "read_hf_config", "hf_architecture", "model_config_from_hf", "hf_config_from_model",
+    "SUPPORTED_ARCHITECTURES",
+    "read_hf_config",
+    "hf_architecture",
+    "model_config_from_hf",
+    "hf_config_from_model",
 ]

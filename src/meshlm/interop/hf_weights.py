@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -39,18 +39,26 @@ _LLAMA_LAYER = {
     "mlp.up_proj.weight": "feed_forward.w3.weight",
     "mlp.down_proj.weight": "feed_forward.w2.weight",
 }
-_LLAMA_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+_LLAMA_TOP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 # GPT-2 (after `transformer.h.{i}.`): plain copies, and Conv1D modules whose weight is transposed.
 _GPT2_LAYER_PLAIN = {
-    "ln_1.weight": "attention_norm.weight", "ln_1.bias": "attention_norm.bias",
-    "ln_2.weight": "ffn_norm.weight", "ln_2.bias": "ffn_norm.bias",
+    "ln_1.weight": "attention_norm.weight",
+    "ln_1.bias": "attention_norm.bias",
+    "ln_2.weight": "ffn_norm.weight",
+    "ln_2.bias": "ffn_norm.bias",
 }
 _GPT2_LAYER_CONV1D = {"attn.c_proj": "attention.wo", "mlp.c_fc": "feed_forward.w1", "mlp.c_proj": "feed_forward.w2"}
 _GPT2_QKV = "attn.c_attn"
 _GPT2_TOP = {
-    "transformer.wte.weight": "tok_embeddings.weight", "transformer.wpe.weight": "pos_embeddings.weight",
-    "transformer.ln_f.weight": "norm.weight", "transformer.ln_f.bias": "norm.bias",
+    "transformer.wte.weight": "tok_embeddings.weight",
+    "transformer.wpe.weight": "pos_embeddings.weight",
+    "transformer.ln_f.weight": "norm.weight",
+    "transformer.ln_f.bias": "norm.bias",
 }
 
 # Buffers some checkpoints carry that are not weights: causal masks, rotary frequencies.
@@ -147,14 +155,21 @@ def check_hf_tensors(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, sour
     present = set(tensors) - ({"lm_head.weight"} if cfg.tied else set())  # a tied head may be stored anyway
     missing = sorted(set(expected) - present, key=_natural)
     unexpected = sorted(present - set(expected), key=_natural)
-    bad = [f"{k}: file {tuple(tensors[k].shape)} vs config {expected[k]}" for k in sorted(expected, key=_natural)
-           if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    bad = [
+        f"{k}: file {tuple(tensors[k].shape)} vs config {expected[k]}"
+        for k in sorted(expected, key=_natural)
+        if k in tensors and tuple(tensors[k].shape) != expected[k]
+    ]
     if missing or unexpected or bad:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+            parts.append(
+                f"missing {len(missing)} tensors ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})"
+            )
         if unexpected:
-            parts.append(f"{len(unexpected)} tensors meshlm has no place for ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})")
+            parts.append(
+                f"{len(unexpected)} tensors meshlm has no place for ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})"
+            )
         if bad:
             parts.append(f"shape mismatches ({'; '.join(bad[:3])})")
         raise ConfigError(
@@ -196,7 +211,7 @@ def state_dict_from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, so
         elif module == _GPT2_QKV:
             fused = t.t() if param == "weight" else t  # (3d, d) or (3d,)
             for j, part in enumerate(("wq", "wk", "wv")):
-                out[f"{prefix}attention.{part}.{param}"] = fused[j * d:(j + 1) * d].contiguous()
+                out[f"{prefix}attention.{part}.{param}"] = fused[j * d : (j + 1) * d].contiguous()
     return out
 
 
@@ -220,11 +235,15 @@ def hf_weight_files(hf_dir: Path | str) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConfigError(f"{index} is not a valid shard index ({e!r}); re-download or re-save the model.") from None
+                raise ConfigError(
+                    f"{index} is not a valid shard index ({e!r}); re-download or re-save the model."
+                ) from None
             files = [hf_dir / name for name in dict.fromkeys(weight_map.values())]
             absent = [f.name for f in files if not f.is_file()]
             if absent:
-                raise ConfigError(f"{index} lists shards that are not in {hf_dir}: {', '.join(absent[:4])}. Download the missing files.")
+                raise ConfigError(
+                    f"{index} lists shards that are not in {hf_dir}: {', '.join(absent[:4])}. Download the missing files."
+                )
             return files
     legacy = hf_dir / "pytorch_model.bin"
     if legacy.is_file():
@@ -250,9 +269,13 @@ def read_hf_tensors(hf_dir: Path | str, dtype: torch.dtype | None = torch.float3
             try:
                 loaded = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # pickle / zip errors come in many types
-                raise ConfigError(f"{path} could not be read as a PyTorch weights file ({e}). Re-download the model, preferably as safetensors.") from e
+                raise ConfigError(
+                    f"{path} could not be read as a PyTorch weights file ({e}). Re-download the model, preferably as safetensors."
+                ) from e
             if not isinstance(loaded, dict):
-                raise ConfigError(f"{path} does not hold a state dict (got {type(loaded).__name__}); re-save the model with `save_pretrained`.")
+                raise ConfigError(
+                    f"{path} does not hold a state dict (got {type(loaded).__name__}); re-save the model with `save_pretrained`."
+                )
             out.update({k: _cast(v, dtype) for k, v in loaded.items() if isinstance(v, torch.Tensor)})
     return out
 
@@ -262,6 +285,11 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 __all__ = [
-    "state_dict_to_hf", "state_dict_from_hf", "normalize_hf_names", "expected_hf_shapes", "check_hf_tensors",
-    "hf_weight_files", "read_hf_tensors",
+    "state_dict_to_hf",
+    "state_dict_from_hf",
+    "normalize_hf_names",
+    "expected_hf_shapes",
+    "check_hf_tensors",
+    "hf_weight_files",
+    "read_hf_tensors",
 ]

@@ -44,4 +44,6 @@ def load_hf_weights_into(model: torch.nn.Module, cfg: Config) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (cfg.model.tied and k == "output.weight")]
     if missing or unexpected:
-        raise ConfigError(f"{hf_dir} does not match its own config (missing {missing[:5]}, unexpected {unexpected[:5]}).")
+        raise ConfigError(
+            f"{hf_dir} does not match its own config (missing {missing[:5]}, unexpected {unexpected[:5]})."
+        )

@@ -43,7 +43,9 @@ class RotaryEmbedding(nn.Module):
         if self.cos.is_meta:
             return
         device = self.cos.device
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim))
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+        )
         angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float32), inv_freq)
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())

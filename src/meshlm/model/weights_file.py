@@ -32,11 +32,15 @@ def load_weights(path: Path, cfg: ModelConfig, device: torch.device | str = "cpu
     """Build the model for `cfg` and load `path` into it, checking every name and shape."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"model weights {path} not found. Train a model first (`meshlm train`) or pass the right --run.")
+        raise ConfigError(
+            f"model weights {path} not found. Train a model first (`meshlm train`) or pass the right --run."
+        )
     try:
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
-        raise ConfigError(f"model weights {path} are unreadable or corrupt ({e}). Re-export or retrain the model.") from e
+        raise ConfigError(
+            f"model weights {path} are unreadable or corrupt ({e}). Re-export or retrain the model."
+        ) from e
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
@@ -44,7 +48,11 @@ def load_weights(path: Path, cfg: ModelConfig, device: torch.device | str = "cpu
     expected = {k: v for k, v in model.state_dict().items() if not (cfg.tied and k == TIED_KEY)}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    bad_shapes = [f"{k}: file {tuple(tensors[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    bad_shapes = [
+        f"{k}: file {tuple(tensors[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
     if missing or unexpected or bad_shapes:
         raise ConfigError(
             f"model weights {path} do not match the model config (missing: {missing[:5]}, unexpected: {unexpected[:5]}, "

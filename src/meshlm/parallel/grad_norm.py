@@ -9,7 +9,7 @@ process computes, so clipping is layout-independent.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -20,8 +20,9 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def weighted_grad_sq_sum(named_params: Iterable[tuple[str, torch.nn.Parameter]],
-                         copies: Callable[[str], float], device: torch.device) -> torch.Tensor:
+def weighted_grad_sq_sum(
+    named_params: Iterable[tuple[str, torch.nn.Parameter]], copies: Callable[[str], float], device: torch.device
+) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=device)
     for name, p in named_params:
         if p.grad is None:

@@ -9,8 +9,8 @@ the few facts the trainer needs to stay layout-independent (loss, gradient norm)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -104,7 +104,11 @@ def parallelize(model: Transformer, dims: ParallelDims, cfg: Config, device: tor
         counts = pipeline_split.stage_layer_counts(cfg, n_stages)
         stage_ids = pipeline_split.stage_ids_for_rank(pp_rank, dims.pp, cfg.parallel.pp_schedule, v)
         parts = [pipeline_split.build_stage_module(model, s, n_stages, counts) for s in stage_ids]
-        tied_sync = pipeline.TiedEmbeddingSync(parts, stage_ids, n_stages, cfg.parallel.pp_schedule, dims) if cfg.model.tied else None
+        tied_sync = (
+            pipeline.TiedEmbeddingSync(parts, stage_ids, n_stages, cfg.parallel.pp_schedule, dims)
+            if cfg.model.tied
+            else None
+        )
 
     # 2. Tensor parallel (+ sequence parallel), on each stage.
     if dims.tp > 1:
@@ -125,14 +129,30 @@ def parallelize(model: Transformer, dims: ParallelDims, cfg: Config, device: tor
     # 5. Data parallel / sharding.
     parts = [apply_data_parallel(part, dims, device) for part in parts]
 
-    pm = ParallelModel(dims, parts, stage_ids, n_stages, None, groups.get("tp"), groups.get("dp"),
-                       groups.get("pp"), tied_sync, cfg.model.vocab_size)
+    pm = ParallelModel(
+        dims,
+        parts,
+        stage_ids,
+        n_stages,
+        None,
+        groups.get("tp"),
+        groups.get("dp"),
+        groups.get("pp"),
+        tied_sync,
+        cfg.model.vocab_size,
+    )
     if dims.pp > 1:
         from meshlm.parallel import pipeline
 
         pm.schedule = pipeline.build_schedule(
-            parts, stage_ids, n_stages, groups["pp"], device, pipeline_microbatches(cfg, dims.dp),
-            cfg.parallel.pp_schedule, _pipeline_loss(pm),
+            parts,
+            stage_ids,
+            n_stages,
+            groups["pp"],
+            device,
+            pipeline_microbatches(cfg, dims.dp),
+            cfg.parallel.pp_schedule,
+            _pipeline_loss(pm),
         )
     return pm
 

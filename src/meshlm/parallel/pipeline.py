@@ -22,24 +22,45 @@ In the trainer:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
-                                          ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from meshlm.distributed.dims import MULTI_STAGE_SCHEDULES
-from meshlm.parallel.pipeline_split import (TiedEmbeddingSync, _unwrap, build_stage_module, stage_ids_for_rank,
-                                            stage_layer_counts, stage_pp_rank)
+from meshlm.parallel.pipeline_split import (
+    TiedEmbeddingSync,
+    _unwrap,
+    build_stage_module,
+    stage_ids_for_rank,
+    stage_layer_counts,
+    stage_pp_rank,
+)
 
 __all__ = [
-    "stage_layer_counts", "stage_ids_for_rank", "stage_pp_rank", "build_stage_module", "TiedEmbeddingSync",
-    "PipelineSchedule", "build_schedule", "pipeline_step", "pipeline_forward_eval", "record_schedule_timeline",
-    "plot_pipeline_timeline", "TimelineEvent",
+    "stage_layer_counts",
+    "stage_ids_for_rank",
+    "stage_pp_rank",
+    "build_stage_module",
+    "TiedEmbeddingSync",
+    "PipelineSchedule",
+    "build_schedule",
+    "pipeline_step",
+    "pipeline_forward_eval",
+    "record_schedule_timeline",
+    "plot_pipeline_timeline",
+    "TimelineEvent",
 ]
 
 SCHEDULE_CLASSES = {
@@ -86,8 +107,16 @@ class PipelineSchedule:
     ddp_modules: list[DistributedDataParallel]
 
 
-def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, pp_group, device,
-                   n_microbatches: int, schedule_name: str, loss_fn: Callable) -> PipelineSchedule:
+def build_schedule(
+    stage_modules: list[nn.Module],
+    stage_ids: list[int],
+    n_stages: int,
+    pp_group,
+    device,
+    n_microbatches: int,
+    schedule_name: str,
+    loss_fn: Callable,
+) -> PipelineSchedule:
     """The schedule running this rank's stages: a PipelineStage per module and the torch
     schedule class for `schedule_name` (one stage for gpipe / 1f1b, the list otherwise).
 
@@ -114,11 +143,14 @@ def build_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stage
         raise ValueError(f"the {schedule_name} schedule runs one stage per rank, got stages {stage_ids}")
     device = torch.device(device)
     ddp_modules = [m for m in stage_modules if isinstance(m, DistributedDataParallel)]
-    stages = [PipelineStage(_unwrap(module), stage_id, n_stages, device, group=pp_group)
-              for module, stage_id in zip(stage_modules, stage_ids)]
+    stages = [
+        PipelineStage(_unwrap(module), stage_id, n_stages, device, group=pp_group)
+        for module, stage_id in zip(stage_modules, stage_ids)
+    ]
     loss = MicrobatchMeanLoss(loss_fn, n_microbatches)
-    torch_schedule = SCHEDULE_CLASSES[schedule_name](stages if multi else stages[0], n_microbatches=n_microbatches,
-                                                     loss_fn=loss, scale_grads=False)
+    torch_schedule = SCHEDULE_CLASSES[schedule_name](
+        stages if multi else stages[0], n_microbatches=n_microbatches, loss_fn=loss, scale_grads=False
+    )
     return PipelineSchedule(torch_schedule, stages, n_microbatches, loss, ddp_modules)
 
 
@@ -152,8 +184,14 @@ def _mean_loss(losses: list[torch.Tensor] | None, schedule: PipelineSchedule, pp
     return total.item()
 
 
-def pipeline_step(schedule: PipelineSchedule, stage_ids: list[int], n_stages: int, pp_group, x: torch.Tensor | None,
-                  y: torch.Tensor | None) -> float:
+def pipeline_step(
+    schedule: PipelineSchedule,
+    stage_ids: list[int],
+    n_stages: int,
+    pp_group,
+    x: torch.Tensor | None,
+    y: torch.Tensor | None,
+) -> float:
     """One forward + backward of the whole batch through the pipeline; returns the mean loss over
     its micro-batches, the same on every rank of the pp group. x (B, T) token ids are used on
     the rank holding stage 0, y (B, T) targets on the one holding the last stage; other ranks
@@ -165,8 +203,9 @@ def pipeline_step(schedule: PipelineSchedule, stage_ids: list[int], n_stages: in
             # unequal micro-batches would make the mean of micro-batch means differ from the batch mean
             raise ValueError(f"the batch ({name}: {t.shape[0]} sequences) must divide into {n} equal micro-batches")
     losses: list[torch.Tensor] | None = [] if last else None
-    schedule.torch_schedule.step(*((x,) if first else ()), target=y if last else None, losses=losses,
-                                 return_outputs=False)
+    schedule.torch_schedule.step(
+        *((x,) if first else ()), target=y if last else None, losses=losses, return_outputs=False
+    )
     _all_reduce_ddp_grads(schedule.ddp_modules)
     return _mean_loss(losses, schedule, pp_group)
 
@@ -193,8 +232,14 @@ def _recv_activation(src: int, pp_group, device: torch.device) -> torch.Tensor:
     return h
 
 
-def pipeline_forward_eval(schedule: PipelineSchedule, stage_ids: list[int], n_stages: int, pp_group, x: torch.Tensor | None,
-                          y: torch.Tensor | None) -> float:
+def pipeline_forward_eval(
+    schedule: PipelineSchedule,
+    stage_ids: list[int],
+    n_stages: int,
+    pp_group,
+    x: torch.Tensor | None,
+    y: torch.Tensor | None,
+) -> float:
     """The mean loss over the batch, forward only, the same on every rank of the pp group.
 
     A forward-only GPipe pass written here rather than torch's schedule.eval(): in torch 2.13
@@ -280,9 +325,10 @@ class ScheduleTimeline:
                 torch.cuda.synchronize(stage.device)
             self.events.append(TimelineEvent(kind, stage.stage_index, chunk_id, start, time.time()))
             return result
+
         return run
 
-    def __enter__(self) -> "ScheduleTimeline":
+    def __enter__(self) -> ScheduleTimeline:
         for stage in self._stages:
             stage.forward_one_chunk = self._timed(stage, stage.forward_one_chunk, _forward_kind)
             stage.backward_one_chunk = self._timed(stage, stage.backward_one_chunk, _backward_kind)
@@ -318,8 +364,9 @@ def record_schedule_timeline(schedule: PipelineSchedule) -> ScheduleTimeline:
 _COLOURS = {"F": "#4c72b0", "B": "#dd8452", "I": "#c44e52", "W": "#55a868"}
 
 
-def plot_pipeline_timeline(events_per_rank: list[list[TimelineEvent]], path_png: str,
-                           title: str = "pipeline schedule as it ran") -> None:
+def plot_pipeline_timeline(
+    events_per_rank: list[list[TimelineEvent]], path_png: str, title: str = "pipeline schedule as it ran"
+) -> None:
     """One row per pp rank, one block per action (F forward, B backward, I backward-input,
     W backward-weight), labelled stage.microbatch, time in ms from the first action."""
     import matplotlib
@@ -335,8 +382,13 @@ def plot_pipeline_timeline(events_per_rank: list[list[TimelineEvent]], path_png:
     for rank, events in enumerate(events_per_rank):
         for e in events:
             start, width = (e.start - t0) * 1e3, (e.end - e.start) * 1e3
-            ax.broken_barh([(start, width)], (rank - 0.4, 0.8), facecolors=_COLOURS.get(e.kind, "grey"),
-                           edgecolors="black", linewidth=0.3)
+            ax.broken_barh(
+                [(start, width)],
+                (rank - 0.4, 0.8),
+                facecolors=_COLOURS.get(e.kind, "grey"),
+                edgecolors="black",
+                linewidth=0.3,
+            )
             if width > span_ms / 60:
                 ax.text(start + width / 2, rank, f"{e.stage}.{e.microbatch}", ha="center", va="center", fontsize=6)
     ax.set_yticks(range(len(events_per_rank)), [f"pp rank {r}" for r in range(len(events_per_rank))])
@@ -345,7 +397,12 @@ def plot_pipeline_timeline(events_per_rank: list[list[TimelineEvent]], path_png:
     ax.set_title(title)
     kinds = sorted({e.kind for events in events_per_rank for e in events}, key="FBIW".index)
     names = {"F": "forward", "B": "backward", "I": "backward (inputs)", "W": "backward (weights)"}
-    ax.legend(handles=[Patch(color=_COLOURS[k], label=names[k]) for k in kinds], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    ax.legend(
+        handles=[Patch(color=_COLOURS[k], label=names[k]) for k in kinds],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=7,
+    )
     fig.tight_layout()
     fig.savefig(path_png, dpi=120)
     plt.close(fig)

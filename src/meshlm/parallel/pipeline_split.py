@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from meshlm.config import Config, ConfigError, ModelConfig
+from meshlm.config import Config, ConfigError
 from meshlm.distributed.dims import MULTI_STAGE_SCHEDULES, SCHEDULES
 from meshlm.model.transformer import Transformer
 from meshlm.parallel.stage_balance import balanced_layer_counts, stage_costs  # noqa: F401  (stage_costs re-exported)
@@ -160,8 +160,7 @@ class TiedEmbeddingSync:
     seen; build it right after splitting. Untied models: a no-op.
     """
 
-    def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, schedule_name: str,
-                 dims):
+    def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, schedule_name: str, dims):
         models = {s: _unwrap(m) for s, m in zip(stage_ids, stage_modules)}
         self.active = n_stages > 1 and next(iter(models.values())).cfg.tied
         # The stage models themselves, not their embedding / output submodules: tensor parallel
@@ -173,6 +172,7 @@ class TiedEmbeddingSync:
             return
         last_pp = stage_pp_rank(n_stages - 1, dims.pp, schedule_name, len(stage_ids))
         if last_pp != 0:
+
             def global_rank(pp_rank: int, dp_rank: int, tp_rank: int) -> int:  # ParallelDims layout
                 return (pp_rank * dims.dp + dp_rank) * dims.tp + tp_rank
 
@@ -198,7 +198,9 @@ class TiedEmbeddingSync:
             grads.append(_local(weight.grad))
         if len(grads) == 2:  # zbv: both copies on this rank
             if grads[0].shape != grads[1].shape:
-                raise RuntimeError(f"tied copies are sharded differently: {tuple(grads[0].shape)} vs {tuple(grads[1].shape)}")
+                raise RuntimeError(
+                    f"tied copies are sharded differently: {tuple(grads[0].shape)} vs {tuple(grads[1].shape)}"
+                )
             total = grads[0] + grads[1]
             grads[0].copy_(total)
             grads[1].copy_(total)

@@ -49,8 +49,11 @@ def balanced_layer_counts(model: ModelConfig, n_stages: int) -> list[int]:
                     best_sq[s][n] = min(best_sq[s][n], cost(s, k) ** 2 + best_sq[s + 1][n - k])
     counts, left = [], n_layers
     for s in range(n_stages):  # smallest k reaching the optimum: earlier stages get fewer layers on ties
-        k = next(k for k in range(1, left - (n_stages - s - 1) + 1)
-                 if cost(s, k) <= limit and cost(s, k) ** 2 + best_sq[s + 1][left - k] == best_sq[s][left])
+        k = next(
+            k
+            for k in range(1, left - (n_stages - s - 1) + 1)
+            if cost(s, k) <= limit and cost(s, k) ** 2 + best_sq[s + 1][left - k] == best_sq[s][left]
+        )
         counts.append(k)
         left -= k
     return counts

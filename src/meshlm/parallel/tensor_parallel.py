@@ -79,12 +79,28 @@ from meshlm.parallel.vocab_parallel import (
 )
 
 __all__ = [
-    "apply_tensor_parallel", "is_tp_sharded", "tp_shard_dim", "sync_sequence_parallel_grads",
-    "gather_tp_tensor", "gather_tp_state_dict", "shard_state_dict", "TensorParallelInfo",
-    "ColumnParallelLinear", "RowParallelLinear", "SequenceParallelPositionEmbedding", "Collective", "tp_communication",
+    "apply_tensor_parallel",
+    "is_tp_sharded",
+    "tp_shard_dim",
+    "sync_sequence_parallel_grads",
+    "gather_tp_tensor",
+    "gather_tp_state_dict",
+    "shard_state_dict",
+    "TensorParallelInfo",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "SequenceParallelPositionEmbedding",
+    "Collective",
+    "tp_communication",
 ]
 
-_COLUMN = {("attention", "wq"), ("attention", "wk"), ("attention", "wv"), ("feed_forward", "w1"), ("feed_forward", "w3")}
+_COLUMN = {
+    ("attention", "wq"),
+    ("attention", "wk"),
+    ("attention", "wv"),
+    ("feed_forward", "w1"),
+    ("feed_forward", "w3"),
+}
 _ROW = {("attention", "wo"), ("feed_forward", "w2")}
 _VOCAB = {"tok_embeddings", "output"}
 # Name parts added by wrappers (activation checkpointing, torch.compile, FSDP1, DDP).
@@ -94,6 +110,7 @@ _WRAPPER_PARTS = {"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_modu
 @dataclass(frozen=True)
 class TensorParallelInfo:
     """What apply_tensor_parallel did, kept on the model as `model.tensor_parallel`."""
+
     tp: int
     tp_rank: int
     sequence_parallel: bool
@@ -186,7 +203,9 @@ def _enter_region_hook(group: ProcessGroup, sequence_parallel: bool, module: nn.
     return (enter_tp_region(args[0], group, sequence_parallel), *args[1:])
 
 
-def _enter_attention_hook(group: ProcessGroup, sequence_parallel: bool, rope: nn.Module | None, module: nn.Module, args: tuple):
+def _enter_attention_hook(
+    group: ProcessGroup, sequence_parallel: bool, rope: nn.Module | None, module: nn.Module, args: tuple
+):
     """f for attention. On a pipeline stage whose input is already sequence-sharded the model
     sliced the rotary tables to the local length T/tp; after the gather attention sees
     all T positions, so take the full tables again."""
@@ -204,10 +223,13 @@ def _validate(cfg, tp: int) -> None:
     if cfg.n_heads % tp or cfg.kv_heads % tp:
         raise ConfigError(
             f"tensor parallelism splits attention heads: model.n_heads ({cfg.n_heads}) and model.n_kv_heads "
-            f"({cfg.kv_heads}) must both be divisible by tp ({tp}). Pick tp among their common divisors.")
+            f"({cfg.kv_heads}) must both be divisible by tp ({tp}). Pick tp among their common divisors."
+        )
     if cfg.ffn_dim % tp:
-        raise ConfigError(f"tensor parallelism splits the MLP: its hidden size ({cfg.ffn_dim}, model.ffn_hidden) "
-                          f"must be divisible by tp ({tp}).")
+        raise ConfigError(
+            f"tensor parallelism splits the MLP: its hidden size ({cfg.ffn_dim}, model.ffn_hidden) "
+            f"must be divisible by tp ({tp})."
+        )
 
 
 def _shard(t: torch.Tensor, fqn: str, tp_rank: int, tp: int, vocab_size: int) -> torch.Tensor:
@@ -245,30 +267,53 @@ def apply_tensor_parallel(model: nn.Module, tp_group: ProcessGroup, sequence_par
     _validate(cfg, tp)
     V = cfg.vocab_size
     shard = functools.partial(_shard_param, tp_rank=rank, tp=tp, vocab_size=V)
-    for name, block in model.layers.items():
+    for block in model.layers.values():
         for wrapper in ("_checkpoint_wrapped_module", "_orig_mod"):
             block = getattr(block, wrapper, block)
         attn, ffn = block.attention, block.feed_forward
         for proj in ("wq", "wk", "wv"):
             lin = getattr(attn, proj)
-            setattr(attn, proj, ColumnParallelLinear(shard(lin.weight, f"attention.{proj}.weight"),
-                                                     shard(lin.bias, f"attention.{proj}.bias")))
-        attn.wo = RowParallelLinear(shard(attn.wo.weight, "attention.wo.weight"), attn.wo.bias, tp_group, sequence_parallel)
-        attn.register_forward_pre_hook(functools.partial(_enter_attention_hook, tp_group, sequence_parallel, model.rope))
+            setattr(
+                attn,
+                proj,
+                ColumnParallelLinear(
+                    shard(lin.weight, f"attention.{proj}.weight"), shard(lin.bias, f"attention.{proj}.bias")
+                ),
+            )
+        attn.wo = RowParallelLinear(
+            shard(attn.wo.weight, "attention.wo.weight"), attn.wo.bias, tp_group, sequence_parallel
+        )
+        attn.register_forward_pre_hook(
+            functools.partial(_enter_attention_hook, tp_group, sequence_parallel, model.rope)
+        )
         for proj in ("w1", "w3"):
             lin = getattr(ffn, proj)
             if lin is not None:
-                setattr(ffn, proj, ColumnParallelLinear(shard(lin.weight, f"feed_forward.{proj}.weight"),
-                                                        shard(lin.bias, f"feed_forward.{proj}.bias")))
-        ffn.w2 = RowParallelLinear(shard(ffn.w2.weight, "feed_forward.w2.weight"), ffn.w2.bias, tp_group, sequence_parallel)
+                setattr(
+                    ffn,
+                    proj,
+                    ColumnParallelLinear(
+                        shard(lin.weight, f"feed_forward.{proj}.weight"), shard(lin.bias, f"feed_forward.{proj}.bias")
+                    ),
+                )
+        ffn.w2 = RowParallelLinear(
+            shard(ffn.w2.weight, "feed_forward.w2.weight"), ffn.w2.bias, tp_group, sequence_parallel
+        )
         ffn.register_forward_pre_hook(functools.partial(_enter_region_hook, tp_group, sequence_parallel))
 
-    tied = (model.tok_embeddings is not None and model.output is not None
-            and model.output.weight is model.tok_embeddings.weight)
+    tied = (
+        model.tok_embeddings is not None
+        and model.output is not None
+        and model.output.weight is model.tok_embeddings.weight
+    )
     V_pad = padded_vocab_size(V, tp)
     if model.tok_embeddings is not None:
-        model.tok_embeddings = VocabParallelEmbedding(shard(model.tok_embeddings.weight, "tok_embeddings.weight"),
-                                                      rank * (V_pad // tp), tp_group, sequence_parallel)
+        model.tok_embeddings = VocabParallelEmbedding(
+            shard(model.tok_embeddings.weight, "tok_embeddings.weight"),
+            rank * (V_pad // tp),
+            tp_group,
+            sequence_parallel,
+        )
     if model.pos_embeddings is not None and sequence_parallel:
         model.pos_embeddings = SequenceParallelPositionEmbedding(model.pos_embeddings.weight, tp_group)
     if model.output is not None:
@@ -310,7 +355,7 @@ def sync_sequence_parallel_grads(model: nn.Module, tp_group: ProcessGroup) -> in
     dist.all_reduce(flat, group=tp_group)
     offset = 0
     for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
     return flat.numel()
 
@@ -358,7 +403,9 @@ def gather_tp_state_dict(model: nn.Module, tp_group: ProcessGroup) -> dict[str, 
     return out
 
 
-def shard_state_dict(full_sd: dict[str, torch.Tensor], tp_rank: int, tp: int, vocab_size: int) -> dict[str, torch.Tensor]:
+def shard_state_dict(
+    full_sd: dict[str, torch.Tensor], tp_rank: int, tp: int, vocab_size: int
+) -> dict[str, torch.Tensor]:
     """The inverse of gather_tp_state_dict: rank `tp_rank`'s shards (vocabulary padded) of a
     full single-device state dict, to load_state_dict into a tensor-parallel model."""
     out: dict[str, torch.Tensor] = {}

@@ -40,8 +40,10 @@ from meshlm.distributed.collectives import reduce_scatter_single as _reduce_scat
 
 def _check_seq_divisible(T: int, tp: int) -> None:
     if T % tp:
-        raise ValueError(f"sequence parallelism splits the sequence over the tp ranks: the sequence length {T} "
-                         f"is not divisible by tp ({tp}).")
+        raise ValueError(
+            f"sequence parallelism splits the sequence over the tp ranks: the sequence length {T} "
+            f"is not divisible by tp ({tp})."
+        )
 
 
 def all_gather_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
@@ -218,6 +220,7 @@ def exit_tp_region(x: torch.Tensor, group: ProcessGroup, sequence_parallel: bool
 class Collective:
     """One kind of collective in a micro-batch. `numel`: all-reduce operand, all-gather
     output, reduce-scatter input (the full tensor); `dtype`: "activation" or "float32"."""
+
     op: str  # "all_reduce" | "all_reduce_max" | "all_gather" | "reduce_scatter"
     phase: str  # "forward" | "backward"
     where: str
@@ -231,32 +234,51 @@ class Collective:
         return self.calls * factor * self.numel * itemsize
 
 
-def tp_communication(B: int, T: int, d: int, n_layers: int, tp: int, sequence_parallel: bool,
-                     has_embedding: bool = True, has_output: bool = True, with_loss: bool = True) -> list[Collective]:
+def tp_communication(
+    B: int,
+    T: int,
+    d: int,
+    n_layers: int,
+    tp: int,
+    sequence_parallel: bool,
+    has_embedding: bool = True,
+    has_output: bool = True,
+    with_loss: bool = True,
+) -> list[Collective]:
     """The tensor-parallel collectives of one micro-batch (forward + backward) on a stage
     with `n_layers` blocks: the table in meshlm.parallel.tensor_parallel's docstring."""
     N, L, out = B * T * d, n_layers, []
     if sequence_parallel:
         if L:
-            out += [Collective("all_gather", "forward", "block f", 2 * L, N),
-                    Collective("reduce_scatter", "forward", "block g", 2 * L, N),
-                    Collective("reduce_scatter", "backward", "block f", 2 * L, N),
-                    Collective("all_gather", "backward", "block g", 2 * L, N)]
+            out += [
+                Collective("all_gather", "forward", "block f", 2 * L, N),
+                Collective("reduce_scatter", "forward", "block g", 2 * L, N),
+                Collective("reduce_scatter", "backward", "block f", 2 * L, N),
+                Collective("all_gather", "backward", "block g", 2 * L, N),
+            ]
         if has_embedding:
-            out += [Collective("reduce_scatter", "forward", "tok_embeddings", 1, N),
-                    Collective("all_gather", "backward", "tok_embeddings", 1, N)]
+            out += [
+                Collective("reduce_scatter", "forward", "tok_embeddings", 1, N),
+                Collective("all_gather", "backward", "tok_embeddings", 1, N),
+            ]
         if has_output:
-            out += [Collective("all_gather", "forward", "output", 1, N),
-                    Collective("reduce_scatter", "backward", "output", 1, N)]
+            out += [
+                Collective("all_gather", "forward", "output", 1, N),
+                Collective("reduce_scatter", "backward", "output", 1, N),
+            ]
     else:
         if L:
-            out += [Collective("all_reduce", "forward", "block g", 2 * L, N),
-                    Collective("all_reduce", "backward", "block f", 2 * L, N)]
+            out += [
+                Collective("all_reduce", "forward", "block g", 2 * L, N),
+                Collective("all_reduce", "backward", "block f", 2 * L, N),
+            ]
         if has_embedding:
             out.append(Collective("all_reduce", "forward", "tok_embeddings", 1, N))
         if has_output:
             out.append(Collective("all_reduce", "backward", "output", 1, N))
     if has_output and with_loss:
-        out += [Collective("all_reduce_max", "forward", "loss max", 1, B * T, "float32"),
-                Collective("all_reduce", "forward", "loss sum-exp + target", 1, 2 * B * T, "float32")]
+        out += [
+            Collective("all_reduce_max", "forward", "loss max", 1, B * T, "float32"),
+            Collective("all_reduce", "forward", "loss sum-exp + target", 1, 2 * B * T, "float32"),
+        ]
     return out

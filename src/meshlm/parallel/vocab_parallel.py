@@ -116,9 +116,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tensor, tp_group: ProcessGroup,
-                                 vocab_size: int, vocab_start: int | None = None, reduction: str = "mean",
-                                 ignore_index: int = -100) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    local_logits: torch.Tensor,
+    targets: torch.Tensor,
+    tp_group: ProcessGroup,
+    vocab_size: int,
+    vocab_start: int | None = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """Cross-entropy of the full-vocabulary softmax, from this rank's logits (..., V_pad/tp).
 
     targets: (...) token ids (global), `ignore_index` ones excluded as in F.cross_entropy.
@@ -132,8 +138,9 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, targets: torch.Tens
     n_local = local_logits.shape[-1]
     if vocab_start is None:
         vocab_start = dist.get_rank(tp_group) * n_local
-    losses = _VocabParallelCrossEntropy.apply(local_logits.reshape(-1, n_local), targets.reshape(-1), tp_group,
-                                              vocab_start, vocab_size, ignore_index)
+    losses = _VocabParallelCrossEntropy.apply(
+        local_logits.reshape(-1, n_local), targets.reshape(-1), tp_group, vocab_start, vocab_size, ignore_index
+    )
     if reduction == "none":
         return losses.view(targets.shape)
     if reduction == "sum":

@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,13 +79,13 @@ class _FlatGroup:
         self.flat_param = torch.zeros(padded, dtype=dtype, device=device)
         with torch.no_grad():
             for s in segments:
-                view = self.flat_param[s.offset:s.offset + s.numel].view_as(s.param)
+                view = self.flat_param[s.offset : s.offset + s.numel].view_as(s.param)
                 view.copy_(s.param)
                 s.param.data = view
-        self.shard_param = self.flat_param[self.lo:self.hi]
+        self.shard_param = self.flat_param[self.lo : self.hi]
         if stage == 1:
             self.flat_grad = torch.zeros(padded, dtype=dtype, device=device)
-            self.shard_grad = self.flat_grad[self.lo:self.hi]
+            self.shard_grad = self.flat_grad[self.lo : self.hi]
             self.point_grads_at_flat()
         else:
             self.flat_grad = None
@@ -110,7 +111,7 @@ class _FlatGroup:
         return [r for r in runs if keep is None or r[2] == keep]
 
     def grad_view(self, s: _Segment) -> torch.Tensor:
-        return self.flat_grad[s.offset:s.offset + s.numel].view_as(s.param)
+        return self.flat_grad[s.offset : s.offset + s.numel].view_as(s.param)
 
     def point_grads_at_flat(self) -> None:
         for s in self.segments:
@@ -137,18 +138,28 @@ class _FlatGroup:
                 s = self.segments[i]
                 x, y = max(a, s.offset), min(b, s.offset + s.numel)
                 if x < y and s.param.grad is not None:
-                    staging[r, x - a:y - a].copy_(s.param.grad.reshape(-1)[x - s.offset:y - s.offset])
+                    staging[r, x - a : y - a].copy_(s.param.grad.reshape(-1)[x - s.offset : y - s.offset])
                 i += 1
 
 
 class ZeroOptimizer:
     """Sharded AdamW (ZeRO stage 1 or 2) over `dp_group`. See the module docstring."""
 
-    def __init__(self, model: nn.Module, dp_group: dist.ProcessGroup, stage: int, cfg: TrainConfig,
-                 grad_weight: Callable[[str], float] = lambda name: 1.0, *, bucket_bytes: int = 25 * 2**20):
+    def __init__(
+        self,
+        model: nn.Module,
+        dp_group: dist.ProcessGroup,
+        stage: int,
+        cfg: TrainConfig,
+        grad_weight: Callable[[str], float] = lambda name: 1.0,
+        *,
+        bucket_bytes: int = 25 * 2**20,
+    ):
         if stage not in (1, 2):
-            raise ValueError(f"ZeroOptimizer implements ZeRO stage 1 or 2, got stage={stage} "
-                             f"(stage 0 is DDP, stage 3 is FSDP's fully_shard).")
+            raise ValueError(
+                f"ZeroOptimizer implements ZeRO stage 1 or 2, got stage={stage} "
+                f"(stage 0 is DDP, stage 3 is FSDP's fully_shard)."
+            )
         self.group, self.stage, self.cfg = dp_group, stage, cfg
         self.n, self.rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
         self.bucket_bytes = bucket_bytes
@@ -162,11 +173,14 @@ class ZeroOptimizer:
                 continue
             seen.add(id(p))
             if type(p.data) is not torch.Tensor:  # DTensor (tensor parallel) and other subclasses
-                raise TypeError(f"ZeroOptimizer needs plain tensors, but parameter '{name}' is a "
-                                f"{type(p.data).__name__}; pass the local shard module or use FSDP.")
+                raise TypeError(
+                    f"ZeroOptimizer needs plain tensors, but parameter '{name}' is a "
+                    f"{type(p.data).__name__}; pass the local shard module or use FSDP."
+                )
             off = offsets.get(p.dtype, 0)
             by_dtype.setdefault(p.dtype, []).append(
-                _Segment(name, p, off, p.numel(), p.dim() >= 2, float(grad_weight(name))))
+                _Segment(name, p, off, p.numel(), p.dim() >= 2, float(grad_weight(name)))
+            )
             offsets[p.dtype] = off + p.numel()
         if not by_dtype:
             raise ValueError("ZeroOptimizer: the model has no trainable parameters.")
@@ -186,7 +200,9 @@ class ZeroOptimizer:
         owned shard holds the averaged gradient; at stage 1 the rest of the flat gradient
         buffer still holds this rank's local (unreduced) gradients, at stage 2 p.grad is None."""
         if self._reduced:
-            raise RuntimeError("reduce_gradients() was already called for this step; call step() and zero_grad() first.")
+            raise RuntimeError(
+                "reduce_gradients() was already called for this step; call step() and zero_grad() first."
+            )
         for g in self.groups:
             B, S, n = self._bucket_elems(g), g.shard_size, self.n
             if self.stage == 1:
@@ -201,7 +217,7 @@ class ZeroOptimizer:
                 if self.stage == 1:
                     inp = rows[:, lo:hi].contiguous()  # no copy with a single bucket
                 else:
-                    inp = staging[:n * b].view(n, b)
+                    inp = staging[: n * b].view(n, b)
                     g.fill_rows(inp, lo, hi)
                 if n > 1:
                     _reduce_scatter(out[:b], inp.view(-1), group=self.group)
@@ -239,10 +255,10 @@ class ZeroOptimizer:
         c = self.cfg
         beta1, beta2, wd = c.beta1, c.beta2, c.weight_decay
         self.step_count += 1
-        bias_correction1 = 1 - beta1 ** self.step_count
-        bias_correction2 = 1 - beta2 ** self.step_count
+        bias_correction1 = 1 - beta1**self.step_count
+        bias_correction2 = 1 - beta2**self.step_count
         step_size = lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2 ** 0.5
+        bias_correction2_sqrt = bias_correction2**0.5
         for g in self.groups:
             g.shard_grad.mul_(clip_coef)
             grad = g.shard_grad.float()
@@ -267,7 +283,7 @@ class ZeroOptimizer:
         staging = torch.empty(n * B, dtype=g.dtype, device=g.flat_param.device)
         for lo in range(0, S, B):
             hi = min(S, lo + B)
-            out = staging[:n * (hi - lo)]
+            out = staging[: n * (hi - lo)]
             _all_gather(out, g.shard_param[lo:hi], group=self.group)
             rows[:, lo:hi].copy_(out.view(n, hi - lo))
 
@@ -289,6 +305,7 @@ class ZeroOptimizer:
         """Bytes this rank holds at rest, measured from the storages it keeps (padding included):
         params N*S*e, grads N*S*e (stage 1) or S*e (stage 2), optimizer 2*S*4, summed over
         dtype groups (e = element size, S = ceil(P/N))."""
+
         def nbytes(t: torch.Tensor | None) -> int:
             return 0 if t is None else t.untyped_storage().nbytes()
 
@@ -302,32 +319,49 @@ class ZeroOptimizer:
         return out
 
     def _layout(self, g: _FlatGroup) -> dict[str, Any]:
-        return {"dtype": str(g.dtype).removeprefix("torch."), "numel": g.numel, "shard_size": g.shard_size,
-                "shard_range": (g.lo, g.hi),
-                "params": [{"name": s.name, "shape": tuple(s.param.shape), "offset": s.offset,
-                            "numel": s.numel, "decay": s.decay} for s in g.segments]}
+        return {
+            "dtype": str(g.dtype).removeprefix("torch."),
+            "numel": g.numel,
+            "shard_size": g.shard_size,
+            "shard_range": (g.lo, g.hi),
+            "params": [
+                {"name": s.name, "shape": tuple(s.param.shape), "offset": s.offset, "numel": s.numel, "decay": s.decay}
+                for s in g.segments
+            ],
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard of the optimizer state, with the layout (names, shapes, offsets,
         shard range) that `consolidate_state_dicts` needs to rebuild per-parameter tensors."""
-        return {"stage": self.stage, "dp_size": self.n, "dp_rank": self.rank, "step": self.step_count,
-                "groups": [{**self._layout(g), "exp_avg": g.exp_avg.clone(), "exp_avg_sq": g.exp_avg_sq.clone()}
-                           for g in self.groups]}
+        return {
+            "stage": self.stage,
+            "dp_size": self.n,
+            "dp_rank": self.rank,
+            "step": self.step_count,
+            "groups": [
+                {**self._layout(g), "exp_avg": g.exp_avg.clone(), "exp_avg_sq": g.exp_avg_sq.clone()}
+                for g in self.groups
+            ],
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Load a state_dict saved by the same rank of the same layout (same model, dp size).
         For a different dp size, consolidate the old shards and use load_full_state."""
         if (sd["dp_size"], sd["dp_rank"]) != (self.n, self.rank):
-            raise ValueError(f"optimizer shard was saved by dp rank {sd['dp_rank']} of {sd['dp_size']}, "
-                             f"this is rank {self.rank} of {self.n}; consolidate_state_dicts + load_full_state reshards.")
+            raise ValueError(
+                f"optimizer shard was saved by dp rank {sd['dp_rank']} of {sd['dp_size']}, "
+                f"this is rank {self.rank} of {self.n}; consolidate_state_dicts + load_full_state reshards."
+            )
         if len(sd["groups"]) != len(self.groups):
             raise ValueError(f"saved state has {len(sd['groups'])} dtype groups, this optimizer {len(self.groups)}.")
         for g, saved in zip(self.groups, sd["groups"]):
             mine = self._layout(g)
             for key in ("dtype", "numel", "shard_size", "params"):
                 if _normalise(saved[key]) != _normalise(mine[key]):
-                    raise ValueError(f"saved optimizer layout differs from this model's in '{key}' "
-                                     f"(dtype group {mine['dtype']}); was the model changed?")
+                    raise ValueError(
+                        f"saved optimizer layout differs from this model's in '{key}' "
+                        f"(dtype group {mine['dtype']}); was the model changed?"
+                    )
         for g, saved in zip(self.groups, sd["groups"]):
             g.exp_avg.copy_(saved["exp_avg"])
             g.exp_avg_sq.copy_(saved["exp_avg_sq"])
@@ -339,8 +373,8 @@ class ZeroOptimizer:
             for key, dest in (("exp_avg", g.exp_avg), ("exp_avg_sq", g.exp_avg_sq)):
                 flat = torch.zeros(g.n * g.shard_size, dtype=torch.float32)
                 for s in g.segments:
-                    flat[s.offset:s.offset + s.numel] = full["params"][s.name][key].reshape(-1)
-                dest.copy_(flat[g.lo:g.hi])
+                    flat[s.offset : s.offset + s.numel] = full["params"][s.name][key].reshape(-1)
+                dest.copy_(flat[g.lo : g.hi])
         self.step_count = int(full["step"])
 
 
@@ -359,11 +393,15 @@ def consolidate_state_dicts(shards: list[dict[str, Any]]) -> dict[str, Any]:
     shards = sorted(shards, key=lambda sd: sd["dp_rank"])
     n = shards[0]["dp_size"]
     if [sd["dp_rank"] for sd in shards] != list(range(n)):
-        raise ValueError(f"need one state_dict from each of the {n} dp ranks, got ranks {[sd['dp_rank'] for sd in shards]}.")
+        raise ValueError(
+            f"need one state_dict from each of the {n} dp ranks, got ranks {[sd['dp_rank'] for sd in shards]}."
+        )
     out: dict[str, Any] = {"step": shards[0]["step"], "params": {}}
     for gi, layout in enumerate(shards[0]["groups"]):
         flats = {key: torch.cat([sd["groups"][gi][key] for sd in shards]) for key in ("exp_avg", "exp_avg_sq")}
         for p in layout["params"]:
-            out["params"][p["name"]] = {key: flat[p["offset"]:p["offset"] + p["numel"]].reshape(p["shape"]).clone()
-                                        for key, flat in flats.items()}
+            out["params"][p["name"]] = {
+                key: flat[p["offset"] : p["offset"] + p["numel"]].reshape(p["shape"]).clone()
+                for key, flat in flats.items()
+            }
     return out

@@ -22,5 +22,20 @@ from meshlm.plan.hardware import Cluster, Device, Link, make_cluster
 from meshlm.plan.layout import Layout, Software, Workload, parse_layout, software_for
 from meshlm.plan.models import MODELS, model_preset
 
-__all__ = ["plan", "PlanResult", "estimate", "Estimate", "Cluster", "Device", "Link", "make_cluster", "Layout",
-           "Software", "Workload", "parse_layout", "software_for", "MODELS", "model_preset"]
+__all__ = [
+    "plan",
+    "PlanResult",
+    "estimate",
+    "Estimate",
+    "Cluster",
+    "Device",
+    "Link",
+    "make_cluster",
+    "Layout",
+    "Software",
+    "Workload",
+    "parse_layout",
+    "software_for",
+    "MODELS",
+    "model_preset",
+]

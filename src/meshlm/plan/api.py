@@ -1,10 +1,10 @@
 """The planner as a library call: `plan(workload, cluster)` searches, `plan(..., layout=...)` evaluates one.
 
-    from meshlm.plan import Workload, make_cluster, model_preset, plan
-    result = plan(Workload(model_preset("llama3-70b"), global_batch=512, seq_len=8192),
-                  make_cluster("dgx-h100", nodes=8))
-    print(result.text(top=5))
-    best = result.best            # an Estimate: .layout, .step_time_s, .memory, .fits, ...
+from meshlm.plan import Workload, make_cluster, model_preset, plan
+result = plan(Workload(model_preset("llama3-70b"), global_batch=512, seq_len=8192),
+              make_cluster("dgx-h100", nodes=8))
+print(result.text(top=5))
+best = result.best            # an Estimate: .layout, .step_time_s, .memory, .fits, ...
 """
 
 from __future__ import annotations
@@ -41,19 +41,31 @@ class PlanResult:
 
     def text(self, top: int = 10) -> str:
         what = "1 layout evaluated" if self.evaluated == 1 else f"{self.evaluated} layouts evaluated"
-        return "\n".join([header(self.workload, self.cluster, self.software) + f"; {what}",
-                          format_table(self.candidates, top), self.explanation()])
+        return "\n".join(
+            [
+                header(self.workload, self.cluster, self.software) + f"; {what}",
+                format_table(self.candidates, top),
+                self.explanation(),
+            ]
+        )
 
     def to_json(self, top: int = 10) -> dict:
         return to_json(self.candidates, self.workload, self.cluster, self.software, top, self.evaluated)
 
 
-def plan(workload: Workload, cluster: Cluster, software: Software | str | None = None, layout: Layout | None = None,
-         top: int | None = None, meshlm_only: bool | None = None) -> PlanResult:
+def plan(
+    workload: Workload,
+    cluster: Cluster,
+    software: Software | str | None = None,
+    layout: Layout | None = None,
+    top: int | None = None,
+    meshlm_only: bool | None = None,
+) -> PlanResult:
     """Search every layout (or evaluate `layout`) of `workload` on `cluster`."""
     if workload.global_batch <= 0 or workload.seq_len <= 0:
-        raise ConfigError(f"the global batch ({workload.global_batch}) and the sequence length ({workload.seq_len}) "
-                          f"must be positive.")
+        raise ConfigError(
+            f"the global batch ({workload.global_batch}) and the sequence length ({workload.seq_len}) must be positive."
+        )
     sw = software if isinstance(software, Software) else software_for(software, cluster.device.kind)
     meshlm_only = sw.name == "meshlm" if meshlm_only is None else meshlm_only
     if layout is not None:
@@ -70,20 +82,27 @@ def check_layout(layout: Layout, workload: Workload, cluster: Cluster, sw: Softw
         raise ConfigError(
             f"the layout needs dp x tp x pp = {layout.dp} x {layout.tp} x {layout.pp} = {layout.world_size} devices, but the "
             f"cluster has {cluster.world_size} ({cluster.nodes} node(s) x {cluster.devices_per_node}). Change the degrees "
-            f"or --nodes / --devices-per-node.")
+            f"or --nodes / --devices-per-node."
+        )
     if workload.global_batch % (layout.dp * layout.micro_batch):
         raise ConfigError(
             f"the global batch ({workload.global_batch}) must be a multiple of dp x micro_batch = {layout.dp} x "
-            f"{layout.micro_batch} = {layout.dp * layout.micro_batch}; change --global-batch or the layout.")
+            f"{layout.micro_batch} = {layout.dp * layout.micro_batch}; change --global-batch or the layout."
+        )
     if m.n_heads % layout.tp or m.kv_heads % layout.tp:
-        raise ConfigError(f"tp ({layout.tp}) must divide the attention heads ({m.n_heads}) and key/value heads "
-                          f"({m.kv_heads}).")
+        raise ConfigError(
+            f"tp ({layout.tp}) must divide the attention heads ({m.n_heads}) and key/value heads ({m.kv_heads})."
+        )
     micro = layout.microbatches(workload.global_batch)
     if layout.pp > 1 and micro < layout.pp:
-        raise ConfigError(f"a pipeline of pp={layout.pp} stages needs at least {layout.pp} micro-batches per step, but "
-                          f"global batch / (dp x micro_batch) = {micro}; raise --global-batch or lower micro_batch.")
+        raise ConfigError(
+            f"a pipeline of pp={layout.pp} stages needs at least {layout.pp} micro-batches per step, but "
+            f"global batch / (dp x micro_batch) = {micro}; raise --global-batch or lower micro_batch."
+        )
     if layout.pp > 1 and layout.pp * max(1, layout.virtual_stages) > m.n_layers:
-        raise ConfigError(f"pp x virtual stages = {layout.pp} x {layout.virtual_stages} exceeds the {m.n_layers} layers.")
+        raise ConfigError(
+            f"pp x virtual stages = {layout.pp} x {layout.virtual_stages} exceeds the {m.n_layers} layers."
+        )
     if layout.zero not in (0, 1, 2, 3):
         raise ConfigError(f"zero must be 0, 1, 2 or 3, got {layout.zero}.")
     if layout.dp % layout.dp_replicate:
@@ -103,8 +122,10 @@ def plan_from_args(args) -> PlanResult:
         cfg = Config(model=model_preset(args.model))
         apply_overrides(cfg, args.overrides)
         if args.global_batch is None or args.seq_len is None:
-            raise ConfigError("with --model, give the workload too: --global-batch (sequences per optimizer step) and "
-                              "--seq-len (tokens per sequence), e.g. --global-batch 1024 --seq-len 4096.")
+            raise ConfigError(
+                "with --model, give the workload too: --global-batch (sequences per optimizer step) and "
+                "--seq-len (tokens per sequence), e.g. --global-batch 1024 --seq-len 4096."
+            )
         if cfg.model.max_seq_len < args.seq_len:
             cfg.model.max_seq_len = args.seq_len
         cfg.data.seq_len = args.seq_len
@@ -113,11 +134,18 @@ def plan_from_args(args) -> PlanResult:
         cfg = load_config(args.config, args.overrides)
     seq_len = args.seq_len or cfg.data.seq_len
     if seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"--seq-len {seq_len} exceeds model.max_seq_len ({cfg.model.max_seq_len}); raise it with "
-                          f"--set model.max_seq_len={seq_len}.")
-    cluster = make_cluster(args.cluster, args.nodes, args.devices_per_node, remeasure=args.remeasure,
-                           world_size=None if args.cluster != CPU_LOCAL or args.devices_per_node else _cores(),
-                           log=lambda message: print(message, file=sys.stderr))
+        raise ConfigError(
+            f"--seq-len {seq_len} exceeds model.max_seq_len ({cfg.model.max_seq_len}); raise it with "
+            f"--set model.max_seq_len={seq_len}."
+        )
+    cluster = make_cluster(
+        args.cluster,
+        args.nodes,
+        args.devices_per_node,
+        remeasure=args.remeasure,
+        world_size=None if args.cluster != CPU_LOCAL or args.devices_per_node else _cores(),
+        log=lambda message: print(message, file=sys.stderr),
+    )
     global_batch = args.global_batch or cfg.train.global_batch or cfg.train.micro_batch * cluster.world_size
     workload = Workload(cfg.model, global_batch, seq_len)
     dtype = args.dtype or (cfg.train.dtype if not args.model else "bfloat16")

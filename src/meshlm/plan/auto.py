@@ -43,8 +43,9 @@ def cluster_for(world_size: int, log=print) -> Cluster:
         props = torch.cuda.get_device_properties(0)
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, torch.cuda.device_count())))
         per_node = max(1, min(per_node, world_size))
-        return make_cluster(_gpu_preset(props.name, props.total_memory), nodes=max(1, world_size // per_node),
-                            devices_per_node=per_node)
+        return make_cluster(
+            _gpu_preset(props.name, props.total_memory), nodes=max(1, world_size // per_node), devices_per_node=per_node
+        )
     return make_cluster("cpu-local", devices_per_node=world_size, log=log)
 
 
@@ -60,13 +61,17 @@ def _plan(cfg: Config, world_size: int, log) -> dict[str, object]:
     best = result.best
     if best is None:
         detail = result.candidates[0].reason if result.candidates else "no layout divides the model and the world size"
-        raise ConfigError(f"parallel = \"auto\": no layout of this model fits {world_size} process(es) on "
-                          f"{cluster.describe()}: {detail}. Lower train.micro_batch or the model size, or set the layout by hand.")
+        raise ConfigError(
+            f'parallel = "auto": no layout of this model fits {world_size} process(es) on '
+            f"{cluster.describe()}: {detail}. Lower train.micro_batch or the model size, or set the layout by hand."
+        )
     check_meshlm_layout(best.layout, workload, world_size, cfg)
     second = runner_up(result.candidates)
-    log(f"parallel = auto: {best.layout.describe()} on {cluster.describe()}: predicted {best.step_time_s:.3g} s per step, "
+    log(
+        f"parallel = auto: {best.layout.describe()} on {cluster.describe()}: predicted {best.step_time_s:.3g} s per step, "
         f"{best.memory_gb_per_device:.3g} GiB per {'process (model state)' if cluster.device.kind == 'cpu' else 'device'}"
-        + (f"; runner-up {second.layout.describe()}: {second.step_time_s:.3g} s" if second else "; no runner-up"))
+        + (f"; runner-up {second.layout.describe()}: {second.step_time_s:.3g} s" if second else "; no runner-up")
+    )
     return best.layout.parallel_section()
 
 

@@ -138,5 +138,6 @@ def bucketed_half(cluster: Cluster, group: Group, nbytes: float, bucket_bytes: f
     if nbytes <= 0:
         return 0.0
     full, rest = divmod(nbytes, bucket_bytes)
-    return (all_gather(cluster, group, bucket_bytes, int(full), op)
-            + all_gather(cluster, group, rest, 1 if rest else 0, op))
+    return all_gather(cluster, group, bucket_bytes, int(full), op) + all_gather(
+        cluster, group, rest, 1 if rest else 0, op
+    )

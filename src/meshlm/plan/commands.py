@@ -11,34 +11,69 @@ from meshlm.config import ConfigError
 
 def add_commands(sub) -> None:
     p = sub.add_parser(
-        "plan", help="pick the parallel layout for a model on a cluster; predict its speed and memory",
+        "plan",
+        help="pick the parallel layout for a model on a cluster; predict its speed and memory",
         description="Search every data/tensor/pipeline layout of a model on a cluster and rank them by predicted "
-                    "step time (docs/planner.md). Without --config or --model the default config is planned.")
+        "step time (docs/planner.md). Without --config or --model the default config is planned.",
+    )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--config", "-c", default=None, help="meshlm config (TOML file or built-in name): its model, batch and sequence length")
+    src.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help="meshlm config (TOML file or built-in name): its model, batch and sequence length",
+    )
     src.add_argument("--model", default=None, help="model preset, e.g. gpt3-175b, llama3-70b (see docs/planner.md)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config key, e.g. --set model.n_layers=48 (repeatable)")
-    p.add_argument("--cluster", default="cpu-local",
-                   help="cluster preset (dgx-a100-40gb, dgx-a100-80gb, dgx-h100, dgx-h200, a100-80gb, h100, ..., cpu-local) "
-                        "or a cluster TOML file (default: cpu-local, this machine, measured)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key, e.g. --set model.n_layers=48 (repeatable)",
+    )
+    p.add_argument(
+        "--cluster",
+        default="cpu-local",
+        help="cluster preset (dgx-a100-40gb, dgx-a100-80gb, dgx-h100, dgx-h200, a100-80gb, h100, ..., cpu-local) "
+        "or a cluster TOML file (default: cpu-local, this machine, measured)",
+    )
     p.add_argument("--nodes", type=int, default=None, help="number of nodes (default: the preset's, 1)")
-    p.add_argument("--devices-per-node", type=int, default=None,
-                   help="devices per node (cpu-local: local processes; default: the core count)")
-    p.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step (default: the config's)")
+    p.add_argument(
+        "--devices-per-node",
+        type=int,
+        default=None,
+        help="devices per node (cpu-local: local processes; default: the core count)",
+    )
+    p.add_argument(
+        "--global-batch", type=int, default=None, help="sequences per optimizer step (default: the config's)"
+    )
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the config's data.seq_len)")
-    p.add_argument("--layout", default=None,
-                   help="evaluate one layout instead of searching, e.g. dp=8,tp=8,pp=4,zero=1,micro_batch=1,recompute=full "
-                        "(also schedule=..., virtual_stages=..., sp=true, dp_replicate=...)")
+    p.add_argument(
+        "--layout",
+        default=None,
+        help="evaluate one layout instead of searching, e.g. dp=8,tp=8,pp=4,zero=1,micro_batch=1,recompute=full "
+        "(also schedule=..., virtual_stages=..., sp=true, dp_replicate=...)",
+    )
     p.add_argument("--top", type=int, default=10, help="candidates to show (default 10)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
-    p.add_argument("--software", default="meshlm",
-                   help="how training software behaves: meshlm (default), megatron (2021-22 Megatron-LM / DeepSpeed: "
-                        "no FlashAttention), megatron-flash (Megatron-Core style)")
-    p.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
-                   help="meshlm's training dtype (default: the config's train.dtype on GPUs, float32 on cpu-local)")
-    p.add_argument("--all-layouts", action="store_true",
-                   help="also rank layouts meshlm cannot run (with --software other than meshlm this is implied)")
+    p.add_argument(
+        "--software",
+        default="meshlm",
+        help="how training software behaves: meshlm (default), megatron (2021-22 Megatron-LM / DeepSpeed: "
+        "no FlashAttention), megatron-flash (Megatron-Core style)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bfloat16", "float32"),
+        help="meshlm's training dtype (default: the config's train.dtype on GPUs, float32 on cpu-local)",
+    )
+    p.add_argument(
+        "--all-layouts",
+        action="store_true",
+        help="also rank layouts meshlm cannot run (with --software other than meshlm this is implied)",
+    )
     p.add_argument("--remeasure", action="store_true", help="cpu-local: run the micro-benchmark again")
     p.set_defaults(func=cmd_plan)
 

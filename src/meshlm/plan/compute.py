@@ -48,12 +48,16 @@ class PassTimes:
     def tp_comm(self) -> float:
         return self.tp_fwd + self.tp_bwd
 
-    def slowed(self, factor: float, p2p_in: float = 0.0, p2p_out: float = 0.0) -> "PassTimes":
+    def slowed(self, factor: float, p2p_in: float = 0.0, p2p_out: float = 0.0) -> PassTimes:
         """Compute `factor` times slower (processes sharing cores), collectives as they are, plus
         the pipeline's receive before the forward and send after the backward."""
-        return PassTimes((self.fwd - self.tp_fwd) * factor + self.tp_fwd + p2p_in,
-                         (self.bwd_input - self.tp_bwd) * factor + self.tp_bwd + p2p_out,
-                         self.bwd_weight * factor, self.tp_fwd, self.tp_bwd)
+        return PassTimes(
+            (self.fwd - self.tp_fwd) * factor + self.tp_fwd + p2p_in,
+            (self.bwd_input - self.tp_bwd) * factor + self.tp_bwd + p2p_out,
+            self.bwd_weight * factor,
+            self.tp_fwd,
+            self.tp_bwd,
+        )
 
 
 class _Acc:
@@ -70,8 +74,11 @@ class _Acc:
     def memory(self, nbytes: float, ops: float, reduce_bytes: float = 0.0) -> None:
         """Memory-bound kernels: `nbytes` streamed (elementwise) and `reduce_bytes` through
         row reductions (norms, softmax, bias gradients), which reach less of the bandwidth."""
-        self.device += (nbytes / self.dev.elementwise_bandwidth + reduce_bytes / self.dev.reduction_bandwidth
-                        + ops * self.dev.op_overhead_s)
+        self.device += (
+            nbytes / self.dev.elementwise_bandwidth
+            + reduce_bytes / self.dev.reduction_bandwidth
+            + ops * self.dev.op_overhead_s
+        )
         self.host += ops * self.dev.host_op_overhead_s
         self.ops += ops
 
@@ -142,8 +149,9 @@ def block_elementwise(workload: Workload, layout: Layout, sw: Software) -> Eleme
     return Elementwise(fwd, norms_fwd, fwd_ops, bwd, norms_bwd + bias_grads, bwd_ops + (0 if gated else 6))
 
 
-def _attention(acc_f: _Acc, acc_b: _Acc, workload: Workload, layout: Layout, sw: Software, dev: Device,
-               recompute_core: bool) -> None:
+def _attention(
+    acc_f: _Acc, acc_b: _Acc, workload: Workload, layout: Layout, sw: Software, dev: Device, recompute_core: bool
+) -> None:
     m = workload.model
     b, s, t = layout.micro_batch, workload.seq_len, layout.tp
     heads, hd = m.n_heads / t, m.head_dim
@@ -161,7 +169,9 @@ def _attention(acc_f: _Acc, acc_b: _Acc, workload: Workload, layout: Layout, sw:
         for _ in range(2):  # each batched GEMM moves the score matrix once (write, then read)
             acc.seconds(max(bmm / dev.gemm_flops, scores * e / dev.elementwise_bandwidth) + dev.gemm_overhead_s, ops=1)
         dropout = 2.5 if sw.attention_dropout else 0  # dropout: read, write, 1-byte mask
-        acc.memory(dropout * scores * e, 2 if sw.attention_dropout else 1, 2 * scores * e)  # fused scale-mask-softmax r+w
+        acc.memory(
+            dropout * scores * e, 2 if sw.attention_dropout else 1, 2 * scores * e
+        )  # fused scale-mask-softmax r+w
 
     core_forward(acc_f)
     for _ in range(4):  # dV, dP, dQ, dK
@@ -172,8 +182,15 @@ def _attention(acc_f: _Acc, acc_b: _Acc, workload: Workload, layout: Layout, sw:
         core_forward(acc_b)
 
 
-def _tp_collectives(cluster: Cluster, layout: Layout, workload: Workload, sw: Software, layers: int,
-                    has_embedding: bool, has_output: bool) -> tuple[float, float, float]:
+def _tp_collectives(
+    cluster: Cluster,
+    layout: Layout,
+    workload: Workload,
+    sw: Software,
+    layers: int,
+    has_embedding: bool,
+    has_output: bool,
+) -> tuple[float, float, float]:
     """(forward, backward, recompute) seconds of tensor-parallel collectives for one micro-batch
     (the table in meshlm.parallel.tensor_parallel's docstring)."""
     if layout.tp == 1:
@@ -233,8 +250,9 @@ def block_pass(workload: Workload, layout: Layout, cluster: Cluster, sw: Softwar
     return PassTimes(f.time() + tp_f, bi.time() + rc.time() + tp_b + tp_rc, bw.time(), tp_f, tp_b + tp_rc)
 
 
-def ends_pass(workload: Workload, layout: Layout, cluster: Cluster, sw: Software, has_embedding: bool,
-              has_output: bool) -> PassTimes:
+def ends_pass(
+    workload: Workload, layout: Layout, cluster: Cluster, sw: Software, has_embedding: bool, has_output: bool
+) -> PassTimes:
     """The embedding (stage 0) and the final norm, output layer and loss (last stage)."""
     dev = cluster.device
     m = workload.model
@@ -270,12 +288,17 @@ def weight_traffic(cluster: Cluster, sw: Software, params: float) -> float:
     return params * sw.weight_traffic_bytes / cluster.device.elementwise_bandwidth
 
 
-def chunk_pass(workload: Workload, layout: Layout, cluster: Cluster, sw: Software, chunk: Chunk,
-               chunk_params: float) -> PassTimes:
+def chunk_pass(
+    workload: Workload, layout: Layout, cluster: Cluster, sw: Software, chunk: Chunk, chunk_params: float
+) -> PassTimes:
     """One micro-batch through `chunk` on one rank (compute + tensor-parallel collectives)."""
     blk = block_pass(workload, layout, cluster, sw)
     ends = ends_pass(workload, layout, cluster, sw, chunk.has_embedding, chunk.has_output)
     L = chunk.layers
-    return PassTimes(L * blk.fwd + ends.fwd, L * blk.bwd_input + ends.bwd_input,
-                     L * blk.bwd_weight + ends.bwd_weight + weight_traffic(cluster, sw, chunk_params),
-                     L * blk.tp_fwd + ends.tp_fwd, L * blk.tp_bwd + ends.tp_bwd)
+    return PassTimes(
+        L * blk.fwd + ends.fwd,
+        L * blk.bwd_input + ends.bwd_input,
+        L * blk.bwd_weight + ends.bwd_weight + weight_traffic(cluster, sw, chunk_params),
+        L * blk.tp_fwd + ends.tp_fwd,
+        L * blk.tp_bwd + ends.tp_bwd,
+    )

@@ -35,11 +35,19 @@ from meshlm.config import ModelConfig
 from meshlm.model.stats import flops_per_token
 from meshlm.plan import comm
 from meshlm.plan.compute import PassTimes, block_pass, ends_pass, weight_traffic
-from meshlm.plan.hardware import GiB, Cluster
+from meshlm.plan.hardware import Cluster, GiB
 from meshlm.plan.layout import Layout, Software, Workload
 from meshlm.plan.memory import Memory, layer_activation_bytes, rank_memory, shard_count
-from meshlm.plan.shapes import (Chunk, ParamStats, chunk_numel, model_key, padded_vocab, rank_chunks, rank_stats,
-                                replicated_tp_params)
+from meshlm.plan.shapes import (
+    Chunk,
+    ParamStats,
+    chunk_numel,
+    model_key,
+    padded_vocab,
+    rank_chunks,
+    rank_stats,
+    replicated_tp_params,
+)
 
 
 @dataclass
@@ -65,17 +73,30 @@ class Estimate:
     def to_dict(self) -> dict:
         lay = self.layout
         return {
-            "dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "zero": lay.zero, "dp_replicate": lay.dp_replicate,
-            "micro_batch": lay.micro_batch, "recompute": lay.recompute, "sequence_parallel": lay.sequence_parallel,
+            "dp": lay.dp,
+            "tp": lay.tp,
+            "pp": lay.pp,
+            "zero": lay.zero,
+            "dp_replicate": lay.dp_replicate,
+            "micro_batch": lay.micro_batch,
+            "recompute": lay.recompute,
+            "sequence_parallel": lay.sequence_parallel,
             "schedule": lay.schedule if lay.pp > 1 else None,
             "virtual_stages": lay.virtual_stages if lay.pp > 1 else 1,
-            "step_time_s": self.step_time_s, "tokens_per_s": self.tokens_per_s,
-            "tflops_per_device": self.tflops_per_device, "mfu": self.mfu,
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s,
+            "tflops_per_device": self.tflops_per_device,
+            "mfu": self.mfu,
             "memory_gb_per_device": self.memory_gb_per_device,
-            "memory_breakdown_gb": {"params": self.memory.params / GiB, "grads": self.memory.grads / GiB,
-                                    "optimizer": self.memory.optimizer / GiB,
-                                    "activations": self.memory.activations / GiB, "other": self.memory.other / GiB},
-            "fits": self.fits, "reason": self.reason,
+            "memory_breakdown_gb": {
+                "params": self.memory.params / GiB,
+                "grads": self.memory.grads / GiB,
+                "optimizer": self.memory.optimizer / GiB,
+                "activations": self.memory.activations / GiB,
+                "other": self.memory.other / GiB,
+            },
+            "fits": self.fits,
+            "reason": self.reason,
             "time_breakdown_s": dict(self.breakdown),
             "meshlm_valid": self.meshlm_valid,
         }
@@ -108,9 +129,13 @@ def _chunk_times(parts: tuple, chunk: Chunk, cluster: Cluster, sw: Software, par
     blk, ends = parts
     e = ends[(chunk.has_embedding, chunk.has_output)]
     L = chunk.layers
-    return PassTimes(L * blk.fwd + e.fwd, L * blk.bwd_input + e.bwd_input,
-                     L * blk.bwd_weight + e.bwd_weight + weight_traffic(cluster, sw, params),
-                     L * blk.tp_fwd + e.tp_fwd, L * blk.tp_bwd + e.tp_bwd)
+    return PassTimes(
+        L * blk.fwd + e.fwd,
+        L * blk.bwd_input + e.bwd_input,
+        L * blk.bwd_weight + e.bwd_weight + weight_traffic(cluster, sw, params),
+        L * blk.tp_fwd + e.tp_fwd,
+        L * blk.tp_bwd + e.tp_bwd,
+    )
 
 
 def estimate(workload: Workload, layout: Layout, cluster: Cluster, sw: Software) -> Estimate:
@@ -138,8 +163,9 @@ def estimate(workload: Workload, layout: Layout, cluster: Cluster, sw: Software)
     share_cores = dev.kind == "cpu" and dev.cores and layout.world_size > dev.cores
 
     mkey = model_key(m)
-    parts = _cached_parts((mkey, s), (layout.tp, layout.sequence_parallel, layout.micro_batch, layout.recompute),
-                          cluster, sw)
+    parts = _cached_parts(
+        (mkey, s), (layout.tp, layout.sequence_parallel, layout.micro_batch, layout.recompute), cluster, sw
+    )
     shards = (shard_count(layout),) if layout.zero == 3 and layout.dp > 1 else ()
     per_layer = (layer_activation_bytes(workload, layout, sw), layer_activation_bytes(workload, layout, sw, "none"))
     all_passes: list[PassTimes] = []
@@ -172,7 +198,8 @@ def estimate(workload: Workload, layout: Layout, cluster: Cluster, sw: Software)
         # bubble, a collective) leaves its core to the others. The collectives on the critical path come
         # on top: their measured in-situ cost already includes waiting for a core.
         comm_path = micro * rank_comm[slowest] + (layout.pp - 1) * max(
-            x.tp_comm + (p2p * 2 if layout.pp > 1 else 0.0) for x in all_passes) * (bubble > 0)
+            x.tp_comm + (p2p * 2 if layout.pp > 1 else 0.0) for x in all_passes
+        ) * (bubble > 0)
         compute_path = pipeline + bubble - comm_path
         work = layout.dp * layout.tp * sum(micro * (t - c) for t, c in zip(rank_times, rank_comm))
         stretch = max(compute_path, work / dev.cores) - compute_path
@@ -191,8 +218,10 @@ def estimate(workload: Workload, layout: Layout, cluster: Cluster, sw: Software)
         opt_elems = st.fsdp_shard(shard_count(layout))
     else:
         opt_elems = math.ceil(P / layout.dp)
-    optimizer = opt_elems * sw.optimizer_bytes_per_param / dev.elementwise_bandwidth \
+    optimizer = (
+        opt_elems * sw.optimizer_bytes_per_param / dev.elementwise_bandwidth
         + st.tensors * sw.optimizer_ops_per_tensor * (dev.op_overhead_s if dev.kind == "cpu" else 0.0)
+    )
     if share_cores:
         optimizer *= layout.world_size / dev.cores  # every rank steps its optimizer at the same time
     world_group = comm.place_group(cluster, layout.world_size, 1)
@@ -217,18 +246,43 @@ def estimate(workload: Workload, layout: Layout, cluster: Cluster, sw: Software)
     fits, reason = _fits(worst, cluster, layout)
     p2p_total = micro * p2p * 2 if layout.pp > 1 else 0.0
     breakdown = {
-        "compute": pipeline - tp_comm - p2p_total, "tp_comm": tp_comm, "pp_bubble": bubble, "pp_p2p": p2p_total,
-        "dp_comm_exposed": dp_exposed, "dp_comm_total": dp_total, "optimizer": optimizer, "small_collectives": small,
+        "compute": pipeline - tp_comm - p2p_total,
+        "tp_comm": tp_comm,
+        "pp_bubble": bubble,
+        "pp_p2p": p2p_total,
+        "dp_comm_exposed": dp_exposed,
+        "dp_comm_total": dp_total,
+        "optimizer": optimizer,
+        "small_collectives": small,
     }
-    return Estimate(layout, step, tokens / step, tflops / 1e12, tflops / dev.peak_flops, worst, fits, reason, breakdown,
-                    memory_is_state=dev.kind == "cpu")
+    return Estimate(
+        layout,
+        step,
+        tokens / step,
+        tflops / 1e12,
+        tflops / dev.peak_flops,
+        worst,
+        fits,
+        reason,
+        breakdown,
+        memory_is_state=dev.kind == "cpu",
+    )
 
 
 _PIPELINE_ACTION_OPS = 40  # Python work per forward/backward action in torch's schedules, in op overheads
 
 
-def _data_parallel(workload: Workload, layout: Layout, cluster: Cluster, sw: Software, st: ParamStats,
-                   chunks: tuple[Chunk, ...], micro: int, last_bwd: float, first_fwd: float) -> tuple[float, float]:
+def _data_parallel(
+    workload: Workload,
+    layout: Layout,
+    cluster: Cluster,
+    sw: Software,
+    st: ParamStats,
+    chunks: tuple[Chunk, ...],
+    micro: int,
+    last_bwd: float,
+    first_fwd: float,
+) -> tuple[float, float]:
     """(exposed, total) seconds of data-parallel communication per step."""
     if layout.dp == 1:
         return 0.0, 0.0
@@ -275,13 +329,22 @@ def _fits(mem: Memory, cluster: Cluster, layout: Layout) -> tuple[bool, str]:
         limit = 0.9 * dev.memory_bytes
         if need <= limit:
             return True, ""
-        return False, (f"{cluster.devices_per_node} processes x {mem.total / GiB:.2f} GiB = {need / GiB:.1f} GiB exceed 90% of "
-                       f"this machine's {dev.memory_bytes / GiB:.1f} GiB of RAM")
+        return False, (
+            f"{cluster.devices_per_node} processes x {mem.total / GiB:.2f} GiB = {need / GiB:.1f} GiB exceed 90% of "
+            f"this machine's {dev.memory_bytes / GiB:.1f} GiB of RAM"
+        )
     if mem.total <= dev.memory_bytes:
         return True, ""
-    parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in (("params", mem.params), ("grads", mem.grads),
-                                                        ("optimizer", mem.optimizer), ("activations", mem.activations),
-                                                        ("other", mem.other)))
+    parts = ", ".join(
+        f"{k} {v / GiB:.1f}"
+        for k, v in (
+            ("params", mem.params),
+            ("grads", mem.grads),
+            ("optimizer", mem.optimizer),
+            ("activations", mem.activations),
+            ("other", mem.other),
+        )
+    )
     hints = []
     if layout.zero < 3 and layout.dp > 1:
         hints.append(f"zero={min(3, layout.zero + 1)}")
@@ -290,5 +353,7 @@ def _fits(mem: Memory, cluster: Cluster, layout: Layout) -> tuple[bool, str]:
     if layout.micro_batch > 1:
         hints.append("a smaller micro_batch")
     hints.append("more tp or pp, or more devices")
-    return False, (f"needs {mem.total / GiB:.1f} GiB per device ({parts}) > {dev.memory_bytes / GiB:.1f} GiB; "
-                   f"try {', '.join(hints)}")
+    return False, (
+        f"needs {mem.total / GiB:.1f} GiB per device ({parts}) > {dev.memory_bytes / GiB:.1f} GiB; "
+        f"try {', '.join(hints)}"
+    )

@@ -59,8 +59,12 @@ def _collective_rank(rank: int, group_sizes: tuple[int, ...], reps: int, isolate
                     dist.recv(full, peer)
                     dist.send(full, peer)
 
-            ops = {"all_reduce": lambda: dist.all_reduce(full), "all_gather": lambda: all_gather_single(full, shard),
-                   "reduce_scatter": lambda: reduce_scatter_single(shard, full), "send_recv": send_recv}
+            ops = {
+                "all_reduce": lambda: dist.all_reduce(full),
+                "all_gather": lambda: all_gather_single(full, shard),
+                "reduce_scatter": lambda: reduce_scatter_single(shard, full),
+                "send_recv": send_recv,
+            }
             for op, fn in ops.items():
                 out[f"{op}|{n}"] = timed(fn, 2 * reps if n < LARGE else reps) / (2 if op == "send_recv" else 1)
     groups = {}

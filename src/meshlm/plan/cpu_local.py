@@ -106,8 +106,10 @@ def _measure_compute() -> dict:
     points = []
     for M, K, N in ((256, 64, 64), (512, 128, 128), (512, 128, 512), (512, 512, 128), (512, 384, 384)):
         copies = max(2, (8 << 20) // (4 * (M * K + N * K + M * N)))
-        sets = [(torch.randn(M, K, requires_grad=True), torch.randn(N, K, requires_grad=True), torch.randn(M, N))
-                for _ in range(copies)]
+        sets = [
+            (torch.randn(M, K, requires_grad=True), torch.randn(N, K, requires_grad=True), torch.randn(M, N))
+            for _ in range(copies)
+        ]
 
         def step():
             for x, w, grad in sets:  # grad: a dense output gradient, as in training
@@ -265,14 +267,25 @@ def measure(log=None) -> dict:
         figures["collectives"] = measure_collectives(cores())
     finally:
         torch.set_num_threads(threads)
-    figures.update({"cores": cores(), "memory_bytes": _host_memory(), "cpu": _cpu_model(), "host": platform.node(),
-                    "torch": torch.__version__, "version": VERSION, "seconds": time.perf_counter() - started,
-                    "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+    figures.update(
+        {
+            "cores": cores(),
+            "memory_bytes": _host_memory(),
+            "cpu": _cpu_model(),
+            "host": platform.node(),
+            "torch": torch.__version__,
+            "version": VERSION,
+            "seconds": time.perf_counter() - started,
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+    )
     if log:
         ar = figures["collectives"]["2"]["2"]["all_reduce"][1]
-        log(f"cpu-local: measured this machine in {figures['seconds']:.1f} s: matmul {figures['gemm_flops'] / 1e9:.1f} GFLOP/s "
+        log(
+            f"cpu-local: measured this machine in {figures['seconds']:.1f} s: matmul {figures['gemm_flops'] / 1e9:.1f} GFLOP/s "
             f"per core, gloo all-reduce between 2 processes {ar[0] * 1e6:.0f} us + {1e-9 / ar[1]:.2f} GB/s "
-            f"(cached in {cache_path()})")
+            f"(cached in {cache_path()})"
+        )
     return figures
 
 
@@ -316,12 +329,19 @@ def _measure_in_subprocess(path: Path) -> dict:
 
     import meshlm
 
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(meshlm.__file__).resolve().parents[1]),
-                                                      env.get("PYTHONPATH", "")]))
-    subprocess.run([sys.executable, "-c", "from meshlm.plan.cpu_local import load_or_measure; load_or_measure(True)"],
-                   env=env, check=True)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(meshlm.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    )
+    subprocess.run(
+        [sys.executable, "-c", "from meshlm.plan.cpu_local import load_or_measure; load_or_measure(True)"],
+        env=env,
+        check=True,
+    )
     return json.loads(path.read_text())
 
 
@@ -336,13 +356,23 @@ def device_from_figures(f: dict) -> Device:
 
 def _raw_device(f: dict) -> Device:
     return Device(
-        name=f"CPU process ({f['cpu']})", kind="cpu", peak_flops=f["gemm_flops"], memory_bytes=f["memory_bytes"],
+        name=f"CPU process ({f['cpu']})",
+        kind="cpu",
+        peak_flops=f["gemm_flops"],
+        memory_bytes=f["memory_bytes"],
         # a step's activations (tens of MB) do not stay in a core's cache: the streaming rate applies
-        mem_bandwidth=f["bandwidth_large"], gemm_efficiency=1.0, gemm_overhead_s=f["gemm_overhead_s"],
-        attention_efficiency=f["attention_flops"] / f["gemm_flops"], attention_row_s=f["attention_row_s"],
-        mem_efficiency=1.0, reduction_efficiency=1.0,
-        op_overhead_s=f["op_overhead_s"], host_op_overhead_s=0.0, softmax_s_per_element=f["softmax_s_per_element"],
-        reserve_bytes=0.0, cores=int(f["cores"]),
+        mem_bandwidth=f["bandwidth_large"],
+        gemm_efficiency=1.0,
+        gemm_overhead_s=f["gemm_overhead_s"],
+        attention_efficiency=f["attention_flops"] / f["gemm_flops"],
+        attention_row_s=f["attention_row_s"],
+        mem_efficiency=1.0,
+        reduction_efficiency=1.0,
+        op_overhead_s=f["op_overhead_s"],
+        host_op_overhead_s=0.0,
+        softmax_s_per_element=f["softmax_s_per_element"],
+        reserve_bytes=0.0,
+        cores=int(f["cores"]),
     )
 
 
@@ -373,9 +403,17 @@ def cluster_from_figures(f: dict, n: int) -> Cluster:
     ar = f["collectives"]["2"]["2"]["all_reduce"][1]  # large messages, p = 2 ring: 2 alpha + n / rate
     link = Link(1 / ar[1], ar[0] / 2, 1.0)
     measured_id = hashlib.sha256(json.dumps(f["collectives"], sort_keys=True).encode()).hexdigest()[:16]
-    return Cluster("cpu-local", device_from_figures(f), 1, n, link, link, measured_collectives=f["collectives"],
-                   measured_id=measured_id,
-                   notes=f"measured {f.get('measured_at', '')} on {f.get('host', '')}: {f['cores']} cores")
+    return Cluster(
+        "cpu-local",
+        device_from_figures(f),
+        1,
+        n,
+        link,
+        link,
+        measured_collectives=f["collectives"],
+        measured_id=measured_id,
+        notes=f"measured {f.get('measured_at', '')} on {f.get('host', '')}: {f['cores']} cores",
+    )
 
 
 def cpu_local_cluster(n: int, remeasure: bool = False, log=None) -> Cluster:

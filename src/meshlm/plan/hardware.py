@@ -65,7 +65,7 @@ class Device:
     def gemm_flops(self) -> float:
         return self.peak_flops * self.gemm_efficiency
 
-    def in_float32(self) -> "Device":
+    def in_float32(self) -> Device:
         """The device computing in float32 (no tensor cores): its float32 peak, same efficiencies."""
         if self.kind != "gpu" or not self.fp32_peak_flops:
             return self
@@ -123,9 +123,14 @@ class Cluster:
         return f"{self.name}: {self.nodes} node(s) x {self.devices_per_node} {self.device.name}"
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "nodes": self.nodes, "devices_per_node": self.devices_per_node,
-                "device": dataclasses.asdict(self.device), "intra": dataclasses.asdict(self.intra),
-                "inter": dataclasses.asdict(self.inter)}
+        return {
+            "name": self.name,
+            "nodes": self.nodes,
+            "devices_per_node": self.devices_per_node,
+            "device": dataclasses.asdict(self.device),
+            "intra": dataclasses.asdict(self.intra),
+            "inter": dataclasses.asdict(self.inter),
+        }
 
 
 # ----------------------------------------------------------------------------- presets
@@ -142,18 +147,54 @@ class Cluster:
 #     fwd+bwd rates on A100 (Dao 2023: ~110 TFLOP/s at 512 tokens to ~190 at 16k, head size 128)
 #     fit 0.64 of peak + 1.6 ns per row.
 DEVICES: dict[str, Device] = {
-    "a100-40gb": Device("A100 SXM 40GB", "gpu", 312 * TFLOPS, 40 * GiB, 1555 * GB, gemm_efficiency=0.80,
-                        gemm_overhead_s=8e-6, attention_efficiency=0.64, attention_row_s=1.6e-9,
-                        fp32_peak_flops=19.5 * TFLOPS),
-    "a100-80gb": Device("A100 SXM 80GB", "gpu", 312 * TFLOPS, 80 * GiB, 2039 * GB, gemm_efficiency=0.80,
-                        gemm_overhead_s=8e-6, attention_efficiency=0.64, attention_row_s=1.6e-9,
-                        fp32_peak_flops=19.5 * TFLOPS),
-    "h100-sxm": Device("H100 SXM 80GB", "gpu", 989 * TFLOPS, 80 * GiB, 3350 * GB, gemm_efficiency=0.75,
-                       gemm_overhead_s=8e-6, attention_efficiency=0.57, attention_row_s=1.75e-9,
-                       fp32_peak_flops=67 * TFLOPS),
-    "h200": Device("H200 SXM 141GB", "gpu", 989 * TFLOPS, 141 * GB, 4800 * GB, gemm_efficiency=0.75,
-                   gemm_overhead_s=8e-6, attention_efficiency=0.57, attention_row_s=1.75e-9,
-                   fp32_peak_flops=67 * TFLOPS),
+    "a100-40gb": Device(
+        "A100 SXM 40GB",
+        "gpu",
+        312 * TFLOPS,
+        40 * GiB,
+        1555 * GB,
+        gemm_efficiency=0.80,
+        gemm_overhead_s=8e-6,
+        attention_efficiency=0.64,
+        attention_row_s=1.6e-9,
+        fp32_peak_flops=19.5 * TFLOPS,
+    ),
+    "a100-80gb": Device(
+        "A100 SXM 80GB",
+        "gpu",
+        312 * TFLOPS,
+        80 * GiB,
+        2039 * GB,
+        gemm_efficiency=0.80,
+        gemm_overhead_s=8e-6,
+        attention_efficiency=0.64,
+        attention_row_s=1.6e-9,
+        fp32_peak_flops=19.5 * TFLOPS,
+    ),
+    "h100-sxm": Device(
+        "H100 SXM 80GB",
+        "gpu",
+        989 * TFLOPS,
+        80 * GiB,
+        3350 * GB,
+        gemm_efficiency=0.75,
+        gemm_overhead_s=8e-6,
+        attention_efficiency=0.57,
+        attention_row_s=1.75e-9,
+        fp32_peak_flops=67 * TFLOPS,
+    ),
+    "h200": Device(
+        "H200 SXM 141GB",
+        "gpu",
+        989 * TFLOPS,
+        141 * GB,
+        4800 * GB,
+        gemm_efficiency=0.75,
+        gemm_overhead_s=8e-6,
+        attention_efficiency=0.57,
+        attention_row_s=1.75e-9,
+        fp32_peak_flops=67 * TFLOPS,
+    ),
 }
 
 # NVLink 3 (A100): 12 links x 25 GB/s = 300 GB/s per direction; NVLink 4 (H100/H200): 18 x 25 =
@@ -173,8 +214,15 @@ CLUSTERS: dict[str, tuple[str, Link, Link, int]] = {
     "dgx-h200": ("h200", NVLINK4, IB_NDR, 8),
 }
 # Each device preset also names its usual 8-GPU node.
-CLUSTERS.update({"a100-40gb": CLUSTERS["dgx-a100-40gb"], "a100-80gb": CLUSTERS["dgx-a100-80gb"],
-                 "h100-sxm": CLUSTERS["dgx-h100"], "h100": CLUSTERS["dgx-h100"], "h200": CLUSTERS["dgx-h200"]})
+CLUSTERS.update(
+    {
+        "a100-40gb": CLUSTERS["dgx-a100-40gb"],
+        "a100-80gb": CLUSTERS["dgx-a100-80gb"],
+        "h100-sxm": CLUSTERS["dgx-h100"],
+        "h100": CLUSTERS["dgx-h100"],
+        "h200": CLUSTERS["dgx-h200"],
+    }
+)
 
 CPU_LOCAL = "cpu-local"
 
@@ -183,8 +231,14 @@ def preset_names() -> list[str]:
     return sorted(set(CLUSTERS) | {CPU_LOCAL})
 
 
-def make_cluster(name_or_file: str, nodes: int | None = None, devices_per_node: int | None = None,
-                 world_size: int | None = None, remeasure: bool = False, log=None) -> Cluster:
+def make_cluster(
+    name_or_file: str,
+    nodes: int | None = None,
+    devices_per_node: int | None = None,
+    world_size: int | None = None,
+    remeasure: bool = False,
+    log=None,
+) -> Cluster:
     """A cluster from a preset name (`dgx-h100`, `a100-80gb`, `cpu-local`, ...) or a TOML file,
     with the node count and devices per node overridden when given. For cpu-local the
     "devices" are local processes: `world_size` (or devices_per_node) of them on one node."""
@@ -211,20 +265,30 @@ def make_cluster(name_or_file: str, nodes: int | None = None, devices_per_node: 
     if devices_per_node is None and nodes is None and world_size is not None:
         per_node = cluster.devices_per_node
         if world_size % per_node and world_size > per_node:
-            raise ConfigError(f"{world_size} devices do not fill whole nodes of {per_node} on '{cluster.name}'; "
-                              f"pass --nodes and --devices-per-node.")
+            raise ConfigError(
+                f"{world_size} devices do not fill whole nodes of {per_node} on '{cluster.name}'; "
+                f"pass --nodes and --devices-per-node."
+            )
         nodes, devices_per_node = max(1, world_size // per_node), min(per_node, world_size)
     return replace(cluster, nodes=nodes or cluster.nodes, devices_per_node=devices_per_node or cluster.devices_per_node)
 
 
 _DEVICE_KEYS = {
-    "name": ("name", str, 1), "kind": ("kind", str, 1), "peak_tflops": ("peak_flops", float, TFLOPS),
-    "memory_gb": ("memory_bytes", float, GB), "memory_gib": ("memory_bytes", float, GiB),
-    "hbm_gbps": ("mem_bandwidth", float, GB), "gemm_efficiency": ("gemm_efficiency", float, 1),
-    "gemm_overhead_us": ("gemm_overhead_s", float, 1e-6), "attention_efficiency": ("attention_efficiency", float, 1),
-    "mem_efficiency": ("mem_efficiency", float, 1), "reduction_efficiency": ("reduction_efficiency", float, 1),
-    "attention_row_ns": ("attention_row_s", float, 1e-9), "op_overhead_us": ("op_overhead_s", float, 1e-6),
-    "host_op_overhead_us": ("host_op_overhead_s", float, 1e-6), "reserve_gb": ("reserve_bytes", float, GB),
+    "name": ("name", str, 1),
+    "kind": ("kind", str, 1),
+    "peak_tflops": ("peak_flops", float, TFLOPS),
+    "memory_gb": ("memory_bytes", float, GB),
+    "memory_gib": ("memory_bytes", float, GiB),
+    "hbm_gbps": ("mem_bandwidth", float, GB),
+    "gemm_efficiency": ("gemm_efficiency", float, 1),
+    "gemm_overhead_us": ("gemm_overhead_s", float, 1e-6),
+    "attention_efficiency": ("attention_efficiency", float, 1),
+    "mem_efficiency": ("mem_efficiency", float, 1),
+    "reduction_efficiency": ("reduction_efficiency", float, 1),
+    "attention_row_ns": ("attention_row_s", float, 1e-9),
+    "op_overhead_us": ("op_overhead_s", float, 1e-6),
+    "host_op_overhead_us": ("host_op_overhead_s", float, 1e-6),
+    "reserve_gb": ("reserve_bytes", float, GB),
 }
 _LINK_KEYS = {"bandwidth_gbps": ("bandwidth", GB), "latency_us": ("latency_s", 1e-6), "efficiency": ("efficiency", 1)}
 
@@ -257,8 +321,13 @@ def load_cluster_file(path: Path) -> Cluster:
         missing = [k for k in ("peak_tflops", "hbm_gbps") if k not in dev_raw]
         if missing or not ({"memory_gb", "memory_gib"} & set(dev_raw)):
             raise ConfigError(f"{src}: [device] needs 'preset' or at least peak_tflops, memory_gb and hbm_gbps.")
-        device = Device(values.pop("name", "custom"), values.pop("kind", "gpu"), values.pop("peak_flops"),
-                        values.pop("memory_bytes"), values.pop("mem_bandwidth"))
+        device = Device(
+            values.pop("name", "custom"),
+            values.pop("kind", "gpu"),
+            values.pop("peak_flops"),
+            values.pop("memory_bytes"),
+            values.pop("mem_bandwidth"),
+        )
     device = replace(device, **values)
     per_node = int(raw.get("devices_per_node", 8))
     intra = _link(src, "intra", raw.get("intra"), NVLINK4)
@@ -266,7 +335,9 @@ def load_cluster_file(path: Path) -> Cluster:
     nodes = int(raw.get("nodes", 1))
     if nodes <= 0 or per_node <= 0:
         raise ConfigError(f"{src}: nodes ({nodes}) and devices_per_node ({per_node}) must be positive.")
-    return Cluster(str(raw.get("name", Path(path).stem)), device, nodes, per_node, intra, inter, notes=str(raw.get("notes", "")))
+    return Cluster(
+        str(raw.get("name", Path(path).stem)), device, nodes, per_node, intra, inter, notes=str(raw.get("notes", ""))
+    )
 
 
 def _number(src: str, key: str, value) -> float:

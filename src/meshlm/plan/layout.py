@@ -60,7 +60,9 @@ class Layout:
     def schedule_name(self) -> str:
         if self.pp == 1:
             return "-"
-        return self.schedule + (f"(v{self.virtual_stages})" if self.schedule in ("interleaved-1f1b", "interleaved-zero-bubble") else "")
+        return self.schedule + (
+            f"(v{self.virtual_stages})" if self.schedule in ("interleaved-1f1b", "interleaved-zero-bubble") else ""
+        )
 
     def microbatches(self, global_batch: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank (pipeline micro-batches,
@@ -71,11 +73,17 @@ class Layout:
         """The [parallel] keys meshlm reads, plus the train keys the layout decides."""
         pp = self.pp > 1
         return {
-            "dp": self.dp, "zero": self.zero, "dp_replicate": self.dp_replicate, "tp": self.tp,
-            "sequence_parallel": self.sequence_parallel, "pp": self.pp,
-            "pp_schedule": self.schedule if pp else "1f1b", "pp_microbatches": 0,
+            "dp": self.dp,
+            "zero": self.zero,
+            "dp_replicate": self.dp_replicate,
+            "tp": self.tp,
+            "sequence_parallel": self.sequence_parallel,
+            "pp": self.pp,
+            "pp_schedule": self.schedule if pp else "1f1b",
+            "pp_microbatches": 0,
             "pp_virtual_stages": self.virtual_stages if pp else 1,
-            "micro_batch": self.micro_batch, "activation_checkpointing": self.recompute == "full",
+            "micro_batch": self.micro_batch,
+            "activation_checkpointing": self.recompute == "full",
         }
 
 
@@ -118,8 +126,22 @@ def meshlm_software(device_kind: str, dtype: str = "bfloat16") -> Software:
     on GPUs bf16 autocast (activations bf16, residual stream float32); on CPU float32 throughout."""
     if device_kind == "cpu" or dtype == "float32":
         # fp32: no casts; gradient accumulation over micro-batches reads and writes .grad (12 B/param).
-        return Software("meshlm", 4, 4, 0, 8, 4, 4, 4, 4, weight_traffic_bytes=12.0, dp_overlap=device_kind != "cpu",
-                        optimizer_bytes_per_param=104.0, optimizer_ops_per_tensor=14.0, loss_bytes_per_logit=32.0)
+        return Software(
+            "meshlm",
+            4,
+            4,
+            0,
+            8,
+            4,
+            4,
+            4,
+            4,
+            weight_traffic_bytes=12.0,
+            dp_overlap=device_kind != "cpu",
+            optimizer_bytes_per_param=104.0,
+            optimizer_ops_per_tensor=14.0,
+            loss_bytes_per_logit=32.0,
+        )
     # autocast: each micro-batch casts the fp32 weights to bf16 (r4 w2), casts the bf16 weight
     # gradients back (r2 w4) and accumulates them into .grad (r4 r4 w4): 24 B per parameter.
     return Software("meshlm", 4, 4, 0, 8, 4, 4, 2, 4, weight_traffic_bytes=24.0)
@@ -132,18 +154,56 @@ SOFTWARE: dict[str, Software] = {
     # r 4, w 4 = 12 B per parameter); attention
     # scores materialised (fused scale-mask-softmax kernel, attention dropout); fused QKV
     # GEMM and fused elementwise kernels; gradient all-reduce after the pipeline flush.
-    "megatron": Software("megatron", 2, 4, 4, 8, 2, 2, 2, 2, attention="materialized", attention_dropout=True,
-                         fused_elementwise=True, separate_qkv=False, weight_traffic_bytes=12.0,
-                         dp_overlap=False, pp_dp_overlap=False,
-                         zero_overlap=False, optimizer_bytes_per_param=30.0, optimizer_ops_per_tensor=1.0,
-                         loss_bytes_per_logit=16.0, activation_model="megatron", pipeline_split="even"),
+    "megatron": Software(
+        "megatron",
+        2,
+        4,
+        4,
+        8,
+        2,
+        2,
+        2,
+        2,
+        attention="materialized",
+        attention_dropout=True,
+        fused_elementwise=True,
+        separate_qkv=False,
+        weight_traffic_bytes=12.0,
+        dp_overlap=False,
+        pp_dp_overlap=False,
+        zero_overlap=False,
+        optimizer_bytes_per_param=30.0,
+        optimizer_ops_per_tensor=1.0,
+        loss_bytes_per_logit=16.0,
+        activation_model="megatron",
+        pipeline_split="even",
+    ),
     # Megatron-Core style (2023+; Llama 3's 4D parallelism is similar): FlashAttention, no
     # attention dropout, fused weight-gradient accumulation, distributed optimizer with gradient
     # reduce-scatter in fp32 and parameter all-gather in bf16, both overlapped with compute.
-    "megatron-flash": Software("megatron-flash", 2, 4, 4, 8, 4, 2, 2, 2, attention="flash", attention_dropout=False,
-                               fused_elementwise=True, separate_qkv=False, dp_overlap=True, pp_dp_overlap=True,
-                               zero_overlap=True, optimizer_bytes_per_param=30.0, optimizer_ops_per_tensor=1.0,
-                               loss_bytes_per_logit=16.0, activation_model="megatron", pipeline_split="even"),
+    "megatron-flash": Software(
+        "megatron-flash",
+        2,
+        4,
+        4,
+        8,
+        4,
+        2,
+        2,
+        2,
+        attention="flash",
+        attention_dropout=False,
+        fused_elementwise=True,
+        separate_qkv=False,
+        dp_overlap=True,
+        pp_dp_overlap=True,
+        zero_overlap=True,
+        optimizer_bytes_per_param=30.0,
+        optimizer_ops_per_tensor=1.0,
+        loss_bytes_per_logit=16.0,
+        activation_model="megatron",
+        pipeline_split="even",
+    ),
 }
 
 
@@ -167,11 +227,15 @@ def parse_layout(text: str, world_size: int) -> Layout:
     values: dict[str, object] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         if "=" not in item:
-            raise ConfigError(f"--layout item '{item}' must look like key=value (e.g. tp=2); keys: {', '.join(sorted(_LAYOUT_KEYS))}.")
+            raise ConfigError(
+                f"--layout item '{item}' must look like key=value (e.g. tp=2); keys: {', '.join(sorted(_LAYOUT_KEYS))}."
+            )
         key, value = (s.strip() for s in item.split("=", 1))
         key = {"v": "virtual_stages", "sp": "sequence_parallel", "ac": "recompute"}.get(key, key)
         if key not in _LAYOUT_KEYS:
-            raise ConfigError(f"--layout: unknown key '{key}'; keys: {', '.join(sorted(_LAYOUT_KEYS - {'v', 'sp', 'ac'}))}.")
+            raise ConfigError(
+                f"--layout: unknown key '{key}'; keys: {', '.join(sorted(_LAYOUT_KEYS - {'v', 'sp', 'ac'}))}."
+            )
         if key == "sequence_parallel":
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ConfigError(f"--layout: sequence_parallel expects true or false, got '{value}'.")
@@ -206,8 +270,12 @@ def parse_layout(text: str, world_size: int) -> Layout:
 
 def layout_config(base: Config, layout: Layout, workload: Workload) -> Config:
     """A copy of `base` with the model, batch, sequence length and this layout filled in."""
-    cfg = Config(model=replace(workload.model), data=replace(base.data, seq_len=workload.seq_len),
-                 train=replace(base.train), parallel=replace(base.parallel))
+    cfg = Config(
+        model=replace(workload.model),
+        data=replace(base.data, seq_len=workload.seq_len),
+        train=replace(base.train),
+        parallel=replace(base.parallel),
+    )
     section = layout.parallel_section()
     cfg.train.micro_batch = int(section.pop("micro_batch"))
     cfg.train.activation_checkpointing = bool(section.pop("activation_checkpointing"))
@@ -224,11 +292,15 @@ def check_meshlm_layout(layout: Layout, workload: Workload, world_size: int, bas
     from meshlm.distributed.dims import parallel_dims_from_config
 
     if layout.recompute == "selective":
-        raise ConfigError("recompute=selective (Megatron's attention-only recomputation) is not implemented by meshlm; "
-                          "meshlm checkpoints whole blocks (recompute=full) or nothing.")
+        raise ConfigError(
+            "recompute=selective (Megatron's attention-only recomputation) is not implemented by meshlm; "
+            "meshlm checkpoints whole blocks (recompute=full) or nothing."
+        )
     m = workload.model
     if layout.tp > 1 and m.ffn_dim % layout.tp:
-        raise ConfigError(f"tensor parallelism splits the MLP: its hidden size ({m.ffn_dim}) must be divisible by tp ({layout.tp}).")
+        raise ConfigError(
+            f"tensor parallelism splits the MLP: its hidden size ({m.ffn_dim}) must be divisible by tp ({layout.tp})."
+        )
     if layout.dp_replicate > 1 and layout.zero != 3:
         raise ConfigError(f"dp_replicate={layout.dp_replicate} (HSDP) needs zero=3.")
     if m.max_seq_len < workload.seq_len:

@@ -62,7 +62,11 @@ def state_bytes(stats: ParamStats, layout: Layout, sw: Software) -> Memory:
     n = shard_count(layout)
     mem = Memory()
     if layout.zero == 0 or layout.dp == 1:
-        mem.params, mem.grads, mem.optimizer = P * sw.param_bytes, P * sw.grad_bytes, P * (sw.master_bytes + sw.optimizer_bytes)
+        mem.params, mem.grads, mem.optimizer = (
+            P * sw.param_bytes,
+            P * sw.grad_bytes,
+            P * (sw.master_bytes + sw.optimizer_bytes),
+        )
     elif layout.zero in (1, 2):
         S = ceil_div(P, n)
         padded = n * S  # meshlm's flat buffers are padded to N S elements
@@ -71,7 +75,11 @@ def state_bytes(stats: ParamStats, layout: Layout, sw: Software) -> Memory:
         mem.optimizer = S * (sw.master_bytes + sw.optimizer_bytes)
     else:
         shard = stats.fsdp_shard(n)
-        mem.params, mem.grads, mem.optimizer = shard * sw.param_bytes, shard * sw.grad_bytes, shard * (sw.master_bytes + sw.optimizer_bytes)
+        mem.params, mem.grads, mem.optimizer = (
+            shard * sw.param_bytes,
+            shard * sw.grad_bytes,
+            shard * (sw.master_bytes + sw.optimizer_bytes),
+        )
     return mem
 
 
@@ -131,8 +139,16 @@ def in_flight(layout: Layout, microbatches: int, pp_rank: int) -> float:
     return float(warm)
 
 
-def rank_memory(workload: Workload, layout: Layout, cluster: Cluster, sw: Software, chunks: tuple[Chunk, ...],
-                stats: ParamStats, pp_rank: int, per_layer: tuple[float, float] | None = None) -> Memory:
+def rank_memory(
+    workload: Workload,
+    layout: Layout,
+    cluster: Cluster,
+    sw: Software,
+    chunks: tuple[Chunk, ...],
+    stats: ParamStats,
+    pp_rank: int,
+    per_layer: tuple[float, float] | None = None,
+) -> Memory:
     """Memory of pipeline rank `pp_rank` holding `chunks`. per_layer: (bytes kept per layer and
     micro-batch, bytes of one layer without recomputation), when the caller has them."""
     m = workload.model

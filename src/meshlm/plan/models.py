@@ -17,8 +17,17 @@ def _gpt(n_layers: int, d: int, heads: int, vocab: int = 50257, seq: int = 2048)
 
 
 def _llama(n_layers: int, d: int, heads: int, kv: int, ffn: int, vocab: int = 128256, seq: int = 8192) -> ModelConfig:
-    return ModelConfig(arch="llama", d_model=d, n_layers=n_layers, n_heads=heads, n_kv_heads=kv, ffn_hidden=ffn,
-                       vocab_size=vocab, max_seq_len=seq, rope_theta=500000.0)
+    return ModelConfig(
+        arch="llama",
+        d_model=d,
+        n_layers=n_layers,
+        n_heads=heads,
+        n_kv_heads=kv,
+        ffn_hidden=ffn,
+        vocab_size=vocab,
+        max_seq_len=seq,
+        rope_theta=500000.0,
+    )
 
 
 MODELS: dict[str, ModelConfig] = {
@@ -53,8 +62,10 @@ MODELS: dict[str, ModelConfig] = {
 
 def model_preset(name: str) -> ModelConfig:
     if name not in MODELS:
-        raise ConfigError(f"unknown model preset '{name}'. Presets: {', '.join(MODELS)}; or pass --config with a "
-                          f"meshlm config file (its [model] section).")
+        raise ConfigError(
+            f"unknown model preset '{name}'. Presets: {', '.join(MODELS)}; or pass --config with a "
+            f"meshlm config file (its [model] section)."
+        )
     from dataclasses import replace
 
     return replace(MODELS[name])

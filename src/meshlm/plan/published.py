@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from meshlm.model.stats import flops_per_token
-from meshlm.plan.hardware import GB, CLUSTERS, DEVICES, Cluster, Link
+from meshlm.plan.hardware import CLUSTERS, DEVICES, GB, Cluster, Link
 from meshlm.plan.layout import Layout, Workload
 
 
@@ -45,8 +45,8 @@ class PublishedRun:
 def megatron_flops(workload: Workload, global_batch: int | None = None) -> float:
     """Narayanan et al. 2021, eq. 3: FLOPs per iteration with activation recomputation."""
     m = workload.model
-    B, s, l, h, V = global_batch or workload.global_batch, workload.seq_len, m.n_layers, m.d_model, m.vocab_size
-    return 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
+    B, s, L, h, V = global_batch or workload.global_batch, workload.seq_len, m.n_layers, m.d_model, m.vocab_size
+    return 96 * B * s * L * h * h * (1 + s / (6 * h) + V / (16 * L * h))
 
 
 def step_flops(run: PublishedRun, workload: Workload) -> float:
@@ -57,10 +57,22 @@ def step_flops(run: PublishedRun, workload: Workload) -> float:
 
 def _megatron(name: str, model: str, tp: int, pp: int, gpus: int, batch: int, tflops: float) -> PublishedRun:
     dp = gpus // (tp * pp)
-    return PublishedRun(name, "Narayanan et al. 2021 (Megatron-LM, SC'21), table 1", model, "dgx-a100-80gb", gpus, batch,
-                        2048, Layout(dp, tp, pp, 0, 1, "full", False, "1f1b", 1), "megatron", tflops, "megatron",
-                        "fp16, full recomputation; 1F1B assumed (the table does not say interleaved); micro-batch 1 "
-                        "with a pipeline, not stated without one", unknown=() if pp > 1 else ("micro_batch",))
+    return PublishedRun(
+        name,
+        "Narayanan et al. 2021 (Megatron-LM, SC'21), table 1",
+        model,
+        "dgx-a100-80gb",
+        gpus,
+        batch,
+        2048,
+        Layout(dp, tp, pp, 0, 1, "full", False, "1f1b", 1),
+        "megatron",
+        tflops,
+        "megatron",
+        "fp16, full recomputation; 1F1B assumed (the table does not say interleaved); micro-batch 1 "
+        "with a pipeline, not stated without one",
+        unknown=() if pp > 1 else ("micro_batch",),
+    )
 
 
 # BLOOM trained on Jean Zay: 8 A100 80GB per node (NVLink), 4 x 100 Gb/s Omni-Path per node
@@ -79,24 +91,71 @@ RUNS: tuple[PublishedRun, ...] = (
     _megatron("Megatron-LM 529.6B", "megatron-530b", 8, 35, 2520, 2520, 163),
     _megatron("Megatron-LM 1T", "megatron-1t", 8, 64, 3072, 3072, 163),
     # Smith et al. 2022: iteration times 60.1 / 50.2 / 44.4 s at 280 / 350 / 420 DGX A100 nodes.
-    *(PublishedRun(f"MT-NLG 530B, {n} nodes", "Smith et al. 2022 (Megatron-Turing NLG 530B)", "mt-nlg-530b",
-                   "dgx-a100-80gb", 8 * n, 1920, 2048, Layout(n // 35, 8, 35, 1, 1, "full", False, "1f1b", 1),
-                   "megatron", tf, "megatron", "Megatron-DeepSpeed, bf16, ZeRO-1, full recomputation")
-      for n, tf in ((280, 126), (350, 121), (420, 113))),
-    PublishedRun("BLOOM 176B", "BigScience 2022 (BLOOM paper, section 3.4; model card)", "bloom-176b", "jean-zay", 384,
-                 2048, 2048, Layout(8, 4, 12, 1, 2, "full", False, "1f1b", 1), "megatron", 150, "megatron",
-                 "Megatron-DeepSpeed, bf16, ZeRO-1, ~150 TFLOP/s quoted (approximate); ALiBi modelled as learned positions"),
-    PublishedRun("Llama 3 405B, 8K GPUs", "Llama Team 2024 (The Llama 3 Herd of Models), table 4", "llama3-405b",
-                 "dgx-h100", 8192, 2048, 8192, Layout(64, 8, 16, 2, 1, "none", True, "interleaved-1f1b", 4),
-                 "megatron-flash", 430, "model",
-                 "BF16 MFU 43%; FSDP-style sharding of gradients and optimizer (zero 2); virtual stages not stated; "
-                 "the paper trains without activation checkpointing, which our memory model puts over 80 GB, "
-                 "so recomputation is left to the planner; one layer fewer on the first and last stages",
-                 unknown=("recompute", "virtual_stages"), split="ends-lighter"),
-    PublishedRun("Llama 3 405B, 16K GPUs", "Llama Team 2024 (The Llama 3 Herd of Models), table 4", "llama3-405b",
-                 "dgx-h100", 16384, 2048, 8192, Layout(128, 8, 16, 2, 1, "none", True, "interleaved-1f1b", 4),
-                 "megatron-flash", 400, "model",
-                 "BF16 MFU 41%; as above", unknown=("recompute", "virtual_stages"), split="ends-lighter"),
+    *(
+        PublishedRun(
+            f"MT-NLG 530B, {n} nodes",
+            "Smith et al. 2022 (Megatron-Turing NLG 530B)",
+            "mt-nlg-530b",
+            "dgx-a100-80gb",
+            8 * n,
+            1920,
+            2048,
+            Layout(n // 35, 8, 35, 1, 1, "full", False, "1f1b", 1),
+            "megatron",
+            tf,
+            "megatron",
+            "Megatron-DeepSpeed, bf16, ZeRO-1, full recomputation",
+        )
+        for n, tf in ((280, 126), (350, 121), (420, 113))
+    ),
+    PublishedRun(
+        "BLOOM 176B",
+        "BigScience 2022 (BLOOM paper, section 3.4; model card)",
+        "bloom-176b",
+        "jean-zay",
+        384,
+        2048,
+        2048,
+        Layout(8, 4, 12, 1, 2, "full", False, "1f1b", 1),
+        "megatron",
+        150,
+        "megatron",
+        "Megatron-DeepSpeed, bf16, ZeRO-1, ~150 TFLOP/s quoted (approximate); ALiBi modelled as learned positions",
+    ),
+    PublishedRun(
+        "Llama 3 405B, 8K GPUs",
+        "Llama Team 2024 (The Llama 3 Herd of Models), table 4",
+        "llama3-405b",
+        "dgx-h100",
+        8192,
+        2048,
+        8192,
+        Layout(64, 8, 16, 2, 1, "none", True, "interleaved-1f1b", 4),
+        "megatron-flash",
+        430,
+        "model",
+        "BF16 MFU 43%; FSDP-style sharding of gradients and optimizer (zero 2); virtual stages not stated; "
+        "the paper trains without activation checkpointing, which our memory model puts over 80 GB, "
+        "so recomputation is left to the planner; one layer fewer on the first and last stages",
+        unknown=("recompute", "virtual_stages"),
+        split="ends-lighter",
+    ),
+    PublishedRun(
+        "Llama 3 405B, 16K GPUs",
+        "Llama Team 2024 (The Llama 3 Herd of Models), table 4",
+        "llama3-405b",
+        "dgx-h100",
+        16384,
+        2048,
+        8192,
+        Layout(128, 8, 16, 2, 1, "none", True, "interleaved-1f1b", 4),
+        "megatron-flash",
+        400,
+        "model",
+        "BF16 MFU 41%; as above",
+        unknown=("recompute", "virtual_stages"),
+        split="ends-lighter",
+    ),
 )
 
 
@@ -143,8 +202,11 @@ def compare(run: PublishedRun, with_search: bool = True) -> Comparison:
     for key in run.unknown:  # fill in what the paper does not state: every option, the fastest that fits wins
         variants = [replace(v, **{key: value}) for v in variants for value in run.options()[key]]
     local = run.global_batch // layout.dp
-    variants = [v for v in variants if local % v.micro_batch == 0
-                and (v.pp == 1 or v.pp * v.virtual_stages <= workload.model.n_layers)]
+    variants = [
+        v
+        for v in variants
+        if local % v.micro_batch == 0 and (v.pp == 1 or v.pp * v.virtual_stages <= workload.model.n_layers)
+    ]
     est = min((estimate(workload, v, cluster, sw) for v in variants), key=lambda e: (not e.fits, e.step_time_s))
     flops = step_flops(run, workload)
     reported_step = flops / (run.reported_tflops * 1e12 * run.gpus)
@@ -153,5 +215,13 @@ def compare(run: PublishedRun, with_search: bool = True) -> Comparison:
         result = search(workload, cluster, sw, top=1, meshlm_only=False, micro_batches=(1, 2, 4, 8, 16))
         if result.best:
             best_layout, best_step = result.best.layout, result.best.step_time_s
-    return Comparison(run, est.layout, est.step_time_s, reported_step, flops / est.step_time_s / run.gpus / 1e12,
-                      best_layout, best_step, est.fits)
+    return Comparison(
+        run,
+        est.layout,
+        est.step_time_s,
+        reported_step,
+        flops / est.step_time_s / run.gpus / 1e12,
+        best_layout,
+        best_step,
+        est.fits,
+    )

@@ -7,19 +7,29 @@ from meshlm.plan.cost import Estimate
 from meshlm.plan.hardware import Cluster
 from meshlm.plan.layout import Software, Workload
 
-_CAUSES = (("compute", "compute"), ("tp_comm", "tensor-parallel communication"), ("pp_bubble", "pipeline bubble"),
-           ("pp_p2p", "pipeline sends"), ("dp_comm_exposed", "data-parallel communication"),
-           ("optimizer", "optimizer step"), ("small_collectives", "small collectives"))
+_CAUSES = (
+    ("compute", "compute"),
+    ("tp_comm", "tensor-parallel communication"),
+    ("pp_bubble", "pipeline bubble"),
+    ("pp_p2p", "pipeline sends"),
+    ("dp_comm_exposed", "data-parallel communication"),
+    ("optimizer", "optimizer step"),
+    ("small_collectives", "small collectives"),
+)
 
 
 def header(workload: Workload, cluster: Cluster, sw: Software) -> str:
     m = workload.model
-    memory = "params + grads + optimizer state per process" if cluster.device.kind == "cpu" else "per device, all included"
+    memory = (
+        "params + grads + optimizer state per process" if cluster.device.kind == "cpu" else "per device, all included"
+    )
     n = count_params(m)
     size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-    return (f"meshlm plan: {m.arch} {size} parameters ({m.n_layers} layers, d_model {m.d_model}, "
-            f"{m.n_heads} heads) on {cluster.describe()}; global batch {workload.global_batch} x {workload.seq_len} tokens; "
-            f"software '{sw.name}'; memory = {memory}")
+    return (
+        f"meshlm plan: {m.arch} {size} parameters ({m.n_layers} layers, d_model {m.d_model}, "
+        f"{m.n_heads} heads) on {cluster.describe()}; global batch {workload.global_batch} x {workload.seq_len} tokens; "
+        f"software '{sw.name}'; memory = {memory}"
+    )
 
 
 def runner_up(candidates: list[Estimate]) -> Estimate | None:
@@ -42,8 +52,10 @@ def explain(best: Estimate, second: Estimate | None) -> str:
     step = best.step_time_s
     parts = [(best.breakdown.get(k, 0.0) / step, name) for k, name in _CAUSES]
     shares = ", ".join(f"{name} {100 * share:.0f}%" for share, name in sorted(parts, reverse=True) if share >= 0.01)
-    text = (f"Best: {best.layout.describe()}: {step:.3g} s per step, {best.tflops_per_device:.3g} TFLOP/s per device "
-            f"({100 * best.mfu:.0f}% of peak), {best.memory_gb_per_device:.3g} GiB per device; its step is {shares}.")
+    text = (
+        f"Best: {best.layout.describe()}: {step:.3g} s per step, {best.tflops_per_device:.3g} TFLOP/s per device "
+        f"({100 * best.mfu:.0f}% of peak), {best.memory_gb_per_device:.3g} GiB per device; its step is {shares}."
+    )
     if second is not None:
         diffs = []
         for k, name in _CAUSES:
@@ -51,21 +63,51 @@ def explain(best: Estimate, second: Estimate | None) -> str:
             if delta > 0.01 * step:
                 diffs.append((delta, name))
         why = (" (more " + ", ".join(name for _, name in sorted(diffs, reverse=True)[:2]) + ")") if diffs else ""
-        text += (f" Runner-up {second.layout.describe()} is {100 * (second.step_time_s / step - 1):.0f}% slower{why}.")
+        text += f" Runner-up {second.layout.describe()} is {100 * (second.step_time_s / step - 1):.0f}% slower{why}."
     return text
 
 
 def format_table(candidates: list[Estimate], top: int) -> str:
-    cols = ("#", "dp", "tp", "pp", "zero", "mb", "recompute", "sp", "schedule", "step s", "tokens/s", "TFLOP/s/dev",
-            "MFU", "mem GiB", "fits")
+    cols = (
+        "#",
+        "dp",
+        "tp",
+        "pp",
+        "zero",
+        "mb",
+        "recompute",
+        "sp",
+        "schedule",
+        "step s",
+        "tokens/s",
+        "TFLOP/s/dev",
+        "MFU",
+        "mem GiB",
+        "fits",
+    )
     rows = []
     for i, e in enumerate(candidates[:top], 1):
         lay = e.layout
         zero = f"{lay.zero}" + (f"/r{lay.dp_replicate}" if lay.dp_replicate > 1 else "")
-        rows.append((str(i), str(lay.dp), str(lay.tp), str(lay.pp), zero, str(lay.micro_batch), lay.recompute,
-                     "y" if lay.sequence_parallel else "-", lay.schedule_name(), f"{e.step_time_s:.4g}",
-                     f"{e.tokens_per_s:,.0f}", f"{e.tflops_per_device:.3g}", f"{100 * e.mfu:.0f}%",
-                     f"{e.memory_gb_per_device:.3g}", "yes" if e.fits else "no"))
+        rows.append(
+            (
+                str(i),
+                str(lay.dp),
+                str(lay.tp),
+                str(lay.pp),
+                zero,
+                str(lay.micro_batch),
+                lay.recompute,
+                "y" if lay.sequence_parallel else "-",
+                lay.schedule_name(),
+                f"{e.step_time_s:.4g}",
+                f"{e.tokens_per_s:,.0f}",
+                f"{e.tflops_per_device:.3g}",
+                f"{100 * e.mfu:.0f}%",
+                f"{e.memory_gb_per_device:.3g}",
+                "yes" if e.fits else "no",
+            )
+        )
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
@@ -75,18 +117,27 @@ def format_table(candidates: list[Estimate], top: int) -> str:
     return "\n".join(lines)
 
 
-def to_json(candidates: list[Estimate], workload: Workload, cluster: Cluster, sw: Software, top: int,
-            evaluated: int) -> dict:
+def to_json(
+    candidates: list[Estimate], workload: Workload, cluster: Cluster, sw: Software, top: int, evaluated: int
+) -> dict:
     best = candidates[0] if candidates else None
     second = runner_up(candidates)
     return {
-        "model": {**{k: getattr(workload.model, k) for k in ("arch", "d_model", "n_layers", "n_heads", "vocab_size")},
-                  "kv_heads": workload.model.kv_heads, "ffn_dim": workload.model.ffn_dim,
-                  "parameters": count_params(workload.model)},
-        "global_batch": workload.global_batch, "seq_len": workload.seq_len,
-        "cluster": cluster.to_dict(), "software": sw.name,
-        "memory_definition": ("params + grads + optimizer state per process (what the trainer reports)"
-                              if cluster.device.kind == "cpu" else "total per device, framework reserve included"),
+        "model": {
+            **{k: getattr(workload.model, k) for k in ("arch", "d_model", "n_layers", "n_heads", "vocab_size")},
+            "kv_heads": workload.model.kv_heads,
+            "ffn_dim": workload.model.ffn_dim,
+            "parameters": count_params(workload.model),
+        },
+        "global_batch": workload.global_batch,
+        "seq_len": workload.seq_len,
+        "cluster": cluster.to_dict(),
+        "software": sw.name,
+        "memory_definition": (
+            "params + grads + optimizer state per process (what the trainer reports)"
+            if cluster.device.kind == "cpu"
+            else "total per device, framework reserve included"
+        ),
         "evaluated": evaluated,
         "candidates": [e.to_dict() for e in candidates[:top]],
         "explanation": explain(best, second) if best else "",

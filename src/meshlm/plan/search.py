@@ -11,8 +11,8 @@ with the reason, after the ones that fit. Ranked by predicted step time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from meshlm.config import ConfigError
 from meshlm.plan.cost import Estimate, estimate
@@ -38,9 +38,17 @@ class SearchResult:
         return self.candidates[0] if self.candidates and self.candidates[0].fits else None
 
 
-def candidate_layouts(workload: Workload, cluster: Cluster, sw: Software, *, recompute: tuple[str, ...] | None = None,
-                      zero: tuple[int, ...] = (0, 1, 2, 3), schedules: tuple[str, ...] | None = None,
-                      micro_batches: tuple[int, ...] | None = None, rejected: dict | None = None) -> Iterator[Layout]:
+def candidate_layouts(
+    workload: Workload,
+    cluster: Cluster,
+    sw: Software,
+    *,
+    recompute: tuple[str, ...] | None = None,
+    zero: tuple[int, ...] = (0, 1, 2, 3),
+    schedules: tuple[str, ...] | None = None,
+    micro_batches: tuple[int, ...] | None = None,
+    rejected: dict | None = None,
+) -> Iterator[Layout]:
     m = workload.model
     world = cluster.world_size
     rejected = rejected if rejected is not None else {}
@@ -77,14 +85,14 @@ def candidate_layouts(workload: Workload, cluster: Cluster, sw: Software, *, rec
                 if pp > 1 and n_micro < pp:
                     reject("fewer micro-batches than pipeline stages")
                     continue
-                for z in (zero if dp > 1 else (0,)):
+                for z in zero if dp > 1 else (0,):
                     replicas = [1]
                     per_node = max(1, cluster.devices_per_node // tp)
                     if z == 3 and cluster.nodes > 1 and dp > per_node and dp % per_node == 0:
                         replicas.append(dp // per_node)  # HSDP: shard inside a node, replicate across nodes
                     for rep in replicas:
                         for rc in recompute:
-                            for sp in ((False, True) if tp > 1 and workload.seq_len % tp == 0 else (False,)):
+                            for sp in (False, True) if tp > 1 and workload.seq_len % tp == 0 else (False,):
                                 base = Layout(dp, tp, pp, z, mb, rc, sp, "1f1b", 1, rep)
                                 if pp == 1:
                                     yield base
@@ -103,13 +111,16 @@ def candidate_layouts(workload: Workload, cluster: Cluster, sw: Software, *, rec
                                                 yield Layout(dp, tp, pp, z, mb, rc, sp, sched, v, rep)
 
 
-def search(workload: Workload, cluster: Cluster, sw: Software, *, top: int | None = None, meshlm_only: bool = True,
-           **options) -> SearchResult:
+def search(
+    workload: Workload, cluster: Cluster, sw: Software, *, top: int | None = None, meshlm_only: bool = True, **options
+) -> SearchResult:
     """Estimate every candidate layout and rank them. With `meshlm_only`, the top candidates are
     also checked against meshlm's own layout validation (parallel_dims_from_config)."""
     rejected: dict[str, int] = {}
-    estimates = [estimate(workload, layout, cluster, sw)
-                 for layout in candidate_layouts(workload, cluster, sw, rejected=rejected, **options)]
+    estimates = [
+        estimate(workload, layout, cluster, sw)
+        for layout in candidate_layouts(workload, cluster, sw, rejected=rejected, **options)
+    ]
     if not estimates:
         raise ConfigError(
             f"no layout divides this model and cluster: {cluster.world_size} devices, global batch "

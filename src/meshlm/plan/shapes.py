@@ -98,7 +98,9 @@ def _chunk_stats(mkey: tuple, tp: int, chunk: Chunk, tied_copy: bool, shard_coun
 
 
 @functools.lru_cache(maxsize=65536)
-def rank_stats(mkey: tuple, tp: int, chunks: tuple[Chunk, ...], pp: int, shard_counts: tuple[int, ...] = ()) -> ParamStats:
+def rank_stats(
+    mkey: tuple, tp: int, chunks: tuple[Chunk, ...], pp: int, shard_counts: tuple[int, ...] = ()
+) -> ParamStats:
     """Parameter count, tensor count and FSDP shard sizes of everything one rank holds
     (mkey = model_key(model config))."""
     numel = tensors = 0
@@ -141,6 +143,7 @@ def _balanced_counts(mkey: tuple, n_stages: int) -> tuple[int, ...]:
 def _bisect_counts(n_layers: int, n_stages: int, cost, block: int) -> tuple[int, ...]:
     """Large models: the same smallest maximum stage cost, found by bisection, layers then spread
     from the back so that the first stages (most activations in flight) get the fewest."""
+
     def fill(limit: float) -> list[int] | None:
         counts, left = [0] * n_stages, n_layers
         for s in range(n_stages - 1, -1, -1):
@@ -204,14 +207,20 @@ def _rank_chunks(mkey: tuple, pp: int, schedule: str, v: int, split: str) -> tup
     layout = Layout(pp=pp, schedule=schedule, virtual_stages=v)
     total = pp * stages_per_rank(layout)
     counts = stage_layer_counts(m, total, split) if total > 1 else (m.n_layers,)
-    return tuple(tuple(Chunk(s, counts[s], s == 0, s == total - 1) for s in stage_ids_for_rank(r, layout))
-                 for r in range(pp))
+    return tuple(
+        tuple(Chunk(s, counts[s], s == 0, s == total - 1) for s in stage_ids_for_rank(r, layout)) for r in range(pp)
+    )
 
 
 def rank_chunks(workload: Workload, layout: Layout, split: str = "balanced") -> tuple[tuple[Chunk, ...], ...]:
     """For every pipeline rank, the chunks (stages) it holds."""
-    return _rank_chunks(model_key(workload.model), layout.pp, layout.schedule if layout.pp > 1 else "1f1b",
-                        layout.virtual_stages if layout.pp > 1 else 1, split)
+    return _rank_chunks(
+        model_key(workload.model),
+        layout.pp,
+        layout.schedule if layout.pp > 1 else "1f1b",
+        layout.virtual_stages if layout.pp > 1 else 1,
+        split,
+    )
 
 
 def replicated_tp_params(m: ModelConfig, layers: int, has_embedding: bool, has_output: bool) -> int:
@@ -219,4 +228,6 @@ def replicated_tp_params(m: ModelConfig, layers: int, has_embedding: bool, has_o
     d = m.d_model
     if m.arch == "llama":
         return (2 * layers + (1 if has_output else 0)) * d
-    return 2 * (2 * layers + (1 if has_output else 0)) * d + 2 * layers * d + (m.max_seq_len * d if has_embedding else 0)
+    return (
+        2 * (2 * layers + (1 if has_output else 0)) * d + 2 * layers * d + (m.max_seq_len * d if has_embedding else 0)
+    )

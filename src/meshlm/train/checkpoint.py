@@ -51,16 +51,46 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from meshlm.config import Config, ConfigError, config_from_dict
 from meshlm.distributed.env import LaunchEnv
 from meshlm.distributed.rank_zero import run_on_rank0
-from meshlm.train.checkpoint_manifest import (CheckpointError, MANIFEST, checkpoints_dir, list_checkpoints, newest_valid,
-                                              prune, publish, step_dir, verify_checkpoint)
-from meshlm.train.checkpoint_state import (Box, BoxLoadPlanner, BoxSavePlanner, ShardContext, Sharded, checkpoint_key,
-                                           global_shapes, optimizer_steps, rng_state, set_optimizer_steps, set_rng_state,
-                                           training_state)
+from meshlm.train.checkpoint_manifest import (
+    MANIFEST,
+    CheckpointError,
+    checkpoints_dir,
+    list_checkpoints,
+    newest_valid,
+    prune,
+    publish,
+    step_dir,
+    verify_checkpoint,
+)
+from meshlm.train.checkpoint_state import (
+    Box,
+    BoxLoadPlanner,
+    BoxSavePlanner,
+    ShardContext,
+    Sharded,
+    checkpoint_key,
+    global_shapes,
+    optimizer_steps,
+    rng_state,
+    set_optimizer_steps,
+    set_rng_state,
+    training_state,
+)
 from meshlm.train.optim import lr_at
 from meshlm.train.run_dir import write_text_atomic
 
-__all__ = ["Checkpointer", "ResumePoint", "find_resume_checkpoint", "resume_on_restart", "reopen_run_dir", "export_checkpoint",
-           "maybe_test_kill", "CheckpointError", "verify_checkpoint", "list_checkpoints"]
+__all__ = [
+    "Checkpointer",
+    "ResumePoint",
+    "find_resume_checkpoint",
+    "resume_on_restart",
+    "reopen_run_dir",
+    "export_checkpoint",
+    "maybe_test_kill",
+    "CheckpointError",
+    "verify_checkpoint",
+    "list_checkpoints",
+]
 
 
 def _dcp_no_dist(no_dist: bool) -> bool:
@@ -86,6 +116,7 @@ def find_resume_checkpoint(resume: str, run: Path, env: LaunchEnv, log=print) ->
     (broken ones are reported and skipped; None when there is none: start fresh); a run
     directory is its newest complete checkpoint; a checkpoint directory is itself, or an error
     naming the bad file. Rank 0 reads and checks; every rank gets the same answer or error."""
+
     def choose():
         if resume == "auto":
             found = newest_valid(run, log)
@@ -96,7 +127,9 @@ def find_resume_checkpoint(resume: str, run: Path, env: LaunchEnv, log=print) ->
         if checkpoints_dir(path).is_dir() and not (path / MANIFEST).exists():
             found = newest_valid(path, log)
             if found is None:
-                raise CheckpointError(f"{path} has no complete checkpoint to resume from (looked in {checkpoints_dir(path)}).")
+                raise CheckpointError(
+                    f"{path} has no complete checkpoint to resume from (looked in {checkpoints_dir(path)})."
+                )
             return found
         return path, verify_checkpoint(path)
 
@@ -156,6 +189,7 @@ def maybe_test_kill(env: LaunchEnv, run: Path, step: int, phase: str = "step") -
 
 class _StageToCPU(AsyncStager):
     """Copies the pieces to CPU memory; after this, training may change the live tensors."""
+
     _synchronize_after_execute = False
 
     def stage(self, state_dict):
@@ -170,8 +204,16 @@ class _StageToCPU(AsyncStager):
 
 def _layout(pm) -> dict:
     d = pm.dims
-    return {"dp": d.dp, "dp_replicate": d.dp_replicate, "dp_shard": d.dp_shard, "zero": d.zero, "tp": d.tp,
-            "pp": d.pp, "sequence_parallel": d.sequence_parallel, "describe": d.describe}
+    return {
+        "dp": d.dp,
+        "dp_replicate": d.dp_replicate,
+        "dp_shard": d.dp_shard,
+        "zero": d.zero,
+        "tp": d.tp,
+        "pp": d.pp,
+        "sequence_parallel": d.sequence_parallel,
+        "describe": d.describe,
+    }
 
 
 class Checkpointer:
@@ -217,16 +259,29 @@ class Checkpointer:
         self._barrier()
         state: dict = training_state(self.pm, self.runner, self.ctx, for_load=False)
         state[f"rng/{self.env.rank}"] = rng_state(self.env.device)
-        info = {"step": step, "optimizer_steps": optimizer_steps(self.runner), "world_size": self.env.world_size,
-                "layout": _layout(self.pm), "config_hash": self.cfg.fingerprint(), "config": self.cfg.to_dict(),
-                "next_lr": lr_at(step, self.cfg.train) if step < self.cfg.train.steps else None,
-                "data_position": {"next_step": step, "seed": self.cfg.train.seed},
-                "torch": torch.__version__, "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        info = {
+            "step": step,
+            "optimizer_steps": optimizer_steps(self.runner),
+            "world_size": self.env.world_size,
+            "layout": _layout(self.pm),
+            "config_hash": self.cfg.fingerprint(),
+            "config": self.cfg.to_dict(),
+            "next_lr": lr_at(step, self.cfg.train) if step < self.cfg.train.steps else None,
+            "data_position": {"next_step": step, "seed": self.cfg.train.seed},
+            "torch": torch.__version__,
+            "saved_at": datetime.datetime.now(datetime.UTC).isoformat(),
+        }
         writer = FileSystemWriter(tmp, thread_count=1)
         no_dist = _dcp_no_dist(not self.env.distributed)
         if self.cfg.train.async_checkpoint:
-            upload = dcp.async_save(state, storage_writer=writer, planner=BoxSavePlanner(), process_group=self.group,
-                                    async_stager=_StageToCPU(), no_dist=no_dist)
+            upload = dcp.async_save(
+                state,
+                storage_writer=writer,
+                planner=BoxSavePlanner(),
+                process_group=self.group,
+                async_stager=_StageToCPU(),
+                no_dist=no_dist,
+            )
             done: Future = Future()
 
             def finish(f: Future) -> None:  # in the writer thread: every rank's data is on disk
@@ -272,25 +327,36 @@ class Checkpointer:
         mine = self.cfg.to_dict()["model"]
         if saved != mine:
             diff = sorted(k for k in mine if (saved or {}).get(k) != mine[k])
-            raise CheckpointError(f"checkpoint {point.path} was written for a different model (model.{', model.'.join(diff)} "
-                                  f"differ); resume with the config it was trained with.")
+            raise CheckpointError(
+                f"checkpoint {point.path} was written for a different model (model.{', model.'.join(diff)} "
+                f"differ); resume with the config it was trained with."
+            )
         if manifest.get("config_hash") != self.cfg.fingerprint():
-            self.log(f"note: {point.path} was written with different training settings (seed, lr, steps or batch); "
-                     f"the resumed run will not reproduce the original one")
+            self.log(
+                f"note: {point.path} was written with different training settings (seed, lr, steps or batch); "
+                f"the resumed run will not reproduce the original one"
+            )
         state: dict = training_state(self.pm, self.runner, self.ctx, for_load=True)
         rng_key = f"rng/{self.env.rank}"
         same_world = manifest.get("world_size") == self.env.world_size
         if same_world:
             state[rng_key] = None
         planner = BoxLoadPlanner()
-        dcp.load(state, storage_reader=FileSystemReader(point.path), planner=planner, process_group=self.group,
-                 no_dist=_dcp_no_dist(not self.env.distributed))
+        dcp.load(
+            state,
+            storage_reader=FileSystemReader(point.path),
+            planner=planner,
+            process_group=self.group,
+            no_dist=_dcp_no_dist(not self.env.distributed),
+        )
         set_optimizer_steps(self.runner, int(manifest["optimizer_steps"]))
         if same_world:
             set_rng_state(planner.loaded[rng_key], self.env.device)
         layout = manifest.get("layout", {}).get("describe", "?")
-        self.log(f"resumed from {point.path} at step {point.step} (saved by {manifest.get('world_size')} process(es), "
-                 f"layout {layout})")
+        self.log(
+            f"resumed from {point.path} at step {point.step} (saved by {manifest.get('world_size')} process(es), "
+            f"layout {layout})"
+        )
         return point.step
 
 
@@ -316,8 +382,11 @@ def export_checkpoint(run: Path, out: Path, step: int | None = None, log=print) 
             raise CheckpointError(f"{run} has no checkpoint of step {step} (steps available: {have}).")
         manifest = verify_checkpoint(path)
     cfg = config_from_dict(manifest["config"], source=f"{path}/{MANIFEST}")
-    state = {f"model/{name}": Sharded(size, [Box((0,) * len(size), torch.empty(size))])
-             for name, size in global_shapes(cfg.model).items() if checkpoint_key(name, cfg.model) == name}
+    state = {
+        f"model/{name}": Sharded(size, [Box((0,) * len(size), torch.empty(size))])
+        for name, size in global_shapes(cfg.model).items()
+        if checkpoint_key(name, cfg.model) == name
+    }
     dcp.load(state, storage_reader=FileSystemReader(path), planner=BoxLoadPlanner(), no_dist=_dcp_no_dist(True))
     weights = {key.removeprefix("model/"): value.boxes[0].data for key, value in state.items()}
     tokenizer = next((p for p in (path / "tokenizer.json", run / "tokenizer.json") if p.is_file()), None)

@@ -86,7 +86,9 @@ def read_manifest(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist.")
     if path.name.endswith(".tmp"):
-        raise CheckpointError(f"{path} is a checkpoint that was still being written (a .tmp directory); it is incomplete.")
+        raise CheckpointError(
+            f"{path} is a checkpoint that was still being written (a .tmp directory); it is incomplete."
+        )
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {path} has no {MANIFEST}: its save did not finish, so it is incomplete.")
@@ -108,10 +110,14 @@ def verify_checkpoint(path: Path) -> dict:
             raise CheckpointError(f"checkpoint {path} is incomplete: file {name} is missing.")
         size = file.stat().st_size
         if size != expected["bytes"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: file {name} has {size} bytes, the manifest "
-                                  f"records {expected['bytes']} (truncated or overwritten).")
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: file {name} has {size} bytes, the manifest "
+                f"records {expected['bytes']} (truncated or overwritten)."
+            )
         if file_sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: file {name} does not match its sha256 in the manifest.")
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: file {name} does not match its sha256 in the manifest."
+            )
     return manifest
 
 

@@ -50,10 +50,21 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, TensorProperties,
-                                                   TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, ReadItem, SavePlan, TensorWriteData,
-                                                  WriteItem, WriteItemType)
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -74,6 +85,7 @@ class Box:
 class Sharded:
     """This rank's part of one global tensor. `source`: the checkpoint key to load it from
     (default: its own key; a tied copy loads from its original)."""
+
     size: torch.Size
     boxes: list[Box]
     source: str | None = None
@@ -87,14 +99,17 @@ class Sharded:
                 return b.data
         raise KeyError(f"no box at offsets {tuple(offsets)}")
 
-    def staged(self) -> "Sharded":
+    def staged(self) -> Sharded:
         """A copy in CPU memory that later training steps do not change (async save)."""
-        return Sharded(self.size, [Box(b.offsets, b.data.detach().to("cpu", copy=True)) for b in self.boxes], self.source)
+        return Sharded(
+            self.size, [Box(b.offsets, b.data.detach().to("cpu", copy=True)) for b in self.boxes], self.source
+        )
 
 
 @dataclass(frozen=True)
 class ShardContext:
     """How this rank's tensors relate to the global ones: tensor-parallel position and global shapes."""
+
     model: ModelConfig
     tp: int
     tp_rank: int
@@ -177,7 +192,9 @@ def sharded_like_param(name: str, tensor: torch.Tensor, ctx: ShardContext) -> Sh
         local = tensor.to_local()
         sizes, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
         if tuple(sizes) != tuple(local.shape):
-            raise ValueError(f"'{name}': DTensor local shape {tuple(local.shape)} differs from its placement's {tuple(sizes)}")
+            raise ValueError(
+                f"'{name}': DTensor local shape {tuple(local.shape)} differs from its placement's {tuple(sizes)}"
+            )
         boxes = [Box(tuple(offsets), local)]
     else:
         boxes = [Box((0,) * tensor.dim(), tensor)]
@@ -201,9 +218,10 @@ def zero_moment_entries(zero, names: dict[int, str], ctx: ShardContext, for_load
                 boxes = []
                 for offsets, sizes, first in range_boxes(shape, a - s.offset, b - s.offset):
                     lo = s.offset + first - g.lo
-                    boxes.append(Box(offsets, flat[lo:lo + math.prod(sizes)].view(sizes)))
-                out[f"optim/{name}/{moment}"] = Sharded(ctx.shapes[name], to_global(name, boxes, s.param.shape, ctx),
-                                                        source=f"optim/{key}/{moment}")
+                    boxes.append(Box(offsets, flat[lo : lo + math.prod(sizes)].view(sizes)))
+                out[f"optim/{name}/{moment}"] = Sharded(
+                    ctx.shapes[name], to_global(name, boxes, s.param.shape, ctx), source=f"optim/{key}/{moment}"
+                )
     return out
 
 
@@ -218,8 +236,11 @@ def ensure_adamw_state(optimizer: torch.optim.Optimizer) -> None:
             state = optimizer.state[p]
             if not state:  # as torch.optim.adam's _init_group
                 on_device = group.get("fused") or group.get("capturable")
-                state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
-                                 else torch.tensor(0.0, dtype=torch.float32))
+                state["step"] = (
+                    torch.zeros((), dtype=torch.float32, device=p.device)
+                    if on_device
+                    else torch.tensor(0.0, dtype=torch.float32)
+                )
                 for moment in MOMENTS:
                     state[moment] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -257,7 +278,8 @@ def training_state(pm, runner, ctx: ShardContext, for_load: bool) -> dict[str, S
             state = runner.optimizer.state[p]
             for moment in MOMENTS:
                 out[f"optim/{name}/{moment}"] = dataclasses.replace(
-                    sharded_like_param(name, state[moment], ctx), source=f"optim/{key}/{moment}")
+                    sharded_like_param(name, state[moment], ctx), source=f"optim/{key}/{moment}"
+                )
     if runner.zero is not None:
         out.update(zero_moment_entries(runner.zero, names, ctx, for_load))
     return out
@@ -290,11 +312,18 @@ class BoxSavePlanner(DefaultSavePlanner):
         items = []
         for key, value in self.state_dict.items():
             if isinstance(value, Sharded):
-                items += [WriteItem(index=MetadataIndex(key, torch.Size(b.offsets)), type=WriteItemType.SHARD,
-                                    tensor_data=TensorWriteData(
-                                        chunk=ChunkStorageMetadata(torch.Size(b.offsets), b.data.shape),
-                                        properties=TensorProperties.create_from_tensor(b.data), size=value.size))
-                          for b in value.boxes]
+                items += [
+                    WriteItem(
+                        index=MetadataIndex(key, torch.Size(b.offsets)),
+                        type=WriteItemType.SHARD,
+                        tensor_data=TensorWriteData(
+                            chunk=ChunkStorageMetadata(torch.Size(b.offsets), b.data.shape),
+                            properties=TensorProperties.create_from_tensor(b.data),
+                            size=value.size,
+                        ),
+                    )
+                    for b in value.boxes
+                ]
             else:
                 items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO))
         self.plan = SavePlan(items)
@@ -324,15 +353,26 @@ class BoxLoadPlanner(DefaultLoadPlanner):
             source = (value.source if isinstance(value, Sharded) else None) or key
             md = stored.get(source)
             if md is None:
-                raise ConfigError(f"the checkpoint has no '{source}'; it was written for a different model or optimizer.")
+                raise ConfigError(
+                    f"the checkpoint has no '{source}'; it was written for a different model or optimizer."
+                )
             if not isinstance(value, Sharded):
-                requests.append(ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex(key),
-                                         dest_offsets=torch.Size((0,)), storage_index=MetadataIndex(source),
-                                         storage_offsets=torch.Size((0,)), lengths=torch.Size((0,))))
+                requests.append(
+                    ReadItem(
+                        type=LoadItemType.BYTE_IO,
+                        dest_index=MetadataIndex(key),
+                        dest_offsets=torch.Size((0,)),
+                        storage_index=MetadataIndex(source),
+                        storage_offsets=torch.Size((0,)),
+                        lengths=torch.Size((0,)),
+                    )
+                )
                 continue
             if not isinstance(md, TensorStorageMetadata) or md.size != value.size:
                 saved = tuple(md.size) if isinstance(md, TensorStorageMetadata) else "bytes"
-                raise ConfigError(f"checkpoint tensor '{source}' has shape {saved}, this model's is {tuple(value.size)}.")
+                raise ConfigError(
+                    f"checkpoint tensor '{source}' has shape {saved}, this model's is {tuple(value.size)}."
+                )
             for item in create_read_items_for_chunk_list(source, md, value.chunks()):
                 requests.append(dataclasses.replace(item, dest_index=dataclasses.replace(item.dest_index, fqn=key)))
         return LoadPlan(requests)

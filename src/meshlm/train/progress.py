@@ -11,8 +11,17 @@ class Progress:
     def __init__(self, total: int, show_bar: bool = True, is_main: bool = True, printer=print):
         self.printer = printer
         # mininterval keeps logs readable when stderr is a file (CI) rather than a terminal.
-        self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr,
-                        mininterval=0.5 if sys.stderr.isatty() else 10.0) if show_bar and is_main else None
+        self.bar = (
+            tqdm(
+                total=total,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0,
+            )
+            if show_bar and is_main
+            else None
+        )
         self.done = 0
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:

@@ -1,10 +1,10 @@
 """The run directory: resolved config, metrics, curves and the final model.
 
-    DIR/config.toml        the resolved configuration of the run
-    DIR/metrics.jsonl      one JSON object per training step / evaluation
-    DIR/loss.png           training and validation curves
-    DIR/model.safetensors  final weights (full, unsharded)
-    DIR/tokenizer.json     the tokenizer the data was prepared with
+DIR/config.toml        the resolved configuration of the run
+DIR/metrics.jsonl      one JSON object per training step / evaluation
+DIR/loss.png           training and validation curves
+DIR/model.safetensors  final weights (full, unsharded)
+DIR/tokenizer.json     the tokenizer the data was prepared with
 """
 
 from __future__ import annotations
@@ -68,5 +68,7 @@ def copy_file_atomic(src: Path, dst: Path) -> None:
 def load_run_config(run: Path) -> Config:
     path = Path(run) / "config.toml"
     if not path.is_file():
-        raise ConfigError(f"{run} is not a meshlm run directory (no config.toml). Pass the --out directory of `meshlm train`.")
+        raise ConfigError(
+            f"{run} is not a meshlm run directory (no config.toml). Pass the --out directory of `meshlm train`."
+        )
     return config_from_dict(tomllib.loads(path.read_text()), source=str(path))

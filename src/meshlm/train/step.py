@@ -1,11 +1,11 @@
 """One optimizer step and one evaluation, for any layout.
 
-    loss      = sum over the global batch's tokens / their count
-              = mean over dp ranks of (mean over this rank's micro-batches of the micro-batch mean)
-                (every window has the same length, so plain means are token-weighted means)
-    gradient  = d loss / d params: micro-batch losses are divided by the accumulation count
-                (or scaled by the pipeline schedule) and DDP / FSDP / ZeRO average over dp
-    grad norm = global over every shard, stage and replica (parallel/grad_norm.py)
+loss      = sum over the global batch's tokens / their count
+          = mean over dp ranks of (mean over this rank's micro-batches of the micro-batch mean)
+            (every window has the same length, so plain means are token-weighted means)
+gradient  = d loss / d params: micro-batch losses are divided by the accumulation count
+            (or scaled by the pipeline schedule) and DDP / FSDP / ZeRO average over dp
+grad norm = global over every shard, stage and replica (parallel/grad_norm.py)
 """
 
 from __future__ import annotations
@@ -42,8 +42,15 @@ def _strip_index(name: str) -> str:
 
 
 class StepRunner:
-    def __init__(self, cfg: Config, pm: ParallelModel, train_data: TokenDataset, val_data: TokenDataset,
-                 device: torch.device, accum: int):
+    def __init__(
+        self,
+        cfg: Config,
+        pm: ParallelModel,
+        train_data: TokenDataset,
+        val_data: TokenDataset,
+        device: torch.device,
+        accum: int,
+    ):
         self.cfg, self.pm, self.device, self.accum = cfg, pm, device, accum
         self.train_data, self.val_data = train_data, val_data
         dims = pm.dims
@@ -54,8 +61,13 @@ class StepRunner:
         if dims.zero in (1, 2) and dims.dp > 1:
             from meshlm.parallel.zero import ZeroOptimizer
 
-            self.zero = ZeroOptimizer(torch.nn.ModuleList(pm.modules()), pm.dp_group, dims.zero, cfg.train,
-                                      grad_weight=lambda name: 1.0 / pm.grad_copies(_strip_index(name)))
+            self.zero = ZeroOptimizer(
+                torch.nn.ModuleList(pm.modules()),
+                pm.dp_group,
+                dims.zero,
+                cfg.train,
+                grad_weight=lambda name: 1.0 / pm.grad_copies(_strip_index(name)),
+            )
             self.optimizer = None
         else:
             self.optimizer = build_optimizer(pm.named_parameters(), cfg.train)
@@ -165,7 +177,10 @@ class StepRunner:
 
                 chunks = [list(range(first, first + local))]
             else:
-                chunks = [list(range(s, min(s + t.micro_batch, first + local))) for s in range(first, first + local, t.micro_batch)]
+                chunks = [
+                    list(range(s, min(s + t.micro_batch, first + local)))
+                    for s in range(first, first + local, t.micro_batch)
+                ]
             for ids in chunks:
                 x, y = eval_batch(self.val_data, seq_len, ids, n_samples)
                 x, y = x.to(self.device), y.to(self.device)
@@ -186,8 +201,11 @@ class StepRunner:
     def _grad_bytes(self) -> int:
         if self.zero is not None:
             return self.zero.state_bytes()["grads"]
-        return sum(local_tensor(p.grad).numel() * p.grad.element_size()
-                   for _, p in self.pm.named_parameters() if p.grad is not None)
+        return sum(
+            local_tensor(p.grad).numel() * p.grad.element_size()
+            for _, p in self.pm.named_parameters()
+            if p.grad is not None
+        )
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of parameters, gradients (as held at the end of the step) and optimizer state on this rank."""
@@ -196,7 +214,10 @@ class StepRunner:
             held["grads"] = self._last_grad_bytes
             return held
         params = sum(local_tensor(p).numel() * p.element_size() for _, p in self.pm.named_parameters())
-        optimizer = sum(local_tensor(v).numel() * v.element_size()
-                        for state in self.optimizer.state.values() for v in state.values()
-                        if torch.is_tensor(v) and v.dim() > 0)
+        optimizer = sum(
+            local_tensor(v).numel() * v.element_size()
+            for state in self.optimizer.state.values()
+            for v in state.values()
+            if torch.is_tensor(v) and v.dim() > 0
+        )
         return {"params": params, "grads": self._last_grad_bytes, "optimizer": optimizer}

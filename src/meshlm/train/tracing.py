@@ -42,7 +42,10 @@ def trace_step(pm: ParallelModel, out_dir: Path, rank: int):
 
         events = timeline.gather(pm.pp_group)
         if rank == 0:
-            plot_pipeline_timeline(events, str(out_dir / "pipeline_schedule.png"),
-                                   title=f"pipeline schedule as it ran ({pm.dims.describe})")
+            plot_pipeline_timeline(
+                events,
+                str(out_dir / "pipeline_schedule.png"),
+                title=f"pipeline schedule as it ran ({pm.dims.describe})",
+            )
     if dist.is_initialized():
         dist.barrier()

@@ -34,8 +34,13 @@ from meshlm.model.transformer import build_model
 from meshlm.model.weights_file import save_weights
 from meshlm.parallel.gather import gather_full_state_dict
 from meshlm.parallel.parallelize import ParallelModel, parallelize
-from meshlm.train.checkpoint import (Checkpointer, find_resume_checkpoint, maybe_test_kill, reopen_run_dir,
-                                    resume_on_restart)
+from meshlm.train.checkpoint import (
+    Checkpointer,
+    find_resume_checkpoint,
+    maybe_test_kill,
+    reopen_run_dir,
+    resume_on_restart,
+)
 from meshlm.train.metrics import MetricsWriter, plot_losses
 from meshlm.train.optim import lr_at
 from meshlm.train.progress import Progress
@@ -73,8 +78,15 @@ def _on_main_first(env: LaunchEnv, fn):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out_dir: Path, overwrite: bool = False, env: LaunchEnv | None = None, log=print,
-                 resume: str | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        out_dir: Path,
+        overwrite: bool = False,
+        env: LaunchEnv | None = None,
+        log=print,
+        resume: str | None = None,
+    ):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.env = env or read_launch_env()
@@ -158,8 +170,12 @@ class Trainer:
                 if step == self.start_step:
                     self._report_state_bytes()
                 record = {
-                    "step": step + 1, "loss": loss, "lr": lr_at(step, t), "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
+                    "step": step + 1,
+                    "loss": loss,
+                    "lr": lr_at(step, t),
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_step / elapsed,
+                    "step_time_s": elapsed,
                     "tflops": flops_per_step / elapsed / 1e12,
                 }
                 if prof is not None:
@@ -211,8 +227,10 @@ class Trainer:
         if self.env.is_main:
             (self.out / "state_bytes.json").write_text(json.dumps(every, indent=1))
             for r in every:
-                self.log(f"rank {r['rank']}: params {r['params'] / 2**20:.2f} MiB, grads {r['grads'] / 2**20:.2f} MiB, "
-                         f"optimizer {r['optimizer'] / 2**20:.2f} MiB")
+                self.log(
+                    f"rank {r['rank']}: params {r['params'] / 2**20:.2f} MiB, grads {r['grads'] / 2**20:.2f} MiB, "
+                    f"optimizer {r['optimizer'] / 2**20:.2f} MiB"
+                )
 
     def finish(self) -> str:
         """Save the full (gathered) model and the curves; print a short sample."""
@@ -228,13 +246,22 @@ class Trainer:
         model = model_from_state_dict(self.cfg.model, state, self.device)
         loaded = LoadedModel(self.cfg, model.eval(), load_tokenizer(self.out / "tokenizer.json"))
         prompt = self.cfg.train.sample_prompt
-        sample = prompt + generate_text(loaded, prompt, self.cfg.train.sample_tokens, temperature=0.8, top_k=40,
-                                        seed=self.cfg.train.seed)
-        self.log(f"saved {self.out / 'model.safetensors'}; curves in {self.out / 'loss.png'}\n"
-                 f"--- sample ---\n{sample}\n--------------")
+        sample = prompt + generate_text(
+            loaded, prompt, self.cfg.train.sample_tokens, temperature=0.8, top_k=40, seed=self.cfg.train.seed
+        )
+        self.log(
+            f"saved {self.out / 'model.safetensors'}; curves in {self.out / 'loss.png'}\n"
+            f"--- sample ---\n{sample}\n--------------"
+        )
         return sample
 
 
-def train(cfg: Config, out_dir: Path, overwrite: bool = False, log=print, env: LaunchEnv | None = None,
-          resume: str | None = None) -> TrainResult:
+def train(
+    cfg: Config,
+    out_dir: Path,
+    overwrite: bool = False,
+    log=print,
+    env: LaunchEnv | None = None,
+    resume: str | None = None,
+) -> TrainResult:
     return Trainer(cfg, out_dir, overwrite=overwrite, env=env, log=log, resume=resume).run()
