@@ -482,7 +482,7 @@ def gpu_training(cluster, work: Path, steps: int, profile_dir: Path | None = Non
 def gpu(args) -> None:
     import torch
 
-    from meshlm.plan.hardware import make_cluster
+    from meshlm.plan.clusters import make_cluster
 
     cluster = make_cluster(args.preset, nodes=1, devices_per_node=1)
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="meshlm-plan-gpu-"))

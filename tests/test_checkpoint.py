@@ -14,15 +14,17 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from processes import kill_worker
 
+from meshlm.artifacts.weights_file import load_weights
 from meshlm.config import ConfigError, load_config
 from meshlm.distributed.env import read_launch_env
 from meshlm.distributed.spawn import run_distributed
-from meshlm.model.weights_file import load_weights
 from meshlm.train.checkpoint import CheckpointError, export_checkpoint, find_resume_checkpoint, verify_checkpoint
 from meshlm.train.checkpoint_manifest import list_checkpoints, step_dir
 from meshlm.train.checkpoint_state import range_boxes
@@ -258,54 +260,66 @@ def test_incomplete_checkpoints_are_never_loaded(data_cache, tmp_path):
 # ----------------------------------------------------------------------------- faults (subprocesses)
 
 
-def _cli_train(cache, out, overrides, *extra, env_extra=None):
+def _cli_command(cache, out, overrides, *extra, driver=()):
     sets = [x for o in BASE + VARIANTS["llama"] + [f'data.cache_dir="{cache}"'] + overrides for x in ("--set", o)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [sys.executable, "-m", "meshlm", "train", *sets, "--out", str(out), *extra],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    command = [sys.executable, *driver] if driver else [sys.executable, "-m", "meshlm"]
+    return [*command, "train", *sets, "--out", str(out), *extra], env
 
 
 def _logged_losses(run):
     return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
 
 
+def _wait_for_step(run, step, proc, timeout=120.0):
+    """Poll metrics.jsonl until training step `step` is logged (the harness watches the run)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before step {step}: {proc.stderr.read()[-3000:]}")
+        try:
+            if any(r.get("step", 0) >= step and "loss" in r for r in read_metrics(run / "metrics.jsonl")):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"step {step} was not reached within {timeout} s")
+
+
 def test_sigkilled_worker_restarts_resumes_and_matches_uninterrupted(data_cache, tmp_path):
-    """`meshlm train --nproc 2 --max-restarts 1`; worker 1 SIGKILLs itself before step 4 (after the
-    step-2 checkpoint); the agent restarts both workers, which resume from step 2 and finish."""
-    layout = ["parallel.dp=2", "parallel.zero=1", "train.checkpoint_every=2"]
+    """`meshlm train --nproc 2 --max-restarts 1`; the test SIGKILLs worker 1 once step 3 is logged
+    (after the step-2 checkpoint); the agent restarts both workers, which resume from the newest
+    complete checkpoint and finish with the uninterrupted run's losses."""
+    layout = ["parallel.dp=2", "parallel.zero=1", "train.checkpoint_every=2", "train.steps=16"]
     reference, _ = _run(2, _config("llama", data_cache, layout), tmp_path / "reference")
-    proc = _cli_train(
-        data_cache,
-        tmp_path / "run",
-        layout,
-        "--nproc",
-        "2",
-        "--max-restarts",
-        "1",
-        env_extra={"MESHLM_TEST_KILL_AT_STEP": "3"},
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (tmp_path / "run" / ".test-kill-3-step").exists(), "the worker was never killed"
-    assert "exitcode: -9" in proc.stderr
-    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    losses = _logged_losses(tmp_path / "run")
-    assert len(losses) == 6
+    run = tmp_path / "run"
+    argv, env = _cli_command(data_cache, run, layout, "--nproc", "2", "--max-restarts", "1")
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            _wait_for_step(run, 3, proc)
+            kill_worker(proc.pid, rank=1)
+            out, err = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    assert "exitcode: -9" in err
+    assert "resumed from" in out
+    losses = _logged_losses(run)
+    assert len(losses) == 16
     for step, (a, b) in enumerate(zip(losses, reference), start=1):
         assert math.isclose(a, b, rel_tol=SAME_RTOL), f"step {step}: {a} vs uninterrupted {b}"
 
 
 def test_kill_during_save_leaves_previous_checkpoint_usable(data_cache, tmp_path):
+    """The process dies after the checkpoint data of step 4 is written and before its manifest."""
     layout = ["train.checkpoint_every=2"]
     cfg = _config("llama", data_cache, layout)
     reference = train(cfg, tmp_path / "reference", log=quiet).losses
     run = tmp_path / "run"
-    proc = _cli_train(data_cache, run, layout, env_extra={"MESHLM_TEST_KILL_AT_STEP": "4:save"})
+    driver = (str(Path(__file__).parent / "drivers" / "kill_after_checkpoint_data.py"), "4")
+    argv, env = _cli_command(data_cache, run, layout, driver=driver)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert [s for s, _ in list_checkpoints(run)] == [2]
     partial = run / "checkpoints" / "step-000004.tmp"

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import meshlm.inference.linear_ops as linear_ops
+from meshlm.artifacts.weights_file import save_weights
 from meshlm.cli import main as cli_main
 from meshlm.config import Config, ModelConfig
 from meshlm.data.tokenizer import train_tokenizer
@@ -27,7 +28,6 @@ from meshlm.inference.kv_forward import KVCache, KVModel
 from meshlm.inference.sampling import SamplingParams
 from meshlm.inference.simple_generate import generate_tokens
 from meshlm.model.transformer import build_model
-from meshlm.model.weights_file import save_weights
 
 V = 384
 CONFIGS = {

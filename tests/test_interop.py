@@ -11,13 +11,13 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+from meshlm.artifacts.run_dir import load_run_config  # noqa: E402
+from meshlm.artifacts.weights_file import load_weights, save_weights  # noqa: E402
 from meshlm.config import Config, ConfigError, ModelConfig  # noqa: E402
 from meshlm.data.tokenizer import train_tokenizer  # noqa: E402
 from meshlm.interop import export_hf, import_hf, load_hf_model, model_config_from_hf  # noqa: E402
 from meshlm.interop.hf_weights import state_dict_from_hf, state_dict_to_hf  # noqa: E402
 from meshlm.model.transformer import build_model  # noqa: E402
-from meshlm.model.weights_file import load_weights, save_weights  # noqa: E402
-from meshlm.train.run_dir import load_run_config  # noqa: E402
 
 TOL = 1e-4
 SRC = Path(__file__).resolve().parents[1] / "src" / "meshlm"
@@ -375,3 +375,32 @@ def test_no_transformers_import_under_src():
     pattern = re.compile(r"^\s*(import|from)\s+transformers\b|import_module\(\s*['\"]transformers", re.M)
     offenders = [str(p) for p in SRC.rglob("*.py") if pattern.search(p.read_text())]
     assert not offenders
+
+
+def test_tokenizer_without_end_of_text_converts_and_generates(tmp_path, capsys):
+    """Separating documents is data preparation's need: generation works with any tokenizer and
+    then stops at the length (or a stop string)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from meshlm.cli import main
+    from meshlm.data.tokenizer import end_of_text_id, load_tokenizer
+
+    path, _ = llama_hf(tmp_path, 2, False)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    assert end_of_text_id(load_tokenizer(path / "tokenizer.json")) is None
+
+    assert main(["convert", "--from-hf", str(path), "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "tokenizer.json").is_file()
+    capsys.readouterr()
+    argv = ["--prompt", "def ", "--max-new-tokens", "7", "--temperature", "0"]
+    assert main(["generate", "--run", str(tmp_path / "run"), *argv]) == 0
+    assert main(["generate", "--init-from-hf", str(path), *argv]) == 0
+    out = capsys.readouterr().out
+    assert out.count("def ") >= 2 and "error" not in out

@@ -10,13 +10,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from meshlm.config import load_config  # noqa: E402
+from meshlm.artifacts.weights_file import load_weights  # noqa: E402
 from meshlm.data.loader import TokenDataset, train_batch  # noqa: E402
 from meshlm.data.prepare import prepare_data  # noqa: E402
 from meshlm.data.tokenizer import train_tokenizer  # noqa: E402
 from meshlm.distributed.spawn import run_distributed  # noqa: E402
 from meshlm.interop import export_hf  # noqa: E402
-from meshlm.model.weights_file import load_weights  # noqa: E402
+from meshlm.interop.init_from_hf import load_training_config  # noqa: E402
 from meshlm.train.metrics import read_metrics  # noqa: E402
 from meshlm.train.trainer import train  # noqa: E402
 
@@ -68,7 +68,7 @@ def test_finetune_from_hf_then_export_matches_transformers(tmp_path, arch, world
     corpus.mkdir()
     for i in range(20):
         (corpus / f"doc{i:02d}.py").write_text(TEXT[i * 500 : (i + 3) * 500])
-    cfg = load_config(
+    cfg = load_training_config(
         None,
         [
             f'train.init_from_hf="{hf_dir}"',

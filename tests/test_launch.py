@@ -69,7 +69,8 @@ def test_nproc_launch_trains_like_one_process_and_exits_zero(tmp_path):
     [
         (3, ["parallel.tp=2"], "world size 3 is not divisible by tp x pp = 2 x 1"),
         (4, ["parallel.dp=3"], "dp x tp x pp = 3 x 1 x 1 = 3 but the world size is 4"),
-        (4, ["parallel.tp=4"], "model.n_kv_heads (2) must both be divisible by tp (4)"),
+        (4, ["parallel.tp=4"], "model.n_kv_heads (2) is not divisible by 4. Use tp among 1, 2"),
+        (2, ["parallel.tp=2", "model.ffn_hidden=351"], "model.ffn_hidden (351) is not divisible by 2. Use tp among 1"),
         (2, ["parallel.pp=2", "model.n_layers=1"], "model.n_layers (1) is less than the number of pipeline stages"),
         (
             4,

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from meshlm.artifacts.weights_file import load_weights, save_weights
 from meshlm.config import ModelConfig
 from meshlm.model.stats import count_params, flops_per_token, matmul_params
 from meshlm.model.transformer import Transformer, build_model, lm_loss
-from meshlm.model.weights_file import load_weights, save_weights
 
 VARIANTS = {
     "llama-gqa": ModelConfig(

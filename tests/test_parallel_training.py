@@ -11,9 +11,9 @@ import math
 
 import pytest
 
+from meshlm.artifacts.weights_file import load_weights
 from meshlm.config import load_config
 from meshlm.distributed.spawn import run_distributed
-from meshlm.model.weights_file import load_weights
 from meshlm.train.trainer import train
 
 LOSS_RTOL = 1e-5

@@ -263,7 +263,7 @@ def _pp2_dp2_world(rank):
     reference, for two steps (torch's own DDP path breaks on the second) and every schedule."""
     dims = ParallelDims(world_size=4, dp_replicate=1, dp_shard=2, tp=1, pp=2)
     mesh = dims.build_mesh("cpu")
-    pp_group, dp_group = mesh["pp"].get_group(), mesh["dp"].get_group()
+    pp_group, dp_group = mesh.group("pp"), mesh.group("dp")
     coords = dims.coordinates(rank)
     pp_rank, dp_rank = coords["pp"], coords["dp"]
     cfg = _cfg("gpt2", 4)

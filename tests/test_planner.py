@@ -16,8 +16,9 @@ from meshlm.config import Config, ConfigError, ModelConfig, load_config
 from meshlm.distributed.dims import parallel_dims_from_config
 from meshlm.model.stats import count_params
 from meshlm.plan import comm
+from meshlm.plan.clusters import make_cluster
 from meshlm.plan.cost import estimate
-from meshlm.plan.hardware import Cluster, Link, make_cluster
+from meshlm.plan.hardware import Cluster, Link
 from meshlm.plan.layout import Layout, Workload, check_meshlm_layout, meshlm_software, parse_layout, software_for
 from meshlm.plan.shapes import model_key, rank_chunks, rank_stats, stage_layer_counts
 
@@ -370,6 +371,27 @@ def test_cli_errors(capsys):
         )
     with pytest.raises(ConfigError, match="--global-batch"):
         _cli(["plan", "--model", "llama3-8b", "--cluster", "dgx-h100"], capsys)
+
+
+def test_cli_plans_the_asked_sequence_length_in_bfloat16_on_accelerators(capsys):
+    """The default config (float32, max_seq_len 256) planned on H100s for 4096-token sequences:
+    the model's context is raised (one line says so) and the plan is in bfloat16 unless --dtype."""
+    argv = ["plan", "--cluster", "h100", "--nodes", "1", "--devices-per-node", "8", "--seq-len", "4096"]
+    from meshlm.plan.commands import add_commands
+
+    parser = argparse.ArgumentParser(prog="meshlm")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv + ["--top", "2"])
+    assert args.func(args) == 0
+    captured = capsys.readouterr()
+    assert "model.max_seq_len raised from 256 to 4096" in captured.err
+    assert "x 4096 tokens" in captured.out and "bfloat16" in captured.out.splitlines()[0]
+    text = _cli(argv + ["--dtype", "float32", "--top", "2"], capsys)
+    assert "float32" in text.splitlines()[0]
+    preset = _cli(
+        ["plan", "--cluster", "dgx-h100", "--model", "llama3-8b", "--global-batch", "64", "--seq-len", "4096"], capsys
+    )
+    assert "bfloat16" in preset.splitlines()[0]
 
 
 def test_cli_cpu_local_with_config(cpu_cache, capsys):

@@ -91,30 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from meshlm.distributed.dims import parallel_dims_from_config
     from meshlm.distributed.env import read_launch_env
-    from meshlm.distributed.process_group import shutdown_distributed
+    from meshlm.distributed.process_group import init_distributed, shutdown_distributed
+    from meshlm.interop.init_from_hf import load_training_config
+    from meshlm.plan.auto import resolve_auto_layout
 
     if args.init_from_hf:
         args.overrides.append(f"train.init_from_hf={_quoted(args.init_from_hf)}")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_training_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config or "tiny-cpu").stem
     if args.nproc is not None:
+        from meshlm.artifacts.run_dir import check_run_dir
         from meshlm.distributed.launch import launch_local, strip_launch_args
-        from meshlm.train.run_dir import check_run_dir
 
         # Every layout and run-directory error is reported once, here, before any worker starts.
         if cfg.parallel.auto:
-            from meshlm.train.trainer import resolve_auto_layout
-
             resolve_auto_layout(cfg, args.nproc)  # measures this machine once; the workers reuse it
         parallel_dims_from_config(cfg, args.nproc)
         check_run_dir(out, cfg, args.overwrite)
         return launch_local(
             args.nproc, strip_launch_args(sys.argv[1:] if args.argv is None else args.argv), args.max_restarts
         )
+    from meshlm.inference.simple_generate import end_of_run_sample
     from meshlm.train.trainer import train
 
     env = read_launch_env()
-    train(cfg, out, overwrite=args.overwrite, env=env, resume=args.resume)
+    if cfg.parallel.auto:
+        init_distributed(env)  # under torchrun: rank 0 plans and tells the others
+        resolve_auto_layout(cfg, env.world_size, log=print if env.is_main else lambda *a, **k: None)
+    train(cfg, out, overwrite=args.overwrite, env=env, resume=args.resume, sampler=end_of_run_sample)
     if env.distributed:
         shutdown_distributed(exit_process=True)
     return 0

@@ -18,10 +18,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from meshlm.toml_writer import dump_toml
+from meshlm.utils.toml_writer import dump_toml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG_NAME = "tiny-cpu"
+
+
+# Pipeline schedules (torch.distributed.pipelining's): one stage per rank, several looped stages
+# per rank, or zbv's two stages per rank in a V. The one list every layer reads.
+PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble", "zbv"]
+PIPELINE_SCHEDULES: tuple[str, ...] = typing.get_args(PipelineSchedule)
+LOOPED_SCHEDULES = ("interleaved-1f1b", "interleaved-zero-bubble")
+MULTI_STAGE_SCHEDULES = (*LOOPED_SCHEDULES, "zbv")
+
+
+def schedule_stages_per_rank(schedule: str, virtual_stages: int) -> int:
+    """Pipeline stages each pipeline rank holds under `schedule`."""
+    if schedule == "zbv":
+        return 2
+    return virtual_stages if schedule in LOOPED_SCHEDULES else 1
 
 
 class ConfigError(ValueError):
@@ -143,7 +158,7 @@ class ParallelConfig:
     tp: int = 1
     sequence_parallel: bool = False
     pp: int = 1
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble", "zbv"] = "1f1b"
+    pp_schedule: PipelineSchedule = "1f1b"
     # 0 = pp (or pp x virtual stages for interleaved schedules).
     pp_microbatches: int = 0
     pp_virtual_stages: int = 1
@@ -190,8 +205,11 @@ def resolve_config_path(name: str | None) -> Path:
     )
 
 
-def load_config(name: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a config file (or built-in name), apply `section.key=value` overrides, validate."""
+def load_config(name: str | None = None, overrides: list[str] | tuple[str, ...] = (), validated: bool = True) -> Config:
+    """Load a config file (or built-in name), apply `section.key=value` overrides, validate.
+    `validated=False` leaves validation to the caller, for callers that complete the config
+    first (`train.init_from_hf` replaces [model] by a Hugging Face model's: see
+    meshlm.interop.init_from_hf.load_training_config)."""
     path = resolve_config_path(name)
     try:
         raw = tomllib.loads(path.read_text())
@@ -199,11 +217,8 @@ def load_config(name: str | None = None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"config file {path} is not valid TOML: {e}. Fix the syntax at the position given.") from e
     cfg = config_from_dict(raw, source=str(path))
     apply_overrides(cfg, overrides)
-    if cfg.train.init_from_hf:
-        from meshlm.interop.init_from_hf import apply_init_from_hf  # reads the model's config.json
-
-        apply_init_from_hf(cfg)
-    validate(cfg)
+    if validated:
+        validate(cfg)
     return cfg
 
 

@@ -65,7 +65,7 @@ def bin_problem(data_dir: Path, index: dict[str, Any], split: str) -> str | None
     """Why `split`'s token file does not match the index (missing, wrong size), or None if it does.
 
     Only the size is checked: it is free, and it catches truncated copies and
-    interrupted writes. `meshlm.file_hash.file_sha256` is there for a full check.
+    interrupted writes. `meshlm.utils.file_hash.file_sha256` is there for a full check.
     """
     path = Path(data_dir) / bin_file(split)
     if not path.is_file():

@@ -36,7 +36,7 @@ import torch
 
 from meshlm.config import ConfigError
 from meshlm.data.index import bin_file, bin_problem, read_index
-from meshlm.file_hash import file_sha256
+from meshlm.utils.file_hash import file_sha256
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -37,7 +37,7 @@ from meshlm.data.index import (
 )
 from meshlm.data.sources import describe_source, iter_documents
 from meshlm.data.tokenizer import document_separator_id, load_or_train_tokenizer
-from meshlm.file_hash import file_sha256
+from meshlm.utils.file_hash import file_sha256
 
 # Documents per encode_batch call: large enough for the Rust thread pool to stay
 # busy, small enough that a chunk of token lists stays a few MB.

@@ -74,7 +74,6 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
         raise ConfigError(
             f"{path} is not a valid tokenizer.json ({e}). Delete it and run `meshlm data prepare` again."
         ) from None
-    document_separator_id(tok, str(path))  # fails early for a tokenizer without an end-of-text token
     tok.encode_special_tokens = True
     return tok
 
@@ -84,13 +83,22 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
 SEPARATOR_TOKENS = (EOT_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
 
 
-def document_separator_id(tok: Tokenizer, source: str = "tokenizer") -> int:
-    """The id placed between documents in the token files: meshlm's <|endoftext|> (id 0 in the
-    tokenizers meshlm trains), or the end-of-text token of an imported Hugging Face tokenizer."""
+def end_of_text_id(tok: Tokenizer) -> int | None:
+    """The tokenizer's end-of-text token: meshlm's <|endoftext|> (id 0 in the tokenizers meshlm
+    trains) or an imported Hugging Face tokenizer's; None when it has none (generation then stops
+    at max tokens or a stop string only)."""
     for name in SEPARATOR_TOKENS:
         token_id = tok.token_to_id(name)
         if token_id is not None:
             return token_id
+    return None
+
+
+def document_separator_id(tok: Tokenizer, source: str = "tokenizer") -> int:
+    """The id placed between documents in the token files (data preparation needs one)."""
+    token_id = end_of_text_id(tok)
+    if token_id is not None:
+        return token_id
     raise ConfigError(
         f"{source} has no end-of-text token (looked for {', '.join(SEPARATOR_TOKENS)}), so documents could not be "
         f"separated. Use a tokenizer that has one, or let meshlm train its own (leave data.tokenizer empty)."

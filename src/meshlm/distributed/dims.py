@@ -1,4 +1,5 @@
-"""ParallelDims: the degrees of every parallel dimension, validated, and the named DeviceMesh.
+"""ParallelDims: the degrees of every parallel dimension, validated; ParallelMesh: the named
+DeviceMesh built from them.
 
     world = pp x dp x tp,  dp = dp_replicate x dp_shard
 
@@ -13,16 +14,26 @@ needs it; nothing here is global.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from meshlm.config import Config, ConfigError
+from meshlm.config import (
+    LOOPED_SCHEDULES,
+    MULTI_STAGE_SCHEDULES,
+    Config,
+    ConfigError,
+    schedule_stages_per_rank,
+)
+from meshlm.model.tp_rules import check_tp_divides
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble", "zbv")
-MULTI_STAGE_SCHEDULES = ("interleaved-1f1b", "interleaved-zero-bubble", "zbv")
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass(frozen=True)
 class ParallelDims:
+    """The degrees of a layout: pure values, comparable, usable before any process exists."""
+
     world_size: int
     dp_replicate: int
     dp_shard: int
@@ -30,10 +41,6 @@ class ParallelDims:
     pp: int
     zero: int = 0
     sequence_parallel: bool = False
-    mesh: object = field(default=None, compare=False, repr=False)
-    # With HSDP, the flattened ("dp_replicate", "dp_shard") mesh: PyTorch wants it kept by the
-    # caller rather than sliced from the root mesh again.
-    flat_dp_mesh: object = field(default=None, compare=False, repr=False)
 
     @property
     def dp(self) -> int:
@@ -49,7 +56,8 @@ class ParallelDims:
         return f"{dp} (zero {self.zero}), tp={self.tp}{' +sp' if self.sequence_parallel else ''}, pp={self.pp}"
 
     def coordinates(self, rank: int) -> dict[str, int]:
-        """Position of `rank` along each axis (pure arithmetic: usable before any process group exists)."""
+        """Position of `rank` along each axis, by name (pure arithmetic: the one place that
+        knows the rank order; usable before any process group exists)."""
         tp_rank = rank % self.tp
         dp_rank = (rank // self.tp) % self.dp
         pp_rank = rank // (self.tp * self.dp)
@@ -61,9 +69,13 @@ class ParallelDims:
             "dp_shard": dp_rank % self.dp_shard,
         }
 
-    def build_mesh(self, device_type: str):
-        """The named DeviceMesh ("pp", "dp", "tp"); with HSDP also ("dp_replicate", "dp_shard")
-        as a 4-D mesh whose flattened ("dp_replicate", "dp_shard") is "dp"."""
+    def rank_of(self, pp: int, dp: int, tp: int) -> int:
+        """The global rank at these coordinates (the inverse of `coordinates`)."""
+        return (pp * self.dp + dp) * self.tp + tp
+
+    def build_mesh(self, device_type: str) -> ParallelMesh:
+        """The named DeviceMesh ("pp", "dp", "tp"); with HSDP ("pp", "dp_replicate", "dp_shard",
+        "tp") whose flattened ("dp_replicate", "dp_shard") is "dp". Collective: every rank calls it."""
         from torch.distributed.device_mesh import init_device_mesh
 
         if self.dp_replicate > 1:
@@ -72,20 +84,43 @@ class ParallelDims:
                 (self.pp, self.dp_replicate, self.dp_shard, self.tp),
                 mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"),
             )
-            object.__setattr__(self, "flat_dp_mesh", mesh["dp_replicate", "dp_shard"]._flatten("dp"))
-        else:
-            mesh = init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
-        object.__setattr__(self, "mesh", mesh)
-        return mesh
+            return ParallelMesh(self, mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp"))
+        mesh = init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
+        return ParallelMesh(self, mesh)
 
-    def submesh(self, axis: str):
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    """The process groups of one ParallelDims on this process (built by `ParallelDims.build_mesh`).
+    Axes are always addressed by name."""
+
+    dims: ParallelDims
+    device_mesh: DeviceMesh
+    # With HSDP, the flattened ("dp_replicate", "dp_shard") mesh: PyTorch wants it kept by the
+    # caller rather than sliced from the root mesh again.
+    flat_dp: DeviceMesh | None = None
+
+    def submesh(self, axis: str) -> DeviceMesh:
         """The 1-D mesh of one axis: "pp", "dp" or "tp" (and with HSDP "dp_replicate", "dp_shard")."""
-        if axis == "dp" and self.flat_dp_mesh is not None:
-            return self.flat_dp_mesh
-        return self.mesh[axis]
+        if axis == "dp" and self.flat_dp is not None:
+            return self.flat_dp
+        return self.device_mesh[axis]
+
+    def group(self, axis: str):
+        return self.submesh(axis).get_group()
+
+    def local_rank(self, axis: str) -> int:
+        """This process's coordinate along `axis`."""
+        return self.submesh(axis).get_local_rank()
+
+    def fsdp_mesh(self) -> DeviceMesh:
+        """The mesh FSDP2 shards over: 2-D (replicate, shard) with HSDP, else the dp axis."""
+        if self.dims.dp_replicate > 1:
+            return self.device_mesh["dp_replicate", "dp_shard"]
+        return self.submesh("dp")
 
     def axis_names(self) -> list[str]:
-        return list(self.mesh.mesh_dim_names) + (["dp"] if self.flat_dp_mesh is not None else [])
+        return list(self.device_mesh.mesh_dim_names) + (["dp"] if self.flat_dp is not None else [])
 
 
 def parallel_dims_from_config(cfg: Config, world_size: int) -> ParallelDims:
@@ -114,11 +149,7 @@ def parallel_dims_from_config(cfg: Config, world_size: int) -> ParallelDims:
             f"parallel.dp_replicate ({p.dp_replicate}) > 1 is HSDP, which shards parameters: it needs parallel.zero=3 "
             f"(got zero={p.zero})."
         )
-    if m.n_heads % p.tp or m.kv_heads % p.tp:
-        raise ConfigError(
-            f"tensor parallelism splits attention heads: model.n_heads ({m.n_heads}) and model.n_kv_heads ({m.kv_heads}) "
-            f"must both be divisible by tp ({p.tp}). Pick tp among the common divisors, or change the heads."
-        )
+    check_tp_divides(m, p.tp)
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs tp > 1 (it splits the sequence over the tp ranks).")
     if p.sequence_parallel and cfg.data.seq_len % p.tp:
@@ -137,10 +168,7 @@ def parallel_dims_from_config(cfg: Config, world_size: int) -> ParallelDims:
 
 
 def stages_per_rank(cfg: Config) -> int:
-    p = cfg.parallel
-    if p.pp_schedule == "zbv":
-        return 2
-    return p.pp_virtual_stages if p.pp_schedule in MULTI_STAGE_SCHEDULES else 1
+    return schedule_stages_per_rank(cfg.parallel.pp_schedule, cfg.parallel.pp_virtual_stages)
 
 
 def pipeline_microbatches(cfg: Config, dp: int) -> int:
@@ -161,7 +189,7 @@ def _validate_pipeline(cfg: Config, dp: int) -> None:
             f'parallel.pp_schedule="{p.pp_schedule}" runs one stage per rank; parallel.pp_virtual_stages '
             f'({p.pp_virtual_stages}) needs "interleaved-1f1b" or "interleaved-zero-bubble".'
         )
-    if p.pp_schedule in ("interleaved-1f1b", "interleaved-zero-bubble") and v < 2:
+    if p.pp_schedule in LOOPED_SCHEDULES and v < 2:
         raise ConfigError(f'parallel.pp_schedule="{p.pp_schedule}" needs parallel.pp_virtual_stages >= 2 (got {v}).')
     if p.pp_schedule == "zbv" and p.pp_virtual_stages not in (1, 2):
         raise ConfigError(

@@ -20,9 +20,8 @@ class LaunchEnv:
     backend: str  # "nccl" on CUDA, "gloo" otherwise
     # TORCHELASTIC_RESTART_COUNT: > 0 when the elastic agent (--max-restarts) restarted the workers.
     restart_count: int = 0
-    # MESHLM_TEST_KILL_AT_STEP (tests only): "N" makes the last rank SIGKILL itself before step N,
-    # "N:save" while the checkpoint of step N is being saved (see meshlm.train.checkpoint).
-    test_kill_at_step: str = ""
+    # LOCAL_WORLD_SIZE: processes on this node (torchrun sets it; 0 when not launched by it).
+    local_world_size: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -44,7 +43,7 @@ def read_launch_env() -> LaunchEnv:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    want_cpu = os.environ.get("MESHLM_DEVICE", "").lower() == "cpu"
+    want_cpu = cpu_forced()
     # want_cpu first: a forked CPU rank must not touch CUDA at all (its parent may hold a context).
     if not want_cpu and cuda_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -53,5 +52,36 @@ def read_launch_env() -> LaunchEnv:
         device = torch.device("cpu")
         backend = "gloo"
     restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    test_kill = os.environ.get("MESHLM_TEST_KILL_AT_STEP", "")
-    return LaunchEnv(rank, local_rank, world_size, device, backend, restart_count, test_kill)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 0))
+    return LaunchEnv(rank, local_rank, world_size, device, backend, restart_count, local_world_size)
+
+
+def cpu_forced() -> bool:
+    """MESHLM_DEVICE=cpu: run on the CPU even where a GPU exists."""
+    return os.environ.get("MESHLM_DEVICE", "").lower() == "cpu"
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """The GPUs this process would use: the first device's name and memory, and how many."""
+
+    name: str
+    memory_bytes: int
+    count: int
+
+
+def accelerator() -> Accelerator | None:
+    """The CUDA devices training would run on, or None on the CPU (no GPU, or MESHLM_DEVICE=cpu)."""
+    if cpu_forced() or not cuda_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return Accelerator(props.name, props.total_memory, torch.cuda.device_count())
+
+
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def environment_without_launch() -> dict[str, str]:
+    """This process's environment minus the launcher's variables: for a helper subprocess that
+    must start as a fresh single process (not as another rank of this job)."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}

@@ -1,7 +1,8 @@
 """Inference: the KV-cache generation engine, tensor- and data-parallel execution, batch
 prediction over files and distributed evaluation.
 
-    from meshlm.inference import Engine, Request, SamplingParams
+    from meshlm.inference.engine import Engine, Request
+    from meshlm.inference.sampling import SamplingParams
     from meshlm.inference.loading import find_model_files, load_model
 
     loaded = load_model(find_model_files(run="runs/tiny-cpu"))
@@ -15,23 +16,6 @@ CUDA graphs), linear_ops (fused/prepacked matrix multiplies), sampling, text_str
 (incremental detokenisation, stop strings), loading (model files, TP shards, process
 layout), predict, evaluate, commands (the CLI), simple_generate (the full-recompute
 reference).
+
+The package imports nothing itself, so that `meshlm --help` does not pay for importing torch.
 """
-
-_EXPORTS = {
-    "Engine": "meshlm.inference.engine",
-    "Request": "meshlm.inference.engine",
-    "Completion": "meshlm.inference.engine",
-    "StreamEvent": "meshlm.inference.engine",
-    "SamplingParams": "meshlm.inference.sampling",
-}
-
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    # Lazy: `meshlm --help` should not pay for importing torch.
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'meshlm.inference' has no attribute {name!r}")

@@ -105,14 +105,15 @@ def _sampling(args: argparse.Namespace):
 
 def _with_end_of_text(params, tokenizer, args: argparse.Namespace):
     """Stop at the tokenizer's own end-of-text token (meshlm's <|endoftext|>, or an imported
-    model's </s>, ...) unless --ignore-eos."""
+    model's </s>, ...) unless --ignore-eos; a tokenizer without one stops at the length or a stop string."""
     import dataclasses
 
-    from meshlm.data.tokenizer import document_separator_id
+    from meshlm.data.tokenizer import end_of_text_id
 
-    if args.ignore_eos:
+    eot = end_of_text_id(tokenizer)
+    if args.ignore_eos or eot is None:
         return params
-    return dataclasses.replace(params, stop_token_ids=(document_separator_id(tokenizer),))
+    return dataclasses.replace(params, stop_token_ids=(eot,))
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -128,9 +129,9 @@ def _launch(nproc: int, args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace, tp: int, nproc: int):
     """Check the model files and the layout before any worker starts. Returns the files and
     None, or the exit code of the launched workers."""
+    from meshlm.artifacts.run_dir import load_run_config
     from meshlm.distributed.env import read_launch_env
     from meshlm.inference.loading import check_layout, find_model_files
-    from meshlm.train.run_dir import load_run_config
 
     if args.init_from_hf:
         args.run = str(_converted_hf_run(Path(args.init_from_hf)))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from meshlm.config import ConfigError
 from meshlm.data.sources import iter_documents
-from meshlm.data.tokenizer import EOT_ID
+from meshlm.data.tokenizer import end_of_text_id
 from meshlm.model.transformer import Transformer
 
 
@@ -41,11 +41,13 @@ class EvalResult:
 
 
 def tokenize_corpus(source: str, tokenizer, max_bytes: int = 0) -> torch.Tensor:
-    """The corpus as one int64 token stream, documents separated by the end-of-text token."""
+    """The corpus as one int64 token stream, documents separated by the tokenizer's end-of-text
+    token as in training (joined directly when the tokenizer has none)."""
+    separator = end_of_text_id(tokenizer)
     ids: list[int] = []
     for i, text in enumerate(iter_documents(source, max_bytes)):
-        if i:
-            ids.append(EOT_ID)
+        if i and separator is not None:
+            ids.append(separator)
         ids.extend(tokenizer.encode(text).ids)
     return torch.tensor(ids, dtype=torch.long)
 

@@ -7,19 +7,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import tokenizers
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from meshlm.config import ConfigError
+from meshlm.artifacts.run_dir import load_run_config
+from meshlm.artifacts.weights_file import load_weights
+from meshlm.config import Config, ConfigError
 from meshlm.data.tokenizer import load_tokenizer
+from meshlm.distributed.dims import ParallelDims
 from meshlm.distributed.env import LaunchEnv
 from meshlm.distributed.rank_zero import broadcast_from_rank0
-from meshlm.inference.simple_generate import LoadedModel
-from meshlm.model.weights_file import load_weights
-from meshlm.train.run_dir import load_run_config
+from meshlm.model.tp_rules import check_tp_divides
+from meshlm.model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with the run config and tokenizer it came with."""
+
+    cfg: Config
+    model: Transformer
+    tokenizer: tokenizers.Tokenizer
 
 
 @dataclass(frozen=True)
@@ -115,12 +127,8 @@ def check_layout(world: int, tp: int, model_cfg=None) -> None:
             f"--nproc ({world}) must be a multiple of --tp ({tp}): the processes form nproc / tp "
             f"data-parallel groups of tp tensor-parallel ranks."
         )
-    if model_cfg is not None and tp > 1:
-        if model_cfg.n_heads % tp or model_cfg.kv_heads % tp or model_cfg.ffn_dim % tp:
-            raise ConfigError(
-                f"--tp {tp} splits the model's attention heads and MLP: n_heads ({model_cfg.n_heads}), kv heads "
-                f"({model_cfg.kv_heads}) and the MLP hidden size ({model_cfg.ffn_dim}) must all be divisible by it."
-            )
+    if model_cfg is not None:
+        check_tp_divides(model_cfg, tp)
 
 
 def setup_layout(env: LaunchEnv, tp: int) -> InferenceLayout:
@@ -130,13 +138,10 @@ def setup_layout(env: LaunchEnv, tp: int) -> InferenceLayout:
     check_layout(env.world_size, tp)
     init_distributed(env)
     dp = env.world_size // tp
-    group = None
-    if env.world_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(env.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-        group = mesh.get_group("tp")
-    return InferenceLayout(env, tp, dp, env.rank // tp, env.rank % tp, group if tp > 1 else None)
+    dims = ParallelDims(env.world_size, dp_replicate=1, dp_shard=dp, tp=tp, pp=1)
+    group = dims.build_mesh(env.device.type).group("tp") if env.world_size > 1 and tp > 1 else None
+    coords = dims.coordinates(env.rank)
+    return InferenceLayout(env, tp, dp, coords["dp"], coords["tp"], group)
 
 
 def broadcast_object(obj, layout: InferenceLayout):

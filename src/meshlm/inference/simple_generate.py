@@ -5,7 +5,6 @@ its end-of-run sample. Serving and the CLI use the engine."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import tokenizers
 import torch
@@ -13,13 +12,6 @@ import torch
 from meshlm.config import Config
 from meshlm.inference.sampling import sample_next
 from meshlm.model.transformer import Transformer
-
-
-@dataclass
-class LoadedModel:
-    cfg: Config
-    model: Transformer
-    tokenizer: tokenizers.Tokenizer
 
 
 @torch.no_grad()
@@ -48,7 +40,17 @@ def generate_tokens(
         ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
 
 
-def generate_text(loaded: LoadedModel, prompt: str, max_new_tokens: int = 64, **sampling) -> str:
-    tok = loaded.tokenizer
-    out = list(generate_tokens(loaded.model, tok.encode(prompt).ids, max_new_tokens, **sampling))
-    return tok.decode(out)
+def generate_text(
+    model: Transformer, tokenizer: tokenizers.Tokenizer, prompt: str, max_new_tokens: int = 64, **sampling
+) -> str:
+    out = list(generate_tokens(model, tokenizer.encode(prompt).ids, max_new_tokens, **sampling))
+    return tokenizer.decode(out)
+
+
+def end_of_run_sample(model: Transformer, tokenizer: tokenizers.Tokenizer, cfg: Config) -> str:
+    """The trainer's end-of-run sample (handed to it as a callback): the config's sample prompt
+    continued by `train.sample_tokens` tokens, temperature 0.8, top-k 40, the run's seed."""
+    prompt = cfg.train.sample_prompt
+    return prompt + generate_text(
+        model.eval(), tokenizer, prompt, cfg.train.sample_tokens, temperature=0.8, top_k=40, seed=cfg.train.seed
+    )

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from meshlm.artifacts.run_dir import clear_run_files, copy_file_atomic, load_run_config, write_text_atomic
+from meshlm.artifacts.weights_file import load_weights, model_from_state_dict, save_weights
 from meshlm.config import Config, ConfigError, ModelConfig, validate
 from meshlm.interop.hf_config import hf_config_from_model, model_config_from_hf, read_hf_config
 from meshlm.interop.hf_weights import read_hf_tensors, state_dict_from_hf, state_dict_to_hf
 from meshlm.model.transformer import Transformer
-from meshlm.model.weights_file import load_weights, save_weights
-from meshlm.train.run_dir import clear_run_files, copy_file_atomic, load_run_config, write_text_atomic
 
 # Files a Hugging Face model directory may hold; an export replaces all of them
 # so that no stale shard or tokenizer from an earlier model is picked up.
@@ -67,26 +67,6 @@ def load_hf_model(hf_dir: Path | str, device: torch.device | str = "cpu") -> tup
     run_config_for(model_cfg)  # meshlm's own validation (e.g. rotary needs an even head size)
     state = state_dict_from_hf(read_hf_tensors(hf_dir, torch.float32), model_cfg, source=str(hf_dir))
     return model_cfg, model_from_state_dict(model_cfg, state, device)
-
-
-def model_from_state_dict(
-    cfg: ModelConfig, state: Mapping[str, torch.Tensor], device: torch.device | str = "cpu"
-) -> Transformer:
-    """A Transformer whose parameters *are* `state`'s tensors (moved to `device`); a tied
-    output layer may be absent from `state`. Names and shapes must already be right."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False, assign=True)
-    model.tie_weights()
-    if model.rope is not None:
-        model.rope.to_empty(device=device)
-        model.rope.reset()
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise ConfigError(
-            f"the checkpoint has no values for {', '.join(left[:5])}; it does not match the model config."
-        )
-    return model
 
 
 def run_config_for(model_cfg: ModelConfig) -> Config:
@@ -241,4 +221,4 @@ def _json(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
-__all__ = ["load_hf_model", "import_hf", "export_hf", "write_hf_dir", "model_from_state_dict", "run_config_for"]
+__all__ = ["load_hf_model", "import_hf", "export_hf", "write_hf_dir", "run_config_for"]

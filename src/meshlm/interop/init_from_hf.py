@@ -12,9 +12,19 @@ from pathlib import Path
 
 import torch
 
-from meshlm.config import Config, ConfigError
+from meshlm.config import Config, ConfigError, load_config, validate
 from meshlm.interop.hf_config import model_config_from_hf, read_hf_config
 from meshlm.interop.hf_weights import read_hf_tensors, state_dict_from_hf
+
+
+def load_training_config(name: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """`load_config` for training: with `train.init_from_hf` set, the Hugging Face model's
+    architecture and tokenizer are applied before validation, so every check sees the real model."""
+    cfg = load_config(name, overrides, validated=False)
+    if cfg.train.init_from_hf:
+        apply_init_from_hf(cfg)
+    validate(cfg)
+    return cfg
 
 
 def apply_init_from_hf(cfg: Config) -> None:

@@ -18,18 +18,19 @@ import contextlib
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from meshlm.distributed.dims import ParallelDims
+from meshlm.distributed.dims import ParallelDims, ParallelMesh
 
 
-def apply_data_parallel(module: nn.Module, dims: ParallelDims, device, bucket_mb: float = 25.0) -> nn.Module:
+def apply_data_parallel(
+    module: nn.Module, dims: ParallelDims, mesh: ParallelMesh | None, device, bucket_mb: float = 25.0
+) -> nn.Module:
     """Wrap one model part (the whole model or a pipeline stage) for data parallelism."""
     if dims.dp == 1 or dims.zero in (1, 2):
         return module
-    mesh = dims.mesh
     if dims.zero == 0:
         return DistributedDataParallel(
             module,
-            process_group=dims.submesh("dp").get_group(),
+            process_group=mesh.group("dp"),
             device_ids=[device.index] if device.type == "cuda" else None,
             bucket_cap_mb=bucket_mb,
             # The first bucket also 25 MB (PyTorch's default first bucket is 1 MB): fewer, larger
@@ -38,7 +39,7 @@ def apply_data_parallel(module: nn.Module, dims: ParallelDims, device, bucket_mb
         )
     from torch.distributed.fsdp import fully_shard
 
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else dims.submesh("dp")
+    dp_mesh = mesh.fsdp_mesh()
     # One FSDP unit per block (all-gathered just before it runs, freed after), the rest
     # (embeddings, final norm, output) in the root unit, as torchtitan does.
     for block in module.layers.values():

@@ -16,14 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from meshlm.config import ModelConfig
 from meshlm.parallel.parallelize import ParallelModel
-
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def clean_name(name: str) -> str:
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+from meshlm.parallel.wrappers import clean_name
 
 
 def gather_full_state_dict(pm: ParallelModel, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:

@@ -13,11 +13,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+from meshlm.parallel.wrappers import local_tensor
 
 
 def weighted_grad_sq_sum(

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from meshlm.config import Config
-from meshlm.distributed.dims import ParallelDims, pipeline_microbatches, stages_per_rank
+from meshlm.distributed.dims import ParallelDims, ParallelMesh, pipeline_microbatches, stages_per_rank
 from meshlm.model.transformer import Transformer, lm_loss
 from meshlm.parallel.activation_checkpoint import apply_activation_checkpointing
 from meshlm.parallel.data_parallel import apply_data_parallel, unwrap
+from meshlm.parallel.wrappers import clean_name
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ParallelModel:
     pp_group: object | None = None
     tied_sync: object | None = None
     vocab_size: int = 0
+    mesh: ParallelMesh | None = None  # None on a single process
 
     @property
     def is_first_stage(self) -> bool:
@@ -54,7 +56,7 @@ class ParallelModel:
             for name, p in module.named_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
-                    out.append((name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""), p))
+                    out.append((clean_name(name), p))
         return out
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -84,15 +86,15 @@ class ParallelModel:
         return copies
 
 
-def parallelize(model: Transformer, dims: ParallelDims, cfg: Config, device: torch.device) -> ParallelModel:
+def parallelize(
+    model: Transformer, dims: ParallelDims, cfg: Config, device: torch.device, mesh: ParallelMesh | None = None
+) -> ParallelModel:
     """Split, shard and wrap `model` (the full single-device model, identical on every rank)
-    for this rank's place in the mesh."""
-    mesh = dims.mesh
+    for this rank's place in `mesh` (None: a single process)."""
     groups = {}
     if mesh is not None:
-        groups = {axis: dims.submesh(axis).get_group() for axis in ("pp", "dp", "tp")}
-    coords = mesh.get_coordinate() if mesh is not None else None
-    pp_rank = coords[0] if coords is not None else 0
+        groups = {axis: mesh.group(axis) for axis in ("pp", "dp", "tp")}
+    pp_rank = mesh.local_rank("pp") if mesh is not None else 0
 
     # 1. Pipeline split: this rank's stages, each a pruned copy of the model.
     stage_ids, n_stages, parts, tied_sync = [0], 1, [model], None
@@ -127,7 +129,7 @@ def parallelize(model: Transformer, dims: ParallelDims, cfg: Config, device: tor
                 part.layers[name] = torch.compile(block)
 
     # 5. Data parallel / sharding.
-    parts = [apply_data_parallel(part, dims, device) for part in parts]
+    parts = [apply_data_parallel(part, dims, mesh, device) for part in parts]
 
     pm = ParallelModel(
         dims,
@@ -140,6 +142,7 @@ def parallelize(model: Transformer, dims: ParallelDims, cfg: Config, device: tor
         groups.get("pp"),
         tied_sync,
         cfg.model.vocab_size,
+        mesh,
     )
     if dims.pp > 1:
         from meshlm.parallel import pipeline

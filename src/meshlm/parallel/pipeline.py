@@ -38,7 +38,7 @@ from torch.distributed.pipelining import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
-from meshlm.distributed.dims import MULTI_STAGE_SCHEDULES
+from meshlm.config import MULTI_STAGE_SCHEDULES
 from meshlm.parallel.pipeline_split import (
     TiedEmbeddingSync,
     _unwrap,

@@ -19,10 +19,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from meshlm.config import Config, ConfigError
-from meshlm.distributed.dims import MULTI_STAGE_SCHEDULES, SCHEDULES
+from meshlm.config import MULTI_STAGE_SCHEDULES, PIPELINE_SCHEDULES, Config, ConfigError
 from meshlm.model.transformer import Transformer
 from meshlm.parallel.stage_balance import balanced_layer_counts, stage_costs  # noqa: F401  (stage_costs re-exported)
+from meshlm.parallel.wrappers import clean_name, local_tensor
 
 
 def stage_layer_counts(cfg: Config, n_stages: int) -> list[int]:
@@ -68,8 +68,8 @@ def stage_ids_for_rank(pp_rank: int, pp: int, schedule: str, stages_per_rank: in
     interleaved-1f1b, interleaved-zero-bubble: looped, [r, r + pp, r + 2 pp, ...].
     zbv: the V, [r, 2 pp - 1 - r]: rank 0 holds the first and the last stage.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown pipeline schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; expected one of {', '.join(PIPELINE_SCHEDULES)}")
     if not 0 <= pp_rank < pp:
         raise ValueError(f"pp_rank {pp_rank} is outside [0, {pp})")
     if schedule not in MULTI_STAGE_SCHEDULES:
@@ -137,11 +137,6 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (tensor parallel / FSDP2), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 class TiedEmbeddingSync:
     """Keeps the two copies of a tied embedding in step when stage 0 and the last stage differ.
 
@@ -172,11 +167,9 @@ class TiedEmbeddingSync:
             return
         last_pp = stage_pp_rank(n_stages - 1, dims.pp, schedule_name, len(stage_ids))
         if last_pp != 0:
-
-            def global_rank(pp_rank: int, dp_rank: int, tp_rank: int) -> int:  # ParallelDims layout
-                return (pp_rank * dims.dp + dp_rank) * dims.tp + tp_rank
-
-            pairs = [[global_rank(0, d, t), global_rank(last_pp, d, t)] for d in range(dims.dp) for t in range(dims.tp)]
+            pairs = [
+                [dims.rank_of(0, d, t), dims.rank_of(last_pp, d, t)] for d in range(dims.dp) for t in range(dims.tp)
+            ]
             self.group, _ = dist.new_subgroups_by_enumeration(pairs)
             if (self._first is not None or self._last is not None) and self.group is None:
                 raise RuntimeError(f"rank {dist.get_rank()} holds a tied embedding copy but is in no pair {pairs}")
@@ -195,7 +188,7 @@ class TiedEmbeddingSync:
         for weight in self._copies():
             if weight.grad is None:
                 raise RuntimeError("sync_tied_embedding_grads() needs gradients: call it after the backward pass")
-            grads.append(_local(weight.grad))
+            grads.append(local_tensor(weight.grad))
         if len(grads) == 2:  # zbv: both copies on this rank
             if grads[0].shape != grads[1].shape:
                 raise RuntimeError(
@@ -213,7 +206,7 @@ class TiedEmbeddingSync:
         checkpoint written by another layout). Collective over the pairs."""
         if not self.active or not self._copies():
             return
-        copies = [_local(w) for w in self._copies()]
+        copies = [local_tensor(w) for w in self._copies()]
         if len(copies) == 2:
             copies[1].copy_(copies[0])
         else:  # group rank 0 is the pp_rank 0 member (the lower global rank)
@@ -225,8 +218,7 @@ class TiedEmbeddingSync:
         else 1. A global gradient norm weights each copy's squared norm by 1 / tied_copies,
         so after the sync the tied matrix counts once, as on a single device. Wrapper prefixes
         (module., _orig_mod., _fsdp_wrapped_module., _checkpoint_wrapped_module.) are ignored."""
-        for prefix in ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
-            fqn = fqn.replace(prefix, "")
+        fqn = clean_name(fqn)
         return 2 if self.active and fqn in ("tok_embeddings.weight", "output.weight") else 1
 
     def copies_of(self, param: torch.Tensor) -> int:

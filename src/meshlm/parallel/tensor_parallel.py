@@ -71,12 +71,14 @@ from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
 
 from meshlm.config import ConfigError
+from meshlm.model.tp_rules import check_tp_divides
 from meshlm.parallel.tp_collectives import Collective, enter_tp_region, exit_tp_region, split_seq, tp_communication
 from meshlm.parallel.vocab_parallel import (
     VocabParallelEmbedding,
     pad_vocab_rows,
     padded_vocab_size,
 )
+from meshlm.parallel.wrappers import clean_name, local_tensor, unwrap_module
 
 __all__ = [
     "apply_tensor_parallel",
@@ -103,8 +105,6 @@ _COLUMN = {
 }
 _ROW = {("attention", "wo"), ("feed_forward", "w2")}
 _VOCAB = {"tok_embeddings", "output"}
-# Name parts added by wrappers (activation checkpointing, torch.compile, FSDP1, DDP).
-_WRAPPER_PARTS = {"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module", "module"}
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class TensorParallelInfo:
 
 
 def _name_parts(fqn: str) -> list[str]:
-    return [p for p in fqn.split(".") if p not in _WRAPPER_PARTS]
+    return clean_name(fqn).split(".")
 
 
 def tp_shard_dim(fqn: str) -> int | None:
@@ -219,19 +219,6 @@ def _enter_attention_hook(
 # ----------------------------------------------------------------------------- applying
 
 
-def _validate(cfg, tp: int) -> None:
-    if cfg.n_heads % tp or cfg.kv_heads % tp:
-        raise ConfigError(
-            f"tensor parallelism splits attention heads: model.n_heads ({cfg.n_heads}) and model.n_kv_heads "
-            f"({cfg.kv_heads}) must both be divisible by tp ({tp}). Pick tp among their common divisors."
-        )
-    if cfg.ffn_dim % tp:
-        raise ConfigError(
-            f"tensor parallelism splits the MLP: its hidden size ({cfg.ffn_dim}, model.ffn_hidden) "
-            f"must be divisible by tp ({tp})."
-        )
-
-
 def _shard(t: torch.Tensor, fqn: str, tp_rank: int, tp: int, vocab_size: int) -> torch.Tensor:
     dim = tp_shard_dim(fqn)
     if dim is None:
@@ -264,12 +251,11 @@ def apply_tensor_parallel(model: nn.Module, tp_group: ProcessGroup, sequence_par
     if getattr(model, "tensor_parallel", None) is not None:
         raise RuntimeError("apply_tensor_parallel was already applied to this model")
     tp, rank, cfg = dist.get_world_size(tp_group), dist.get_rank(tp_group), model.cfg
-    _validate(cfg, tp)
+    check_tp_divides(cfg, tp)
     V = cfg.vocab_size
     shard = functools.partial(_shard_param, tp_rank=rank, tp=tp, vocab_size=V)
     for block in model.layers.values():
-        for wrapper in ("_checkpoint_wrapped_module", "_orig_mod"):
-            block = getattr(block, wrapper, block)
+        block = unwrap_module(block)
         attn, ffn = block.attention, block.feed_forward
         for proj in ("wq", "wk", "wv"):
             lin = getattr(attn, proj)
@@ -334,10 +320,6 @@ def _tp_info(model: nn.Module) -> TensorParallelInfo | None:
 # ----------------------------------------------------------------------------- gradients
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t  # gradients sharded over dp by FSDP2
-
-
 @torch.no_grad()
 def sync_sequence_parallel_grads(model: nn.Module, tp_group: ProcessGroup) -> int:
     """Under sequence parallelism every replicated parameter (norm weights and biases,
@@ -348,7 +330,9 @@ def sync_sequence_parallel_grads(model: nn.Module, tp_group: ProcessGroup) -> in
     info = _tp_info(model)
     if info is None or not info.sequence_parallel or info.tp == 1:
         return 0
-    grads = [_local(p.grad) for name, p in model.named_parameters() if p.grad is not None and not is_tp_sharded(name)]
+    grads = [
+        local_tensor(p.grad) for name, p in model.named_parameters() if p.grad is not None and not is_tp_sharded(name)
+    ]
     if not grads:
         return 0
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -381,7 +365,7 @@ def _alias_key(key: str, t: torch.Tensor) -> tuple:
     """Equal for the entries of tied weights (same memory, same view, same split), so they are
     gathered or sharded once and stay one tensor."""
     if isinstance(t, DTensor):
-        t = t.to_local()
+        t = t.tolocal_tensor()
     if t.is_meta or t.numel() == 0:
         return (key,)
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), tp_shard_dim(key))

@@ -17,8 +17,9 @@ run and how much memory it needs (`meshlm plan`, `parallel = "auto"`; docs/plann
 """
 
 from meshlm.plan.api import PlanResult, plan
+from meshlm.plan.clusters import make_cluster
 from meshlm.plan.cost import Estimate, estimate
-from meshlm.plan.hardware import Cluster, Device, Link, make_cluster
+from meshlm.plan.hardware import Cluster, Device, Link
 from meshlm.plan.layout import Layout, Software, Workload, parse_layout, software_for
 from meshlm.plan.models import MODELS, model_preset
 

@@ -13,8 +13,10 @@ import sys
 from dataclasses import dataclass
 
 from meshlm.config import Config, ConfigError, apply_overrides, load_config, validate
+from meshlm.model.tp_rules import check_tp_divides
+from meshlm.plan.clusters import make_cluster
 from meshlm.plan.cost import Estimate, estimate
-from meshlm.plan.hardware import CPU_LOCAL, Cluster, make_cluster
+from meshlm.plan.hardware import CPU_LOCAL, Cluster
 from meshlm.plan.layout import Layout, Software, Workload, check_meshlm_layout, parse_layout, software_for
 from meshlm.plan.report import explain, format_table, header, runner_up, to_json
 from meshlm.plan.search import search
@@ -89,10 +91,7 @@ def check_layout(layout: Layout, workload: Workload, cluster: Cluster, sw: Softw
             f"the global batch ({workload.global_batch}) must be a multiple of dp x micro_batch = {layout.dp} x "
             f"{layout.micro_batch} = {layout.dp * layout.micro_batch}; change --global-batch or the layout."
         )
-    if m.n_heads % layout.tp or m.kv_heads % layout.tp:
-        raise ConfigError(
-            f"tp ({layout.tp}) must divide the attention heads ({m.n_heads}) and key/value heads ({m.kv_heads})."
-        )
+    check_tp_divides(m, layout.tp)
     micro = layout.microbatches(workload.global_batch)
     if layout.pp > 1 and micro < layout.pp:
         raise ConfigError(
@@ -126,18 +125,19 @@ def plan_from_args(args) -> PlanResult:
                 "with --model, give the workload too: --global-batch (sequences per optimizer step) and "
                 "--seq-len (tokens per sequence), e.g. --global-batch 1024 --seq-len 4096."
             )
-        if cfg.model.max_seq_len < args.seq_len:
-            cfg.model.max_seq_len = args.seq_len
-        cfg.data.seq_len = args.seq_len
-        validate(cfg)
     else:
         cfg = load_config(args.config, args.overrides)
     seq_len = args.seq_len or cfg.data.seq_len
-    if seq_len > cfg.model.max_seq_len:
-        raise ConfigError(
-            f"--seq-len {seq_len} exceeds model.max_seq_len ({cfg.model.max_seq_len}); raise it with "
-            f"--set model.max_seq_len={seq_len}."
-        )
+    if seq_len > cfg.model.max_seq_len:  # the question is about this length: plan the model that can take it
+        if not args.model:
+            print(
+                f"meshlm plan: planning for --seq-len {seq_len}: model.max_seq_len raised from "
+                f"{cfg.model.max_seq_len} to {seq_len}",
+                file=sys.stderr,
+            )
+        cfg.model.max_seq_len = seq_len
+    cfg.data.seq_len = seq_len
+    validate(cfg)
     cluster = make_cluster(
         args.cluster,
         args.nodes,
@@ -148,7 +148,8 @@ def plan_from_args(args) -> PlanResult:
     )
     global_batch = args.global_batch or cfg.train.global_batch or cfg.train.micro_batch * cluster.world_size
     workload = Workload(cfg.model, global_batch, seq_len)
-    dtype = args.dtype or (cfg.train.dtype if not args.model else "bfloat16")
+    # Accelerators train in bfloat16 (mixed precision); a CPU plan follows the config.
+    dtype = args.dtype or (cfg.train.dtype if cluster.device.kind == "cpu" else "bfloat16")
     sw = software_for(args.software, cluster.device.kind, dtype)
     layout = parse_layout(args.layout, cluster.world_size) if args.layout else None
     meshlm_only = sw.name == "meshlm" and not args.all_layouts

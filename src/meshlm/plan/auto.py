@@ -15,10 +15,10 @@ broadcasts the answer; otherwise call this once, before the workers start.
 
 from __future__ import annotations
 
-import os
-
 from meshlm.config import Config, ConfigError
-from meshlm.plan.hardware import Cluster, make_cluster
+from meshlm.distributed.env import accelerator, read_launch_env
+from meshlm.plan.clusters import make_cluster
+from meshlm.plan.hardware import Cluster
 from meshlm.plan.layout import Layout, Workload, check_meshlm_layout, software_for
 
 
@@ -35,16 +35,12 @@ def _gpu_preset(name: str, memory_bytes: float) -> str:
 
 def cluster_for(world_size: int, log=print) -> Cluster:
     """The cluster this process runs on: cpu-local, or the CUDA devices' preset."""
-    from meshlm.distributed.env import cuda_available
-
-    if cuda_available() and os.environ.get("MESHLM_DEVICE", "").lower() != "cpu":
-        import torch
-
-        props = torch.cuda.get_device_properties(0)
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, torch.cuda.device_count())))
+    gpus = accelerator()
+    if gpus is not None:
+        per_node = read_launch_env().local_world_size or min(world_size, gpus.count)
         per_node = max(1, min(per_node, world_size))
         return make_cluster(
-            _gpu_preset(props.name, props.total_memory), nodes=max(1, world_size // per_node), devices_per_node=per_node
+            _gpu_preset(gpus.name, gpus.memory_bytes), nodes=max(1, world_size // per_node), devices_per_node=per_node
         )
     return make_cluster("cpu-local", devices_per_node=world_size, log=log)
 
@@ -99,3 +95,10 @@ def apply_layout(cfg: Config, keys: dict[str, object]) -> None:
 
 
 __all__ = ["choose_layout", "apply_layout", "cluster_for", "Layout"]
+
+
+def resolve_auto_layout(cfg: Config, world_size: int, log=print) -> None:
+    """`parallel = "auto"`: write the planner's layout for this world size into cfg (called by the
+    launch layer, before the trainer exists; under a process group rank 0 plans for all)."""
+    apply_layout(cfg, choose_layout(cfg, world_size, log=log))
+    cfg.parallel.auto = False

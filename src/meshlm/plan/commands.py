@@ -67,7 +67,7 @@ def add_commands(sub) -> None:
         "--dtype",
         default=None,
         choices=("bfloat16", "float32"),
-        help="meshlm's training dtype (default: the config's train.dtype on GPUs, float32 on cpu-local)",
+        help="meshlm's training dtype (default: bfloat16 on accelerator clusters, the config's train.dtype on cpu-local)",
     )
     p.add_argument(
         "--all-layouts",

@@ -30,6 +30,7 @@ import platform
 import time
 from pathlib import Path
 
+from meshlm.distributed.env import environment_without_launch
 from meshlm.plan.cpu_collectives import measure_collectives
 from meshlm.plan.hardware import Cluster, Device, Link
 
@@ -327,15 +328,9 @@ def _measure_in_subprocess(path: Path) -> dict:
     import subprocess
     import sys
 
-    import meshlm
-
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    }
+    env = environment_without_launch()
     env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(Path(meshlm.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+        filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     )
     subprocess.run(
         [sys.executable, "-c", "from meshlm.plan.cpu_local import load_or_measure; load_or_measure(True)"],

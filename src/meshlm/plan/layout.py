@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, replace
 
-from meshlm.config import Config, ConfigError, ModelConfig
-from meshlm.distributed.dims import SCHEDULES
+from meshlm.config import LOOPED_SCHEDULES, PIPELINE_SCHEDULES, Config, ConfigError, ModelConfig
 
 RECOMPUTE = ("none", "selective", "full")
 
@@ -60,9 +59,7 @@ class Layout:
     def schedule_name(self) -> str:
         if self.pp == 1:
             return "-"
-        return self.schedule + (
-            f"(v{self.virtual_stages})" if self.schedule in ("interleaved-1f1b", "interleaved-zero-bubble") else ""
-        )
+        return self.schedule + (f"(v{self.virtual_stages})" if self.schedule in LOOPED_SCHEDULES else "")
 
     def microbatches(self, global_batch: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank (pipeline micro-batches,
@@ -119,6 +116,11 @@ class Software:
     @property
     def state_bytes_per_param(self) -> float:
         return self.param_bytes + self.grad_bytes + self.master_bytes + self.optimizer_bytes
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype: activations in 4 bytes are float32, in 2 bytes bfloat16 (mixed precision)."""
+        return "float32" if self.act_bytes >= 4 else "bfloat16"
 
 
 def meshlm_software(device_kind: str, dtype: str = "bfloat16") -> Software:
@@ -246,8 +248,8 @@ def parse_layout(text: str, world_size: int) -> Layout:
                 raise ConfigError(f"--layout: recompute expects one of {', '.join(RECOMPUTE)}, got '{value}'.")
             values[key] = value
         elif key == "schedule":
-            if value not in SCHEDULES:
-                raise ConfigError(f"--layout: schedule expects one of {', '.join(SCHEDULES)}, got '{value}'.")
+            if value not in PIPELINE_SCHEDULES:
+                raise ConfigError(f"--layout: schedule expects one of {', '.join(PIPELINE_SCHEDULES)}, got '{value}'.")
             values[key] = value
         else:
             try:
@@ -263,7 +265,7 @@ def parse_layout(text: str, world_size: int) -> Layout:
         values["dp"] = world_size // (tp * pp)
     if values.get("schedule") == "zbv" and "virtual_stages" not in values:
         values["virtual_stages"] = 2
-    if values.get("schedule") in ("interleaved-1f1b", "interleaved-zero-bubble") and "virtual_stages" not in values:
+    if values.get("schedule") in LOOPED_SCHEDULES and "virtual_stages" not in values:
         values["virtual_stages"] = 2
     return Layout(**values)
 
@@ -297,10 +299,6 @@ def check_meshlm_layout(layout: Layout, workload: Workload, world_size: int, bas
             "meshlm checkpoints whole blocks (recompute=full) or nothing."
         )
     m = workload.model
-    if layout.tp > 1 and m.ffn_dim % layout.tp:
-        raise ConfigError(
-            f"tensor parallelism splits the MLP: its hidden size ({m.ffn_dim}) must be divisible by tp ({layout.tp})."
-        )
     if layout.dp_replicate > 1 and layout.zero != 3:
         raise ConfigError(f"dp_replicate={layout.dp_replicate} (HSDP) needs zero=3.")
     if m.max_seq_len < workload.seq_len:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshlm.config import LOOPED_SCHEDULES
 from meshlm.plan.hardware import Cluster
 from meshlm.plan.layout import Layout, Software, Workload
 from meshlm.plan.shapes import Chunk, ParamStats, ceil_div, padded_vocab
@@ -131,7 +132,7 @@ def in_flight(layout: Layout, microbatches: int, pp_rank: int) -> float:
     if layout.schedule == "gpipe":
         return float(m)
     warm = min(m, p - pp_rank)
-    if layout.schedule in ("interleaved-1f1b", "interleaved-zero-bubble"):
+    if layout.schedule in LOOPED_SCHEDULES:
         v = layout.virtual_stages
         return min(float(m), warm * (1 + (p - 1) / (p * v)))
     if layout.schedule == "zbv":

@@ -160,7 +160,7 @@ RUNS: tuple[PublishedRun, ...] = (
 
 
 def run_cluster(run: PublishedRun) -> Cluster:
-    from meshlm.plan.hardware import make_cluster
+    from meshlm.plan.clusters import make_cluster
 
     if run.cluster == "jean-zay":
         return replace(JEAN_ZAY, nodes=run.gpus // 8)

@@ -28,7 +28,7 @@ def header(workload: Workload, cluster: Cluster, sw: Software) -> str:
     return (
         f"meshlm plan: {m.arch} {size} parameters ({m.n_layers} layers, d_model {m.d_model}, "
         f"{m.n_heads} heads) on {cluster.describe()}; global batch {workload.global_batch} x {workload.seq_len} tokens; "
-        f"software '{sw.name}'; memory = {memory}"
+        f"software '{sw.name}', {sw.dtype}; memory = {memory}"
     )
 
 

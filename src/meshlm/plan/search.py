@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from meshlm.config import ConfigError
+from meshlm.config import PIPELINE_SCHEDULES, ConfigError
+from meshlm.model.tp_rules import tp_problem
 from meshlm.plan.cost import Estimate, estimate
 from meshlm.plan.hardware import Cluster
 from meshlm.plan.layout import Layout, Software, Workload, check_meshlm_layout
@@ -57,7 +58,7 @@ def candidate_layouts(
         if sw.attention == "flash" and "selective" in recompute:
             recompute = tuple(r for r in recompute if r != "selective")  # flash already recomputes the scores
     if schedules is None:
-        schedules = ("1f1b", "interleaved-1f1b", "interleaved-zero-bubble", "zbv")  # gpipe: 1f1b's time, more memory
+        schedules = [s for s in PIPELINE_SCHEDULES if s != "gpipe"]  # gpipe: 1f1b's time, more memory
 
     def reject(why: str) -> None:
         rejected[why] = rejected.get(why, 0) + 1
@@ -66,7 +67,7 @@ def candidate_layouts(
         if tp > cluster.devices_per_node:
             reject("tp larger than a node")
             continue
-        if m.n_heads % tp or m.kv_heads % tp or m.ffn_dim % tp:
+        if tp_problem(m, tp):
             reject("tp does not divide the heads / MLP")
             continue
         for pp in divisors(world // tp):

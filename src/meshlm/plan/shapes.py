@@ -15,11 +15,10 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
-from meshlm.config import ModelConfig
+from meshlm.config import ModelConfig, schedule_stages_per_rank
+from meshlm.parallel.pipeline_split import stage_ids_for_rank as pipeline_stage_ids
 from meshlm.parallel.stage_balance import balanced_layer_counts, stage_costs
 from meshlm.plan.layout import Layout, Workload
-
-MULTI_STAGE = ("interleaved-1f1b", "interleaved-zero-bubble", "zbv")
 
 
 @dataclass(frozen=True)
@@ -186,19 +185,12 @@ def stage_layer_counts(m: ModelConfig, n_stages: int, split: str = "balanced") -
 
 
 def stages_per_rank(layout: Layout) -> int:
-    if layout.pp == 1 or layout.schedule not in MULTI_STAGE:
-        return 1
-    return 2 if layout.schedule == "zbv" else layout.virtual_stages
+    return 1 if layout.pp == 1 else schedule_stages_per_rank(layout.schedule, layout.virtual_stages)
 
 
 def stage_ids_for_rank(pp_rank: int, layout: Layout) -> list[int]:
-    """meshlm.parallel.pipeline_split.stage_ids_for_rank: one stage, looped, or the zbv V."""
-    pp, v = layout.pp, stages_per_rank(layout)
-    if v == 1:
-        return [pp_rank]
-    if layout.schedule == "zbv":
-        return [pp_rank, 2 * pp - 1 - pp_rank]
-    return [pp_rank + i * pp for i in range(v)]
+    """The stages pipeline rank `pp_rank` holds: meshlm's own placement (one, looped, or the zbv V)."""
+    return pipeline_stage_ids(pp_rank, layout.pp, layout.schedule, stages_per_rank(layout))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -32,10 +32,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import os
 import shutil
-import signal
-import sys
 import time
 import warnings
 from concurrent.futures import Future
@@ -48,6 +45,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.staging import AsyncStager
 
+from meshlm.artifacts.run_dir import write_text_atomic
 from meshlm.config import Config, ConfigError, config_from_dict
 from meshlm.distributed.env import LaunchEnv
 from meshlm.distributed.rank_zero import run_on_rank0
@@ -77,7 +75,6 @@ from meshlm.train.checkpoint_state import (
     training_state,
 )
 from meshlm.train.optim import lr_at
-from meshlm.train.run_dir import write_text_atomic
 
 __all__ = [
     "Checkpointer",
@@ -86,7 +83,6 @@ __all__ = [
     "resume_on_restart",
     "reopen_run_dir",
     "export_checkpoint",
-    "maybe_test_kill",
     "CheckpointError",
     "verify_checkpoint",
     "list_checkpoints",
@@ -165,26 +161,6 @@ def reopen_run_dir(out: Path, cfg: Config, step: int) -> None:
             except json.JSONDecodeError:  # a line cut short by the crash
                 pass
         write_text_atomic(metrics, "".join(kept))
-
-
-def maybe_test_kill(env: LaunchEnv, run: Path, step: int, phase: str = "step") -> None:
-    """Test hook (MESHLM_TEST_KILL_AT_STEP="N" or "N:save"): the last rank SIGKILLs itself
-    before training step N, or during the save of step N's checkpoint (after its data is
-    written, before the manifest), once: a marker file in the run directory stops a restarted
-    worker from dying again."""
-    spec = env.test_kill_at_step
-    if not spec or env.rank != env.world_size - 1:
-        return
-    want, _, want_phase = spec.partition(":")
-    if int(want) != step or (want_phase or "step") != phase:
-        return
-    marker = Path(run) / f".test-kill-{want}-{phase}"
-    if marker.exists():
-        return
-    marker.touch()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _StageToCPU(AsyncStager):
@@ -297,7 +273,6 @@ class Checkpointer:
             self._pending = (done, step)
         else:
             dcp.save(state, storage_writer=writer, planner=BoxSavePlanner(), process_group=self.group, no_dist=no_dist)
-            maybe_test_kill(self.env, self.run, step, "save")
             self._barrier()
             if self.env.is_main:
                 self._publish(tmp, final, info)
@@ -367,7 +342,7 @@ def export_checkpoint(run: Path, out: Path, step: int | None = None, log=print) 
     """Consolidate a sharded checkpoint of `run` (the newest complete one, or step `step`) into
     OUT/model.safetensors + config.toml + tokenizer.json, the files `meshlm generate --run OUT`
     loads. One process; works for a checkpoint written by any layout."""
-    from meshlm.model.weights_file import save_weights
+    from meshlm.artifacts.weights_file import save_weights
 
     run, out = Path(run), Path(out)
     if step is None:

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from meshlm.config import ConfigError
-from meshlm.file_hash import file_sha256
+from meshlm.utils.file_hash import file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT = 1

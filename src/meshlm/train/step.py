@@ -18,8 +18,9 @@ import torch.distributed as dist
 from meshlm.config import Config
 from meshlm.data.loader import TokenDataset, eval_batch, sample_ids_for, train_batch
 from meshlm.parallel.data_parallel import gradient_sync
-from meshlm.parallel.grad_norm import clip_coefficient, global_norm, local_tensor, scale_grads_, weighted_grad_sq_sum
+from meshlm.parallel.grad_norm import clip_coefficient, global_norm, scale_grads_, weighted_grad_sq_sum
 from meshlm.parallel.parallelize import ParallelModel
+from meshlm.parallel.wrappers import local_tensor
 from meshlm.train.optim import build_optimizer, lr_at, set_lr
 
 
@@ -54,9 +55,8 @@ class StepRunner:
         self.cfg, self.pm, self.device, self.accum = cfg, pm, device, accum
         self.train_data, self.val_data = train_data, val_data
         dims = pm.dims
-        coords = dims.mesh.get_coordinate() if dims.mesh is not None else [0, 0, 0]
-        self.dp_rank = dims.coordinates(dist.get_rank())["dp"] if dist.is_initialized() else 0
-        self.pp_rank = coords[0]
+        self.dp_rank = pm.mesh.local_rank("dp") if pm.mesh is not None else 0
+        self.pp_rank = pm.mesh.local_rank("pp") if pm.mesh is not None else 0
         self.zero = None
         if dims.zero in (1, 2) and dims.dp > 1:
             from meshlm.parallel.zero import ZeroOptimizer

@@ -14,12 +14,16 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import tokenizers
 import torch
 import torch.distributed as dist
 
+from meshlm.artifacts.run_dir import check_run_dir, init_run_dir
+from meshlm.artifacts.weights_file import model_from_state_dict, save_weights
 from meshlm.config import Config, ConfigError
 from meshlm.data.loader import TokenDataset
 from meshlm.data.prepare import prepare_data
@@ -31,22 +35,22 @@ from meshlm.distributed.process_group import init_distributed
 from meshlm.distributed.rank_zero import run_on_rank0
 from meshlm.model.stats import count_params, flops_per_token
 from meshlm.model.transformer import build_model
-from meshlm.model.weights_file import save_weights
 from meshlm.parallel.gather import gather_full_state_dict
 from meshlm.parallel.parallelize import ParallelModel, parallelize
 from meshlm.train.checkpoint import (
     Checkpointer,
     find_resume_checkpoint,
-    maybe_test_kill,
     reopen_run_dir,
     resume_on_restart,
 )
 from meshlm.train.metrics import MetricsWriter, plot_losses
 from meshlm.train.optim import lr_at
 from meshlm.train.progress import Progress
-from meshlm.train.run_dir import check_run_dir, init_run_dir
 from meshlm.train.step import StepRunner, accumulation_steps
 from meshlm.train.tracing import trace_step, traced_step_index
+
+# (model, tokenizer, cfg) -> a text sample of the trained model, printed at the end of a run.
+Sampler = Callable[[torch.nn.Module, tokenizers.Tokenizer, Config], str]
 
 
 @dataclass
@@ -56,14 +60,6 @@ class TrainResult:
     final_val_loss: float | None
     sample: str
     losses: list[float]
-
-
-def resolve_auto_layout(cfg: Config, world_size: int, log=print) -> None:
-    """`parallel = "auto"`: write the planner's layout for this world size into cfg."""
-    from meshlm.plan.auto import apply_layout, choose_layout
-
-    apply_layout(cfg, choose_layout(cfg, world_size, log=log))
-    cfg.parallel.auto = False
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -86,17 +82,22 @@ class Trainer:
         env: LaunchEnv | None = None,
         log=print,
         resume: str | None = None,
+        sampler: Sampler | None = None,
     ):
+        """sampler(model, tokenizer, cfg) -> text: the end-of-run sample (see `finish`), given by
+        the caller (the command layer passes the inference package's sampler)."""
+        if cfg.parallel.auto:
+            raise ConfigError(
+                'parallel = "auto" must be resolved before training starts: call '
+                "meshlm.plan.auto.resolve_auto_layout(cfg, world_size) first (the `meshlm train` command does)."
+            )
         self.cfg = cfg
+        self.sampler = sampler
         self.out = Path(out_dir)
         self.env = env or read_launch_env()
         self.log = log if self.env.is_main else _quiet
         self.device = self.env.device
-        if cfg.parallel.auto:
-            init_distributed(self.env)  # rank 0 plans and tells the others
-            resolve_auto_layout(cfg, self.env.world_size, self.log)
-        # Everything that can be wrong with the layout fails here, before a process group exists
-        # (unless the planner needed one above).
+        # Everything that can be wrong with the layout fails here, before a process group exists.
         self.dims: ParallelDims = parallel_dims_from_config(cfg, self.env.world_size)
         self.accum = accumulation_steps(cfg, self.dims.dp)
         if self.env.restart_count > 0:  # restarted by the elastic agent: continue this run
@@ -106,8 +107,7 @@ class Trainer:
         check_run_dir(self.out, cfg, overwrite)
 
         init_distributed(self.env)
-        if self.env.distributed:
-            self.dims.build_mesh(self.device.type)
+        self.mesh = self.dims.build_mesh(self.device.type) if self.env.distributed else None
         resume_from = find_resume_checkpoint(resume, self.out, self.env, self.log) if resume else None
         data_dir = _on_main_first(self.env, lambda: prepare_data(cfg.data, cfg.model.vocab_size, log=self.log))
         self.train_data = TokenDataset(data_dir, "train")
@@ -132,7 +132,7 @@ class Trainer:
             f"{self.env.world_size} process(es), {self.device.type}/{self.env.backend if self.env.distributed else 'local'}; "
             f"global batch {self.global_batch} x {cfg.data.seq_len} tokens"
         )
-        self.pm: ParallelModel = parallelize(model, self.dims, cfg, self.device)
+        self.pm: ParallelModel = parallelize(model, self.dims, cfg, self.device, self.mesh)
         self.runner = StepRunner(cfg, self.pm, self.train_data, self.val_data, self.device, self.accum)
         self.checkpoints = Checkpointer(cfg, self.out, self.env, self.pm, self.runner, log=self.log)
         self.start_step = self.checkpoints.load(resume_from) if resume_from is not None else 0
@@ -153,7 +153,6 @@ class Trainer:
         val_loss = None
         try:
             for step in range(self.start_step, t.steps):
-                maybe_test_kill(self.env, self.out, step)
                 started = time.perf_counter()
                 with contextlib.ExitStack() as stack:
                     prof = stack.enter_context(CommProfiler(self.comm_axes)) if self.comm_axes is not None else None
@@ -206,10 +205,9 @@ class Trainer:
         for part in self.pm.parts:
             if isinstance(part, DistributedDataParallel):
                 make_ddp_visible(part)
-        mesh = self.dims.mesh
-        if mesh is None:
+        if self.mesh is None:
             return {}
-        axes = {id(self.dims.submesh(name).get_group()): name for name in self.dims.axis_names()}
+        axes = {id(self.mesh.group(name)): name for name in self.mesh.axis_names()}
         tied_group = getattr(self.pm.tied_sync, "group", None)
         if tied_group is not None:
             axes[id(tied_group)] = "pp-tied-embedding"
@@ -239,20 +237,13 @@ class Trainer:
             return ""
         save_weights(state, self.cfg.model, self.out / "model.safetensors")
         plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
-        from meshlm.inference.simple_generate import LoadedModel, generate_text
-        from meshlm.interop.convert import model_from_state_dict
-
+        self.log(f"saved {self.out / 'model.safetensors'}; curves in {self.out / 'loss.png'}")
+        if self.sampler is None or not self.cfg.train.sample_tokens:
+            return ""
         # The sample comes from the gathered weights just saved, without reading the file back.
         model = model_from_state_dict(self.cfg.model, state, self.device)
-        loaded = LoadedModel(self.cfg, model.eval(), load_tokenizer(self.out / "tokenizer.json"))
-        prompt = self.cfg.train.sample_prompt
-        sample = prompt + generate_text(
-            loaded, prompt, self.cfg.train.sample_tokens, temperature=0.8, top_k=40, seed=self.cfg.train.seed
-        )
-        self.log(
-            f"saved {self.out / 'model.safetensors'}; curves in {self.out / 'loss.png'}\n"
-            f"--- sample ---\n{sample}\n--------------"
-        )
+        sample = self.sampler(model, load_tokenizer(self.out / "tokenizer.json"), self.cfg)
+        self.log(f"--- sample ---\n{sample}\n--------------")
         return sample
 
 
@@ -263,5 +254,6 @@ def train(
     log=print,
     env: LaunchEnv | None = None,
     resume: str | None = None,
+    sampler: Sampler | None = None,
 ) -> TrainResult:
-    return Trainer(cfg, out_dir, overwrite=overwrite, env=env, log=log, resume=resume).run()
+    return Trainer(cfg, out_dir, overwrite=overwrite, env=env, log=log, resume=resume, sampler=sampler).run()

@@ -8,6 +8,7 @@ never leaves a truncated file that looks complete.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -64,4 +65,24 @@ def load_weights(path: Path, cfg: ModelConfig, device: torch.device | str = "cpu
     return model
 
 
-__all__ = ["save_weights", "load_weights", "build_model"]
+def model_from_state_dict(
+    cfg: ModelConfig, state: Mapping[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> Transformer:
+    """A Transformer whose parameters *are* `state`'s tensors (moved to `device`); a tied
+    output layer may be absent from `state`. Names and shapes must already be right."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False, assign=True)
+    model.tie_weights()
+    if model.rope is not None:
+        model.rope.to_empty(device=device)
+        model.rope.reset()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ConfigError(
+            f"the checkpoint has no values for {', '.join(left[:5])}; it does not match the model config."
+        )
+    return model
+
+
+__all__ = ["save_weights", "load_weights", "build_model", "model_from_state_dict"]

@@ -1,0 +1,1 @@
+"""Small helpers with no meshlm dependencies: file hashing, TOML writing."""
