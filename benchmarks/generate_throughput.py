@@ -21,7 +21,7 @@ from hf_reference import SHAPES, hf_model
 
 from meshlm.inference.engine import Engine, Request
 from meshlm.inference.sampling import SamplingParams
-from meshlm.model.transformer import build_model
+from meshlm.model.registry import build_model
 
 
 def run_meshlm(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:

@@ -3,13 +3,13 @@ side-by-side benchmarks. transformers is a benchmark/test dependency only."""
 
 from __future__ import annotations
 
-from meshlm.config import ModelConfig
 from meshlm.interop.hf_config import hf_config_from_model
 from meshlm.interop.hf_weights import state_dict_to_hf
+from meshlm.model.transformer.config import TransformerConfig
 
 # The shapes both benchmarks compare on.
 SHAPES = {
-    "llama": ModelConfig(
+    "llama": TransformerConfig(
         arch="llama",
         d_model=256,
         n_layers=4,
@@ -19,11 +19,11 @@ SHAPES = {
         max_seq_len=256,
         tie_embeddings=False,
     ),
-    "gpt2": ModelConfig(arch="gpt2", d_model=256, n_layers=4, n_heads=8, vocab_size=4096, max_seq_len=256),
+    "gpt2": TransformerConfig(arch="gpt2", d_model=256, n_layers=4, n_heads=8, vocab_size=4096, max_seq_len=256),
 }
 
 
-def hf_model(cfg: ModelConfig, meshlm_model):
+def hf_model(cfg: TransformerConfig, meshlm_model):
     import transformers
 
     hf_cfg = hf_config_from_model(cfg)

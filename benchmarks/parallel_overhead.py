@@ -88,7 +88,7 @@ def _tp_compare(rank, cfg, steps):
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
 
-    from meshlm.model.transformer import build_model
+    from meshlm.model.registry import build_model
     from meshlm.parallel.tensor_parallel import apply_tensor_parallel
     from meshlm.parallel.vocab_parallel import vocab_parallel_cross_entropy
 

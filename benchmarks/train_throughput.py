@@ -17,7 +17,8 @@ import time
 import torch
 from hf_reference import SHAPES, hf_model
 
-from meshlm.model.transformer import build_model, lm_loss
+from meshlm.model.loss import lm_loss
+from meshlm.model.registry import build_model
 
 
 def make_step(model, forward_loss):

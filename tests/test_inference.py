@@ -19,7 +19,7 @@ import torch.distributed as dist
 import meshlm.inference.linear_ops as linear_ops
 from meshlm.artifacts.weights_file import save_weights
 from meshlm.cli import main as cli_main
-from meshlm.config import Config, ModelConfig
+from meshlm.config import Config
 from meshlm.data.tokenizer import train_tokenizer
 from meshlm.distributed.spawn import run_distributed
 from meshlm.inference.engine import Engine, Request
@@ -27,12 +27,15 @@ from meshlm.inference.evaluate import evaluate_tokens
 from meshlm.inference.kv_forward import KVCache, KVModel
 from meshlm.inference.sampling import SamplingParams
 from meshlm.inference.simple_generate import generate_tokens
-from meshlm.model.transformer import build_model
+from meshlm.model.registry import build_model
+from meshlm.model.transformer.config import TransformerConfig
 
 V = 384
 CONFIGS = {
-    "llama": ModelConfig(arch="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V, max_seq_len=128),
-    "gpt2": ModelConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=V, max_seq_len=128),
+    "llama": TransformerConfig(
+        arch="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V, max_seq_len=128
+    ),
+    "gpt2": TransformerConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=V, max_seq_len=128),
 }
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0, stop_token_ids=())
 

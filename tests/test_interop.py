@@ -13,11 +13,12 @@ transformers = pytest.importorskip("transformers")
 
 from meshlm.artifacts.run_dir import load_run_config  # noqa: E402
 from meshlm.artifacts.weights_file import load_weights, save_weights  # noqa: E402
-from meshlm.config import Config, ConfigError, ModelConfig  # noqa: E402
+from meshlm.config import Config, ConfigError  # noqa: E402
 from meshlm.data.tokenizer import train_tokenizer  # noqa: E402
 from meshlm.interop import export_hf, import_hf, load_hf_model, model_config_from_hf  # noqa: E402
 from meshlm.interop.hf_weights import state_dict_from_hf, state_dict_to_hf  # noqa: E402
-from meshlm.model.transformer import build_model  # noqa: E402
+from meshlm.model.registry import build_model  # noqa: E402
+from meshlm.model.transformer.config import TransformerConfig  # noqa: E402
 
 TOL = 1e-4
 SRC = Path(__file__).resolve().parents[1] / "src" / "meshlm"
@@ -167,7 +168,7 @@ def test_wrong_shapes_and_missing_tensors_are_named(tmp_path):
 
 
 MESHLM_VARIANTS = {
-    "llama-gqa-untied": ModelConfig(
+    "llama-gqa-untied": TransformerConfig(
         arch="llama",
         d_model=64,
         n_layers=2,
@@ -178,14 +179,14 @@ MESHLM_VARIANTS = {
         max_seq_len=32,
         rope_theta=20000.0,
     ),
-    "llama-tied": ModelConfig(
+    "llama-tied": TransformerConfig(
         arch="llama", d_model=64, n_layers=2, n_heads=4, vocab_size=1001, max_seq_len=32, tie_embeddings=True
     ),
-    "gpt2": ModelConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=1001, max_seq_len=32),
+    "gpt2": TransformerConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=1001, max_seq_len=32),
 }
 
 
-def meshlm_run(tmp_path: Path, cfg: ModelConfig, tokenizer: bool = True) -> tuple[Path, torch.nn.Module]:
+def meshlm_run(tmp_path: Path, cfg: TransformerConfig, tokenizer: bool = True) -> tuple[Path, torch.nn.Module]:
     run = tmp_path / "run"
     run.mkdir()
     model = build_model(cfg, seed=0)

@@ -4,18 +4,21 @@ import pytest
 import torch
 
 from meshlm.artifacts.weights_file import load_weights, save_weights
-from meshlm.config import ModelConfig
-from meshlm.model.stats import count_params, flops_per_token, matmul_params
-from meshlm.model.transformer import Transformer, build_model, lm_loss
+from meshlm.model.loss import lm_loss
+from meshlm.model.registry import build_model
+from meshlm.model.stats import count_params, flops_per_token
+from meshlm.model.transformer.config import TransformerConfig
+from meshlm.model.transformer.model import Transformer
+from meshlm.model.transformer.stats import matmul_params
 
 VARIANTS = {
-    "llama-gqa": ModelConfig(
+    "llama-gqa": TransformerConfig(
         arch="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, max_seq_len=32
     ),
-    "llama-untied-mha": ModelConfig(
+    "llama-untied-mha": TransformerConfig(
         arch="llama", d_model=64, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32, tie_embeddings=False
     ),
-    "gpt2": ModelConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32),
+    "gpt2": TransformerConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32),
 }
 
 
@@ -85,7 +88,7 @@ def test_weights_file_round_trip(cfg, tmp_path):
 def test_weights_file_rejects_mismatched_config(tmp_path):
     cfg = VARIANTS["gpt2"]
     save_weights(build_model(cfg, seed=0).state_dict(), cfg, tmp_path / "model.safetensors")
-    other = ModelConfig(arch="gpt2", d_model=32, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32)
+    other = TransformerConfig(arch="gpt2", d_model=32, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32)
     with pytest.raises(Exception, match="do not match the model config"):
         load_weights(tmp_path / "model.safetensors", other)
 

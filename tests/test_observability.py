@@ -51,7 +51,7 @@ def run_layout(cache, out, world, overrides):
 
 
 def _param_shapes(cfg):
-    from meshlm.model.transformer import build_model
+    from meshlm.model.registry import build_model
 
     return [tuple(p.shape) for p in build_model(cfg.model, seed=0).parameters()]
 

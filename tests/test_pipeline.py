@@ -17,10 +17,12 @@ import torch.distributed as dist
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 from torch.nn.parallel import DistributedDataParallel
 
-from meshlm.config import Config, ConfigError, ModelConfig
+from meshlm.config import Config, ConfigError
 from meshlm.distributed.dims import ParallelDims
 from meshlm.distributed.spawn import run_distributed
-from meshlm.model.transformer import build_model, lm_loss
+from meshlm.model.loss import lm_loss
+from meshlm.model.registry import build_model, family_spec
+from meshlm.model.transformer.config import TransformerConfig
 from meshlm.parallel.pipeline import (
     TiedEmbeddingSync,
     build_schedule,
@@ -31,7 +33,6 @@ from meshlm.parallel.pipeline import (
 )
 from meshlm.parallel.pipeline_split import (
     build_stage_module,
-    stage_costs,
     stage_ids_for_rank,
     stage_layer_counts,
     stage_pp_rank,
@@ -43,7 +44,7 @@ SCHEDULES_PP2 = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("interleav
 def _cfg(arch: str, n_layers: int, vocab: int = 64, d: int = 32) -> Config:
     cfg = Config()
     # llama with grouped-query attention (4 heads, 2 kv heads), untied; gpt2 ties its embeddings.
-    cfg.model = ModelConfig(
+    cfg.model = TransformerConfig(
         arch=arch,
         d_model=d,
         n_layers=n_layers,
@@ -155,7 +156,9 @@ def test_stage_layer_counts_auto_balances_embedding_and_output():
     assert stage_layer_counts(_cfg("llama", 8), 4) == [2, 2, 2, 2]
     # Large vocabulary: the output projection (vocab x d = 5.5 blocks for gpt2-124m) leaves the last stage one layer.
     gpt2 = Config()
-    gpt2.model = ModelConfig(arch="gpt2", d_model=768, n_layers=12, n_heads=12, vocab_size=50257, max_seq_len=1024)
+    gpt2.model = TransformerConfig(
+        arch="gpt2", d_model=768, n_layers=12, n_heads=12, vocab_size=50257, max_seq_len=1024
+    )
     assert stage_layer_counts(gpt2, 4) == [3, 4, 4, 1]
     assert stage_layer_counts(gpt2, 2) == [9, 3]
     with pytest.raises(ConfigError, match="n_layers"):
@@ -168,7 +171,8 @@ def test_stage_layer_counts_auto_balances_embedding_and_output():
 def test_stage_layer_counts_auto_is_optimal(vocab, n_layers, n_stages):
     """Brute force over every split: the smallest maximum stage cost, then the smallest sum of squares."""
     cfg = _cfg("llama", n_layers, vocab=vocab)
-    embedding, block, output = stage_costs(cfg.model)
+    costs = family_spec(cfg).stage_costs(cfg.model)
+    embedding, block, output = costs.first, costs.blocks[0], costs.last
 
     def costs(split):
         c = [k * block for k in split]

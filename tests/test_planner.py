@@ -12,9 +12,10 @@ import math
 
 import pytest
 
-from meshlm.config import Config, ConfigError, ModelConfig, load_config
+from meshlm.config import Config, ConfigError, load_config
 from meshlm.distributed.dims import parallel_dims_from_config
 from meshlm.model.stats import count_params
+from meshlm.model.transformer.config import TransformerConfig
 from meshlm.plan import comm
 from meshlm.plan.clusters import make_cluster
 from meshlm.plan.cost import estimate
@@ -62,9 +63,9 @@ def cpu_cache(tmp_path, monkeypatch):
     return path
 
 
-def tiny_model(**kw) -> ModelConfig:
+def tiny_model(**kw) -> TransformerConfig:
     base = dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=301, max_seq_len=64)
-    return ModelConfig(**{**base, **kw})
+    return TransformerConfig(**{**base, **kw})
 
 
 def test_stage_split_matches_meshlm():
@@ -73,13 +74,13 @@ def test_stage_split_matches_meshlm():
     for m in (
         tiny_model(),
         tiny_model(n_layers=12, vocab_size=4096),
-        ModelConfig(arch="gpt2", d_model=768, n_layers=12, n_heads=12, vocab_size=50304),
+        TransformerConfig(arch="gpt2", d_model=768, n_layers=12, n_heads=12, vocab_size=50304),
         tiny_model(n_layers=7, d_model=32, vocab_size=3000),
     ):
         for n in range(1, m.n_layers + 1):
             assert stage_layer_counts(m, n) == tuple(meshlm_split(Config(model=m), n)), (m, n)
     # large models use bisection on the same objective: the most expensive stage is as cheap as the DP's
-    big = ModelConfig(d_model=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_hidden=53248, vocab_size=128256)
+    big = TransformerConfig(d_model=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_hidden=53248, vocab_size=128256)
     counts = stage_layer_counts(big, 16)
     assert sum(counts) == 126 and min(counts) >= 1 and counts[-1] < counts[1]  # the output layer lightens the last
     assert stage_layer_counts(big, 16, "ends-lighter") == (7,) + (8,) * 14 + (7,)
@@ -200,7 +201,7 @@ def test_ring_collectives_and_placement():
 
 
 def test_pipeline_bubble_follows_the_schedules():
-    m = ModelConfig(d_model=2048, n_layers=16, n_heads=16, vocab_size=32000)
+    m = TransformerConfig(d_model=2048, n_layers=16, n_heads=16, vocab_size=32000)
     c = make_cluster("dgx-h100", nodes=1)
     sw = dataclasses.replace(software_for("megatron-flash", "gpu"), pipeline_split="even")
 
@@ -218,7 +219,7 @@ def test_pipeline_bubble_follows_the_schedules():
 
 
 def test_memory_levers():
-    m = ModelConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256)
+    m = TransformerConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256)
     c = make_cluster("dgx-h100", nodes=1)
     sw = meshlm_software("gpu")
     w = Workload(m, 64, 4096)

@@ -14,9 +14,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from meshlm.config import ConfigError, ModelConfig
+from meshlm.config import ConfigError
 from meshlm.distributed.spawn import run_distributed
-from meshlm.model.transformer import build_model, lm_loss
+from meshlm.model.loss import lm_loss
+from meshlm.model.registry import build_model
+from meshlm.model.transformer.config import TransformerConfig
 from meshlm.parallel.activation_checkpoint import apply_activation_checkpointing
 from meshlm.parallel.tensor_parallel import (
     apply_tensor_parallel,
@@ -41,11 +43,11 @@ from meshlm.parallel.vocab_parallel import gather_vocab_logits, vocab_parallel_c
 B, T, V, SEED = 2, 8, 101, 1
 
 
-def model_config(arch: str, tp: int, tied: bool = False) -> ModelConfig:
+def model_config(arch: str, tp: int, tied: bool = False) -> TransformerConfig:
     heads, kv = (4, 2) if tp <= 2 else (8, 4)  # GQA with kv heads divisible by tp
     if arch == "gpt2":
-        return ModelConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=V, max_seq_len=16)
-    return ModelConfig(
+        return TransformerConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=V, max_seq_len=16)
+    return TransformerConfig(
         arch="llama",
         d_model=64,
         n_layers=2,
@@ -75,7 +77,7 @@ def grads_diff(tp_model, ref_grads: dict, group) -> float:
     for name, p in tp_model.named_parameters():
         assert p.grad is not None, name
         ref_name = name.replace("_checkpoint_wrapped_module.", "")
-        worst = max(worst, max_diff(gather_tp_tensor(name, p.grad, group, V), ref_grads[ref_name]))
+        worst = max(worst, max_diff(gather_tp_tensor(name, p.grad, group, tp_model.cfg), ref_grads[ref_name]))
     return worst
 
 
@@ -92,7 +94,7 @@ def full_model_case(tp: int, arch: str, tied: bool, sp: bool, checkpointing: boo
     model = build_model(cfg, seed=SEED)
     apply_tensor_parallel(model, group, sequence_parallel=sp)
     if checkpointing:  # parallelize()'s order: TP, then activation checkpointing (recomputes the collectives)
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model.layers)
     out = {"tied_kept": (model.output.weight is model.tok_embeddings.weight) == cfg.tied}
     local_logits = model(tokens)
     out["local_logits_shape"] = tuple(local_logits.shape) == (B, T, -(-V // tp) * tp // tp)
@@ -106,7 +108,7 @@ def full_model_case(tp: int, arch: str, tied: bool, sp: bool, checkpointing: boo
     out["state_dict_exact"] = gathered.keys() == full_sd.keys() and all(
         torch.equal(gathered[k], full_sd[k]) for k in full_sd
     )
-    shards = shard_state_dict(full_sd, dist.get_rank(group), tp, V)
+    shards = shard_state_dict(full_sd, dist.get_rank(group), tp, cfg)
     out["shards_exact"] = all(torch.equal(shards[k], v) for k, v in model.state_dict().items())
     model.load_state_dict(shards)  # loads into the padded local shapes
     return out
@@ -272,8 +274,8 @@ def collectives_case(tp: int) -> dict:
 def head_errors(rank: int) -> list[str]:
     messages = []
     for cfg in (
-        ModelConfig(arch="llama", d_model=48, n_layers=1, n_heads=3, vocab_size=V),
-        ModelConfig(arch="llama", d_model=64, n_layers=1, n_heads=4, n_kv_heads=1, vocab_size=V),
+        TransformerConfig(arch="llama", d_model=48, n_layers=1, n_heads=3, vocab_size=V),
+        TransformerConfig(arch="llama", d_model=64, n_layers=1, n_heads=4, n_kv_heads=1, vocab_size=V),
     ):
         try:
             apply_tensor_parallel(build_model(cfg, seed=0), dist.group.WORLD)
@@ -324,8 +326,8 @@ def test_tensor_parallel_tp2():
     check_world(results)
     messages = results[0]["head_errors"]
     assert len(messages) == 2
-    assert "model.n_heads (3)" in messages[0] and "model.n_kv_heads (3)" in messages[0] and "tp (2)" in messages[0]
-    assert "model.n_kv_heads (1)" in messages[1] and "tp (2)" in messages[1]
+    assert "model.n_heads (3)" in messages[0] and "model.n_kv_heads (3)" in messages[0] and "tp=2" in messages[0]
+    assert "model.n_kv_heads (1)" in messages[1] and "tp=2" in messages[1]
 
 
 def test_tensor_parallel_tp4():
@@ -336,13 +338,14 @@ def test_tensor_parallel_tp4():
 
 
 def test_shard_naming_rule():
-    assert tp_shard_dim("layers.0.attention.wq.weight") == 0
-    assert tp_shard_dim("layers.3.attention.wk.bias") == 0
-    assert tp_shard_dim("layers.0.feed_forward.w3.weight") == 0
-    assert tp_shard_dim("layers.0.attention.wo.weight") == 1
-    assert tp_shard_dim("layers.0.feed_forward.w2.weight") == 1
-    assert tp_shard_dim("tok_embeddings.weight") == 0 and tp_shard_dim("output.weight") == 0
-    assert tp_shard_dim("layers.0._checkpoint_wrapped_module.feed_forward.w2.weight") == 1
+    cfg = TransformerConfig(arch="gpt2")
+    assert tp_shard_dim("layers.0.attention.wq.weight", cfg) == 0
+    assert tp_shard_dim("layers.3.attention.wk.bias", cfg) == 0
+    assert tp_shard_dim("layers.0.feed_forward.w3.weight", cfg) == 0
+    assert tp_shard_dim("layers.0.attention.wo.weight", cfg) == 1
+    assert tp_shard_dim("layers.0.feed_forward.w2.weight", cfg) == 1
+    assert tp_shard_dim("tok_embeddings.weight", cfg) == 0 and tp_shard_dim("output.weight", cfg) == 0
+    assert tp_shard_dim("layers.0._checkpoint_wrapped_module.feed_forward.w2.weight", cfg) == 1
     for replicated in (
         "layers.0.attention.wo.bias",
         "layers.0.feed_forward.w2.bias",
@@ -351,18 +354,20 @@ def test_shard_naming_rule():
         "norm.weight",
         "pos_embeddings.weight",
     ):
-        assert not is_tp_sharded(replicated), replicated
+        assert not is_tp_sharded(replicated, cfg), replicated
 
 
 @pytest.mark.parametrize("tp", [2, 3, 4])
 def test_shard_state_dict_round_trip(tp):
-    cfg = ModelConfig(arch="gpt2", d_model=48, n_layers=2, n_heads=6, vocab_size=V, max_seq_len=16)  # heads % 3 == 0
+    cfg = TransformerConfig(
+        arch="gpt2", d_model=48, n_layers=2, n_heads=6, vocab_size=V, max_seq_len=16
+    )  # heads % 3 == 0
     full = build_model(cfg, seed=0).state_dict()
-    shards = [shard_state_dict(full, r, tp, V) for r in range(tp)]
+    shards = [shard_state_dict(full, r, tp, cfg) for r in range(tp)]
     assert shards[0]["output.weight"] is shards[0]["tok_embeddings.weight"]  # the tie survives
     assert shards[0]["tok_embeddings.weight"].shape[0] == -(-V // tp)
     for key, tensor in full.items():
-        dim = tp_shard_dim(key)
+        dim = tp_shard_dim(key, cfg)
         if dim is None:
             assert all(torch.equal(s[key], tensor) for s in shards)
             continue

@@ -21,19 +21,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from meshlm.config import ModelConfig, TrainConfig
+from meshlm.config import TrainConfig
 from meshlm.distributed.spawn import run_distributed
-from meshlm.model.transformer import build_model, lm_loss
+from meshlm.model.loss import lm_loss
+from meshlm.model.registry import build_model
+from meshlm.model.transformer.config import TransformerConfig
 from meshlm.parallel.zero import ZeroOptimizer, consolidate_state_dicts
 from meshlm.train.optim import lr_at
 
 STEPS, BATCH, SEQ = 5, 8, 16
 TRAIN = TrainConfig(steps=STEPS, lr=3e-3, min_lr=3e-4, warmup_steps=2, weight_decay=0.1, grad_clip=0.5)
 MODELS = {
-    "llama": ModelConfig(
+    "llama": TransformerConfig(
         arch="llama", d_model=64, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32, tie_embeddings=True
     ),
-    "gpt2": ModelConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32),
+    "gpt2": TransformerConfig(arch="gpt2", d_model=64, n_layers=2, n_heads=4, vocab_size=101, max_seq_len=32),
 }
 
 

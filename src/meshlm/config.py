@@ -39,51 +39,53 @@ def schedule_stages_per_rank(schedule: str, virtual_stages: int) -> int:
     return virtual_stages if schedule in LOOPED_SCHEDULES else 1
 
 
+DEFAULT_FAMILY = "transformer"
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased for the user: what is wrong and how to fix it."""
 
 
 @dataclass
 class ModelConfig:
-    arch: Literal["llama", "gpt2"] = "llama"
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    # Key/value heads for grouped-query attention; 0 means "same as n_heads".
-    n_kv_heads: int = 0
+    """The [model] section: which family (`model.family`), and the keys every family has.
+    Each family extends this with its own keys (its dataclass is registered under its name by
+    meshlm.model.registry); `[model]` in a TOML file or `--set model.KEY=...` reads the keys of
+    the family chosen with `model.family` ("transformer" when not given)."""
+
+    family: str = DEFAULT_FAMILY
     vocab_size: int = 2048
-    # Hidden size of the MLP; 0 picks the variant's default
-    # (gpt2: 4 * d_model; llama: 8/3 * d_model rounded up to `ffn_multiple_of`).
-    ffn_hidden: int = 0
-    ffn_multiple_of: int = 32
+    # The longest sequence the model is built for (positions, caches).
     max_seq_len: int = 1024
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    # gpt2 always ties the output layer to the token embedding; llama may.
-    tie_embeddings: bool = False
-    init_std: float = 0.02
 
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
+    def validate(self) -> None:
+        """Family-specific checks, each raising ConfigError that names the key and the fix."""
+        _check_positive({"model.vocab_size": self.vocab_size, "model.max_seq_len": self.max_seq_len})
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
-    @property
-    def tied(self) -> bool:
-        return self.arch == "gpt2" or self.tie_embeddings
+# family name -> its [model] dataclass, filled by meshlm.model.registry (a lower layer cannot
+# import the families, so they register themselves).
+MODEL_SECTIONS: dict[str, type[ModelConfig]] = {}
 
-    @property
-    def ffn_dim(self) -> int:
-        if self.ffn_hidden:
-            return self.ffn_hidden
-        if self.arch == "gpt2":
-            return 4 * self.d_model
-        hidden = int(8 * self.d_model / 3)
-        m = self.ffn_multiple_of
-        return m * ((hidden + m - 1) // m)
+
+def register_model_section(family: str, section: type[ModelConfig]) -> None:
+    if not (isinstance(section, type) and issubclass(section, ModelConfig)):
+        raise TypeError(f"the [model] section of family '{family}' must subclass meshlm.config.ModelConfig")
+    MODEL_SECTIONS[family] = section
+
+
+def model_section(family: str, source: str = "config") -> type[ModelConfig]:
+    """The [model] dataclass of a family, or ConfigError naming the families there are."""
+    if family not in MODEL_SECTIONS:
+        known = ", ".join(sorted(MODEL_SECTIONS)) or "none registered"
+        raise ConfigError(
+            f"{source}: unknown model.family '{family}'{_did_you_mean(family, list(MODEL_SECTIONS))}. Families: {known}."
+        )
+    return MODEL_SECTIONS[family]
+
+
+def _default_model() -> ModelConfig:
+    return model_section(DEFAULT_FAMILY)()
 
 
 @dataclass
@@ -168,7 +170,7 @@ class ParallelConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=_default_model)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -231,9 +233,30 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: '{section}' must be a table ([{section}]), got {type(values).__name__}.")
+        if section == "model" and "family" in values:  # the family decides which keys [model] has
+            _switch_family(cfg, values["family"], source)
+            sub = cfg.model
         for key, value in values.items():
-            _set_field(sub, section, key, value, source)
+            if not (section == "model" and key == "family"):
+                _set_field(sub, section, key, value, source)
     return cfg
+
+
+def _switch_family(cfg: Config, family: Any, source: str) -> None:
+    """Make cfg.model the [model] section of `family`. Keys both families have keep a value
+    that was set before the switch (`--set model.d_model=256 --set model.family=gcnn`)."""
+    if not isinstance(family, str):
+        raise ConfigError(f"{source}: 'model.family' expects a string, got {family!r}.")
+    new_type = model_section(family, source)
+    old = cfg.model
+    if type(old) is new_type:
+        return
+    new, old_defaults = new_type(), type(old)()
+    for f in dataclasses.fields(new):
+        if f.name != "family" and hasattr(old, f.name) and getattr(old, f.name) != getattr(old_defaults, f.name):
+            setattr(new, f.name, getattr(old, f.name))
+    new.family = family
+    cfg.model = new
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> None:
@@ -248,6 +271,9 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> None
             )
         section, key = dotted.strip().split(".", 1)
         sub = _section(cfg, section, "--set")
+        if section == "model" and key == "family":
+            _switch_family(cfg, _parse_value(text.strip()), "--set")
+            continue
         _set_field(sub, section, key, _parse_value(text.strip()), "--set")
 
 
@@ -271,9 +297,10 @@ def _section(cfg: Config, section: str, source: str) -> Any:
 def _set_field(obj: Any, section: str, key: str, value: Any, source: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if key not in fields:
+        where = f"[{section}]" + (f" for model.family '{obj.family}'" if isinstance(obj, ModelConfig) else "")
         raise ConfigError(
             f"{source}: unknown key '{section}.{key}'{_did_you_mean(key, list(fields), prefix=section + '.')}. "
-            f"Valid keys in [{section}]: {', '.join(fields)}."
+            f"Valid keys in {where}: {', '.join(fields)}."
         )
     hint = typing.get_type_hints(type(obj))[key]
     try:
@@ -347,12 +374,8 @@ def validate(cfg: Config) -> None:
     """Impossible values, each with the key and the fix. Layout checks against the world
     size live with ParallelDims, which knows the world size."""
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+    m.validate()
     positive = {
-        "model.d_model": m.d_model,
-        "model.n_layers": m.n_layers,
-        "model.n_heads": m.n_heads,
-        "model.vocab_size": m.vocab_size,
-        "model.max_seq_len": m.max_seq_len,
         "data.seq_len": d.seq_len,
         "train.steps": t.steps,
         "train.micro_batch": t.micro_batch,
@@ -363,12 +386,8 @@ def validate(cfg: Config) -> None:
         "parallel.dp_replicate": p.dp_replicate,
         "parallel.pp_virtual_stages": p.pp_virtual_stages,
     }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"'{key}' must be a positive integer, got {value}.")
+    _check_positive(positive)
     non_negative = {
-        "model.n_kv_heads": m.n_kv_heads,
-        "model.ffn_hidden": m.ffn_hidden,
         "train.global_batch": t.global_batch,
         "train.warmup_steps": t.warmup_steps,
         "train.eval_every": t.eval_every,
@@ -379,26 +398,7 @@ def validate(cfg: Config) -> None:
         "parallel.pp_microbatches": p.pp_microbatches,
         "train.keep_checkpoints": t.keep_checkpoints,
     }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"'{key}' must be zero or positive, got {value}.")
-    if m.d_model % m.n_heads:
-        raise ConfigError(
-            f"'model.d_model' ({m.d_model}) must be divisible by 'model.n_heads' ({m.n_heads}); "
-            f"pick d_model as a multiple of n_heads."
-        )
-    if m.head_dim % 2 and m.arch == "llama":
-        raise ConfigError(
-            f"rotary embeddings need an even head size, but d_model / n_heads = {m.head_dim}; change 'model.d_model' or 'model.n_heads'."
-        )
-    if m.n_heads % m.kv_heads:
-        raise ConfigError(
-            f"'model.n_heads' ({m.n_heads}) must be divisible by 'model.n_kv_heads' ({m.kv_heads}) for grouped-query attention."
-        )
-    if m.arch == "gpt2" and m.n_kv_heads not in (0, m.n_heads):
-        raise ConfigError(
-            f"'model.n_kv_heads' ({m.n_kv_heads}) is a llama option; gpt2 uses full multi-head attention. Set it to 0 or use model.arch=\"llama\"."
-        )
+    _check_non_negative(non_negative)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(
             f"'data.seq_len' ({d.seq_len}) exceeds 'model.max_seq_len' ({m.max_seq_len}); raise model.max_seq_len or shorten data.seq_len."
@@ -422,3 +422,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'parallel.dp' must be a positive integer or \"auto\", got {p.dp}.")
     if isinstance(p.pp_split, list) and any(n <= 0 for n in p.pp_split):
         raise ConfigError(f"'parallel.pp_split' entries must be positive layer counts, got {p.pp_split}.")
+
+
+def _check_positive(values: dict[str, int]) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be a positive integer, got {value}.")
+
+
+def _check_non_negative(values: dict[str, int]) -> None:
+    for key, value in values.items():
+        if value < 0:
+            raise ConfigError(f"'{key}' must be zero or positive, got {value}.")
+
+
+check_positive, check_non_negative = _check_positive, _check_non_negative  # for the families' validate()

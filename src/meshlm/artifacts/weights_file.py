@@ -1,7 +1,7 @@
 """The single-file model format: one `model.safetensors` holding the full, unsharded weights.
 
-A tied output layer is stored once (as `tok_embeddings.weight`), as Hugging Face does,
-and re-tied on load. Files are written under a temporary name and renamed, so a crash
+A tied pair of weights (the family spec's `tied`, e.g. a transformer's output layer tied to
+its embedding) is stored once, under the first name, as Hugging Face does, and re-tied on load. Files are written under a temporary name and renamed, so a crash
 never leaves a truncated file that looks complete.
 """
 
@@ -16,20 +16,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from meshlm.config import ConfigError, ModelConfig
-from meshlm.model.transformer import Transformer, build_model
+from meshlm.model.registry import build_model, empty_model, family_spec, meta_model
 
-TIED_KEY = "output.weight"
+
+def _tied_copy(cfg: ModelConfig) -> str | None:
+    """The name of the tied weight that is not stored (None when nothing is tied)."""
+    tied = family_spec(cfg).tied(cfg)
+    return tied[1] if tied else None
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if not (cfg.tied and k == TIED_KEY)}
+    skip = _tied_copy(cfg)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items() if k != skip}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "meshlm", "arch": cfg.arch})
+    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "meshlm", "family": cfg.family})
     os.replace(tmp, path)
 
 
-def load_weights(path: Path, cfg: ModelConfig, device: torch.device | str = "cpu") -> Transformer:
+def load_weights(path: Path, cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Build the model for `cfg` and load `path` into it, checking every name and shape."""
     path = Path(path)
     if not path.is_file():
@@ -42,11 +47,9 @@ def load_weights(path: Path, cfg: ModelConfig, device: torch.device | str = "cpu
         raise ConfigError(
             f"model weights {path} are unreadable or corrupt ({e}). Re-export or retrain the model."
         ) from e
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device)
-    model.tie_weights()
-    expected = {k: v for k, v in model.state_dict().items() if not (cfg.tied and k == TIED_KEY)}
+    model = empty_model(cfg, device)
+    skip = _tied_copy(cfg)
+    expected = {k: v for k, v in model.state_dict().items() if k != skip}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     bad_shapes = [
@@ -60,23 +63,23 @@ def load_weights(path: Path, cfg: ModelConfig, device: torch.device | str = "cpu
             f"shape mismatches: {bad_shapes[:3]}). Use the config.toml saved next to the weights."
         )
     model.load_state_dict(tensors, strict=False)
-    if model.rope is not None:
-        model.rope.reset()
+    model.reset_buffers()
     return model
 
 
 def model_from_state_dict(
     cfg: ModelConfig, state: Mapping[str, torch.Tensor], device: torch.device | str = "cpu"
-) -> Transformer:
-    """A Transformer whose parameters *are* `state`'s tensors (moved to `device`); a tied
-    output layer may be absent from `state`. Names and shapes must already be right."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
+) -> torch.nn.Module:
+    """A model whose parameters *are* `state`'s tensors (moved to `device`); the tied copy may
+    be absent from `state`. Names and shapes must already be right."""
+    model = meta_model(cfg)
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False, assign=True)
     model.tie_weights()
-    if model.rope is not None:
-        model.rope.to_empty(device=device)
-        model.rope.reset()
+    for module in model.modules():  # derived buffers (not in a state dict): allocate, then compute
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device=device)
+    model.reset_buffers()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ConfigError(

@@ -24,7 +24,8 @@ from meshlm.config import (
     ConfigError,
     schedule_stages_per_rank,
 )
-from meshlm.model.tp_rules import check_tp_divides
+from meshlm.model.registry import family_spec
+from meshlm.model.tp_rules import check_layout_supported
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -149,7 +150,7 @@ def parallel_dims_from_config(cfg: Config, world_size: int) -> ParallelDims:
             f"parallel.dp_replicate ({p.dp_replicate}) > 1 is HSDP, which shards parameters: it needs parallel.zero=3 "
             f"(got zero={p.zero})."
         )
-    check_tp_divides(m, p.tp)
+    check_layout_supported(m, tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel)
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs tp > 1 (it splits the sequence over the tp ranks).")
     if p.sequence_parallel and cfg.data.seq_len % p.tp:
@@ -184,6 +185,7 @@ def _validate_pipeline(cfg: Config, dp: int) -> None:
     if p.pp == 1:
         return
     v = stages_per_rank(cfg)
+    n_blocks = family_spec(cfg).n_blocks(m)
     if p.pp_schedule in ("gpipe", "1f1b") and p.pp_virtual_stages != 1:
         raise ConfigError(
             f'parallel.pp_schedule="{p.pp_schedule}" runs one stage per rank; parallel.pp_virtual_stages '
@@ -197,14 +199,14 @@ def _validate_pipeline(cfg: Config, dp: int) -> None:
         )
     n_stages = p.pp * v
     if isinstance(p.pp_split, list):
-        if len(p.pp_split) != n_stages or sum(p.pp_split) != m.n_layers:
+        if len(p.pp_split) != n_stages or sum(p.pp_split) != n_blocks:
             raise ConfigError(
                 f"parallel.pp_split {p.pp_split} must list {n_stages} layer counts (pp {p.pp} x {v} stages per rank) "
-                f"summing to model.n_layers ({m.n_layers})."
+                f"summing to model.n_layers ({n_blocks})."
             )
-    elif m.n_layers < n_stages:
+    elif n_blocks < n_stages:
         raise ConfigError(
-            f"model.n_layers ({m.n_layers}) is less than the number of pipeline stages (pp {p.pp} x {v} per rank = {n_stages}); "
+            f"model.n_layers ({n_blocks}) is less than the number of pipeline stages (pp {p.pp} x {v} per rank = {n_stages}); "
             f"lower pp or pp_virtual_stages."
         )
     local_batch = t.global_batch_for(dp) // dp

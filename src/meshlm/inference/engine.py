@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 import tokenizers
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed import ProcessGroup
 
 from meshlm.data.tokenizer import EOT_ID
 from meshlm.inference.kv_forward import KVCache, KVModel
 from meshlm.inference.sampling import SamplingParams, sample_rows
 from meshlm.inference.text_stream import TextStream
-from meshlm.model.transformer import Transformer
 
 
 @dataclass
@@ -83,7 +83,7 @@ class _Sequence:
 class Engine:
     def __init__(
         self,
-        model: Transformer,
+        model: nn.Module,
         tokenizer: tokenizers.Tokenizer | None = None,
         max_batch: int = 16,
         max_len: int | None = None,

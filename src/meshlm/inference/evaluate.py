@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from meshlm.config import ConfigError
 from meshlm.data.sources import iter_documents
 from meshlm.data.tokenizer import end_of_text_id
-from meshlm.model.transformer import Transformer
 
 
 @dataclass
@@ -62,7 +62,7 @@ def windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def evaluate_tokens(
-    model: Transformer,
+    model: nn.Module,
     tokens: torch.Tensor,
     seq_len: int,
     batch_size: int = 8,

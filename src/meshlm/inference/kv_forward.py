@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from meshlm.inference.linear_ops import Linear, packing_available, row_parallel_group
-from meshlm.model.transformer import Transformer
+from meshlm.model.transformer.model import Transformer
 
 
 class KVCache:

@@ -10,6 +10,7 @@ from pathlib import Path
 import tokenizers
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed import ProcessGroup
 
 from meshlm.artifacts.run_dir import load_run_config
@@ -20,7 +21,6 @@ from meshlm.distributed.dims import ParallelDims
 from meshlm.distributed.env import LaunchEnv
 from meshlm.distributed.rank_zero import broadcast_from_rank0
 from meshlm.model.tp_rules import check_tp_divides
-from meshlm.model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,7 +30,7 @@ class LoadedModel:
     """A model ready for inference, with the run config and tokenizer it came with."""
 
     cfg: Config
-    model: Transformer
+    model: nn.Module
     tokenizer: tokenizers.Tokenizer
 
 
@@ -91,10 +91,9 @@ def load_model(
         from meshlm.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, tp_group, sequence_parallel=False)
-    model = model.to(device=device, dtype=dtype).eval()
-    if model.rope is not None:  # the tables stay float32
-        model.rope.float()
-    for p in model.parameters():
+    model = model.to(device=device).eval()
+    for p in model.parameters():  # parameters only: derived buffers (e.g. rotary tables) stay float32
+        p.data = p.data.to(dtype)
         p.requires_grad_(False)
     return LoadedModel(cfg, model, load_tokenizer(files.tokenizer))
 

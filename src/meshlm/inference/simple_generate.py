@@ -8,15 +8,15 @@ from collections.abc import Iterator
 
 import tokenizers
 import torch
+from torch import nn
 
 from meshlm.config import Config
 from meshlm.inference.sampling import sample_next
-from meshlm.model.transformer import Transformer
 
 
 @torch.no_grad()
 def generate_tokens(
-    model: Transformer,
+    model: nn.Module,
     prompt_ids: list[int],
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -41,13 +41,13 @@ def generate_tokens(
 
 
 def generate_text(
-    model: Transformer, tokenizer: tokenizers.Tokenizer, prompt: str, max_new_tokens: int = 64, **sampling
+    model: nn.Module, tokenizer: tokenizers.Tokenizer, prompt: str, max_new_tokens: int = 64, **sampling
 ) -> str:
     out = list(generate_tokens(model, tokenizer.encode(prompt).ids, max_new_tokens, **sampling))
     return tokenizer.decode(out)
 
 
-def end_of_run_sample(model: Transformer, tokenizer: tokenizers.Tokenizer, cfg: Config) -> str:
+def end_of_run_sample(model: nn.Module, tokenizer: tokenizers.Tokenizer, cfg: Config) -> str:
     """The trainer's end-of-run sample (handed to it as a callback): the config's sample prompt
     continued by `train.sample_tokens` tokens, temperature 0.8, top-k 40, the run's seed."""
     prompt = cfg.train.sample_prompt

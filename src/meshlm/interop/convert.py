@@ -28,7 +28,7 @@ from meshlm.artifacts.weights_file import load_weights, model_from_state_dict, s
 from meshlm.config import Config, ConfigError, ModelConfig, validate
 from meshlm.interop.hf_config import hf_config_from_model, model_config_from_hf, read_hf_config
 from meshlm.interop.hf_weights import read_hf_tensors, state_dict_from_hf, state_dict_to_hf
-from meshlm.model.transformer import Transformer
+from meshlm.model.transformer.model import Transformer
 
 # Files a Hugging Face model directory may hold; an export replaces all of them
 # so that no stale shard or tokenizer from an earlier model is picked up.

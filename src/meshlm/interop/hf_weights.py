@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from meshlm.config import ConfigError, ModelConfig
-from meshlm.model.transformer import Transformer
+from meshlm.model.transformer.model import Transformer
 
 Tensors = dict[str, torch.Tensor]
 

@@ -1,51 +1,15 @@
-"""Parameter counts and FLOPs per token, from the config alone (no model needed)."""
+"""Parameter count and FLOPs per token of any model, from its config alone (the family's spec
+knows the formulas): what the trainer logs, its MFU and the run header use."""
 
 from __future__ import annotations
 
 from meshlm.config import ModelConfig
-
-
-def layer_params(cfg: ModelConfig) -> int:
-    """Parameters of one transformer block."""
-    d, hd = cfg.d_model, cfg.head_dim
-    bias = cfg.arch == "gpt2"
-    q, kv = cfg.n_heads * hd, cfg.kv_heads * hd
-    attn = d * q + 2 * d * kv + q * d + (q + 2 * kv + d if bias else 0)
-    n_mlp_in = 2 if cfg.arch == "llama" else 1
-    mlp = n_mlp_in * d * cfg.ffn_dim + cfg.ffn_dim * d + (cfg.ffn_dim + d if bias else 0)
-    norms = 2 * d * (2 if cfg.arch == "gpt2" else 1)  # LayerNorm has a bias, RMSNorm doesn't
-    return attn + mlp + norms
-
-
-def embedding_params(cfg: ModelConfig) -> int:
-    """Token (+ learned position) embeddings, and the output layer when it is not tied."""
-    n = cfg.vocab_size * cfg.d_model
-    if cfg.arch == "gpt2":
-        n += cfg.max_seq_len * cfg.d_model
-    if not cfg.tied:
-        n += cfg.vocab_size * cfg.d_model
-    return n
+from meshlm.model.registry import family_spec
 
 
 def count_params(cfg: ModelConfig) -> int:
-    final_norm = cfg.d_model * (2 if cfg.arch == "gpt2" else 1)
-    return cfg.n_layers * layer_params(cfg) + embedding_params(cfg) + final_norm
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in a matrix multiply per token: every weight matrix of the
-    blocks plus the output layer (tied or not); embedding look-ups and norms cost no FLOPs."""
-    d, hd = cfg.d_model, cfg.head_dim
-    q, kv = cfg.n_heads * hd, cfg.kv_heads * hd
-    n_mlp_in = 2 if cfg.arch == "llama" else 1
-    per_layer = d * q + 2 * d * kv + q * d + (n_mlp_in + 1) * d * cfg.ffn_dim
-    return cfg.n_layers * per_layer + cfg.vocab_size * d
+    return family_spec(cfg).count_params(cfg)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
-    """FLOPs to process one token: 2 per matmul parameter in the forward pass, plus
-    attention scores and the weighted sum (2 * 2 * T * d per layer, T = sequence length,
-    counted without the causal halving as is customary for MFU). Backward costs twice
-    the forward, so training is 3x: 6N + 12 L T d (Kaplan et al. 2020; PaLM appendix B)."""
-    forward = 2 * matmul_params(cfg) + 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
-    return 3 * forward if training else forward
+    return family_spec(cfg).flops_per_token(cfg, seq_len, training)

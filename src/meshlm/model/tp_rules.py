@@ -1,4 +1,5 @@
-"""What tensor parallelism needs of the model, in one place.
+"""Whether a layout can split the model, in one place: the family's declared capabilities and
+its divisibility rule (heads, widths).
 
 The launcher's layout check (`parallel_dims_from_config`), `apply_tensor_parallel`, the
 inference commands' `--tp` and the planner all ask this module, so a layout that passes the
@@ -7,44 +8,31 @@ pre-launch check never fails inside the workers, and the planner never proposes 
 
 from __future__ import annotations
 
-import math
-
 from meshlm.config import ConfigError, ModelConfig
+from meshlm.model.registry import family_spec
 
 
-def tp_divisors(cfg: ModelConfig) -> list[int]:
-    """Every tensor-parallel degree the model can be split over: the common divisors of the
-    attention heads, the key/value heads and the MLP hidden size."""
-    g = math.gcd(cfg.n_heads, cfg.kv_heads, cfg.ffn_dim)
-    return [d for d in range(1, g + 1) if g % d == 0]
+def layout_problem(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> str | None:
+    """Why the model's family cannot run this layout (None when it can)."""
+    spec = family_spec(cfg)
+    refusal = spec.capabilities.refusal(spec.name, tp, sequence_parallel, pp)
+    if refusal:
+        return refusal
+    return spec.tp_problem(cfg, tp) if tp > 1 else None
 
 
 def tp_problem(cfg: ModelConfig, tp: int) -> str | None:
-    """Why the model cannot be split over `tp` ranks (None when it can)."""
-    if tp <= 1:
-        return None
-    bad = []
-    if cfg.n_heads % tp:
-        bad.append(f"model.n_heads ({cfg.n_heads})")
-    if cfg.kv_heads % tp:
-        bad.append(f"model.n_kv_heads ({cfg.kv_heads})")
-    if cfg.ffn_dim % tp:
-        default = "" if cfg.ffn_hidden else ", the default for this d_model"
-        bad.append(f"the MLP hidden size model.ffn_hidden ({cfg.ffn_dim}{default})")
-    if not bad:
-        return None
-    verb = "is" if len(bad) == 1 else "are"
-    fix = f"Use tp among {', '.join(map(str, tp_divisors(cfg)))}"
-    if cfg.ffn_dim % tp:
-        fix += f", or set model.ffn_hidden to a multiple of {tp} (e.g. {tp * -(-cfg.ffn_dim // tp)})"
-    return (
-        f"tensor parallelism splits the attention heads and the MLP over tp={tp} ranks, but "
-        f"{', '.join(bad)} {verb} not divisible by {tp}. {fix}."
-    )
+    return layout_problem(cfg, tp=tp)
 
 
 def check_tp_divides(cfg: ModelConfig, tp: int) -> None:
     """Raise ConfigError (naming the keys and the degrees that would work) unless tp splits the model."""
     problem = tp_problem(cfg, tp)
+    if problem:
+        raise ConfigError(problem)
+
+
+def check_layout_supported(cfg: ModelConfig, tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> None:
+    problem = layout_problem(cfg, tp, pp, sequence_parallel)
     if problem:
         raise ConfigError(problem)

@@ -22,9 +22,15 @@ from meshlm.distributed.dims import ParallelDims, ParallelMesh
 
 
 def apply_data_parallel(
-    module: nn.Module, dims: ParallelDims, mesh: ParallelMesh | None, device, bucket_mb: float = 25.0
+    module: nn.Module,
+    blocks: nn.ModuleDict,
+    dims: ParallelDims,
+    mesh: ParallelMesh | None,
+    device,
+    bucket_mb: float = 25.0,
 ) -> nn.Module:
-    """Wrap one model part (the whole model or a pipeline stage) for data parallelism."""
+    """Wrap one model part (the whole model or a pipeline stage) for data parallelism;
+    `blocks` are its repeated blocks (FSDP's units)."""
     if dims.dp == 1 or dims.zero in (1, 2):
         return module
     if dims.zero == 0:
@@ -42,7 +48,7 @@ def apply_data_parallel(
     dp_mesh = mesh.fsdp_mesh()
     # One FSDP unit per block (all-gathered just before it runs, freed after), the rest
     # (embeddings, final norm, output) in the root unit, as torchtitan does.
-    for block in module.layers.values():
+    for block in blocks.values():
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=True)
     fully_shard(module, mesh=dp_mesh, reshard_after_forward=True)
     return module

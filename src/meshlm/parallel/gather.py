@@ -46,18 +46,17 @@ def gather_full_state_dict(pm: ParallelModel, cfg: ModelConfig) -> dict[str, tor
 
 
 def _gather_tp(local: dict[str, torch.Tensor], pm: ParallelModel, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    from meshlm.parallel.tensor_parallel import tp_shard_dim
-
+    rules = pm.shard_rules
     out = {}
     for name, value in local.items():
-        dim = tp_shard_dim(name)
+        dim = rules.shard_dim(name)
         if dim is None:
             out[name] = value
             continue
         pieces = [torch.empty_like(value) for _ in range(pm.dims.tp)]
         dist.all_gather(pieces, value.contiguous(), group=pm.tp_group)
         full = torch.cat(pieces, dim=dim)
-        if name in ("tok_embeddings.weight", "output.weight"):
+        if rules.is_vocab(name):
             full = full[: cfg.vocab_size]  # cut the padding to a multiple of tp
         out[name] = full
     return out

@@ -9,17 +9,20 @@ the few facts the trainer needs to stay layout-independent (loss, gradient norm)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from meshlm.config import Config
+from meshlm.config import Config, ModelConfig
 from meshlm.distributed.dims import ParallelDims, ParallelMesh, pipeline_microbatches, stages_per_rank
-from meshlm.model.transformer import Transformer, lm_loss
+from meshlm.model.loss import lm_loss
+from meshlm.model.registry import family_spec
 from meshlm.parallel.activation_checkpoint import apply_activation_checkpointing
 from meshlm.parallel.data_parallel import apply_data_parallel, unwrap
+from meshlm.parallel.tp_plan import ShardRules, shard_rules
 from meshlm.parallel.wrappers import clean_name
 
 
@@ -34,8 +37,17 @@ class ParallelModel:
     dp_group: object | None = None
     pp_group: object | None = None
     tied_sync: object | None = None
-    vocab_size: int = 0
+    model_cfg: ModelConfig | None = None
     mesh: ParallelMesh | None = None  # None on a single process
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_cfg.vocab_size
+
+    @functools.cached_property
+    def shard_rules(self) -> ShardRules:
+        """Which parameters tensor parallelism splits (the family's plan)."""
+        return shard_rules(self.model_cfg)
 
     @property
     def is_first_stage(self) -> bool:
@@ -73,9 +85,7 @@ class ParallelModel:
         sum of squares divided by it counts every gradient element exactly once."""
         copies = 1.0
         if self.dims.tp > 1:
-            from meshlm.parallel.tensor_parallel import is_tp_sharded
-
-            copies *= 1 if is_tp_sharded(name) else self.dims.tp
+            copies *= 1 if self.shard_rules.shard_dim(name) is not None else self.dims.tp
         if self.dims.zero == 0:
             copies *= self.dims.dp  # DDP: every dp rank holds the full averaged gradient
         elif self.dims.zero == 3:
@@ -87,10 +97,11 @@ class ParallelModel:
 
 
 def parallelize(
-    model: Transformer, dims: ParallelDims, cfg: Config, device: torch.device, mesh: ParallelMesh | None = None
+    model: nn.Module, dims: ParallelDims, cfg: Config, device: torch.device, mesh: ParallelMesh | None = None
 ) -> ParallelModel:
     """Split, shard and wrap `model` (the full single-device model, identical on every rank)
     for this rank's place in `mesh` (None: a single process)."""
+    spec = family_spec(cfg)
     groups = {}
     if mesh is not None:
         groups = {axis: mesh.group(axis) for axis in ("pp", "dp", "tp")}
@@ -108,7 +119,7 @@ def parallelize(
         parts = [pipeline_split.build_stage_module(model, s, n_stages, counts) for s in stage_ids]
         tied_sync = (
             pipeline.TiedEmbeddingSync(parts, stage_ids, n_stages, cfg.parallel.pp_schedule, dims)
-            if cfg.model.tied
+            if spec.tied(cfg.model)
             else None
         )
 
@@ -122,14 +133,15 @@ def parallelize(
     # 3. Activation checkpointing, 4. compile.
     for part in parts:
         if cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(part)
+            apply_activation_checkpointing(getattr(part, spec.blocks))
         if cfg.train.compile:
             # Per block, as torchtitan does: small graphs compile fast and are reused across layers.
-            for name, block in list(part.layers.named_children()):
-                part.layers[name] = torch.compile(block)
+            blocks = getattr(part, spec.blocks)
+            for name, block in list(blocks.named_children()):
+                blocks[name] = torch.compile(block)
 
     # 5. Data parallel / sharding.
-    parts = [apply_data_parallel(part, dims, mesh, device) for part in parts]
+    parts = [apply_data_parallel(part, getattr(part, spec.blocks), dims, mesh, device) for part in parts]
 
     pm = ParallelModel(
         dims,
@@ -141,7 +153,7 @@ def parallelize(
         groups.get("dp"),
         groups.get("pp"),
         tied_sync,
-        cfg.model.vocab_size,
+        cfg.model,
         mesh,
     )
     if dims.pp > 1:

@@ -20,22 +20,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from meshlm.config import MULTI_STAGE_SCHEDULES, PIPELINE_SCHEDULES, Config, ConfigError
-from meshlm.model.transformer import Transformer
-from meshlm.parallel.stage_balance import balanced_layer_counts, stage_costs  # noqa: F401  (stage_costs re-exported)
+from meshlm.model.registry import family_spec
+from meshlm.parallel.stage_balance import balanced_layer_counts
 from meshlm.parallel.wrappers import clean_name, local_tensor
 
 
 def stage_layer_counts(cfg: Config, n_stages: int) -> list[int]:
-    """Layers per pipeline stage, first to last.
+    """Blocks ("layers") per pipeline stage, first to last.
 
     An explicit `parallel.pp_split` list is returned as given (after checking it has one
-    positive entry per stage and sums to model.n_layers).
+    positive entry per stage and sums to the model's blocks).
 
-    "auto" balances compute. Costs are in matmul parameters per token (proportional to
-    training FLOPs per token), see `stage_costs`:
-      - each block costs its matmul parameters (attention q, k, v, o + MLP),
-      - the last stage also pays for the final norm + output projection: vocab x d_model,
-        as much as the projection's matmul (e.g. 1.3 blocks for tiny-cpu, 5.5 for gpt2-124m),
+    "auto" balances compute with the family's costs (`FamilySpec.stage_costs`; for the
+    transformer, matmul parameters per token, proportional to training FLOPs per token):
+      - each block costs its own work (transformer: attention q, k, v, o + MLP),
+      - the last stage also pays for the final norm + output projection (vocab x d_model, as
+        much as the projection's matmul: e.g. 1.3 blocks for tiny-cpu, 5.5 for gpt2-124m),
       - the first stage also pays for the embedding, whose forward is a gather and backward a
         scatter-add: about d_model per token, no matmul, so in practice a tie-breaker only.
     The split minimises the most expensive stage, every stage holding at least one layer. Among
@@ -45,7 +45,8 @@ def stage_layer_counts(cfg: Config, n_stages: int) -> list[int]:
     Examples: gpt2-124m (12 layers, output = 5.5 blocks) over 4 stages -> [3, 4, 4, 1];
     6 equal layers with a small vocabulary over 4 stages -> [1, 2, 2, 1].
     """
-    n_layers = cfg.model.n_layers
+    costs = family_spec(cfg).stage_costs(cfg.model)
+    n_layers = len(costs.blocks)
     split = cfg.parallel.pp_split
     if isinstance(split, list):
         if len(split) != n_stages or sum(split) != n_layers or any(n <= 0 for n in split):
@@ -58,7 +59,7 @@ def stage_layer_counts(cfg: Config, n_stages: int) -> list[int]:
         raise ConfigError(
             f"cannot split model.n_layers ({n_layers}) into {n_stages} pipeline stages of at least one layer each."
         )
-    return balanced_layer_counts(cfg.model, n_stages)
+    return balanced_layer_counts(costs, n_stages)
 
 
 def stage_ids_for_rank(pp_rank: int, pp: int, schedule: str, stages_per_rank: int) -> list[int]:
@@ -97,13 +98,14 @@ def stage_layer_range(stage_id: int, layer_counts: list[int]) -> range:
     return range(start, start + layer_counts[stage_id])
 
 
-def build_stage_module(model: Transformer, stage_id: int, n_stages: int, layer_counts: list[int]) -> Transformer:
+def build_stage_module(model: nn.Module, stage_id: int, n_stages: int, layer_counts: list[int]) -> nn.Module:
     """A deep copy of `model` keeping only what stage `stage_id` runs.
 
     The blocks keep their original keys (stage 1 of [2, 2] holds layers "2" and "3"), so
     parameter names, checkpoints and optimizer state line up with the single-device model.
-    tok_embeddings / pos_embeddings live on stage 0 only, norm / output on the last stage only;
-    Transformer.forward then takes and returns hidden states (B, T, d) in between.
+    The family's first-stage modules (embeddings) live on stage 0 only, its last-stage modules
+    (final norm, output layer) on the last stage only; the model's forward then takes and
+    returns hidden states (B, T, d) in between (the FamilySpec contract).
 
     Tied embeddings split over two stages: the last stage's output.weight becomes its own copy
     (equal values), no longer shared with tok_embeddings; the two copies' gradients must be
@@ -112,20 +114,23 @@ def build_stage_module(model: Transformer, stage_id: int, n_stages: int, layer_c
     """
     if len(layer_counts) != n_stages or not 0 <= stage_id < n_stages:
         raise ValueError(f"stage {stage_id} of {n_stages} with layer counts {layer_counts}")
-    if sum(layer_counts) != len(model.layers):
-        raise ValueError(f"layer counts {layer_counts} do not sum to the model's {len(model.layers)} layers")
+    spec = family_spec(model.cfg)
+    blocks = getattr(model, spec.blocks)
+    if sum(layer_counts) != len(blocks):
+        raise ValueError(f"layer counts {layer_counts} do not sum to the model's {len(blocks)} blocks")
     keep = {str(i) for i in stage_layer_range(stage_id, layer_counts)}
-    dropped = [block for name, block in model.layers.items() if name not in keep]
+    dropped = [block for name, block in blocks.items() if name not in keep]
     if stage_id != 0:
-        dropped += [m for m in (model.tok_embeddings, model.pos_embeddings) if m is not None]
+        dropped += [m for m in (getattr(model, name) for name in spec.first_stage) if m is not None]
     if stage_id != n_stages - 1:
-        dropped += [m for m in (model.norm, model.output) if m is not None]
+        dropped += [m for m in (getattr(model, name) for name in spec.last_stage) if m is not None]
     # deepcopy returns what the memo holds for an object it has seen: the dropped modules become
     # None without being copied. A parameter shared with a dropped module (the tied output weight
     # on the last stage) is itself not in the memo, so it is copied: the stage owns its copy.
     stage = copy.deepcopy(model, memo={id(m): None for m in dropped})
-    for name in [name for name, block in stage.layers.items() if block is None]:
-        del stage.layers[name]
+    stage_blocks = getattr(stage, spec.blocks)
+    for name in [name for name, block in stage_blocks.items() if block is None]:
+        del stage_blocks[name]
     return stage
 
 
@@ -157,7 +162,9 @@ class TiedEmbeddingSync:
 
     def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, schedule_name: str, dims):
         models = {s: _unwrap(m) for s, m in zip(stage_ids, stage_modules)}
-        self.active = n_stages > 1 and next(iter(models.values())).cfg.tied
+        cfg = next(iter(models.values())).cfg
+        self.tied = family_spec(cfg).tied(cfg)  # ("tok_embeddings.weight", "output.weight") or None
+        self.active = n_stages > 1 and self.tied is not None
         # The stage models themselves, not their embedding / output submodules: tensor parallel
         # may replace those (vocab-parallel modules), the stage objects stay.
         self._first = models.get(0)
@@ -175,8 +182,9 @@ class TiedEmbeddingSync:
                 raise RuntimeError(f"rank {dist.get_rank()} holds a tied embedding copy but is in no pair {pairs}")
 
     def _copies(self) -> list[torch.Tensor]:
-        copies = [self._first.tok_embeddings.weight] if self._first is not None else []
-        return copies + ([self._last.output.weight] if self._last is not None else [])
+        source, copy_ = self.tied
+        copies = [self._first.get_parameter(source)] if self._first is not None else []
+        return copies + ([self._last.get_parameter(copy_)] if self._last is not None else [])
 
     @torch.no_grad()
     def sync_tied_embedding_grads(self) -> None:
@@ -219,7 +227,7 @@ class TiedEmbeddingSync:
         so after the sync the tied matrix counts once, as on a single device. Wrapper prefixes
         (module., _orig_mod., _fsdp_wrapped_module., _checkpoint_wrapped_module.) are ignored."""
         fqn = clean_name(fqn)
-        return 2 if self.active and fqn in ("tok_embeddings.weight", "output.weight") else 1
+        return 2 if self.active and fqn in self.tied else 1
 
     def copies_of(self, param: torch.Tensor) -> int:
         """Same as tied_copies, by parameter identity."""

@@ -70,15 +70,17 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.tensor import DTensor
 
-from meshlm.config import ConfigError
-from meshlm.model.tp_rules import check_tp_divides
+from meshlm.config import ConfigError, ModelConfig
+from meshlm.model.registry import family_spec
+from meshlm.model.tp_rules import check_layout_supported
 from meshlm.parallel.tp_collectives import Collective, enter_tp_region, exit_tp_region, split_seq, tp_communication
+from meshlm.parallel.tp_plan import ShardRules, shard_rules
 from meshlm.parallel.vocab_parallel import (
     VocabParallelEmbedding,
     pad_vocab_rows,
     padded_vocab_size,
 )
-from meshlm.parallel.wrappers import clean_name, local_tensor, unwrap_module
+from meshlm.parallel.wrappers import local_tensor, unwrap_module
 
 __all__ = [
     "apply_tensor_parallel",
@@ -96,16 +98,6 @@ __all__ = [
     "tp_communication",
 ]
 
-_COLUMN = {
-    ("attention", "wq"),
-    ("attention", "wk"),
-    ("attention", "wv"),
-    ("feed_forward", "w1"),
-    ("feed_forward", "w3"),
-}
-_ROW = {("attention", "wo"), ("feed_forward", "w2")}
-_VOCAB = {"tok_embeddings", "output"}
-
 
 @dataclass(frozen=True)
 class TensorParallelInfo:
@@ -121,35 +113,14 @@ class TensorParallelInfo:
 # ----------------------------------------------------------------------------- naming rule
 
 
-def _name_parts(fqn: str) -> list[str]:
-    return clean_name(fqn).split(".")
+def tp_shard_dim(fqn: str, cfg: ModelConfig) -> int | None:
+    """The dimension along which parameter `fqn` of a `cfg` model is split under TP (None:
+    replicated), from the family's tensor-parallel plan."""
+    return shard_rules(cfg).shard_dim(fqn)
 
 
-def tp_shard_dim(fqn: str) -> int | None:
-    """The dimension along which a parameter of the single-device model is split under TP:
-    0 for column-parallel weights and biases and the vocabulary rows, 1 for row-parallel
-    weights, None for replicated ones (norms, row-parallel biases, pos_embeddings)."""
-    parts = _name_parts(fqn)
-    if len(parts) < 2:
-        return None
-    module, param = parts[-2], parts[-1]
-    if module in _VOCAB:
-        return 0
-    parent = parts[-3] if len(parts) >= 3 else ""
-    if (parent, module) in _COLUMN:
-        return 0
-    if (parent, module) in _ROW and param == "weight":
-        return 1
-    return None
-
-
-def is_tp_sharded(fqn: str) -> bool:
-    return tp_shard_dim(fqn) is not None
-
-
-def _is_vocab(fqn: str) -> bool:
-    parts = _name_parts(fqn)
-    return len(parts) >= 2 and parts[-2] in _VOCAB
+def is_tp_sharded(fqn: str, cfg: ModelConfig) -> bool:
+    return tp_shard_dim(fqn, cfg) is not None
 
 
 # ----------------------------------------------------------------------------- layers
@@ -161,6 +132,28 @@ class ColumnParallelLinear(nn.Linear):
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
         super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        self.weight = weight
+        if bias is not None:
+            self.bias = bias
+
+
+class ColumnParallelConv1d(nn.Conv1d):
+    """A Conv1d holding rank r's output channels (and their bias): like ColumnParallelLinear,
+    no communication here; the f in front is the region entrance hook."""
+
+    def __init__(self, full: nn.Conv1d, weight: nn.Parameter, bias: nn.Parameter | None):
+        super().__init__(
+            full.in_channels,
+            weight.shape[0],
+            full.kernel_size,
+            stride=full.stride,
+            padding=full.padding,
+            dilation=full.dilation,
+            groups=full.groups,
+            bias=bias is not None,
+            padding_mode=full.padding_mode,
+            device="meta",
+        )
         self.weight = weight
         if bias is not None:
             self.bias = bias
@@ -203,27 +196,14 @@ def _enter_region_hook(group: ProcessGroup, sequence_parallel: bool, module: nn.
     return (enter_tp_region(args[0], group, sequence_parallel), *args[1:])
 
 
-def _enter_attention_hook(
-    group: ProcessGroup, sequence_parallel: bool, rope: nn.Module | None, module: nn.Module, args: tuple
-):
-    """f for attention. On a pipeline stage whose input is already sequence-sharded the model
-    sliced the rotary tables to the local length T/tp; after the gather attention sees
-    all T positions, so take the full tables again."""
-    x, *rest = args
-    x = enter_tp_region(x, group, sequence_parallel)
-    if rest and rest[0] is not None and rope is not None and rest[0][0].shape[0] != x.shape[1]:
-        rest[0] = (rope.cos[: x.shape[1]], rope.sin[: x.shape[1]])
-    return (x, *rest)
-
-
 # ----------------------------------------------------------------------------- applying
 
 
-def _shard(t: torch.Tensor, fqn: str, tp_rank: int, tp: int, vocab_size: int) -> torch.Tensor:
-    dim = tp_shard_dim(fqn)
+def _shard(t: torch.Tensor, fqn: str, tp_rank: int, tp: int, rules: ShardRules, vocab_size: int) -> torch.Tensor:
+    dim = rules.shard_dim(fqn)
     if dim is None:
         return t
-    if _is_vocab(fqn):
+    if rules.is_vocab(fqn):
         t = pad_vocab_rows(t, vocab_size, tp)
     if t.shape[dim] % tp:
         raise ConfigError(f"'{fqn}' has {t.shape[dim]} entries along dim {dim}, not divisible by tp ({tp}).")
@@ -231,82 +211,75 @@ def _shard(t: torch.Tensor, fqn: str, tp_rank: int, tp: int, vocab_size: int) ->
     return t.narrow(dim, tp_rank * size, size).clone()
 
 
-def _shard_param(p: nn.Parameter | None, fqn: str, tp_rank: int, tp: int, vocab_size: int) -> nn.Parameter | None:
+def _shard_param(
+    p: nn.Parameter | None, fqn: str, tp_rank: int, tp: int, rules: ShardRules, vocab_size: int
+) -> nn.Parameter | None:
     if p is None:
         return None
     with torch.no_grad():
-        return nn.Parameter(_shard(p.detach(), fqn, tp_rank, tp, vocab_size), requires_grad=p.requires_grad)
+        return nn.Parameter(_shard(p.detach(), fqn, tp_rank, tp, rules, vocab_size), requires_grad=p.requires_grad)
 
 
 def apply_tensor_parallel(model: nn.Module, tp_group: ProcessGroup, sequence_parallel: bool = False) -> None:
-    """Turn a full single-device Transformer (or a pipeline stage of one) into this rank's
-    tensor-parallel shard, in place, by slicing the local shards out of the full weights
-    (identical on every rank when built with the same seed): the result computes the same
-    function. Parameter names are unchanged. Build the optimizer afterwards.
+    """Turn a full single-device model (or a pipeline stage of one) into this rank's
+    tensor-parallel shard, in place, following its family's TensorParallelPlan: the local
+    shards are sliced out of the full weights (identical on every rank when built with the same
+    seed), so the result computes the same function. Parameter names are unchanged. Build the
+    optimizer afterwards.
 
-    sequence_parallel: the hidden states between blocks are (B, T/tp, d). A stage with
-    tok_embeddings takes (B, T) tokens; one without takes sequence-sharded hidden states.
-    A stage with `output` returns local logits (B, T, V_pad/tp), one without returns
+    sequence_parallel: the hidden states between regions are (B, T/tp, d). A stage with the
+    vocabulary embedding takes (B, T) tokens; one without takes sequence-sharded hidden states.
+    A stage with the output layer returns local logits (B, T, V_pad/tp), one without returns
     sequence-sharded hidden states. Call sync_sequence_parallel_grads after backward."""
     if getattr(model, "tensor_parallel", None) is not None:
         raise RuntimeError("apply_tensor_parallel was already applied to this model")
     tp, rank, cfg = dist.get_world_size(tp_group), dist.get_rank(tp_group), model.cfg
-    check_tp_divides(cfg, tp)
+    check_layout_supported(cfg, tp=tp, sequence_parallel=sequence_parallel)
+    rules = shard_rules(cfg)
     V = cfg.vocab_size
-    shard = functools.partial(_shard_param, tp_rank=rank, tp=tp, vocab_size=V)
-    for block in model.layers.values():
-        block = unwrap_module(block)
-        attn, ffn = block.attention, block.feed_forward
-        for proj in ("wq", "wk", "wv"):
-            lin = getattr(attn, proj)
-            setattr(
-                attn,
-                proj,
-                ColumnParallelLinear(
-                    shard(lin.weight, f"attention.{proj}.weight"), shard(lin.bias, f"attention.{proj}.bias")
-                ),
-            )
-        attn.wo = RowParallelLinear(
-            shard(attn.wo.weight, "attention.wo.weight"), attn.wo.bias, tp_group, sequence_parallel
-        )
-        attn.register_forward_pre_hook(
-            functools.partial(_enter_attention_hook, tp_group, sequence_parallel, model.rope)
-        )
-        for proj in ("w1", "w3"):
-            lin = getattr(ffn, proj)
-            if lin is not None:
-                setattr(
-                    ffn,
-                    proj,
-                    ColumnParallelLinear(
-                        shard(lin.weight, f"feed_forward.{proj}.weight"), shard(lin.bias, f"feed_forward.{proj}.bias")
-                    ),
-                )
-        ffn.w2 = RowParallelLinear(
-            shard(ffn.w2.weight, "feed_forward.w2.weight"), ffn.w2.bias, tp_group, sequence_parallel
-        )
-        ffn.register_forward_pre_hook(functools.partial(_enter_region_hook, tp_group, sequence_parallel))
-
-    tied = (
-        model.tok_embeddings is not None
-        and model.output is not None
-        and model.output.weight is model.tok_embeddings.weight
-    )
     V_pad = padded_vocab_size(V, tp)
-    if model.tok_embeddings is not None:
-        model.tok_embeddings = VocabParallelEmbedding(
-            shard(model.tok_embeddings.weight, "tok_embeddings.weight"),
-            rank * (V_pad // tp),
-            tp_group,
-            sequence_parallel,
-        )
-    if model.pos_embeddings is not None and sequence_parallel:
-        model.pos_embeddings = SequenceParallelPositionEmbedding(model.pos_embeddings.weight, tp_group)
-    if model.output is not None:
-        weight = model.tok_embeddings.weight if tied else shard(model.output.weight, "output.weight")
-        model.output = ColumnParallelLinear(weight, shard(model.output.bias, "output.bias"))
-        model.output.register_forward_pre_hook(functools.partial(_enter_region_hook, tp_group, sequence_parallel))
+    shard = functools.partial(_shard_param, tp_rank=rank, tp=tp, rules=rules, vocab_size=V)
+    tied = family_spec(cfg).tied(cfg)
+    modules = dict(model.named_modules())
+    tied_source = modules.get(tied[0].rpartition(".")[0]) if tied else None
+    tied_copy = modules.get(tied[1].rpartition(".")[0]) if tied else None
+    is_tied = tied_source is not None and tied_copy is not None and tied_copy.weight is tied_source.weight
+    replaced: dict[str, nn.Module] = {}
+    for path, module in list(modules.items()):
+        style = rules.style(path) if path else None
+        if style is None:
+            continue
+        new = None
+        if style == "column":
+            new = _column(module, shard(module.weight, f"{path}.weight"), shard(module.bias, f"{path}.bias"))
+        elif style == "row":
+            new = RowParallelLinear(shard(module.weight, f"{path}.weight"), module.bias, tp_group, sequence_parallel)
+        elif style == "vocab_embedding":
+            new = VocabParallelEmbedding(
+                shard(module.weight, f"{path}.weight"), rank * (V_pad // tp), tp_group, sequence_parallel
+            )
+        elif style == "vocab_output":
+            if is_tied and module is tied_copy:
+                weight = replaced[tied[0].rpartition(".")[0]].weight  # the embedding's shard itself
+            else:
+                weight = shard(module.weight, f"{path}.weight")
+            new = ColumnParallelLinear(weight, shard(module.bias, f"{path}.bias"))
+        elif style == "sequence_sliced_embedding" and sequence_parallel:
+            new = SequenceParallelPositionEmbedding(module.weight, tp_group)
+        if new is not None:
+            parent, _, attr = path.rpartition(".")
+            setattr(modules[parent] if parent else model, attr, new)
+            replaced[path] = new
+    for path, module in model.named_modules():
+        if path and rules.is_region(path):
+            module.register_forward_pre_hook(functools.partial(_enter_region_hook, tp_group, sequence_parallel))
     model.tensor_parallel = TensorParallelInfo(tp, rank, sequence_parallel, V, V_pad)
+
+
+def _column(module: nn.Module, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module:
+    if isinstance(module, nn.Conv1d):
+        return ColumnParallelConv1d(module, weight, bias)
+    return ColumnParallelLinear(weight, bias)
 
 
 def _tp_info(model: nn.Module) -> TensorParallelInfo | None:
@@ -330,8 +303,11 @@ def sync_sequence_parallel_grads(model: nn.Module, tp_group: ProcessGroup) -> in
     info = _tp_info(model)
     if info is None or not info.sequence_parallel or info.tp == 1:
         return 0
+    rules = shard_rules(unwrap_module(model).cfg)
     grads = [
-        local_tensor(p.grad) for name, p in model.named_parameters() if p.grad is not None and not is_tp_sharded(name)
+        local_tensor(p.grad)
+        for name, p in model.named_parameters()
+        if p.grad is not None and rules.shard_dim(name) is None
     ]
     if not grads:
         return 0
@@ -348,27 +324,28 @@ def sync_sequence_parallel_grads(model: nn.Module, tp_group: ProcessGroup) -> in
 
 
 @torch.no_grad()
-def gather_tp_tensor(fqn: str, local: torch.Tensor, tp_group: ProcessGroup, vocab_size: int) -> torch.Tensor:
-    """The full single-device tensor for parameter `fqn` (or its gradient) from every rank's
-    shard: all-gathered along tp_shard_dim(fqn), vocabulary padding cut. Same on every rank."""
-    dim = tp_shard_dim(fqn)
+def gather_tp_tensor(fqn: str, local: torch.Tensor, tp_group: ProcessGroup, cfg: ModelConfig) -> torch.Tensor:
+    """The full single-device tensor for parameter `fqn` (or its gradient) of a `cfg` model from
+    every rank's shard: all-gathered along its shard dimension, vocabulary padding cut. Same on
+    every rank."""
+    rules = shard_rules(cfg)
+    dim = rules.shard_dim(fqn)
     local = (local.full_tensor() if isinstance(local, DTensor) else local).detach()  # FSDP2: whole over dp first
     if dim is None:
         return local.clone()
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(tp_group))]
     dist.all_gather(parts, local.contiguous(), group=tp_group)
     full = torch.cat(parts, dim=dim)
-    return full[:vocab_size].clone() if _is_vocab(fqn) else full
+    return full[: cfg.vocab_size].clone() if rules.is_vocab(fqn) else full
 
 
-def _alias_key(key: str, t: torch.Tensor) -> tuple:
+def _alias_key(key: str, t: torch.Tensor, rules: ShardRules) -> tuple:
     """Equal for the entries of tied weights (same memory, same view, same split), so they are
     gathered or sharded once and stay one tensor."""
-    if isinstance(t, DTensor):
-        t = t.tolocal_tensor()
+    t = local_tensor(t)
     if t.is_meta or t.numel() == 0:
         return (key,)
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), tp_shard_dim(key))
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), rules.shard_dim(key))
 
 
 def gather_tp_state_dict(model: nn.Module, tp_group: ProcessGroup) -> dict[str, torch.Tensor]:
@@ -377,26 +354,29 @@ def gather_tp_state_dict(model: nn.Module, tp_group: ProcessGroup) -> dict[str, 
     info = _tp_info(model)
     if info is None:
         raise ValueError("gather_tp_state_dict needs a model that apply_tensor_parallel has sharded")
+    cfg = unwrap_module(model).cfg
+    rules = shard_rules(cfg)
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, torch.Tensor] = {}
     for key, t in model.state_dict().items():
-        ident = _alias_key(key, t)
+        ident = _alias_key(key, t, rules)
         if ident not in seen:
-            seen[ident] = gather_tp_tensor(key, t, tp_group, info.vocab_size)
+            seen[ident] = gather_tp_tensor(key, t, tp_group, cfg)
         out[key] = seen[ident]
     return out
 
 
 def shard_state_dict(
-    full_sd: dict[str, torch.Tensor], tp_rank: int, tp: int, vocab_size: int
+    full_sd: dict[str, torch.Tensor], tp_rank: int, tp: int, cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """The inverse of gather_tp_state_dict: rank `tp_rank`'s shards (vocabulary padded) of a
-    full single-device state dict, to load_state_dict into a tensor-parallel model."""
+    full single-device state dict of a `cfg` model, to load_state_dict into its tensor-parallel shard."""
+    rules = shard_rules(cfg)
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, torch.Tensor] = {}
     for key, t in full_sd.items():
-        ident = _alias_key(key, t)
+        ident = _alias_key(key, t, rules)
         if ident not in seen:
-            seen[ident] = _shard(t, key, tp_rank, tp, vocab_size)
+            seen[ident] = _shard(t, key, tp_rank, tp, rules, cfg.vocab_size)
         out[key] = seen[ident]
     return out

@@ -31,7 +31,6 @@ import functools
 import math
 from dataclasses import dataclass, field, replace
 
-from meshlm.config import ModelConfig
 from meshlm.model.stats import flops_per_token
 from meshlm.plan import comm
 from meshlm.plan.compute import PassTimes, block_pass, ends_pass, weight_traffic
@@ -42,6 +41,7 @@ from meshlm.plan.shapes import (
     Chunk,
     ParamStats,
     chunk_numel,
+    model_from_key,
     model_key,
     padded_vocab,
     rank_chunks,
@@ -118,7 +118,7 @@ def _cached_parts(workload_key: tuple, layout_key: tuple, cluster: Cluster, sw: 
     """(block, {(has_embedding, has_output): ends}) for one micro-batch: shared by every layout
     with the same tp, sequence parallelism, micro-batch and recomputation."""
     mkey, seq_len = workload_key
-    workload = Workload(ModelConfig(*mkey), 1, seq_len)
+    workload = Workload(model_from_key(mkey), 1, seq_len)
     tp, sp, mb, recompute = layout_key
     layout = Layout(tp=tp, sequence_parallel=sp, micro_batch=mb, recompute=recompute)
     ends = {(e, o): ends_pass(workload, layout, cluster, sw, e, o) for e in (False, True) for o in (False, True)}

@@ -201,10 +201,11 @@ def _measure_reference_block() -> dict:
     import torch
     import torch.nn.functional as F
 
-    from meshlm.config import ModelConfig
-    from meshlm.model.transformer import RotaryEmbedding, apply_rotary, lm_loss, make_norm
+    from meshlm.config import model_section
+    from meshlm.model.loss import lm_loss
+    from meshlm.model.transformer.model import RotaryEmbedding, apply_rotary, make_norm
 
-    cfg = ModelConfig(**REFERENCE)
+    cfg = model_section("transformer")(**REFERENCE)
     B, T, d, hd = REFERENCE_BATCH, cfg.max_seq_len, cfg.d_model, cfg.head_dim
     rope = RotaryEmbedding(hd, T, cfg.rope_theta)
     norm1, norm2 = make_norm(cfg), make_norm(cfg)
@@ -377,11 +378,11 @@ def _calibrate(device: Device, f: dict) -> Device:
     took; the head's time beyond its GEMM and norm, per logit."""
     from dataclasses import replace
 
-    from meshlm.config import ModelConfig
+    from meshlm.config import model_section
     from meshlm.plan.compute import block_elementwise
     from meshlm.plan.layout import Layout, Workload, meshlm_software
 
-    workload = Workload(ModelConfig(**REFERENCE), REFERENCE_BATCH, REFERENCE["max_seq_len"])
+    workload = Workload(model_section("transformer")(**REFERENCE), REFERENCE_BATCH, REFERENCE["max_seq_len"])
     ew = block_elementwise(workload, Layout(micro_batch=REFERENCE_BATCH), meshlm_software("cpu"))
     rest = f["reference_elementwise_s"] - (ew.fwd_ops + ew.bwd_ops) * device.op_overhead_s
     if rest > 0:

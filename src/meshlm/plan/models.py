@@ -9,15 +9,20 @@ attention with 8 key/value heads, SwiGLU MLP, 128,256-token vocabulary).
 
 from __future__ import annotations
 
-from meshlm.config import ConfigError, ModelConfig
+from meshlm.config import ConfigError, ModelConfig, model_section
+
+
+def _transformer(**keys) -> ModelConfig:
+    """These presets are all decoder-only transformers (the [model] section of that family)."""
+    return model_section("transformer")(**keys)
 
 
 def _gpt(n_layers: int, d: int, heads: int, vocab: int = 50257, seq: int = 2048) -> ModelConfig:
-    return ModelConfig(arch="gpt2", d_model=d, n_layers=n_layers, n_heads=heads, vocab_size=vocab, max_seq_len=seq)
+    return _transformer(arch="gpt2", d_model=d, n_layers=n_layers, n_heads=heads, vocab_size=vocab, max_seq_len=seq)
 
 
 def _llama(n_layers: int, d: int, heads: int, kv: int, ffn: int, vocab: int = 128256, seq: int = 8192) -> ModelConfig:
-    return ModelConfig(
+    return _transformer(
         arch="llama",
         d_model=d,
         n_layers=n_layers,

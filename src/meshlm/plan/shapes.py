@@ -16,8 +16,9 @@ import functools
 from dataclasses import dataclass
 
 from meshlm.config import ModelConfig, schedule_stages_per_rank
+from meshlm.model.registry import family_spec
 from meshlm.parallel.pipeline_split import stage_ids_for_rank as pipeline_stage_ids
-from meshlm.parallel.stage_balance import balanced_layer_counts, stage_costs
+from meshlm.parallel.stage_balance import balanced_layer_counts
 from meshlm.plan.layout import Layout, Workload
 
 
@@ -32,11 +33,12 @@ class Chunk:
 
 
 def model_key(m: ModelConfig) -> tuple:
-    """The config's field values in order (hashable; ModelConfig(*key) rebuilds it)."""
-    return tuple(m.__dict__[f] for f in _MODEL_FIELDS)
+    """The config's class and field values in order (hashable; model_from_key rebuilds it)."""
+    return (type(m), *(getattr(m, f.name) for f in dataclasses.fields(m)))
 
 
-_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+def model_from_key(key: tuple) -> ModelConfig:
+    return key[0](*key[1:])
 
 
 def padded_vocab(m: ModelConfig, tp: int) -> int:
@@ -90,7 +92,7 @@ class ParamStats:
 
 @functools.lru_cache(maxsize=4096)
 def _chunk_stats(mkey: tuple, tp: int, chunk: Chunk, tied_copy: bool, shard_counts: tuple[int, ...]) -> tuple:
-    shapes = chunk_shapes(ModelConfig(*mkey), tp, chunk, tied_copy)
+    shapes = chunk_shapes(model_from_key(mkey), tp, chunk, tied_copy)
     numel = sum(r * c * k for r, c, k in shapes)
     fsdp = tuple((n, fsdp_shard_numel(shapes, n)) for n in shard_counts)
     return numel, sum(k for _, _, k in shapes), fsdp
@@ -126,9 +128,10 @@ def fsdp_shard_numel(shapes: list[tuple[int, int, int]], n: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _balanced_counts(mkey: tuple, n_stages: int) -> tuple[int, ...]:
-    m = ModelConfig(*mkey)
+    m = model_from_key(mkey)
     n_layers = m.n_layers
-    embedding, block, output = stage_costs(m)
+    costs = family_spec(m).stage_costs(m)
+    embedding, block, output = costs.first, costs.blocks[0], costs.last
 
     def cost(stage: int, layers: int) -> int:
         return layers * block + (embedding if stage == 0 else 0) + (output if stage == n_stages - 1 else 0)
@@ -136,7 +139,7 @@ def _balanced_counts(mkey: tuple, n_stages: int) -> tuple[int, ...]:
     if n_layers * n_stages > 4096:
         return _bisect_counts(n_layers, n_stages, cost, block)
     # meshlm's own split (parallel.stage_balance), step for step.
-    return tuple(balanced_layer_counts(m, n_stages))
+    return tuple(balanced_layer_counts(costs, n_stages))
 
 
 def _bisect_counts(n_layers: int, n_stages: int, cost, block: int) -> tuple[int, ...]:
@@ -195,7 +198,7 @@ def stage_ids_for_rank(pp_rank: int, layout: Layout) -> list[int]:
 
 @functools.lru_cache(maxsize=4096)
 def _rank_chunks(mkey: tuple, pp: int, schedule: str, v: int, split: str) -> tuple[tuple[Chunk, ...], ...]:
-    m = ModelConfig(*mkey)
+    m = model_from_key(mkey)
     layout = Layout(pp=pp, schedule=schedule, virtual_stages=v)
     total = pp * stages_per_rank(layout)
     counts = stage_layer_counts(m, total, split) if total > 1 else (m.n_layers,)

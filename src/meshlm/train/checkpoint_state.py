@@ -70,8 +70,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from meshlm.config import ConfigError, ModelConfig
+from meshlm.model.registry import family_spec, meta_model
+from meshlm.parallel.tp_plan import shard_rules
 
-TIED_COPY, TIED_SOURCE = "output.weight", "tok_embeddings.weight"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -118,19 +119,17 @@ class ShardContext:
 
 def global_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     """Single-device parameter shapes (from a meta-device build: no memory)."""
-    from meshlm.model.transformer import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    if cfg.tied:
-        shapes[TIED_COPY] = shapes[TIED_SOURCE]
+    shapes = {name: p.shape for name, p in meta_model(cfg).named_parameters()}
+    tied = family_spec(cfg).tied(cfg)
+    if tied:
+        shapes[tied[1]] = shapes[tied[0]]
     return shapes
 
 
 def checkpoint_key(name: str, cfg: ModelConfig) -> str:
     """The stored name of parameter `name` (a tied output copy is stored as the embedding)."""
-    return TIED_SOURCE if cfg.tied and name == TIED_COPY else name
+    tied = family_spec(cfg).tied(cfg)
+    return tied[0] if tied and name == tied[1] else name
 
 
 # ----------------------------------------------------------------------------- boxes
@@ -163,10 +162,8 @@ def range_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[tup
 def to_global(name: str, boxes: list[Box], local_shape: torch.Size, ctx: ShardContext) -> list[Box]:
     """Boxes in this rank's (tensor-parallel, possibly vocab-padded) parameter -> boxes in the
     global parameter: shift along the tp dimension, cut the vocabulary padding, drop empties."""
-    from meshlm.parallel.tensor_parallel import tp_shard_dim
-
     size = ctx.shapes[name]
-    dim = tp_shard_dim(name) if ctx.tp > 1 else None
+    dim = shard_rules(ctx.model).shard_dim(name) if ctx.tp > 1 else None
     if dim is None:
         if tuple(local_shape) != tuple(size):
             raise ValueError(f"'{name}': local shape {tuple(local_shape)} but the model's is {tuple(size)}")

@@ -33,8 +33,8 @@ from meshlm.distributed.dims import ParallelDims, parallel_dims_from_config
 from meshlm.distributed.env import LaunchEnv, read_launch_env
 from meshlm.distributed.process_group import init_distributed
 from meshlm.distributed.rank_zero import run_on_rank0
+from meshlm.model.registry import build_model, family_spec
 from meshlm.model.stats import count_params, flops_per_token
-from meshlm.model.transformer import build_model
 from meshlm.parallel.gather import gather_full_state_dict
 from meshlm.parallel.parallelize import ParallelModel, parallelize
 from meshlm.train.checkpoint import (
@@ -127,8 +127,8 @@ class Trainer:
             load_hf_weights_into(model, cfg)
             self.log(f"model: weights from {cfg.train.init_from_hf}")
         self.log(
-            f"model: {cfg.model.arch}, {count_params(cfg.model) / 1e6:.2f}M parameters, "
-            f"{cfg.model.n_layers} layers, d_model {cfg.model.d_model}; layout {self.dims.describe} on "
+            f"model: {cfg.model.family} ({family_spec(cfg).describe(cfg.model)}), "
+            f"{count_params(cfg.model) / 1e6:.2f}M parameters; layout {self.dims.describe} on "
             f"{self.env.world_size} process(es), {self.device.type}/{self.env.backend if self.env.distributed else 'local'}; "
             f"global batch {self.global_batch} x {cfg.data.seq_len} tokens"
         )

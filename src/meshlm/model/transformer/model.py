@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshlm.config import ModelConfig
+from meshlm.model.transformer.config import TransformerConfig
 
 
 class RotaryEmbedding(nn.Module):
@@ -63,7 +63,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         bias = cfg.arch == "gpt2"
         self.head_dim = cfg.head_dim
@@ -73,7 +73,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """rope: the full rotary tables (max_seq_len, head_dim/2), cut here to the length x has
+        *inside* attention (under sequence parallelism the input arrives gathered to all T)."""
         B, T, _ = x.shape
+        if rope is not None:
+            rope = (rope[0][:T], rope[1][:T])
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         v = self.wv(x).view(B, T, -1, self.head_dim)
@@ -88,7 +92,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """llama: SwiGLU, w2(silu(w1 x) * w3 x). gpt2: w2(gelu(w1 x)) with GPT-2's tanh GELU."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.gated = cfg.arch == "llama"
         bias = not self.gated
@@ -102,7 +106,7 @@ class FeedForward(nn.Module):
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: TransformerConfig) -> nn.Module:
     if cfg.arch == "llama":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -111,7 +115,7 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.attention_norm = make_norm(cfg)
         self.attention = Attention(cfg)
@@ -124,7 +128,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -164,6 +168,10 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Recompute the derived (non-persistent) buffers: after `to_empty()` or a load."""
         if self.rope is not None:
             self.rope.reset()
 
@@ -176,8 +184,8 @@ class Transformer(nn.Module):
             if self.pos_embeddings is not None:
                 h = h + self.pos_embeddings(torch.arange(T, device=tokens.device))
         else:
-            h, T = tokens, tokens.shape[1]
-        rope = (self.rope.cos[:T], self.rope.sin[:T]) if self.rope is not None else None
+            h = tokens
+        rope = (self.rope.cos, self.rope.sin) if self.rope is not None else None
         for layer in self.layers.values():
             h = layer(h, rope)
         if self.norm is not None:
@@ -187,12 +195,7 @@ class Transformer(nn.Module):
         return h
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy, computed in float32 for stability under bf16 autocast."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
-
-
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None) -> Transformer:
+def build_model(cfg: TransformerConfig, device: torch.device | str = "cpu", seed: int | None = None) -> Transformer:
     """Build on the meta device (no memory), materialise on `device`, then initialise.
     Going through meta keeps large models cheap to construct; with a seed the weights
     are identical on every process and every device."""

@@ -1,0 +1,133 @@
+"""FamilySpec: everything the rest of meshlm needs to know about a model family.
+
+A family is a folder under `model/` with a plain single-device `nn.Module` (no process
+group, rank or mesh in sight), its [model] config section and one `FamilySpec`, registered by
+name in `model/registry.py`. Parallelism, training, checkpoints, export, inference and the
+planner read the spec; none of them imports a family or names its module attributes.
+
+The model module's contract (what the spec's names point at):
+
+    model.<blocks>             nn.ModuleDict {"0": block, "1": ...} of the repeated blocks: the
+                               unit of activation checkpointing, per-block compile, FSDP
+                               sharding and pipeline cuts (a dict, so a stage keeps the names)
+    model.<first_stage...>     modules only the first pipeline stage runs (embeddings), and
+    model.<last_stage...>      those only the last one runs (final norm, output layer): a
+                               pipeline stage is a copy of the model with the others set to None
+    model(x)                   x: token ids (B, T) when the first-stage modules are present,
+                               else hidden states (B, T, d); returns logits (B, T, V) when the
+                               last-stage modules are present, else hidden states
+    model.init_weights(gen)    initialise every parameter (also after `to_empty()`), deterministic
+                               given the generator
+    model.tie_weights()        re-tie shared weights (after `to_empty()` or loading; no-op if none)
+    model.reset_buffers()      recompute derived, non-persistent buffers (rotary tables, ...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from meshlm.config import ModelConfig
+
+ShardStyle = Literal["column", "row", "vocab_embedding", "vocab_output", "sequence_sliced_embedding"]
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """How tensor parallelism splits a family's modules, as data (Megatron-LM's scheme).
+
+    Each entry maps a module path pattern (dots; `*` matches one name, e.g.
+    "layers.*.attention.wq") to a style:
+
+      column                   nn.Linear / nn.Conv1d split along output features (dim 0 of the
+                               weight and bias); `halves` > 1 splits each of that many equal
+                               output blocks consistently (a gated linear unit's [a; b])
+      row                      nn.Linear split along input features (dim 1); the partial
+                               products are summed over the group, the bias added once after
+      vocab_embedding          nn.Embedding split by vocabulary rows (padded to a multiple of tp)
+      vocab_output             the output layer, column-parallel over the padded vocabulary:
+                               local logits, never gathered in training
+      sequence_sliced_embedding  a replicated position embedding that, under sequence
+                               parallelism, looks up only this rank's part of the sequence
+
+    `regions` are the module paths whose input passes through Megatron's f (identity forward,
+    all-reduce backward; all-gather along the sequence under sequence parallelism): the
+    entrance of each span that starts with column-parallel layers and ends with a row-parallel
+    one (or the output layer).
+    """
+
+    styles: dict[str, ShardStyle]
+    regions: tuple[str, ...] = ()
+    halves: dict[str, int] = field(default_factory=dict)
+    sequence_parallel: bool = True  # whether the family's blocks run sequence-sharded between regions
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Which layouts a family can run: None where it can, else the reason it cannot. A layout it
+    cannot run is refused before launch, naming the family, the reason and what it can run; the
+    planner never proposes it. Every data-parallel mode (ZeRO 0-3, FSDP, HSDP) works on any module."""
+
+    tensor_parallel: str | None = None
+    sequence_parallel: str | None = None
+    pipeline: str | None = None
+
+    def supported(self) -> str:
+        runs = ["data parallel (ZeRO 0-3, HSDP)"]
+        if not self.tensor_parallel:
+            runs.append("tensor parallel" + ("" if not self.sequence_parallel else " (without sequence parallel)"))
+        if not self.pipeline:
+            runs.append("pipeline parallel")
+        return ", ".join(runs)
+
+    def refusal(self, family: str, tp: int, sequence_parallel: bool, pp: int) -> str | None:
+        for wanted, what, reason in (
+            (tp > 1, f"tensor parallelism (tp={tp})", self.tensor_parallel),
+            (sequence_parallel, "sequence parallelism", self.sequence_parallel),
+            (pp > 1, f"pipeline parallelism (pp={pp})", self.pipeline),
+        ):
+            if wanted and reason:
+                return (
+                    f"model.family '{family}' cannot run {what}: {reason}. It can run {self.supported()}; "
+                    f"change the [parallel] degrees or the model family."
+                )
+        return None
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Relative compute per token (e.g. matmul parameters) of the first-stage modules, each
+    block, and the last-stage modules: what the pipeline splitter balances."""
+
+    first: float
+    blocks: list[float]
+    last: float
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    config_type: type[ModelConfig]
+    model_class: type  # model_class(cfg) builds the full single-device model (on the default device)
+    blocks: str  # attribute holding the nn.ModuleDict of repeated blocks
+    first_stage: tuple[str, ...]  # attributes only the first pipeline stage keeps
+    last_stage: tuple[str, ...]  # attributes only the last pipeline stage keeps
+    capabilities: Capabilities
+    # (cfg, tp) -> why tp cannot split this model (None when it can): heads, widths, ...
+    tp_problem: Callable[[Any, int], str | None]
+    # cfg -> the tensor-parallel plan (None when the family declares tensor parallelism unsupported)
+    tp_plan: Callable[[Any], TensorParallelPlan | None]
+    # cfg -> ("stored.weight", "copy.weight") of a tied pair (the copy is not stored), or None
+    tied: Callable[[Any], tuple[str, str] | None]
+    count_params: Callable[[Any], int]
+    # (cfg, seq_len, training) -> FLOPs per token (model FLOPs: 2 per matmul weight forward, x3 training)
+    flops_per_token: Callable[[Any, int, bool], float]
+    stage_costs: Callable[[Any], StageCosts]
+    describe: Callable[[Any], str]  # a short description for logs: "llama, 4 layers, d_model 128"
+    # (model, max_batch, max_len) -> the incremental decoding state the inference engine drives
+    decode_state: Callable[..., Any] | None = None
+    hf: Any = None  # optional Hugging Face adapter (see meshlm.interop)
+
+    def n_blocks(self, cfg) -> int:
+        return len(self.stage_costs(cfg).blocks)
