@@ -10,25 +10,20 @@ from __future__ import annotations
 import math
 
 import pytest
+from family_cases import FAMILY_CASES
 
 from meshlm.artifacts.weights_file import load_weights
-from meshlm.config import load_config
+from meshlm.config import ConfigError, load_config
+from meshlm.distributed.dims import parallel_dims_from_config
 from meshlm.distributed.spawn import run_distributed
 from meshlm.train.trainer import train
 
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-4
 
-VARIANTS = {
-    # llama with grouped-query attention (8 heads, 4 kv heads: splits up to tp4), untied output
-    "llama": ['model.arch="llama"', "model.n_heads=8", "model.n_kv_heads=4", "model.tie_embeddings=false"],
-    # gpt2: learned positions, biases, tied embeddings
-    "gpt2": ['model.arch="gpt2"', "model.n_heads=4", "model.n_kv_heads=0"],
-}
+VARIANTS = FAMILY_CASES
 
 BASE = [
-    "model.d_model=64",
-    "model.n_layers=4",
     "model.vocab_size=301",
     "model.max_seq_len=64",
     "data.seq_len=32",
@@ -119,8 +114,32 @@ def assert_same_training(ref, got_losses, got_val, got_state):
         assert diff <= PARAM_ATOL, f"{name}: max abs difference {diff} after 5 steps"
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("case, world, overrides", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def _runs(variant: str, world: int, overrides: list[str]) -> bool:
+    """Whether the variant's family can run this layout (else the refusal is tested below)."""
+    try:
+        parallel_dims_from_config(load_config(None, BASE + VARIANTS[variant] + overrides), world)
+    except ConfigError as e:
+        if "model.family" in str(e):
+            return False
+        raise
+    return True
+
+
+MATRIX = [
+    pytest.param(case, world, overrides, variant, id=f"{variant}-{case}")
+    for variant in VARIANTS
+    for case, world, overrides in LAYOUTS
+    if _runs(variant, world, overrides)
+]
+REFUSED = [
+    pytest.param(world, overrides, variant, id=f"{variant}-{case}")
+    for variant in VARIANTS
+    for case, world, overrides in LAYOUTS
+    if not _runs(variant, world, overrides)
+]
+
+
+@pytest.mark.parametrize("case, world, overrides, variant", MATRIX)
 def test_layout_matches_single_process(case, world, overrides, variant, data_cache, tmp_path, tmp_path_factory):
     layer_override = [o for o in overrides if o.startswith("model.n_layers")]
     ref = reference(variant, data_cache, tmp_path_factory, layer_override)
@@ -141,3 +160,11 @@ def test_gradient_accumulation_equals_one_large_batch(variant, data_cache, tmp_p
     result = train(cfg, tmp_path / "acc", log=lambda *a, **k: None)
     state = load_weights(tmp_path / "acc" / "model.safetensors", cfg.model).state_dict()
     assert_same_training(ref, result.losses, result.final_val_loss, state)
+
+
+@pytest.mark.skipif(not REFUSED, reason="every registered family runs every layout of the matrix")
+@pytest.mark.parametrize("world, overrides, variant", REFUSED)
+def test_layouts_a_family_cannot_run_are_refused_before_launch(world, overrides, variant):
+    family = load_config(None, BASE + VARIANTS[variant]).model.family
+    with pytest.raises(ConfigError, match=f"model.family '{family}' cannot run .* It can run"):
+        parallel_dims_from_config(load_config(None, BASE + VARIANTS[variant] + overrides), world)

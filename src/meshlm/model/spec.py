@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from meshlm.config import ModelConfig
 
@@ -105,6 +105,39 @@ class StageCosts:
     last: float
 
 
+class DecodeState(Protocol):
+    """Incremental decoding state of up to `max_batch` sequences ("slots") of up to `max_len`
+    tokens, driven by the inference engine's scheduler. The family builds it from its own
+    modules (`FamilySpec.decode_state(model, max_batch, max_len)`): the KV cache for a
+    transformer, (h, c) per slot for an LSTM, the last k-1 inputs of each convolution for a
+    gated CNN, the last n-1 tokens for a maximum-entropy model, the filtered state distribution
+    for an HMM. The same code runs on a tensor-parallel shard: logits are then this rank's
+    vocabulary slice (the engine gathers them).
+
+    The engine keeps active sequences in slots 0..n-1; a finished sequence's slot is refilled
+    by moving the last active one into it (`move_slot`)."""
+
+    max_batch: int
+    max_len: int
+    lengths: list[int]  # tokens consumed per slot (host side: known without a device sync)
+
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> Any:
+        """Append each prompt to its slot (from the slot's current length); return the logits
+        after each prompt's last token, (n, V_local)."""
+
+    def decode(self, tokens: Any) -> Any:
+        """Feed one token (tokens: (n,) long) to each of the slots 0..n-1; return (n, V_local) logits."""
+
+    def release(self, slot: int) -> None:
+        """Forget a slot's sequence (its length becomes 0)."""
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Copy sequence `src` into slot `dst` (compaction after `dst` finished)."""
+
+    def nbytes(self) -> int:
+        """Memory held by the state (for metrics and planning)."""
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     name: str
@@ -125,8 +158,8 @@ class FamilySpec:
     flops_per_token: Callable[[Any, int, bool], float]
     stage_costs: Callable[[Any], StageCosts]
     describe: Callable[[Any], str]  # a short description for logs: "llama, 4 layers, d_model 128"
-    # (model, max_batch, max_len) -> the incremental decoding state the inference engine drives
-    decode_state: Callable[..., Any] | None = None
+    # (model, max_batch, max_len) -> DecodeState: what the inference engine drives
+    decode_state: Callable[..., DecodeState] | None = None
     hf: Any = None  # optional Hugging Face adapter (see meshlm.interop)
 
     def n_blocks(self, cfg) -> int:
