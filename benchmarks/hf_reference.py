@@ -3,9 +3,9 @@ side-by-side benchmarks. transformers is a benchmark/test dependency only."""
 
 from __future__ import annotations
 
-from meshlm.interop.hf_config import hf_config_from_model
-from meshlm.interop.hf_weights import state_dict_to_hf
 from meshlm.model.transformer.config import TransformerConfig
+from meshlm.model.transformer.hf_config import hf_config_from_model
+from meshlm.model.transformer.hf_weights import state_dict_to_hf
 
 # The shapes both benchmarks compare on.
 SHAPES = {

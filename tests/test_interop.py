@@ -16,9 +16,9 @@ from meshlm.artifacts.weights_file import load_weights, save_weights  # noqa: E4
 from meshlm.config import Config, ConfigError  # noqa: E402
 from meshlm.data.tokenizer import train_tokenizer  # noqa: E402
 from meshlm.interop import export_hf, import_hf, load_hf_model, model_config_from_hf  # noqa: E402
-from meshlm.interop.hf_weights import state_dict_from_hf, state_dict_to_hf  # noqa: E402
 from meshlm.model.registry import build_model  # noqa: E402
 from meshlm.model.transformer.config import TransformerConfig  # noqa: E402
+from meshlm.model.transformer.hf_weights import state_dict_from_hf, state_dict_to_hf  # noqa: E402
 
 TOL = 1e-4
 SRC = Path(__file__).resolve().parents[1] / "src" / "meshlm"

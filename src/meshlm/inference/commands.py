@@ -151,7 +151,7 @@ def _converted_hf_run(hf_dir: Path) -> Path:
     import tempfile
 
     from meshlm.interop.convert import import_hf
-    from meshlm.interop.hf_weights import hf_weight_files
+    from meshlm.interop.hf_files import hf_weight_files
 
     files = [hf_dir / "config.json", *hf_weight_files(hf_dir)]
     key = hashlib.sha256("|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files).encode())

@@ -1,6 +1,6 @@
 """Import Hugging Face models into meshlm and export meshlm runs to Hugging Face.
 
-    load_hf_model(hf_dir)            -> (ModelConfig, Transformer): start training or
+    load_hf_model(hf_dir)            -> (ModelConfig, model): start training or
                                         inference from a Hugging Face checkpoint
     import_hf(hf_dir, run_dir)       -> a meshlm run directory (config.toml,
                                         model.safetensors, tokenizer.json)
@@ -26,9 +26,8 @@ from safetensors.torch import save_file
 from meshlm.artifacts.run_dir import clear_run_files, copy_file_atomic, load_run_config, write_text_atomic
 from meshlm.artifacts.weights_file import load_weights, model_from_state_dict, save_weights
 from meshlm.config import Config, ConfigError, ModelConfig, validate
-from meshlm.interop.hf_config import hf_config_from_model, model_config_from_hf, read_hf_config
-from meshlm.interop.hf_weights import read_hf_tensors, state_dict_from_hf, state_dict_to_hf
-from meshlm.model.transformer.model import Transformer
+from meshlm.interop.adapters import adapter_for_hf, adapter_of
+from meshlm.interop.hf_files import read_hf_config, read_hf_tensors
 
 # Files a Hugging Face model directory may hold; an export replaces all of them
 # so that no stale shard or tokenizer from an earlier model is picked up.
@@ -55,18 +54,26 @@ _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|endoftext|>")
 # ----------------------------------------------------------------------------- import
 
 
-def load_hf_model(hf_dir: Path | str, device: torch.device | str = "cpu") -> tuple[ModelConfig, Transformer]:
+def load_hf_model(hf_dir: Path | str, device: torch.device | str = "cpu") -> tuple[ModelConfig, torch.nn.Module]:
     """Build a meshlm model from a local Hugging Face directory, in float32 on `device`.
 
     The config is mapped (and refused where meshlm would compute something else),
     every tensor name and shape is checked, and the weights are loaded without an
     extra copy: the model's parameters are the tensors read from the files.
     """
-    hf_dir = Path(hf_dir)
-    model_cfg = model_config_from_hf(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
+    model_cfg, state = read_hf_model(hf_dir)
     run_config_for(model_cfg)  # meshlm's own validation (e.g. rotary needs an even head size)
-    state = state_dict_from_hf(read_hf_tensors(hf_dir, torch.float32), model_cfg, source=str(hf_dir))
     return model_cfg, model_from_state_dict(model_cfg, state, device)
+
+
+def read_hf_model(hf_dir: Path | str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The [model] section and the meshlm state dict (float32) of a Hugging Face model directory,
+    through the adapter of the family that imports its architecture."""
+    hf_dir = Path(hf_dir)
+    hf = read_hf_config(hf_dir)
+    adapter = adapter_for_hf(hf, source=str(hf_dir / "config.json"))
+    model_cfg = adapter.config_from_hf(hf, str(hf_dir / "config.json"))
+    return model_cfg, adapter.state_from_hf(read_hf_tensors(hf_dir, torch.float32), model_cfg, str(hf_dir))
 
 
 def run_config_for(model_cfg: ModelConfig) -> Config:
@@ -84,9 +91,8 @@ def import_hf(hf_dir: Path | str, out_run_dir: Path | str, overwrite: bool = Fal
     tokenizer.json is a warning: the weights are still usable for training.
     """
     hf_dir, out = Path(hf_dir), Path(out_run_dir)
-    model_cfg = model_config_from_hf(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
+    model_cfg, state = read_hf_model(hf_dir)
     cfg = run_config_for(model_cfg)
-    state = state_dict_from_hf(read_hf_tensors(hf_dir, torch.float32), model_cfg, source=str(hf_dir))
     _prepare_run_dir(out, overwrite)
     write_text_atomic(out / "config.toml", cfg.to_toml())
     save_weights(state, model_cfg, out / "model.safetensors")
@@ -157,11 +163,12 @@ def write_hf_dir(
             f"{out} already holds a Hugging Face model ({', '.join(sorted(existing)[:4])}). Pass overwrite=True "
             f"(--overwrite) to replace it, or choose another output directory."
         )
-    tensors = {k: v.detach().to("cpu", torch.float32) for k, v in state_dict_to_hf(state, cfg).items()}
+    adapter = adapter_of(cfg)
+    tensors = {k: v.detach().to("cpu", torch.float32) for k, v in adapter.state_to_hf(state, cfg).items()}
     tok_path = Path(tokenizer_path) if tokenizer_path is not None else None
     specials = _special_tokens(tok_path) if tok_path is not None and tok_path.is_file() else {}
     ids = {k: v[1] for k, v in specials.items()}
-    config = hf_config_from_model(cfg, bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"))
+    config = adapter.config_to_hf(cfg, bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"))
 
     out.mkdir(parents=True, exist_ok=True)
     for p in _hf_files_in(out):

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from meshlm.config import Config, ConfigError, load_config, validate
-from meshlm.interop.hf_config import model_config_from_hf, read_hf_config
-from meshlm.interop.hf_weights import read_hf_tensors, state_dict_from_hf
+from meshlm.interop.adapters import adapter_of, model_config_from_hf
+from meshlm.interop.hf_files import read_hf_config, read_hf_tensors
+from meshlm.model.registry import family_spec
 
 
 def load_training_config(name: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -50,9 +51,10 @@ def apply_init_from_hf(cfg: Config) -> None:
 def load_hf_weights_into(model: torch.nn.Module, cfg: Config) -> None:
     """Copy the Hugging Face weights into a freshly built (full, unsharded) model."""
     hf_dir = Path(cfg.train.init_from_hf)
-    state = state_dict_from_hf(read_hf_tensors(hf_dir, torch.float32), cfg.model, source=str(hf_dir))
+    state = adapter_of(cfg.model).state_from_hf(read_hf_tensors(hf_dir, torch.float32), cfg.model, str(hf_dir))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.model.tied and k == "output.weight")]
+    tied = family_spec(cfg).tied(cfg.model)
+    missing = [k for k in missing if not (tied and k == tied[1])]
     if missing or unexpected:
         raise ConfigError(
             f"{hf_dir} does not match its own config (missing {missing[:5]}, unexpected {unexpected[:5]})."

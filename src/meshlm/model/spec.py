@@ -139,6 +139,28 @@ class DecodeState(Protocol):
 
 
 @dataclass(frozen=True)
+class HFAdapter:
+    """A family's Hugging Face interoperability: config.json <-> its [model] section, and
+    Hugging Face tensor names/layouts <-> its state dict. Only what the family computes exactly
+    is accepted; everything else is refused by name (ConfigError)."""
+
+    architectures: tuple[str, ...]  # the `architectures` entries it imports, e.g. "LlamaForCausalLM"
+    model_types: dict[str, str]  # config.json `model_type` -> architecture, for configs without `architectures`
+    config_from_hf: Callable[[dict, str], ModelConfig]  # (config.json dict, source) -> [model] section
+    config_to_hf: Callable[..., dict]  # (cfg, bos_token_id=, eos_token_id=) -> config.json dict
+    state_from_hf: Callable[..., dict]  # (HF tensors, cfg, source) -> meshlm state dict
+    state_to_hf: Callable[..., dict]  # (meshlm state dict, cfg) -> HF tensors
+
+    def architecture_of(self, hf: dict) -> str | None:
+        """The architecture of a config.json this adapter imports (None: not this family's)."""
+        archs = hf.get("architectures") or []
+        archs = [archs] if isinstance(archs, str) else archs
+        if not archs:
+            return self.model_types.get(hf.get("model_type"))
+        return next((a for a in archs if a in self.architectures), None)
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     name: str
     config_type: type[ModelConfig]
@@ -160,7 +182,7 @@ class FamilySpec:
     describe: Callable[[Any], str]  # a short description for logs: "llama, 4 layers, d_model 128"
     # (model, max_batch, max_len) -> DecodeState: what the inference engine drives
     decode_state: Callable[..., DecodeState] | None = None
-    hf: Any = None  # optional Hugging Face adapter (see meshlm.interop)
+    hf: HFAdapter | None = None  # optional Hugging Face import/export (meshlm.interop drives it)
 
     def n_blocks(self, cfg) -> int:
         return len(self.stage_costs(cfg).blocks)

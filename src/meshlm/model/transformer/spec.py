@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from meshlm.model.spec import Capabilities, FamilySpec, TensorParallelPlan
-from meshlm.model.transformer import stats
+from meshlm.model.spec import Capabilities, FamilySpec, HFAdapter, TensorParallelPlan
+from meshlm.model.transformer import hf_config, hf_weights, stats
 from meshlm.model.transformer.config import TransformerConfig
 from meshlm.model.transformer.model import Transformer
 
@@ -84,4 +84,12 @@ SPEC = FamilySpec(
     flops_per_token=stats.flops_per_token,
     stage_costs=stats.stage_costs,
     describe=describe,
+    hf=HFAdapter(
+        architectures=hf_config.SUPPORTED_ARCHITECTURES,
+        model_types={v: k for k, v in hf_config.MODEL_TYPES.items()},
+        config_from_hf=hf_config.model_config_from_hf,
+        config_to_hf=hf_config.hf_config_from_model,
+        state_from_hf=hf_weights.state_dict_from_hf,
+        state_to_hf=hf_weights.state_dict_to_hf,
+    ),
 )

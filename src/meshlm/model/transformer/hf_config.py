@@ -12,11 +12,10 @@ loads them.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-from meshlm.config import ConfigError, ModelConfig
+from meshlm.config import ConfigError
+from meshlm.model.transformer.config import TransformerConfig as ModelConfig
 
 LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 GPT2_LIKE = ("GPT2LMHeadModel",)
@@ -85,7 +84,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         add_cross_attention=False,
     ),
 }
-_MODEL_TYPES = {
+MODEL_TYPES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
@@ -96,36 +95,12 @@ _LLAMA_ACTS = ("silu", "swish")
 _GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh")
 
 
-def read_hf_config(hf_dir: Path | str) -> dict[str, Any]:
-    """The parsed `config.json` of a local Hugging Face model directory."""
-    hf_dir = Path(hf_dir)
-    if not hf_dir.is_dir():
-        raise ConfigError(
-            f"Hugging Face model directory {hf_dir} not found. Pass a local directory holding config.json and the "
-            f"weights (download one first, e.g. `huggingface-cli download MODEL --local-dir DIR`)."
-        )
-    path = hf_dir / "config.json"
-    if not path.is_file():
-        raise ConfigError(
-            f"{hf_dir} has no config.json, so it is not a Hugging Face model directory. Pass the directory that `save_pretrained` wrote."
-        )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}). Re-download or re-save the model.") from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path} must hold a JSON object, got {type(data).__name__}. Re-download or re-save the model."
-        )
-    return data
-
-
 def hf_architecture(hf: dict[str, Any], source: str = "config.json") -> str:
     archs = hf.get("architectures") or []
     if isinstance(archs, str):
         archs = [archs]
     if not archs:
-        by_type = {v: k for k, v in _MODEL_TYPES.items()}
+        by_type = {v: k for k, v in MODEL_TYPES.items()}
         if hf.get("model_type") in by_type:
             return by_type[hf["model_type"]]
         raise ConfigError(
@@ -349,7 +324,6 @@ def hf_config_from_model(
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
-    "read_hf_config",
     "hf_architecture",
     "model_config_from_hf",
     "hf_config_from_model",

@@ -14,15 +14,13 @@ implies, with the problems named in Hugging Face terms.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from meshlm.config import ConfigError, ModelConfig
+from meshlm.config import ConfigError
+from meshlm.model.transformer.config import TransformerConfig as ModelConfig
 from meshlm.model.transformer.model import Transformer
 
 Tensors = dict[str, torch.Tensor]
@@ -128,6 +126,11 @@ def _split_layer(name: str) -> tuple[int, str]:
 # ----------------------------------------------------------------------------- HF -> meshlm
 
 
+def _natural(name: str) -> list:
+    """Sort key that puts layers.2 before layers.10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
 def normalize_hf_names(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Tensors:
     """Drop non-weight buffers and add the base-model prefix (`model.` / `transformer.`) where
     a checkpoint was saved from the base model or by an old transformers version."""
@@ -213,83 +216,3 @@ def state_dict_from_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, so
             for j, part in enumerate(("wq", "wk", "wv")):
                 out[f"{prefix}attention.{part}.{param}"] = fused[j * d : (j + 1) * d].contiguous()
     return out
-
-
-def _natural(name: str) -> list:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-# ----------------------------------------------------------------------------- reading files
-
-
-def hf_weight_files(hf_dir: Path | str) -> list[Path]:
-    """The weight files of a Hugging Face model directory, in order of preference:
-    model.safetensors, sharded safetensors (index), pytorch_model.bin, sharded .bin (index)."""
-    hf_dir = Path(hf_dir)
-    single = hf_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = hf_dir / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConfigError(
-                    f"{index} is not a valid shard index ({e!r}); re-download or re-save the model."
-                ) from None
-            files = [hf_dir / name for name in dict.fromkeys(weight_map.values())]
-            absent = [f.name for f in files if not f.is_file()]
-            if absent:
-                raise ConfigError(
-                    f"{index} lists shards that are not in {hf_dir}: {', '.join(absent[:4])}. Download the missing files."
-                )
-            return files
-    legacy = hf_dir / "pytorch_model.bin"
-    if legacy.is_file():
-        return [legacy]
-    raise ConfigError(
-        f"no weights found in {hf_dir}: expected model.safetensors, model-0000N-of-0000M.safetensors with "
-        f"model.safetensors.index.json, or pytorch_model.bin. Download the weight files too, not only config.json."
-    )
-
-
-def read_hf_tensors(hf_dir: Path | str, dtype: torch.dtype | None = torch.float32) -> Tensors:
-    """All tensors of a Hugging Face model directory on the CPU, cast to `dtype` (None keeps the stored dtype)."""
-    out: Tensors = {}
-    for path in hf_weight_files(hf_dir):
-        if path.suffix == ".safetensors":
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as f:
-                    for name in f.keys():
-                        out[name] = _cast(f.get_tensor(name), dtype)
-            except (SafetensorError, OSError) as e:
-                raise ConfigError(f"{path} is unreadable or corrupt ({e}). Re-download the model.") from e
-        else:
-            try:
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # pickle / zip errors come in many types
-                raise ConfigError(
-                    f"{path} could not be read as a PyTorch weights file ({e}). Re-download the model, preferably as safetensors."
-                ) from e
-            if not isinstance(loaded, dict):
-                raise ConfigError(
-                    f"{path} does not hold a state dict (got {type(loaded).__name__}); re-save the model with `save_pretrained`."
-                )
-            out.update({k: _cast(v, dtype) for k, v in loaded.items() if isinstance(v, torch.Tensor)})
-    return out
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return t if dtype is None or not t.is_floating_point() else t.to(dtype)
-
-
-__all__ = [
-    "state_dict_to_hf",
-    "state_dict_from_hf",
-    "normalize_hf_names",
-    "expected_hf_shapes",
-    "check_hf_tensors",
-    "hf_weight_files",
-    "read_hf_tensors",
-]
