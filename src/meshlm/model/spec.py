@@ -183,6 +183,8 @@ class FamilySpec:
     # (model, max_batch, max_len) -> DecodeState: what the inference engine drives
     decode_state: Callable[..., DecodeState] | None = None
     hf: HFAdapter | None = None  # optional Hugging Face import/export (meshlm.interop drives it)
+    # (cfg, batch) -> {name: seconds}: micro-benchmarks the planner calibrates its CPU model with
+    calibrate: Callable[..., dict] | None = None
 
     def n_blocks(self, cfg) -> int:
         return len(self.stage_costs(cfg).blocks)

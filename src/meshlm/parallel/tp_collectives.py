@@ -258,8 +258,8 @@ def tp_communication(
             ]
         if has_embedding:
             out += [
-                Collective("reduce_scatter", "forward", "tok_embeddings", 1, N),
-                Collective("all_gather", "backward", "tok_embeddings", 1, N),
+                Collective("reduce_scatter", "forward", "vocab embedding", 1, N),
+                Collective("all_gather", "backward", "vocab embedding", 1, N),
             ]
         if has_output:
             out += [
@@ -273,7 +273,7 @@ def tp_communication(
                 Collective("all_reduce", "backward", "block f", 2 * L, N),
             ]
         if has_embedding:
-            out.append(Collective("all_reduce", "forward", "tok_embeddings", 1, N))
+            out.append(Collective("all_reduce", "forward", "vocab embedding", 1, N))
         if has_output:
             out.append(Collective("all_reduce", "backward", "output", 1, N))
     if has_output and with_loss:

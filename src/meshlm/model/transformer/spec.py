@@ -7,6 +7,7 @@ import math
 
 from meshlm.model.spec import Capabilities, FamilySpec, HFAdapter, TensorParallelPlan
 from meshlm.model.transformer import hf_config, hf_weights, stats
+from meshlm.model.transformer.calibration import measure_reference_block
 from meshlm.model.transformer.config import TransformerConfig
 from meshlm.model.transformer.model import Transformer
 
@@ -84,6 +85,7 @@ SPEC = FamilySpec(
     flops_per_token=stats.flops_per_token,
     stage_costs=stats.stage_costs,
     describe=describe,
+    calibrate=measure_reference_block,
     hf=HFAdapter(
         architectures=hf_config.SUPPORTED_ARCHITECTURES,
         model_types={v: k for k, v in hf_config.MODEL_TYPES.items()},
