@@ -324,8 +324,8 @@ def test_tensor_parallel_tp2():
     check_world(results)
     messages = results[0]["head_errors"]
     assert len(messages) == 2
-    assert "model.n_heads (3)" in messages[0] and "model.n_kv_heads (3)" in messages[0] and "tp (2)" in messages[0]
-    assert "model.n_kv_heads (1)" in messages[1] and "tp (2)" in messages[1]
+    assert "model.n_heads (3)" in messages[0] and "model.n_kv_heads (3)" in messages[0] and "tp=2" in messages[0]
+    assert "model.n_kv_heads (1)" in messages[1] and "tp=2" in messages[1]
 
 
 def test_tensor_parallel_tp4():

@@ -364,8 +364,7 @@ def gather_tp_tensor(fqn: str, local: torch.Tensor, tp_group: ProcessGroup, voca
 def _alias_key(key: str, t: torch.Tensor) -> tuple:
     """Equal for the entries of tied weights (same memory, same view, same split), so they are
     gathered or sharded once and stay one tensor."""
-    if isinstance(t, DTensor):
-        t = t.tolocal_tensor()
+    t = local_tensor(t)
     if t.is_meta or t.numel() == 0:
         return (key,)
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), tp_shard_dim(key))
