@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from meshlm.config import ConfigError, load_config
+from meshlm.inference.simple_generate import end_of_run_sample
 from meshlm.train.metrics import read_metrics
 from meshlm.train.optim import lr_at
 from meshlm.train.trainer import train
@@ -43,7 +44,7 @@ def tiny_overrides(tmp_path, *extra):
 def trained_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     cfg = load_config(None, tiny_overrides(tmp))
-    result = train(cfg, tmp / "run", log=lambda *a, **k: None)
+    result = train(cfg, tmp / "run", log=lambda *a, **k: None, sampler=end_of_run_sample)
     return tmp, cfg, result
 
 
@@ -103,6 +104,7 @@ def _cli(*args, check=True):
     return subprocess.run([sys.executable, "-m", "meshlm", *args], capture_output=True, text=True, check=check)
 
 
+@pytest.mark.slow
 def test_cli_train_then_generate(tmp_path):
     sets = [x for o in tiny_overrides(tmp_path, "train.steps=8", "train.eval_every=4") for x in ("--set", o)]
     run = tmp_path / "cli-run"

@@ -7,16 +7,13 @@ rank r holds r, r + pp, ...) or two stages in a V (zbv: rank r holds r and 2 pp 
 A batch is split into micro-batches that flow through the stages; torch's schedules decide
 the order of forwards and backwards on each rank and do the point-to-point sends.
 
-In the trainer:
-
-    counts = stage_layer_counts(cfg, n_stages)
-    ids = stage_ids_for_rank(pp_rank, pp, cfg.parallel.pp_schedule, stages_per_rank(cfg))
-    modules = [build_stage_module(model, s, n_stages, counts) for s in ids]
-    tied = TiedEmbeddingSync(modules, ids, n_stages, cfg.parallel.pp_schedule, dims)  # collective
-    ... tensor parallel, activation checkpointing, compile, DDP / FSDP on each module ...
-    schedule = build_schedule(modules, ids, n_stages, pp_group, device, n_micro, cfg.parallel.pp_schedule, lm_loss)
-    each step:  zero grads; loss = pipeline_step(schedule, ids, n_stages, pp_group, x, y)
-                tied.sync_tied_embedding_grads(); clip (tied copies weighted by 1 / tied.tied_copies(fqn)); step
+This module runs a split model: the cut and the placement live in pipeline_split.py, and
+`parallelize()` (parallelize.py) applies them in its fixed order (split, then tensor parallel,
+checkpointing, compile and data parallel on each stage module) before calling
+`build_schedule` here. Each training step then calls `pipeline_step` (the trainer's StepRunner
+sums the tied-embedding gradients and clips afterwards); evaluation calls
+`pipeline_forward_eval`. `record_schedule_timeline` / `plot_pipeline_timeline` draw what a
+schedule did (docs/img/pipeline_*.png).
 """
 
 from __future__ import annotations
