@@ -2,8 +2,12 @@ import os
 import sys
 from pathlib import Path
 
-# Tests run against the source tree even without an editable install.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+# Tests run against this source tree, even without an editable install (or with one that points
+# at another checkout): in this process, and in every subprocess a test starts (`python -m meshlm`,
+# torchrun workers), which inherit PYTHONPATH.
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+sys.path.insert(0, SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join([SRC, *filter(None, [os.environ.get("PYTHONPATH")])])
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
