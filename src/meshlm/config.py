@@ -140,6 +140,10 @@ class TrainConfig:
     async_checkpoint: bool = False
     profile_comm: bool = False
     trace: bool = False
+    # Seconds a collective may wait for its peers before the run stops with an error naming the
+    # node that does not answer (a network partition, a hung node); raise it where one rank may
+    # legitimately keep the others waiting that long.
+    collective_timeout_s: float = 600.0
 
     def global_batch_for(self, dp: int) -> int:
         """Sequences per optimizer step over all ranks: global_batch, or micro_batch x dp when 0."""
@@ -407,6 +411,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"'data.val_fraction' must be between 0 and 1 (exclusive), got {d.val_fraction}.")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"need 0 <= 'train.min_lr' ({t.min_lr}) <= 'train.lr' ({t.lr}) and train.lr > 0.")
+    if t.collective_timeout_s <= 0:
+        raise ConfigError(
+            f"'train.collective_timeout_s' must be a positive number of seconds, got {t.collective_timeout_s}; "
+            f"it bounds how long a collective waits for an unreachable peer (default 600)."
+        )
     if t.grad_clip < 0 or t.weight_decay < 0:
         raise ConfigError("'train.grad_clip' and 'train.weight_decay' must be zero or positive.")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):

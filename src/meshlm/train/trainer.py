@@ -106,7 +106,7 @@ class Trainer:
             raise ConfigError("--resume continues the run in --out and --overwrite deletes it; pass only one of them.")
         check_run_dir(self.out, cfg, overwrite)
 
-        init_distributed(self.env)
+        init_distributed(self.env, cfg.train.collective_timeout_s)
         self.mesh = self.dims.build_mesh(self.device.type) if self.env.distributed else None
         resume_from = find_resume_checkpoint(resume, self.out, self.env, self.log) if resume else None
         data_dir = _on_main_first(self.env, lambda: prepare_data(cfg.data, cfg.model.vocab_size, log=self.log))
