@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from meshlm.distributed.dims import parallel_dims_from_config
     from meshlm.distributed.env import read_launch_env
+    from meshlm.distributed.peer_errors import explain_peer_failures
     from meshlm.distributed.process_group import init_distributed, shutdown_distributed
     from meshlm.interop.init_from_hf import load_training_config
     from meshlm.plan.auto import resolve_auto_layout
@@ -116,9 +117,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     env = read_launch_env()
     if cfg.parallel.auto:
-        init_distributed(env)  # under torchrun: rank 0 plans and tells the others
+        init_distributed(env, cfg.train.collective_timeout_s)  # under torchrun: rank 0 plans and tells the others
         resolve_auto_layout(cfg, env.world_size, log=print if env.is_main else lambda *a, **k: None)
-    train(cfg, out, overwrite=args.overwrite, env=env, resume=args.resume, sampler=end_of_run_sample)
+    # A collective that fails because another node died or cannot be reached names that node.
+    with explain_peer_failures(env, cfg.train.collective_timeout_s):
+        train(cfg, out, overwrite=args.overwrite, env=env, resume=args.resume, sampler=end_of_run_sample)
     if env.distributed:
         shutdown_distributed(exit_process=True)
     return 0

@@ -85,3 +85,25 @@ def environment_without_launch() -> dict[str, str]:
     """This process's environment minus the launcher's variables: for a helper subprocess that
     must start as a fresh single process (not as another rank of this job)."""
     return {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+
+
+@dataclass(frozen=True)
+class NetworkEnv:
+    """What picks the network interface of the collectives, where the job's store is, and which
+    node this is (empty, 0 or -1 when unset)."""
+
+    gloo_ifname: str  # GLOO_SOCKET_IFNAME: the interface(s) gloo binds to; empty = from the hostname
+    nccl_ifname: str  # NCCL_SOCKET_IFNAME: the same for NCCL; empty = NCCL's own choice
+    master_addr: str  # MASTER_ADDR / MASTER_PORT: the store of this job's process group
+    master_port: int
+    node_rank: int  # GROUP_RANK: torchrun's rank of this node (agent)
+
+
+def read_network_env() -> NetworkEnv:
+    return NetworkEnv(
+        gloo_ifname=os.environ.get("GLOO_SOCKET_IFNAME", ""),
+        nccl_ifname=os.environ.get("NCCL_SOCKET_IFNAME", ""),
+        master_addr=os.environ.get("MASTER_ADDR", ""),
+        master_port=int(os.environ.get("MASTER_PORT", 0) or 0),
+        node_rank=int(os.environ.get("GROUP_RANK", -1)),
+    )

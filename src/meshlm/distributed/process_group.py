@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from meshlm.distributed.env import LaunchEnv
+from meshlm.distributed.peer_errors import publish_node
 
 
 def init_distributed(env: LaunchEnv, timeout_s: float = 600.0) -> None:
@@ -23,6 +24,8 @@ def init_distributed(env: LaunchEnv, timeout_s: float = 600.0) -> None:
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=env.device if env.device.type == "cuda" else None,
     )
+    # Where this rank's collectives live, so that a failure caused by another node can name it.
+    publish_node(env)
 
 
 def shutdown_distributed(exit_process: bool = False) -> None:
