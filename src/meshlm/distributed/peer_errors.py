@@ -23,6 +23,7 @@ import datetime
 import json
 import re
 import socket
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,15 +68,29 @@ def publish_node(env: LaunchEnv, net: NetworkEnv | None = None) -> None:
 
 
 def _read_nodes(world_size: int) -> list[Node] | None:
-    """The job's nodes from the store, or None when the store does not answer."""
-    try:
+    """The job's nodes from the store, or None when the store does not answer within
+    PROBE_TIMEOUT_S. (A TCPStore client whose server has gone silent can block well past its
+    time-out, so the read runs in a daemon thread that is abandoned if it does not return.)"""
+    found: list = []
+
+    def read() -> None:
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(datetime.timedelta(seconds=PROBE_TIMEOUT_S))
-        records = [json.loads(store.get(_KEY.format(rank=r))) for r in range(world_size)]
-    except Exception:  # the store's host is gone or unreachable: any failure means "unknown"
+        found.append([json.loads(store.get(_KEY.format(rank=r))) for r in range(world_size)])
+
+    def guarded() -> None:
+        try:
+            read()
+        except Exception:  # the store's host is gone or unreachable: "unknown"
+            pass
+
+    reader = threading.Thread(target=guarded, daemon=True)
+    reader.start()
+    reader.join(PROBE_TIMEOUT_S + 1)
+    if not found:
         return None
     by_address: dict[str, list] = {}
-    for rank, rec in enumerate(records):
+    for rank, rec in enumerate(found[0]):
         by_address.setdefault(rec["address"], [rec, []])[1].append(rank)
     return [Node(rec["node"], address, rec["host"], tuple(ranks)) for address, (rec, ranks) in by_address.items()]
 
@@ -115,10 +130,10 @@ def _timeout_message(me: str, my_address: str, timeout_s: float, nodes: list[Nod
         targets = [(n.describe(), n.address) for n in nodes if n.address != my_address]
     with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
         results = list(pool.map(lambda t: (t[0], *answers(t[1], net.master_port)), targets))
-    silent = [f"{who} ({reason})" for who, ok, reason in results if not ok]
+    silent = [f"{who} does not answer on the network ({reason})" for who, ok, reason in results if not ok]
     if silent:
         return (
-            f"{me}: a collective waited {setting} and {'; '.join(silent)} does not answer on the network: "
+            f"{me}: a collective waited {setting} and {'; '.join(silent)}: "
             f"the link between the nodes is down (a network partition) or that node is down. Restore the "
             f"network (run `meshlm doctor --rdzv HOST:PORT --nnodes N` on every node to check it), then rerun "
             f"with --resume auto. If the node is only slow (a long checkpoint save or evaluation on one rank), "
