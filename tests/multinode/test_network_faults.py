@@ -9,6 +9,7 @@ time-out can turn into an error.
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
@@ -23,6 +24,8 @@ def overrides(prepare_corpus):
 
 
 def test_packet_loss_trains_exactly(overrides, make_hosts, tmp_path):
+    if shutil.which("nft") is None:
+        pytest.skip("packet loss needs nftables (Debian's nftables package; .ci/run installs it)")
     layout = ["parallel.dp=2"]
     ref_losses, _, _ = single_process(overrides, tmp_path / "single")
     hosts = make_hosts(2)
