@@ -13,7 +13,7 @@ Latency is not measured: this machine's kernel has no sch_netem (`tc qdisc ... n
 refused), and gloo's ranks connect directly to each other's ephemeral ports, so a user-space
 TCP proxy cannot sit between them.
 
-    sudo PYTHONPATH=src .venv/bin/python benchmarks/multinode.py --rounds 3 --steps 30
+    sudo PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/multinode.py --rounds 3 --steps 60
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ from multinode.jobs import Job, logged_steps, sets  # noqa: E402
 from meshlm.config import load_config  # noqa: E402
 from meshlm.data.prepare import prepare_data  # noqa: E402
 
-# tiny-cpu (1M-parameter llama, 4 MB of gradients per step), one micro-batch of 16 per rank.
+# tiny-cpu's model (1M-parameter llama: 4 MB of gradients all-reduced per step) on one sequence
+# of 128 tokens per rank, so that the step is short and the network's share of it shows.
 OVERRIDES = [
-    "train.micro_batch=8",
-    "train.global_batch=16",
+    "train.micro_batch=1",
+    "train.global_batch=2",
     "train.eval_every=0",
     "train.sample_tokens=0",
     "train.progress=false",
@@ -106,7 +107,7 @@ def _node_loss(kill_at: int, work: Path, overrides: list[str]) -> dict[str, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--loss", type=float, default=1.0, help="packet loss on host 1, percent")
     parser.add_argument("--kill-at", type=int, default=8)
     parser.add_argument("--loss-rounds", type=int, default=2, help="node-loss measurements")

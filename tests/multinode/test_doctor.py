@@ -15,8 +15,9 @@ from multinode.jobs import SRC, node_env
 ENDPOINT = "10.77.0.1:29400"
 
 
-def _doctors(hosts: NetnsHosts, tmp_path, name, args=([], []), envs=({}, {}), timeout=8):
-    """Run `meshlm doctor` on both hosts at once; returns ([exit codes], [outputs])."""
+def _doctors(hosts: NetnsHosts, tmp_path, name, args=([], []), envs=({}, {}), timeout=60):
+    """Run `meshlm doctor` on both hosts at once; returns ([exit codes], [outputs]). Where both
+    nodes join, the doctors finish as soon as they have compared notes, whatever `timeout`."""
     procs = []
     for host in range(2):
         argv = [sys.executable, "-m", "meshlm", "doctor", "--nnodes", "2", "--timeout", str(timeout), *args[host]]

@@ -137,7 +137,7 @@ class ProbeListener:
         self.sock.close()
 
 
-def probe(address: str, port: int, token: str, timeout: float = 3.0) -> tuple[bool, str]:
+def probe(address: str, port: int, token: str, timeout: float = 10.0) -> tuple[bool, str]:
     if not address or not port:
         return False, "it has no address to reach"
     started = time.monotonic()
