@@ -160,6 +160,12 @@ def explain(exc: BaseException, env: LaunchEnv, timeout_s: float, net: NetworkEn
     me = f"rank {env.rank} on node {net.node_rank} ({my_address})" if net.node_rank >= 0 else f"rank {env.rank}"
     nodes = _read_nodes(env.world_size)
     peer = _PEER_ADDRESS.search(text)
+    if lost and peer and peer.group(1) == my_address:  # a worker of this very node died
+        return (
+            f"{me} lost its connection to another worker on its own node, which died (a crash, out of "
+            f"memory, killed); its output says why. With --max-restarts the agent restarts the workers from "
+            f"the last complete checkpoint; otherwise rerun with --resume auto."
+        )
     if lost and peer:
         return _lost_message(text, me, peer.group(1), nodes)
     return _timeout_message(me, my_address, timeout_s, nodes, net)
