@@ -5,6 +5,16 @@
         print(event.text, end="")                    # tokens as they are produced
     completions = engine.generate(requests)          # or all at once, in request order
 
+Online use (a server): requests arrive and leave at any time.
+
+    rid = engine.add(Request(ids, params))           # queued; returns the request's id
+    while engine.has_work:
+        for event in engine.step():                  # one prefill or decode step of the batch
+            ...                                      # event.index is the id from `add`
+    engine.abort(rid)                                # frees its slot before the next step
+
+`stream` and `generate` are loops over `add` and `step`.
+
 Schedule: up to `max_batch` sequences are active, each in one slot of the cache. Waiting
 requests are admitted whenever slots are free; their prompts are prefilled together (packed,
 no padding) and each gets its first token from the prefill. Otherwise all active sequences
@@ -17,14 +27,15 @@ depends only on its prompt, parameters and seed, not on which requests share its
 
 Tensor parallelism: give the engine a shard made by `apply_tensor_parallel` (without sequence
 parallelism) and the TP group. Every rank of the group must call `stream`/`generate` with the
-same requests; the full logits are gathered on every rank and the token sampled on group rank
+same requests (online: the same `add`/`abort` calls, in the same order, between the same
+`step` calls); the full logits are gathered on every rank and the token sampled on group rank
 0 is broadcast, so all ranks follow the same schedule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +55,15 @@ from meshlm.inference.text_stream import TextStream
 class Request:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Log-probabilities on every event: None = none; k >= 0 = the sampled token's and the k
+    # most likely tokens' (see Engine._logprobs).
+    logprobs: int | None = None
+
+
+@dataclass
+class TokenLogprobs:
+    logprob: float  # of the sampled token
+    top: list[tuple[int, float]]  # (token id, logprob) of the most likely tokens, best first
 
 
 @dataclass
@@ -60,10 +80,11 @@ class Completion:
 
 @dataclass
 class StreamEvent:
-    index: int  # position of the request in the list given to `stream`
+    index: int  # position of the request in the list given to `stream` (its id from `add` for `step`)
     token_id: int | None  # the new token (None on a finish without a new token)
     text: str  # newly final text (may be empty)
     completion: Completion | None = None  # set on the request's last event
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
     @property
     def finished(self) -> bool:
@@ -110,6 +131,13 @@ class Engine:
         self.vocab_size = model.cfg.vocab_size
         self.device = next(model.parameters()).device
         self.cache: KVCache | None = None
+        # Scheduler state (see `step`): requests waiting for a slot, in arrival order, and the
+        # active sequences, sequence i in cache slot i.
+        self._waiting: dict[int, Request] = {}
+        self._active: list[_Sequence] = []
+        self._next_id = 0
+        self._next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)  # fed at the next decode
+        self._seen: torch.Tensor | None = None  # (slots, vocab) tokens seen, for the repetition penalty
 
     # ------------------------------------------------------------------ public
 
@@ -137,89 +165,188 @@ class Engine:
                 out[event.index] = event.completion
         return out  # type: ignore[return-value]
 
-    @torch.inference_mode()
     def stream(self, requests: Sequence[Request]) -> Iterator[StreamEvent]:
-        """Yield an event for every token as it is produced (and the finish of each request)."""
+        """Yield an event for every token as it is produced (and the finish of each request);
+        an event's `index` is the request's position in `requests`. A thin loop over the
+        online interface (`add` / `step`), run until these requests are done."""
         for r in requests:
             self.check(r)
         if not requests:
             return
+        # Size the cache for the whole list up front: a later, longer request never waits for
+        # the active ones to drain before the cache can grow.
         need = max(min(len(r.prompt_ids or [EOT_ID]) + r.params.max_new_tokens, self.max_len) for r in requests)
-        cache = self._cache(min(len(requests), self.max_batch), need)
-        vocab = self.vocab_size
-        use_seen = any(r.params.repetition_penalty != 1.0 for r in requests)
-        seen = torch.zeros(cache.max_batch, vocab, dtype=torch.bool, device=self.device) if use_seen else None
-        next_tokens = torch.zeros(cache.max_batch, dtype=torch.long, device=self.device)
-        pending = deque(range(len(requests)))
-        active: list[_Sequence] = []
-
-        while pending or active:
-            new: list[_Sequence] = []
-            budget = self.prefill_tokens
-            while pending and len(active) + len(new) < cache.max_batch:
-                request = requests[pending[0]]
-                prompt = list(request.prompt_ids) or [EOT_ID]
-                if new and len(prompt) > budget:
-                    break
-                index = pending.popleft()
-                if request.params.max_new_tokens == 0:
-                    yield StreamEvent(index, None, "", Completion(len(prompt), [], "", "length"))
+        self._cache(min(len(requests), self.max_batch), need)
+        position = {self.add(r): i for i, r in enumerate(requests)}
+        while position:
+            for event in self.step():
+                index = position.get(event.index)
+                if index is None:  # a request added through the online interface meanwhile
                     continue
-                budget -= len(prompt)
-                new.append(self._new_sequence(index, request, prompt))
-            if new:
-                first = len(active)
-                slots = list(range(first, first + len(new)))
-                for s in slots:
-                    cache.release(s)
-                if seen is not None:
-                    seen[first : first + len(new)] = False
-                    for s, seq in zip(slots, new):
-                        seen[s, torch.tensor(seq.prompt, device=self.device)] = True
-                logits = self.runner.prefill(cache, [seq.prompt for seq in new], slots)
-                active.extend(new)
-                rows = slice(first, first + len(new))
-            elif active:
-                logits = self.runner.decode(cache, next_tokens[: len(active)])
-                rows = slice(0, len(active))
-            else:
-                continue
-            batch = active[rows]
-            tokens = self._sample(logits, batch, None if seen is None else seen[rows])
-            next_tokens[rows] = tokens
-            if seen is not None:
-                seen[torch.arange(rows.start, rows.stop, device=self.device), tokens] = True
-            finished = []
-            for offset, (seq, token) in enumerate(zip(batch, tokens.tolist())):
-                slot = rows.start + offset
-                event = self._advance(seq, token, cache.lengths[slot])
                 if event.completion is not None:
-                    finished.append(slot)
-                yield event
-            for slot in sorted(finished, reverse=True):  # keep active slots 0..n-1
-                last = len(active) - 1
-                if slot != last:
-                    cache.move_slot(last, slot)
-                    next_tokens[slot] = next_tokens[last]
-                    if seen is not None:
-                        seen[slot] = seen[last]
-                    active[slot] = active[last]
-                else:
-                    cache.release(slot)
-                active.pop()
+                    del position[event.index]
+                yield dataclasses.replace(event, index=index)
+
+    # ------------------------------------------------------------------ online interface
+    # A server adds and aborts requests at any time and calls `step` in a loop; `stream`
+    # and `generate` are loops over the same three calls.
+
+    def reserve(self, max_batch: int | None = None, max_len: int | None = None) -> None:
+        """Allocate the cache for `max_batch` sequences of `max_len` tokens now (default: the
+        engine's limits). Without it the cache grows only while no sequence is active, so a
+        long request may wait for the active ones to finish."""
+        self._cache(min(max_batch or self.max_batch, self.max_batch), min(max_len or self.max_len, self.max_len))
+
+    def add(self, request: Request) -> int:
+        """Queue a request; returns its id (the `index` of its events from `step`). Raises
+        ValueError if it cannot run (see `check`)."""
+        self.check(request)
+        rid = self._next_id
+        self._next_id += 1
+        self._waiting[rid] = request
+        return rid
+
+    def abort(self, rid: int) -> bool:
+        """Drop a waiting or active request at once (its slot is free for the next step).
+        No event follows. False if the request is unknown or already finished."""
+        if self._waiting.pop(rid, None) is not None:
+            return True
+        for slot, seq in enumerate(self._active):
+            if seq.index == rid:
+                self._free_slot(slot)
+                return True
+        return False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    @property
+    def num_running(self) -> int:
+        """Sequences holding a cache slot."""
+        return len(self._active)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @torch.inference_mode()
+    def step(self) -> list[StreamEvent]:
+        """One batch step: admit waiting requests into free slots and prefill their prompts
+        (each gets its first token), or else decode one token for every active sequence.
+        Returns the events of this step (empty when there is nothing to do)."""
+        events: list[StreamEvent] = []
+        new = self._admit(events)
+        active = self._active
+        cache = self.cache
+        if new:
+            first = len(active)
+            slots = list(range(first, first + len(new)))
+            for s in slots:
+                cache.release(s)
+            if self._seen is not None:
+                self._seen[first : first + len(new)] = False
+                for s, seq in zip(slots, new):
+                    self._seen[s, torch.tensor(seq.prompt, device=self.device)] = True
+            logits = self.runner.prefill(cache, [seq.prompt for seq in new], slots)
+            active.extend(new)
+            rows = slice(first, first + len(new))
+        elif active:
+            logits = self.runner.decode(cache, self._next_tokens[: len(active)])
+            rows = slice(0, len(active))
+        else:
+            return events
+        batch = active[rows]
+        seen = self._seen
+        tokens, full_logits = self._sample(logits, batch, None if seen is None else seen[rows])
+        self._next_tokens[rows] = tokens
+        if seen is not None:
+            seen[torch.arange(rows.start, rows.stop, device=self.device), tokens] = True
+        logprobs = self._logprobs(full_logits, batch, tokens)
+        finished = []
+        for offset, (seq, token) in enumerate(zip(batch, tokens.tolist())):
+            slot = rows.start + offset
+            event = self._advance(seq, token, cache.lengths[slot])
+            if logprobs is not None:
+                event.logprobs = logprobs[offset]
+            if event.completion is not None:
+                finished.append(slot)
+            events.append(event)
+        for slot in sorted(finished, reverse=True):  # keep active slots 0..n-1
+            self._free_slot(slot)
+        return events
 
     # ------------------------------------------------------------------ internals
 
     def _cache(self, batch: int, length: int) -> KVCache:
-        """Reuse the cache when it is large enough, else allocate one (length rounded up to 64)."""
+        """Reuse the cache when it is large enough, else allocate one (length rounded up to 64).
+        Only called while no sequence is active: a new cache holds no keys and values."""
         c = self.cache
         if c is None or c.max_batch < batch or c.max_len < length:
+            assert not self._active, "the cache cannot grow under active sequences"
             length = min(-(-length // 64) * 64, self.max_len)
             if c is not None:
                 batch, length = max(batch, c.max_batch), max(length, c.max_len)
             self.cache = None  # free the old one first
             self.cache = KVCache(self.model, batch, length, device=self.device)
+            self._next_tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
+            self._seen = None
         return self.cache
+
+    def _need(self, request: Request) -> int:
+        """Cache positions the request can use: its prompt and output, within the context."""
+        return min(len(request.prompt_ids or [EOT_ID]) + request.params.max_new_tokens, self.max_len)
+
+    def _admit(self, events: list[StreamEvent]) -> list[_Sequence]:
+        """Move waiting requests (first come, first served) into free slots, up to the prefill
+        token budget; requests with nothing to generate finish here, into `events`."""
+        waiting = self._waiting
+        if not waiting:
+            return []
+        if not self._active:  # an idle engine may grow its cache for what waits
+            head = list(waiting.values())[: self.max_batch]
+            self._cache(len(head), max(self._need(r) for r in head))
+        cache = self.cache
+        new: list[_Sequence] = []
+        budget = self.prefill_tokens
+        while waiting and len(self._active) + len(new) < cache.max_batch:
+            rid, request = next(iter(waiting.items()))
+            prompt = list(request.prompt_ids) or [EOT_ID]
+            if new and len(prompt) > budget:
+                break
+            if self._need(request) > cache.max_len:
+                break  # waits until the engine is idle and the cache can grow (see `reserve`)
+            del waiting[rid]
+            if request.params.max_new_tokens == 0:
+                events.append(StreamEvent(rid, None, "", Completion(len(prompt), [], "", "length")))
+                continue
+            budget -= len(prompt)
+            new.append(self._new_sequence(rid, request, prompt))
+        if new and self._seen is None and any(s.request.params.repetition_penalty != 1.0 for s in new):
+            self._track_seen()
+        return new
+
+    def _track_seen(self) -> None:
+        """Start tracking the tokens each slot has seen (for the repetition penalty),
+        filled in for the sequences already active."""
+        seen = torch.zeros(self.cache.max_batch, self.vocab_size, dtype=torch.bool, device=self.device)
+        for slot, seq in enumerate(self._active):
+            seen[slot, torch.tensor(seq.prompt + seq.tokens, device=self.device)] = True
+        self._seen = seen
+
+    def _free_slot(self, slot: int) -> None:
+        """Release a slot; the last active sequence moves into the gap (slots stay 0..n-1)."""
+        active, cache = self._active, self.cache
+        last = len(active) - 1
+        if slot != last:
+            cache.move_slot(last, slot)
+            self._next_tokens[slot] = self._next_tokens[last]
+            if self._seen is not None:
+                self._seen[slot] = self._seen[last]
+            active[slot] = active[last]
+        else:
+            cache.release(slot)
+        active.pop()
 
     def _new_sequence(self, index: int, request: Request, prompt: list[int]) -> _Sequence:
         p = request.params
@@ -229,7 +356,10 @@ class Engine:
             generator = torch.Generator().manual_seed(seed)
         return _Sequence(index, request, prompt, generator, TextStream(self.tokenizer, p.stop))
 
-    def _sample(self, logits: torch.Tensor, batch: list[_Sequence], seen: torch.Tensor | None) -> torch.Tensor:
+    def _sample(
+        self, logits: torch.Tensor, batch: list[_Sequence], seen: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's next tokens, and the full (vocabulary-gathered) logits they came from."""
         if self.tp_group is not None:
             from meshlm.parallel.vocab_parallel import gather_vocab_logits
 
@@ -237,7 +367,30 @@ class Engine:
         tokens = sample_rows(logits, [s.request.params for s in batch], [s.generator for s in batch], seen)
         if self.tp_group is not None:  # every rank continues with rank 0's tokens
             dist.broadcast(tokens, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
-        return tokens
+        return tokens, logits
+
+    def _logprobs(
+        self, logits: torch.Tensor, batch: list[_Sequence], tokens: torch.Tensor
+    ) -> list[TokenLogprobs | None] | None:
+        """Log-probabilities of the sampled tokens (and the top alternatives) for the rows that
+        asked for them, under the model's own distribution (before temperature, top-k, top-p
+        and the repetition penalty), as OpenAI-compatible servers report them."""
+        rows = [b for b, s in enumerate(batch) if s.request.logprobs is not None]
+        if not rows:
+            return None
+        index = torch.tensor(rows, device=logits.device)
+        logp = torch.log_softmax(logits[index].float(), dim=-1)
+        chosen = logp.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
+        k = max(batch[b].request.logprobs for b in rows)
+        top = torch.topk(logp, k, dim=-1) if k else None
+        out: list[TokenLogprobs | None] = [None] * len(batch)
+        for j, b in enumerate(rows):
+            n = batch[b].request.logprobs
+            alternatives = (
+                list(zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist())) if top is not None and n else []
+            )
+            out[b] = TokenLogprobs(chosen[j], alternatives)
+        return out
 
     def _advance(self, seq: _Sequence, token: int, cached: int) -> StreamEvent:
         p = seq.request.params
