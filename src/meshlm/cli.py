@@ -11,9 +11,16 @@ from meshlm.distributed.doctor import add_commands as add_doctor_commands
 from meshlm.inference.commands import add_commands as add_inference_commands
 from meshlm.interop.commands import add_commands as add_interop_commands
 from meshlm.plan.commands import add_commands as add_plan_commands
+from meshlm.serve.commands import add_commands as add_serve_commands
 
 # Subcommands that live next to their library code, each adding its parsers.
-COMMAND_MODULES = (add_inference_commands, add_interop_commands, add_plan_commands, add_doctor_commands)
+COMMAND_MODULES = (
+    add_inference_commands,
+    add_interop_commands,
+    add_plan_commands,
+    add_doctor_commands,
+    add_serve_commands,
+)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,142 @@
+"""`meshlm serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
+
+    meshlm serve --run runs/tiny-cpu --port 8000
+    meshlm serve --init-from-hf ./Llama-3.2-1B --tp 2 --replicas 2 --api-key sk-local
+
+Everything that can be wrong (the model files, the layout, the port, the limits) is
+reported before any engine worker starts; the workers are started and loaded before the
+port opens, so the first request never waits for a model to load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from pathlib import Path
+
+from meshlm.config import ConfigError
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", default=None, help="run directory written by `meshlm train` (or `meshlm export`)")
+    src.add_argument(
+        "--init-from-hf",
+        metavar="HF_DIR",
+        default=None,
+        help="a local Hugging Face model directory, converted on the fly (its chat template is used)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MESHLM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: env MESHLM_API_KEY)",
+    )
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per engine replica")
+    p.add_argument("--replicas", type=int, default=1, help="data-parallel engine replicas behind the one front")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per replica (cache slots)")
+    p.add_argument("--max-queued", type=int, default=128, help="sequences allowed to wait for a slot; beyond that: 429")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads per engine rank (default: the cores / engine ranks)"
+    )
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let in-flight requests finish"
+    )
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
+
+def _check_port(host: str, port: int) -> None:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}). Pick another --port or --host.") from None
+
+
+def _check_limits(args: argparse.Namespace, model_len: int) -> int:
+    problems = []
+    for name in ("tp", "replicas", "max_batch"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if args.max_queued < 0:
+        problems.append(f"--max-queued must be at least 0 (got {args.max_queued})")
+    if args.threads is not None and args.threads < 1:
+        problems.append(f"--threads must be at least 1 (got {args.threads})")
+    length = args.max_model_len or model_len
+    if not 2 <= length <= model_len:
+        problems.append(f"--max-model-len must be between 2 and the model's context, {model_len} (got {length})")
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
+    return length
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from meshlm.data.tokenizer import document_separator_id, load_tokenizer
+    from meshlm.inference.commands import _converted_hf_run
+    from meshlm.inference.loading import check_layout, find_model_files
+    from meshlm.serve.app import build_app
+    from meshlm.serve.chat_template import ChatTemplate, hf_chat_template
+    from meshlm.serve.engine_bridge import BridgeSettings, EngineBridge
+    from meshlm.serve.routes import ServeState
+    from meshlm.serve.server import serve_app
+    from meshlm.train.run_dir import load_run_config
+
+    template = ChatTemplate()
+    if args.init_from_hf:
+        hf_dir = Path(args.init_from_hf)
+        if not (hf_dir / "config.json").is_file():
+            raise ConfigError(f"{hf_dir} is not a Hugging Face model directory (no config.json).")
+        template = hf_chat_template(hf_dir) or template
+        run = _converted_hf_run(hf_dir)
+        name = args.served_model_name or hf_dir.resolve().name
+    else:
+        run = Path(args.run)
+        name = args.served_model_name or run.resolve().name
+    files = find_model_files(run=run)
+    model_cfg = load_run_config(files.config.parent).model
+    max_model_len = _check_limits(args, model_cfg.max_seq_len)
+    check_layout(args.tp, args.tp, model_cfg)
+    _check_port(args.host, args.port)
+    tokenizer = load_tokenizer(files.tokenizer)
+    ranks = args.tp * args.replicas
+    settings = BridgeSettings(
+        run_dir=str(run),
+        dtype=args.dtype,
+        max_batch=args.max_batch,
+        max_model_len=max_model_len,
+        tp=args.tp,
+        replicas=args.replicas,
+        max_queued=args.max_queued,
+        threads=args.threads or max(1, (os.cpu_count() or 1) // ranks),
+    )
+    bridge = EngineBridge(settings)
+    bridge.start()
+    try:
+        state = ServeState(
+            bridge=bridge,
+            tokenizer=tokenizer,
+            chat_template=template,
+            model_name=name,
+            max_model_len=max_model_len,
+            vocab_size=model_cfg.vocab_size,
+            eos_token_id=document_separator_id(tokenizer),
+            created=int(time.time()),
+        )
+        print(
+            f"meshlm serve: '{name}' on http://{args.host}:{args.port}/v1 ({args.replicas} replica(s) x tp {args.tp}, "
+            f"{args.max_batch} slots each, context {max_model_len}, chat template: {template.origin})",
+            flush=True,
+        )
+        serve_app(build_app(state, args.api_key), args.host, args.port, args.drain_timeout, args.log_level)
+    finally:
+        bridge.shutdown()
+    return 0
