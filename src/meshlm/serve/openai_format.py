@@ -74,7 +74,10 @@ class CompletionFormatter(Formatter):
             text = self._token_text(token_id)
             out.tokens.append(text)
             out.token_logprobs.append(lp)
-            out.top_logprobs.append({self._token_text(i): v for i, v in top} if top else None)
+            alternatives: dict[str, float] = {}
+            for i, v in top:  # best first; tokens with the same text (partial characters) keep the best
+                alternatives.setdefault(self._token_text(i), v)
+            out.top_logprobs.append(alternatives or None)
             out.text_offset.append(offset)
             offset += len(text)
         return out

@@ -65,6 +65,7 @@ class _Sampling(_Strict):
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: NonNegInt = 0  # extension: 0 = off
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0  # extension
+    ignore_eos: bool = False  # extension: do not stop at the end-of-text token (fixed-length benchmarks)
     n: Annotated[int, Field(ge=1, le=64)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -109,7 +109,7 @@ def _params(state: ServeState, req, max_tokens: int, choice: int) -> SamplingPar
             repetition_penalty=req.repetition_penalty,
             seed=None if req.seed is None else req.seed + choice,  # choice i: seed + i
             stop=tuple(req.stop or ()),
-            stop_token_ids=(state.eos_token_id,),
+            stop_token_ids=() if req.ignore_eos else (state.eos_token_id,),
         )
     except ValueError as e:
         raise bad_request(f"{e}.") from None
