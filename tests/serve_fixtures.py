@@ -87,6 +87,7 @@ class Server:
         }
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.workers: list[int] = []
+        self.model = run.name  # the served model's name (the run directory's)
 
     def wait_ready(self, timeout: float = 120.0) -> Server:
         deadline = time.monotonic() + timeout
@@ -102,6 +103,10 @@ class Server:
             time.sleep(0.2)
         self.kill()
         raise AssertionError("the server was not ready in time")
+
+    def engine_pids(self) -> list[int]:
+        """The engine worker processes (not multiprocessing's resource tracker)."""
+        return [p for p in self.workers if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
     @property
     def headers(self) -> dict[str, str]:
