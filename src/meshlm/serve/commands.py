@@ -83,11 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from meshlm.data.tokenizer import document_separator_id, load_tokenizer
     from meshlm.inference.commands import _converted_hf_run
     from meshlm.inference.loading import check_layout, find_model_files
-    from meshlm.serve.app import build_app
     from meshlm.serve.chat_template import ChatTemplate, hf_chat_template
     from meshlm.serve.engine_bridge import BridgeSettings, EngineBridge
-    from meshlm.serve.routes import ServeState
-    from meshlm.serve.server import serve_app
     from meshlm.train.run_dir import load_run_config
 
     template = ChatTemplate()
@@ -119,8 +116,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads or max(1, (os.cpu_count() or 1) // ranks),
     )
     bridge = EngineBridge(settings)
-    bridge.start()
+    bridge.start()  # the workers load the model while this process gets the front ready
     try:
+        from meshlm.serve.app import build_app
+        from meshlm.serve.routes import ServeState
+        from meshlm.serve.server import serve_app
+
         state = ServeState(
             bridge=bridge,
             tokenizer=tokenizer,
@@ -131,12 +132,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             eos_token_id=document_separator_id(tokenizer),
             created=int(time.time()),
         )
+        app = build_app(state, args.api_key)
+        bridge.wait_ready()
         print(
             f"meshlm serve: '{name}' on http://{args.host}:{args.port}/v1 ({args.replicas} replica(s) x tp {args.tp}, "
             f"{args.max_batch} slots each, context {max_model_len}, chat template: {template.origin})",
             flush=True,
         )
-        serve_app(build_app(state, args.api_key), args.host, args.port, args.drain_timeout, args.log_level)
+        serve_app(app, args.host, args.port, args.drain_timeout, args.log_level)
     finally:
         bridge.shutdown()
     return 0

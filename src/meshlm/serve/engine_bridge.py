@@ -136,8 +136,7 @@ class EngineBridge:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Spawn every replica and wait until each has loaded its model (blocking). A worker
-        that fails to start stops everything and raises ConfigError with its reason."""
+        """Spawn every replica's processes (they load the model meanwhile: see `wait_ready`)."""
         from meshlm.distributed.spawn import free_port
 
         s = self.settings
@@ -158,6 +157,11 @@ class EngineBridge:
                 procs.append(p)
             worker_end.close()
             self.replicas.append(_Replica(r, procs, front_end))
+
+    def wait_ready(self) -> None:
+        """Wait until every replica has loaded its model (blocking). A worker that fails to
+        start stops everything and raises ConfigError with its reason."""
+        s = self.settings
         deadline = time.monotonic() + s.startup_timeout_s
         for rep in self.replicas:
             while True:
