@@ -4,6 +4,7 @@ and an abort frees its slot at once. In process, tiny random model, float32."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from meshlm.config import ModelConfig
@@ -72,3 +73,28 @@ def test_logprobs_of_the_sampled_tokens():
             assert [t for t, _ in e.logprobs.top] == torch.topk(logp, 3).indices.tolist()
             assert e.logprobs.top[0][0] == e.token_id  # greedy: the best one
             seq.append(e.token_id)
+
+
+def test_chat_templates(tmp_path):
+    """The default template, and a Hugging Face directory's own chat_template (Jinja2, with
+    bos_token and a template that raises on a bad role)."""
+    import json
+
+    from meshlm.serve.chat_template import ChatTemplate, hf_chat_template
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert ChatTemplate().render(messages) == "System: Be brief.\nUser: Hi\nAssistant:"
+    assert ChatTemplate().render(messages, add_generation_prompt=False) == "System: Be brief.\nUser: Hi\n"
+    assert hf_chat_template(tmp_path) is None  # no template: the caller uses the default
+    source = (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m.role not in ['system', 'user', 'assistant'] %}{{ raise_exception('bad role ' + m.role) }}{% endif %}"
+        "<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    config = {"chat_template": source, "bos_token": {"content": "<s>"}, "eos_token": "</s>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    template = hf_chat_template(tmp_path)
+    assert template.render(messages) == "<s><|system|>Be brief.</s><|user|>Hi</s><|assistant|>"
+    with pytest.raises(ValueError, match="bad role tool"):  # the template's own error, as a 400 later
+        template.render([{"role": "tool", "content": "x"}])

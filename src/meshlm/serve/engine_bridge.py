@@ -22,6 +22,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +32,13 @@ from meshlm.config import ConfigError
 from meshlm.inference.sampling import SamplingParams
 from meshlm.serve.metrics import ServerMetrics
 from meshlm.serve.worker import WorkerSpec, worker_main
+
+
+def _free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a replica's process-group rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class QueueFull(Exception):
@@ -137,13 +145,11 @@ class EngineBridge:
 
     def start(self) -> None:
         """Spawn every replica's processes (they load the model meanwhile: see `wait_ready`)."""
-        from meshlm.distributed.spawn import free_port
-
         s = self.settings
         ctx = mp.get_context("spawn")
         for r in range(s.replicas):
             front_end, worker_end = ctx.Pipe(duplex=True)
-            spec = WorkerSpec(s.run_dir, s.dtype, s.max_batch, s.max_model_len, s.tp, r, free_port(), s.threads)
+            spec = WorkerSpec(s.run_dir, s.dtype, s.max_batch, s.max_model_len, s.tp, r, _free_port(), s.threads)
             procs = []
             for tp_rank in range(s.tp):
                 conn = worker_end if tp_rank == 0 else None
