@@ -49,11 +49,11 @@ def prepare_model(workdir: Path) -> tuple[Path, Path]:
     import json as json_module
     import textwrap
 
+    from meshlm.artifacts.weights_file import save_weights
     from meshlm.config import Config, ModelConfig
     from meshlm.data.tokenizer import train_tokenizer
     from meshlm.interop.convert import export_hf
     from meshlm.model.transformer import build_model
-    from meshlm.model.weights_file import save_weights
 
     run, hf = workdir / "run", workdir / "hf"
     if (hf / "model.safetensors").is_file():

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import httpx
+from processes import descendants_of
 
+from meshlm.artifacts.weights_file import save_weights
 from meshlm.config import Config, ModelConfig
 from meshlm.data.tokenizer import train_tokenizer
 from meshlm.distributed.spawn import free_port
 from meshlm.model.transformer import build_model
-from meshlm.model.weights_file import save_weights
 
 V = 384
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -36,26 +37,6 @@ def make_run(out: Path, max_seq_len: int = 1024) -> Path:
     (out / "config.toml").write_text(Config(model=cfg).to_toml())
     train_tokenizer([inspect.getsource(json.decoder) + inspect.getsource(textwrap)], V, out / "tokenizer.json")
     return out
-
-
-def _children(pid: int) -> list[int]:
-    """Every live descendant of `pid` (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                parents[int(entry.name)] = int(fields[1])
-    found, frontier = [], [pid]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parents.items() if pp == p]
-        found += kids
-        frontier += kids
-    return found
 
 
 def alive(pid: int) -> bool:
@@ -96,7 +77,7 @@ class Server:
                 raise AssertionError(f"the server exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    self.workers = _children(self.proc.pid)
+                    self.workers = descendants_of(self.proc.pid)
                     return self
             except httpx.HTTPError:
                 pass

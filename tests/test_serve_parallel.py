@@ -18,7 +18,7 @@ import httpx
 import pytest
 from serve_fixtures import Server, make_run
 
-from meshlm.data.tokenizer import document_separator_id
+from meshlm.data.tokenizer import end_of_text_id
 from meshlm.inference.engine import Engine, Request
 from meshlm.inference.loading import find_model_files, load_model
 from meshlm.inference.sampling import SamplingParams
@@ -37,7 +37,7 @@ def reference(run_dir):
     """Greedy completions of PROMPTS by the engine in this process (what `meshlm generate` prints)."""
     loaded = load_model(find_model_files(run=run_dir))
     params = SamplingParams(
-        max_new_tokens=MAX_TOKENS, temperature=0, stop_token_ids=(document_separator_id(loaded.tokenizer),)
+        max_new_tokens=MAX_TOKENS, temperature=0, stop_token_ids=(end_of_text_id(loaded.tokenizer),)
     )
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=4)
     return [c.text for c in engine.generate([Request(loaded.tokenizer.encode(p).ids, params) for p in PROMPTS])]

@@ -80,12 +80,12 @@ def _check_limits(args: argparse.Namespace, model_len: int) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from meshlm.data.tokenizer import document_separator_id, load_tokenizer
+    from meshlm.artifacts.run_dir import load_run_config
+    from meshlm.data.tokenizer import end_of_text_id, load_tokenizer
     from meshlm.inference.commands import _converted_hf_run
     from meshlm.inference.loading import check_layout, find_model_files
     from meshlm.serve.chat_template import ChatTemplate, hf_chat_template
     from meshlm.serve.engine_bridge import BridgeSettings, EngineBridge
-    from meshlm.train.run_dir import load_run_config
 
     template = ChatTemplate()
     if args.init_from_hf:
@@ -129,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model_name=name,
             max_model_len=max_model_len,
             vocab_size=model_cfg.vocab_size,
-            eos_token_id=document_separator_id(tokenizer),
+            eos_token_id=end_of_text_id(tokenizer),
             created=int(time.time()),
         )
         app = build_app(state, args.api_key)

@@ -43,7 +43,7 @@ class ServeState:
     model_name: str
     max_model_len: int
     vocab_size: int
-    eos_token_id: int
+    eos_token_id: int | None  # the end-of-text token generation stops at (None: the tokenizer has none)
     created: int
     retry_after_s: int = 1
 
@@ -109,7 +109,7 @@ def _params(state: ServeState, req, max_tokens: int, choice: int) -> SamplingPar
             repetition_penalty=req.repetition_penalty,
             seed=None if req.seed is None else req.seed + choice,  # choice i: seed + i
             stop=tuple(req.stop or ()),
-            stop_token_ids=() if req.ignore_eos else (state.eos_token_id,),
+            stop_token_ids=() if req.ignore_eos or state.eos_token_id is None else (state.eos_token_id,),
         )
     except ValueError as e:
         raise bad_request(f"{e}.") from None
