@@ -70,7 +70,7 @@ class Server:
         self.workers: list[int] = []
         self.model = run.name  # the served model's name (the run directory's)
 
-    def wait_ready(self, timeout: float = 120.0) -> Server:
+    def wait_ready(self, timeout: float = 300.0) -> Server:  # a busy shared machine starts slowly
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -93,8 +93,8 @@ class Server:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def post(self, path: str, body, **kw) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, headers=self.headers, timeout=60, **kw)
+    def post(self, path: str, body, timeout: float | httpx.Timeout = 60, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, headers=self.headers, timeout=timeout, **kw)
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", headers=self.headers, timeout=10).text

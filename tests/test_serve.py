@@ -180,7 +180,19 @@ def test_errors_in_openai_shape(server, client):
     assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
 
 
+def _wait_for_free_slots(server, before: float) -> None:
+    """The slot is free within a step, long before 1000 tokens, and nothing more is generated."""
+    deadline = time.monotonic() + 5
+    while server.metric("meshlm_cache_slots_in_use") != 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.metric("meshlm_cache_slots_in_use") == 0
+    generated = server.metric("meshlm_generation_tokens_total") - before
+    time.sleep(0.3)
+    assert server.metric("meshlm_generation_tokens_total") - before == generated < 1000
+
+
 def test_a_client_that_hangs_up_frees_its_slot(server):
+    aborted = server.metric('meshlm_requests_total{outcome="aborted"}')
     before = server.metric("meshlm_generation_tokens_total")
     body = {"model": "tiny", "prompt": "def ", "max_tokens": 1000, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=server.headers, timeout=30) as r:
@@ -189,15 +201,13 @@ def test_a_client_that_hangs_up_frees_its_slot(server):
         while events < 5:
             events += next(lines).startswith("data: ")
         assert server.metric("meshlm_cache_slots_in_use") == 1  # still generating
-    # the connection is closed: the slot is free within a step, long before 1000 tokens
-    deadline = time.monotonic() + 5
-    while server.metric("meshlm_cache_slots_in_use") != 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.metric("meshlm_cache_slots_in_use") == 0
-    generated = server.metric("meshlm_generation_tokens_total") - before
-    time.sleep(0.3)
-    assert server.metric("meshlm_generation_tokens_total") - before == generated < 1000  # nothing more
-    assert server.metric('meshlm_requests_total{outcome="aborted"}') >= 1
+    _wait_for_free_slots(server, before)  # the stream's connection is closed
+    # a plain (not streamed) request whose client gives up waiting
+    before = server.metric("meshlm_generation_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):
+        server.post("/v1/completions", {**body, "stream": False}, timeout=httpx.Timeout(30, read=0.5))
+    _wait_for_free_slots(server, before)
+    assert server.metric('meshlm_requests_total{outcome="aborted"}') == aborted + 2
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(server):

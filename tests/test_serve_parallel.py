@@ -68,6 +68,7 @@ def _concurrently(fn, args: list, timeout: float = 120.0) -> list:
     return results
 
 
+@pytest.mark.slow  # two servers' worth of processes: a minute or more on a busy 2-core machine
 def test_tp2_equals_one_process_and_leaves_no_orphan(run_dir, reference):
     server = Server(run_dir, "--tp", "2", "--max-batch", "3").wait_ready()
     try:
@@ -81,6 +82,7 @@ def test_tp2_equals_one_process_and_leaves_no_orphan(run_dir, reference):
         server.assert_no_workers_left()
 
 
+@pytest.mark.slow
 def test_replicas_queue_bound_crash_and_drain(run_dir, reference):
     # 2 replicas x 1 slot + 1 waiting: at most 3 sequences in flight.
     server = Server(run_dir, "--replicas", "2", "--max-batch", "1", "--max-queued", "1").wait_ready()
