@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The CPU benchmarks behind docs/benchmarks.md (about 15 minutes on 2 cores).
+# The CPU benchmarks behind docs/benchmarks.md (about 35 minutes on 2 cores).
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py --rounds 9 --steps 3
 	OMP_NUM_THREADS=1 $(PY) benchmarks/parallel_overhead.py --steps 8
@@ -40,6 +40,7 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/checkpoint_io.py --size medium --repeats 3
 	OMP_NUM_THREADS=1 $(PY) benchmarks/planner_accuracy.py cpu --repeats 2
 	$(PY) benchmarks/planner_accuracy.py published
+	$(PY) benchmarks/serve_load.py --rounds 2
 
 clean:
 	rm -rf $(VENV) runs .meshlm-cache .pytest_cache
