@@ -73,6 +73,10 @@ def test_logprobs_of_the_sampled_tokens():
             assert [t for t, _ in e.logprobs.top] == torch.topk(logp, 3).indices.tolist()
             assert e.logprobs.top[0][0] == e.token_id  # greedy: the best one
             seq.append(e.token_id)
+    # a stream left early leaves nothing behind in the engine
+    for _ in engine.stream([Request(prompt, params), Request(prompt, params)]):
+        break
+    assert not engine.has_work
 
 
 def test_chat_templates(tmp_path):

@@ -175,17 +175,21 @@ class Engine:
             return
         # Size the cache for the whole list up front: a later, longer request never waits for
         # the active ones to drain before the cache can grow.
-        need = max(min(len(r.prompt_ids or [EOT_ID]) + r.params.max_new_tokens, self.max_len) for r in requests)
-        self._cache(min(len(requests), self.max_batch), need)
+        if not self._active:
+            self._cache(min(len(requests), self.max_batch), max(self._need(r) for r in requests))
         position = {self.add(r): i for i, r in enumerate(requests)}
-        while position:
-            for event in self.step():
-                index = position.get(event.index)
-                if index is None:  # a request added through the online interface meanwhile
-                    continue
-                if event.completion is not None:
-                    del position[event.index]
-                yield dataclasses.replace(event, index=index)
+        try:
+            while position:
+                for event in self.step():
+                    index = position.get(event.index)
+                    if index is None:  # a request added through the online interface meanwhile
+                        continue
+                    if event.completion is not None:
+                        del position[event.index]
+                    yield dataclasses.replace(event, index=index)
+        finally:  # the caller stopped early: free what is left of its requests
+            for rid in position:
+                self.abort(rid)
 
     # ------------------------------------------------------------------ online interface
     # A server adds and aborts requests at any time and calls `step` in a loop; `stream`
