@@ -116,7 +116,9 @@ class ServerProcess:
         raise RuntimeError(f"{self.name} was not ready in {timeout:.0f} s; see {log}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its workers
             try:
                 self.proc.wait(60)
@@ -283,8 +285,8 @@ def main() -> None:
         order = procs if rnd % 2 == 0 else procs[::-1]
         for server in order:
             print(f"round {rnd + 1}: {server.name}", file=sys.stderr, flush=True)
-            server.start(args.workdir / f"{server.name.split()[0]}.log")
             try:
+                server.start(args.workdir / f"{server.name.split()[0]}.log")
                 # warm-up: first requests compile / allocate on either side
                 asyncio.run(run_level(server, prompt, 4, 1, args.output_tokens, args.deadline))
                 for clients in args.clients:

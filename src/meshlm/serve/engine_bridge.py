@@ -4,11 +4,11 @@ The front owns R replicas (engine groups of tp ranks each, see `serve.worker`), 
 multiprocessing 'spawn' children of the server process: the server is one long-lived
 process that must own its workers (to see them die, and to take them down with it), which
 torch.distributed.run's agent, built for batch jobs it supervises to the end, does not fit.
-Each replica's rank 0 is reached over a pipe: a writer thread sends to it (the event loop
-never blocks on a full pipe), a reader thread hands every step's events to the event loop
-in one call. A watchdog thread notices a dead process: its replica is marked dead, the
-rest of its ranks are killed (none may hang in a collective), and the requests it held
-fail at once (HTTP 503).
+Each replica's rank 0 is reached over a pipe that the event loop itself reads (add_reader)
+and writes: no thread hand-off between an engine step and the HTTP responses, which on a
+busy machine costs a scheduling delay per hop. A watchdog thread notices a dead process:
+its replica is marked dead, the rest of its ranks are killed (none may hang in a
+collective), and the requests it held fail at once (HTTP 503).
 
 Admission: a request of k sequences (n choices per prompt) is placed on the least-loaded
 live replicas (fewest sequences, then fewest tokens left) if at most
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
-import queue
 import socket
 import threading
 import time
@@ -128,7 +127,6 @@ class _Replica:
     tokens: int = 0  # prompt + output tokens still to come, over its sequences
     running: int = 0  # as last reported by the replica
     waiting: int = 0
-    outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
 
 class EngineBridge:
@@ -187,26 +185,19 @@ class EngineBridge:
                     raise ConfigError(f"engine replica {rep.index} {why} during startup; its output above says why.")
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start the I/O threads; events are delivered on `loop`."""
+        """Read the replicas' pipes on `loop` (events are handled there) and start the watchdog."""
         self.loop = loop
         for rep in self.replicas:
-            threading.Thread(target=self._reader, args=(rep,), daemon=True, name=f"reader-{rep.index}").start()
-            threading.Thread(target=self._writer, args=(rep,), daemon=True, name=f"writer-{rep.index}").start()
+            loop.add_reader(rep.conn.fileno(), self._readable, rep)
         threading.Thread(target=self._watchdog, daemon=True, name="engine-watchdog").start()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop every worker: a stop message, then terminate, then kill. Never leaves one behind."""
         self._stopping = True
         for rep in self.replicas:
-            if not rep.alive:
-                continue
-            if self.loop is not None:  # the writer thread owns the pipe's sending side
-                rep.outbox.put(("stop",))
-                continue
-            try:
-                rep.conn.send(("stop",))
-            except (OSError, ValueError):
-                pass
+            self._unwatch(rep)
+            if rep.alive:
+                self._send(rep, ("stop",))
         deadline = time.monotonic() + timeout_s
         procs = [p for rep in self.replicas for p in rep.procs]
         for p in procs:
@@ -220,7 +211,6 @@ class EngineBridge:
                 p.join(2.0)
         for rep in self.replicas:
             rep.alive = False
-            rep.outbox.put(None)  # ends the writer
 
     # ------------------------------------------------------------------ state
 
@@ -263,14 +253,14 @@ class EngineBridge:
             rep.seqs[fid] = seq
             rep.tokens += cost
             handle.seqs[fid] = seq
-            rep.outbox.put(("add", fid, spec.prompt_ids, spec.params, spec.logprobs))
+            self._send(rep, ("add", fid, spec.prompt_ids, spec.params, spec.logprobs))
         return handle
 
     def _abort(self, handle: RequestHandle) -> None:
         for fid, seq in list(handle.seqs.items()):
             self._forget(seq)
             if seq.replica.alive:
-                seq.replica.outbox.put(("abort", fid))
+                self._send(seq.replica, ("abort", fid))
         handle.seqs.clear()
         self._finish_request(handle, "aborted")
 
@@ -335,40 +325,45 @@ class EngineBridge:
             self._finish_request(handle, "failed")
             handle.queue.put_nowait(error)
         rep.running = rep.waiting = 0
-        rep.outbox.put(None)
+        self._unwatch(rep)
 
-    # ------------------------------------------------------------------ threads
+    # ------------------------------------------------------------------ pipes and the watchdog
+
+    def _send(self, rep: _Replica, msg: tuple) -> None:
+        """To a replica's rank 0 (small messages: rank 0 drains its pipe before every step)."""
+        try:
+            rep.conn.send(msg)
+        except (OSError, ValueError):  # gone: the reader or the watchdog reports it
+            pass
+
+    def _unwatch(self, rep: _Replica) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            try:
+                self.loop.remove_reader(rep.conn.fileno())
+            except (OSError, ValueError, RuntimeError):
+                pass
+
+    def _readable(self, rep: _Replica) -> None:
+        """The replica's pipe has data: handle every whole message in it (on the event loop)."""
+        try:
+            while rep.conn.poll():
+                msg = rep.conn.recv()
+                kind = msg[0]
+                if kind == "step":
+                    self._on_step(rep, *msg[1:])
+                elif kind == "rejected":
+                    self._on_rejected(rep, *msg[1:])
+                elif kind == "fatal":
+                    self._on_replica_dead(rep, msg[1])
+        except (EOFError, OSError):
+            self._unwatch(rep)
+            self._on_replica_dead(rep, f"engine replica {rep.index} exited")
 
     def _post(self, fn, *args) -> None:
         try:
             self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: the server is exiting
             pass
-
-    def _reader(self, rep: _Replica) -> None:
-        while True:
-            try:
-                msg = rep.conn.recv()
-            except (EOFError, OSError):
-                self._post(self._on_replica_dead, rep, f"engine replica {rep.index} exited")
-                return
-            kind = msg[0]
-            if kind == "step":
-                self._post(self._on_step, rep, *msg[1:])
-            elif kind == "rejected":
-                self._post(self._on_rejected, rep, *msg[1:])
-            elif kind == "fatal":
-                self._post(self._on_replica_dead, rep, msg[1])
-
-    def _writer(self, rep: _Replica) -> None:
-        while True:
-            msg = rep.outbox.get()
-            if msg is None:
-                return
-            try:
-                rep.conn.send(msg)
-            except (OSError, ValueError):
-                return
 
     def _watchdog(self) -> None:
         while not self._stopping:
