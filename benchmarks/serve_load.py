@@ -214,7 +214,9 @@ async def one_request(client: httpx.AsyncClient, server: ServerProcess, prompt: 
 
 
 async def run_level(server: ServerProcess, prompt: str, clients: int, per_client: int, n_out: int, deadline_s: float):
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    # Idle connections expire on the client before uvicorn's keep-alive timeout (5 s by default,
+    # transformers serve's too) closes them: no request is ever sent on a connection being closed.
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(deadline_s), limits=limits) as client:
 
         async def client_loop():

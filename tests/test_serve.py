@@ -180,6 +180,19 @@ def test_errors_in_openai_shape(server, client):
     assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
 
 
+def test_command_line_errors_come_before_any_worker_starts(server, run_dir, capsys):
+    cases = {
+        ("--max-batch", "0", "--max-model-len", "5000"): "--max-model-len must be between 2",
+        ("--tp", "3"): "not divisible by 3",
+        ("--port", str(server.port)): f"cannot listen on 127.0.0.1:{server.port}",  # in use
+    }
+    for extra, message in cases.items():
+        assert cli_main(["serve", "--run", str(run_dir), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert cli_main(["serve", "--run", str(run_dir / "nope")]) == 2
+    assert "not a meshlm run directory" in capsys.readouterr().err
+
+
 def _wait_for_free_slots(server, before: float) -> None:
     """The slot is free within a step, long before 1000 tokens, and nothing more is generated."""
     deadline = time.monotonic() + 5

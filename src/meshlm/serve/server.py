@@ -12,6 +12,8 @@ import signal
 
 import uvicorn
 
+KEEP_ALIVE_S = 30
+
 
 class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame) -> None:
@@ -30,6 +32,9 @@ def serve_app(app, host: str, port: int, drain_timeout_s: float, log_level: str 
         port=port,
         log_level=log_level,
         timeout_graceful_shutdown=drain_timeout_s,
+        # Longer than clients keep idle connections (httpx, and so the openai client: 5 s), so
+        # the server never closes one just as a client sends a request on it.
+        timeout_keep_alive=KEEP_ALIVE_S,
         lifespan="on",
         access_log=False,
     )
