@@ -50,16 +50,19 @@ def prepare_model(workdir: Path) -> tuple[Path, Path]:
     import textwrap
 
     from meshlm.artifacts.weights_file import save_weights
-    from meshlm.config import Config, ModelConfig
+    from meshlm.config import Config
     from meshlm.data.tokenizer import train_tokenizer
     from meshlm.interop.convert import export_hf
-    from meshlm.model.transformer import build_model
+    from meshlm.model.registry import build_model
+    from meshlm.model.transformer.config import TransformerConfig
 
     run, hf = workdir / "run", workdir / "hf"
     if (hf / "model.safetensors").is_file():
         return run, hf
     run.mkdir(parents=True, exist_ok=True)
-    cfg = ModelConfig(arch="llama", d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, max_seq_len=512)
+    cfg = TransformerConfig(
+        arch="llama", d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, max_seq_len=512
+    )
     save_weights(build_model(cfg, seed=0).state_dict(), cfg, run / "model.safetensors")
     (run / "config.toml").write_text(Config(model=cfg).to_toml())
     texts = [inspect.getsource(m) for m in (json_module.decoder, textwrap, argparse_module)]

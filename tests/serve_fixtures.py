@@ -16,10 +16,11 @@ import httpx
 from processes import descendants_of
 
 from meshlm.artifacts.weights_file import save_weights
-from meshlm.config import Config, ModelConfig
+from meshlm.config import Config
 from meshlm.data.tokenizer import train_tokenizer
 from meshlm.distributed.spawn import free_port
-from meshlm.model.transformer import build_model
+from meshlm.model.registry import build_model
+from meshlm.model.transformer.config import TransformerConfig
 
 V = 384
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -29,7 +30,7 @@ def make_run(out: Path, max_seq_len: int = 1024) -> Path:
     """A run directory of a tiny llama (random weights: its greedy output is fixed by its seed)."""
     import textwrap
 
-    cfg = ModelConfig(
+    cfg = TransformerConfig(
         arch="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V, max_seq_len=max_seq_len
     )
     out.mkdir(parents=True, exist_ok=True)

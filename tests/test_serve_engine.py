@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meshlm.config import ModelConfig
 from meshlm.inference.engine import Engine, Request
 from meshlm.inference.sampling import SamplingParams
-from meshlm.model.transformer import build_model
+from meshlm.model.registry import build_model
+from meshlm.model.transformer.config import TransformerConfig
 
 V = 384
-CFG = ModelConfig(arch="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V, max_seq_len=128)
+CFG = TransformerConfig(arch="llama", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V, max_seq_len=128)
 
 
 def _prompts(lengths, seed=0):
