@@ -51,12 +51,16 @@ def alive(pid: int) -> bool:
 class Server:
     """`python -m meshlm serve ...` on 127.0.0.1; `url` is ready once started."""
 
-    def __init__(self, run: Path, *args: str, api_key: str | None = None, env: dict | None = None):
+    def __init__(
+        self, run: Path, *args: str, api_key: str | None = None, env: dict | None = None, hf_dir: Path | None = None
+    ):
+        """Serve the run directory `run`, or with `hf_dir` that Hugging Face directory (--init-from-hf)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         # One thread per engine rank: the machines running the tests are small and shared.
-        cmd = [sys.executable, "-m", "meshlm", "serve", "--run", str(run), "--port", str(self.port), "--threads", "1"]
+        model = ["--init-from-hf", str(hf_dir)] if hf_dir else ["--run", str(run)]
+        cmd = [sys.executable, "-m", "meshlm", "serve", *model, "--port", str(self.port), "--threads", "1"]
         cmd += args
         if api_key:
             cmd += ["--api-key", api_key]

@@ -146,3 +146,35 @@ def test_replicas_queue_bound_crash_and_drain(run_dir, reference):
         assert code == 0, output[-2000:]
     finally:
         server.kill()
+
+
+@pytest.mark.slow
+def test_a_hugging_face_model_uses_its_chat_template(run_dir, tmp_path):
+    """--init-from-hf: the directory's chat_template renders the messages, and the special
+    tokens it writes are encoded as their ids (as transformers' apply_chat_template does)."""
+    from meshlm.interop.convert import export_hf
+
+    hf = export_hf(run_dir, tmp_path / "hf")
+    config_path = hf / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    config_path.write_text(json.dumps(config))
+    server = Server(run_dir, "--served-model-name", "hf-tiny", hf_dir=hf).wait_ready()
+    try:
+        messages = [{"role": "user", "content": "hi"}]
+        rendered = server.post("/tokenize", {"messages": messages}).json()
+        text = server.post("/detokenize", {"tokens": rendered["tokens"]}).json()["prompt"]
+        assert text == f"<|user|>hi{config['eos_token']}<|assistant|>"
+        assert rendered["tokens"].count(0) == 1  # the end-of-text token, by its id
+        plain = server.post("/tokenize", {"prompt": text}).json()["tokens"]
+        assert 0 not in plain  # a prompt's text is encoded as text
+        body = {"model": "hf-tiny", "messages": messages, "max_tokens": 4, "temperature": 0}
+        r = server.post("/v1/chat/completions", body)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == rendered["count"]
+        code, output = server.stop()
+        assert code == 0, output[-2000:]
+    finally:
+        server.kill()

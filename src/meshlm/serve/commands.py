@@ -87,12 +87,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from meshlm.serve.chat_template import ChatTemplate, hf_chat_template
     from meshlm.serve.engine_bridge import BridgeSettings, EngineBridge
 
-    template = ChatTemplate()
+    hf_template = None
     if args.init_from_hf:
         hf_dir = Path(args.init_from_hf)
         if not (hf_dir / "config.json").is_file():
             raise ConfigError(f"{hf_dir} is not a Hugging Face model directory (no config.json).")
-        template = hf_chat_template(hf_dir) or template
+        hf_template = hf_chat_template(hf_dir)
         run = _converted_hf_run(hf_dir)
         name = args.served_model_name or hf_dir.resolve().name
     else:
@@ -104,6 +104,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_layout(args.tp, args.tp, model_cfg)
     _check_port(args.host, args.port)
     tokenizer = load_tokenizer(files.tokenizer)
+    template, chat_tokenizer = hf_template or ChatTemplate(), tokenizer
+    if hf_template is not None:  # it writes special tokens: map them to their ids
+        chat_tokenizer = load_tokenizer(files.tokenizer)
+        chat_tokenizer.encode_special_tokens = False  # (meshlm's default: any text is encoded as text)
     ranks = args.tp * args.replicas
     settings = BridgeSettings(
         run_dir=str(run),
@@ -126,6 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             bridge=bridge,
             tokenizer=tokenizer,
             chat_template=template,
+            chat_tokenizer=chat_tokenizer,
             model_name=name,
             max_model_len=max_model_len,
             vocab_size=model_cfg.vocab_size,

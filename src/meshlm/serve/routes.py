@@ -40,6 +40,9 @@ class ServeState:
     bridge: EngineBridge
     tokenizer: object  # tokenizers.Tokenizer
     chat_template: ChatTemplate
+    # Encodes rendered chat prompts: for a Hugging Face template, one that maps the special
+    # tokens the template writes (<|eot_id|>, </s>, ...) to their ids, as transformers does.
+    chat_tokenizer: object
     model_name: str
     max_model_len: int
     vocab_size: int
@@ -221,7 +224,7 @@ def _render_chat(state: ServeState, messages, add_generation_prompt: bool = True
     except ValueError as e:
         raise bad_request(f"{e}.", "messages") from None
     # The template writes any special tokens itself (as transformers' apply_chat_template).
-    return state.tokenizer.encode(text, add_special_tokens=False).ids
+    return state.chat_tokenizer.encode(text, add_special_tokens=False).ids
 
 
 @router.post("/v1/chat/completions")
