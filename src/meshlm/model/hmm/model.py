@@ -79,8 +79,9 @@ class Emission(nn.Module):
         return self.vocab_ops.logsumexp(self.weight)  # (S,)
 
     def log_probs(self) -> torch.Tensor:
-        """log E (S, V_local), normalised over the whole vocabulary."""
-        return self.weight - self.log_normaliser().unsqueeze(-1)
+        """log E (S, V_local), normalised over the whole vocabulary. The normaliser is replicated
+        but used here on this rank's columns only: `enter` sums its gradient over the ranks."""
+        return self.weight - self.vocab_ops.enter(self.log_normaliser()).unsqueeze(-1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """log p(x | s) of each token: tokens (...) -> (..., S)."""
