@@ -168,3 +168,22 @@ def test_training_methods_are_checked_before_launch():
     for family in ("maxent", "hmm"):
         with pytest.raises(ConfigError, match=f"model.family '{family}' cannot run pipeline.*It can run data parallel"):
             parallel_dims_from_config(load_config(None, [*base, f'model.family="{family}"', "parallel.pp=2"]), 2)
+
+
+def test_eval_perplexity_is_the_forward_algorithms_likelihood():
+    """`meshlm eval`'s windows through the generic next-token path give, for an HMM, exactly
+    -(log p(window) - log p(first token)) summed over the windows: the marginal likelihood."""
+    from meshlm.inference.evaluate import evaluate_tokens, windows
+
+    model = _hmm(S=4, V=7, seed=2)
+    tokens = torch.randint(0, 7, (50,), generator=torch.Generator().manual_seed(0))
+    result = evaluate_tokens(model, tokens, seq_len=8, batch_size=2)
+    pi, _, E = _probabilities(model)
+    total = 0.0
+    with torch.no_grad():
+        for start, length in windows(len(tokens), 8):
+            window = tokens[start : start + length + 1].unsqueeze(0)
+            total -= float(model.log_likelihood(window)[0] - torch.log(pi @ E[:, window[0, 0]]))
+    assert result.tokens == 49
+    assert math.isclose(result.loss, total / 49, rel_tol=1e-6)  # the eval path computes in float32
+    assert math.isclose(result.perplexity, math.exp(total / 49), rel_tol=1e-6)

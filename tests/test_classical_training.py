@@ -12,6 +12,7 @@ import torch
 from meshlm.artifacts.weights_file import load_weights
 from meshlm.config import load_config
 from meshlm.distributed.spawn import run_distributed
+from meshlm.train.checkpoint import export_checkpoint
 from meshlm.train.checkpoint_manifest import step_dir
 from meshlm.train.metrics import read_metrics
 from meshlm.train.trainer import train
@@ -110,6 +111,10 @@ def test_em_resumes_across_layouts(data_cache, tmp_path):
     one = _config(data_cache, EM)
     resumed = _run(1, one, tmp_path / "b", resume=str(step_dir(tmp_path / "a", 2)))
     _assert_same(source, resumed, 1e-6, 1e-6, tmp_path / "a", tmp_path / "b", one, resumed_at=2)
+    # export consolidates the dp2 run's last checkpoint into the model it ended with
+    export_checkpoint(tmp_path / "a", tmp_path / "exported", log=quiet)
+    final, exported = _weights(tmp_path / "a", cfg), _weights(tmp_path / "exported", cfg)
+    assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
 
 
 def test_lbfgs_under_dp2_equals_one_process_and_resumes_its_history(data_cache, tmp_path):
