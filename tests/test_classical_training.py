@@ -152,3 +152,21 @@ def test_gradient_training_resumes_across_layouts(
     dst = _config(data_cache, method, dst_layout)
     resumed = _run(dst_world, dst, tmp_path / "b", resume=str(step_dir(tmp_path / "a", 2)))
     _assert_same(source, resumed, 1e-5, 1e-4, tmp_path / "a", tmp_path / "b", dst, resumed_at=2)
+
+
+def test_sgd_under_fsdp_dp2_equals_one_process(data_cache, tmp_path):
+    """maxent trained by plain SGD (train.optimizer="sgd"): ZeRO-3 over dp2 equals one process."""
+    method = [
+        'model.family="maxent"',
+        "model.hash_rows=64",
+        'train.optimizer="sgd"',
+        "train.lr=0.5",
+        "train.steps=5",
+        "train.eval_every=5",
+        "train.global_batch=8",
+        "train.micro_batch=4",
+    ]
+    ref = _run(1, _config(data_cache, method), tmp_path / "one")
+    assert ref[0][-1] < ref[0][0]
+    got = _run(2, _config(data_cache, method, ["parallel.dp=2", "parallel.zero=3"]), tmp_path / "dp2")
+    _assert_same(ref, got, 1e-5, 1e-4, tmp_path / "one", tmp_path / "dp2", _config(data_cache, method))
