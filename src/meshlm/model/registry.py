@@ -17,11 +17,15 @@ from __future__ import annotations
 import importlib
 
 from meshlm.config import ConfigError, ModelConfig, model_section, register_model_section
+from meshlm.model.hmm.config import HMMConfig
+from meshlm.model.maxent.config import MaxEntConfig
 from meshlm.model.transformer.config import TransformerConfig
 
 # family name -> (its config section, the module that defines its SPEC)
 BUILTIN: dict[str, tuple[type[ModelConfig], str]] = {
     "transformer": (TransformerConfig, "meshlm.model.transformer.spec"),
+    "maxent": (MaxEntConfig, "meshlm.model.maxent.spec"),
+    "hmm": (HMMConfig, "meshlm.model.hmm.spec"),
 }
 
 _SPEC_MODULES: dict[str, str] = {}

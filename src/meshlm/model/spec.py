@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 
 from meshlm.config import ModelConfig
 
-ShardStyle = Literal["column", "row", "vocab_embedding", "vocab_output", "sequence_sliced_embedding"]
+ShardStyle = Literal["column", "row", "vocab_embedding", "vocab_output", "sequence_sliced_embedding", "vocab_columns"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,13 @@ class TensorParallelPlan:
                                local logits, never gathered in training
       sequence_sliced_embedding  a replicated position embedding that, under sequence
                                parallelism, looks up only this rank's part of the sequence
+      vocab_columns            a module whose parameters all have the vocabulary as their last
+                               dimension (per-token score tables: a log-linear model's feature
+                               weights and bias, an HMM's emission logits): each is split along
+                               it (padded to a multiple of tp), the module's forward is unchanged
+                               and so yields this rank's vocabulary slice; reductions over the
+                               vocabulary go through its `vocab_ops` attribute (VocabOps below),
+                               which tensor parallelism replaces by the group's collectives
 
     `regions` are the module paths whose input passes through Megatron's f (identity forward,
     all-reduce backward; all-gather along the sequence under sequence parallelism): the
@@ -103,6 +110,45 @@ class StageCosts:
     first: float
     blocks: list[float]
     last: float
+
+
+class VocabOps(Protocol):
+    """Reductions over the vocabulary (the last dimension) of a `vocab_columns` module's tensors.
+    On one device these are plain torch ops (meshlm.model.vocab_ops.LOCAL_VOCAB_OPS); under
+    tensor parallelism each rank holds a slice of the vocabulary and the same calls become
+    collectives (meshlm.parallel.vocab_parallel.TensorParallelVocabOps), so model code stays
+    free of process groups. Every op is differentiable."""
+
+    def logsumexp(self, x: Any) -> Any:
+        """log sum_v exp(x[..., v]) over the whole (unpadded) vocabulary: (..., V_local) -> (...)."""
+
+    def select(self, table: Any, tokens: Any) -> Any:
+        """table[:, tokens] moved last: table (R, V_local), tokens (...) global ids -> (..., R)."""
+
+    def enter(self, x: Any) -> Any:
+        """Megatron's f: the identity, whose backward sums the gradient over the ranks. For a
+        replicated tensor that feeds a computation on this rank's vocabulary slice."""
+
+
+@dataclass(frozen=True)
+class EMHooks:
+    """Closed-form training by expectation-maximisation (Baum-Welch for an HMM), driven by the
+    trainer's EM runner (meshlm.train.full_batch): the E-step's sufficient statistics are sums
+    over sequences, so data-parallel ranks each sum their shard and one all-reduce gives the
+    single-process totals; the M-step then runs identically on every rank.
+
+        counts = expected_counts(model, x)      x (B, T) token ids -> {name: float64 tensor};
+                                                must include "log_likelihood" (sum over x)
+        m_step(model, counts, smoothing)        set the parameters from the summed counts
+                                                (add-`smoothing` to every count)
+        log_prior(model, smoothing)             log of the prior that add-k smoothing is the MAP
+                                                estimate under (0 without smoothing): EM's
+                                                objective is log-likelihood + log prior
+    """
+
+    expected_counts: Callable[[Any, Any], dict[str, Any]]
+    m_step: Callable[[Any, dict[str, Any], float], None]
+    log_prior: Callable[[Any, float], float]
 
 
 class DecodeState(Protocol):
@@ -185,6 +231,7 @@ class FamilySpec:
     hf: HFAdapter | None = None  # optional Hugging Face import/export (meshlm.interop drives it)
     # (cfg, batch) -> {name: seconds}: micro-benchmarks the planner calibrates its CPU model with
     calibrate: Callable[..., dict] | None = None
+    em: EMHooks | None = None  # training by EM (`train.optimizer = "em"`), for families that have it
 
     def n_blocks(self, cfg) -> int:
         return len(self.stage_costs(cfg).blocks)
