@@ -38,6 +38,7 @@ class Encoded:
     units: np.ndarray  # (N,) what the loss averages over per example: 1 (classify) or its labelled words
     starts: list[list[int]]  # per example: the first-subword position of each word kept (tagging)
     n_words: list[int]  # per example: its words (tagging; words past the truncation included)
+    lengths: list[int]  # per example: its tokens (the rest of the row is padding)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -69,6 +70,7 @@ def encode(
     units = np.zeros(N, dtype=np.int64)
     starts: list[list[int]] = []
     n_words: list[int] = []
+    lengths: list[int] = []
 
     def label_id(e: Example, name: str) -> int:
         if name not in index:
@@ -92,7 +94,8 @@ def encode(
             units[i] = 1
             starts.append([])
             n_words.append(0)
-        return Encoded(x, y, units, starts, n_words)
+            lengths.append(len(ids))
+        return Encoded(x, y, units, starts, n_words, lengths)
 
     words = [e.tokens if e.tokens is not None else words_of(e.text or "") for e in examples]
     spaced = [[w if j == 0 else " " + w for j, w in enumerate(ws)] for ws in words]
@@ -111,11 +114,12 @@ def encode(
                 x[i, pos, 1] = 1
         starts.append(first)
         n_words.append(len(ws))
+        lengths.append(len(ids))
         if e.tags is not None:
             for w, pos in enumerate(first):
                 y[i, pos] = label_id(e, e.tags[w])
         units[i] = len(first) if e.tags is not None else 0
-    return Encoded(x, y, units, starts, n_words)
+    return Encoded(x, y, units, starts, n_words, lengths)
 
 
 def label_set(task: str, examples: list[Example]) -> list[str]:
