@@ -11,8 +11,9 @@ from task_fixtures import classify_records, make_backbone, ner_records, write_js
 
 from meshlm.artifacts.weights_file import load_weights
 from meshlm.distributed.spawn import run_distributed
-from meshlm.tasks.config import load_task_config, task_model_config
+from meshlm.tasks.config import load_task_config
 from meshlm.tasks.finetune import finetune, finetune_config
+from meshlm.tasks.spec import task_model_config
 
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-4

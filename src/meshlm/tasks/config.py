@@ -1,16 +1,14 @@
-"""A task run's configuration: the usual sections ([model] is the backbone's) plus [task], and
-the in-memory [model] of the task model itself (backbone + head), which the family protocol
-reads through `derived_spec()`."""
+"""A task run's configuration: the usual sections ([model] is the backbone's) plus [task]. The
+in-memory [model] of the task model itself (backbone + head) is spec.TaskModelConfig."""
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from meshlm.config import Config, ConfigError, ModelConfig, apply_overrides, config_from_dict, validate
+from meshlm.config import Config, ConfigError, apply_overrides, config_from_dict, validate
 
 TASKS = ("classify", "ner", "srl")
 TaskName = Literal["classify", "ner", "srl"]
@@ -80,45 +78,3 @@ def is_task_run(run: Path | str) -> bool:
         return "task" in tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError):
         return False
-
-
-@dataclass
-class TaskModelConfig(ModelConfig):
-    """The [model] of a task model, in memory: the backbone's section and the head's shape. Its
-    family name reads "<backbone family>+<task>"; `derived_spec()` answers for the registry."""
-
-    backbone: ModelConfig | None = None
-    task: str = "classify"
-    n_labels: int = 2
-    crf: bool = False
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.backbone is not None:
-            self.family = f"{self.backbone.family}+{self.task}"
-            self.vocab_size, self.max_seq_len = self.backbone.vocab_size, self.backbone.max_seq_len
-
-    @property
-    def predicate(self) -> bool:
-        """Whether the input carries a predicate indicator per token (srl)."""
-        return self.task == "srl"
-
-    def derived_spec(self):
-        from meshlm.tasks.spec import task_spec
-
-        return task_spec(self)
-
-    def validate(self) -> None:
-        self.backbone.validate()
-        if self.n_labels < 1:
-            raise ConfigError("a task model needs at least one label; the training data has none.")
-
-
-def task_model_config(cfg: TaskRunConfig) -> TaskModelConfig:
-    t = cfg.task
-    return TaskModelConfig(backbone=cfg.model, task=t.name, n_labels=len(t.labels), crf=t.crf, dropout=t.dropout)
-
-
-def with_task_model(cfg: TaskRunConfig) -> Config:
-    """The Config that parallelize, the step and the checkpoints see: [model] is the task model."""
-    return dataclasses.replace(cfg, model=task_model_config(cfg))

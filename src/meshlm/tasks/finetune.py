@@ -36,10 +36,11 @@ from meshlm.model.registry import build_model, family_spec
 from meshlm.parallel.gather import gather_full_state_dict
 from meshlm.parallel.parallelize import parallelize
 from meshlm.tasks.backbone import check_backbone_run, converted_hf_run, load_backbone_weights
-from meshlm.tasks.config import TASKS, TaskRunConfig, validate_task_config, with_task_model
+from meshlm.tasks.config import TASKS, TaskRunConfig, validate_task_config
 from meshlm.tasks.encoding import encode, label_set, pad_id
 from meshlm.tasks.formats import read_examples
 from meshlm.tasks.objective import TaskObjective
+from meshlm.tasks.spec import with_task_model
 from meshlm.train.metrics import MetricsWriter, plot_losses
 from meshlm.train.progress import Progress
 from meshlm.train.step import StepRunner, accumulation_steps

@@ -29,11 +29,12 @@ import torch.distributed as dist
 from meshlm.artifacts.weights_file import load_weights
 from meshlm.config import ConfigError
 from meshlm.data.tokenizer import load_tokenizer
-from meshlm.tasks.config import TaskRunConfig, is_task_run, load_task_config, task_model_config
+from meshlm.tasks.config import TaskRunConfig, is_task_run, load_task_config
 from meshlm.tasks.encoding import encode
 from meshlm.tasks.formats import Example, parse_record
 from meshlm.tasks.objective import decode_tags, pooled_scores
 from meshlm.tasks.schemes import get_entities, tags_from_spans
+from meshlm.tasks.spec import task_model_config
 
 BATCH = 16  # rows per forward: fixed, so that results do not depend on how the input is split
 CHUNK = 256  # lines handed out and written at a time

@@ -11,11 +11,54 @@ modelling. Sequence parallelism is refused (the head and the pooling read every 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
+from meshlm.config import Config, ConfigError, ModelConfig
 from meshlm.model.registry import family_spec, meta_model
 from meshlm.model.spec import FamilySpec, StageCosts, TensorParallelPlan
-from meshlm.tasks.config import TaskModelConfig
+from meshlm.tasks.config import TaskRunConfig
 from meshlm.tasks.task_model import TaskModel
+
+
+@dataclass
+class TaskModelConfig(ModelConfig):
+    """The [model] of a task model, in memory: the backbone's section and the head's shape. Its
+    family name reads "<backbone family>+<task>"; `derived_spec()` answers for the registry."""
+
+    backbone: ModelConfig | None = None
+    task: str = "classify"
+    n_labels: int = 2
+    crf: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.backbone is not None:
+            self.family = f"{self.backbone.family}+{self.task}"
+            self.vocab_size, self.max_seq_len = self.backbone.vocab_size, self.backbone.max_seq_len
+
+    @property
+    def predicate(self) -> bool:
+        """Whether the input carries a predicate indicator per token (srl)."""
+        return self.task == "srl"
+
+    def derived_spec(self):
+        return task_spec(self)
+
+    def validate(self) -> None:
+        self.backbone.validate()
+        if self.n_labels < 1:
+            raise ConfigError("a task model needs at least one label; the training data has none.")
+
+
+def task_model_config(cfg: TaskRunConfig) -> TaskModelConfig:
+    t = cfg.task
+    return TaskModelConfig(backbone=cfg.model, task=t.name, n_labels=len(t.labels), crf=t.crf, dropout=t.dropout)
+
+
+def with_task_model(cfg: TaskRunConfig) -> Config:
+    """The Config that parallelize, the step and the checkpoints see: [model] is the task model."""
+    return dataclasses.replace(cfg, model=task_model_config(cfg))
+
 
 PREFIX = "backbone."
 _SPECS: dict[str, FamilySpec] = {}

@@ -21,11 +21,10 @@ from torch import nn
 from meshlm.config import ConfigError
 from meshlm.model.registry import family_spec
 from meshlm.model.spec import submodule
-from meshlm.tasks.config import TaskModelConfig
 from meshlm.tasks.heads import ClassificationHead, CRFTaggingHead, TaggingHead
 
 
-def backbone_widths(cfg: TaskModelConfig) -> tuple[int, int]:
+def backbone_widths(cfg) -> tuple[int, int]:  # cfg: spec.TaskModelConfig
     """(hidden width the output layer reads, token embedding width) of the backbone, from its
     modules on the meta device; ConfigError for a family that has no such representation."""
     from meshlm.model.registry import meta_model
@@ -43,7 +42,7 @@ def backbone_widths(cfg: TaskModelConfig) -> tuple[int, int]:
 
 
 class TaskModel(nn.Module):
-    def __init__(self, cfg: TaskModelConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         spec = family_spec(cfg.backbone)
