@@ -240,8 +240,10 @@ def load_config(name: str | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
-    cfg = Config()
+def config_from_dict(raw: dict[str, Any], source: str = "config", config_type: type[Config] | None = None) -> Config:
+    """A Config (or a subclass with more sections, `config_type`: a task run's [task]) from a
+    parsed TOML dict, every key checked."""
+    cfg = (config_type or Config)()
     for section, values in raw.items():
         sub = _section(cfg, section, source)
         if section == "parallel" and values == "auto":

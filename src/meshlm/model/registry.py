@@ -48,7 +48,13 @@ def family_names() -> list[str]:
 
 
 def family_spec(cfg_or_name):
-    """The FamilySpec of a [model] section (ModelConfig), a whole Config, or a family name."""
+    """The FamilySpec of a [model] section (ModelConfig), a whole Config, or a family name.
+    A [model] section with a `derived_spec()` method (a model derived from another family's,
+    such as a task model over a backbone: meshlm.tasks) answers with its own spec."""
+    if not isinstance(cfg_or_name, str):
+        derived = getattr(getattr(cfg_or_name, "model", cfg_or_name), "derived_spec", None)
+        if callable(derived):
+            return derived()
     name = cfg_or_name if isinstance(cfg_or_name, str) else getattr(cfg_or_name, "model", cfg_or_name).family
     if name not in _SPECS:
         model_section(name)  # the clear "unknown model.family" error

@@ -20,6 +20,13 @@ The model module's contract (what the spec's names point at):
                                given the generator
     model.tie_weights()        re-tie shared weights (after `to_empty()` or loading; no-op if none)
     model.reset_buffers()      recompute derived, non-persistent buffers (rotary tables, ...)
+
+The names may be dotted paths into submodules ("backbone.layers"): a derived model (a task
+model over a backbone, meshlm.tasks) names its backbone's modules that way; `submodule` reads
+them. A family that can serve as a task backbone keeps two conventions: `first_stage[0]` is the
+token embedding ((B, T) ids -> (B, T, d)), and `last_stage[-1]` is the output layer mapping the
+hidden states (B, T, d) to vocabulary logits (an nn.Linear); the forward returns the hidden
+states when the output layer is None.
 """
 
 from __future__ import annotations
@@ -29,6 +36,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from meshlm.config import ModelConfig
+
+
+def submodule(model: Any, path: str) -> Any:
+    """The module at a spec name ("layers", "backbone.norm"), or None where any step is None
+    or missing (a pipeline stage without it, an optional module)."""
+    for part in path.split("."):
+        model = getattr(model, part, None)
+        if model is None:
+            return None
+    return model
+
 
 ShardStyle = Literal["column", "row", "vocab_embedding", "vocab_output", "sequence_sliced_embedding", "vocab_columns"]
 
