@@ -143,7 +143,7 @@ class LBFGSStepRunner(FullPassRunner):
         )
         self._grad_norm: float | None = None
 
-    def objective(self) -> torch.Tensor:
+    def full_batch_objective(self) -> torch.Tensor:
         """The full-batch objective at the current parameters; leaves its gradient in p.grad."""
         self.zero_grad()
         n_tokens = self.n_windows * self.cfg.data.seq_len
@@ -169,7 +169,7 @@ class LBFGSStepRunner(FullPassRunner):
     def train_step(self, step: int) -> tuple[float, float]:
         self.model.train()
         self._grad_norm = None
-        loss = self.lbfgs.step(self.objective)
+        loss = self.lbfgs.step(self.full_batch_objective)
         self._last_grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self.params)
         return float(loss), self._grad_norm
 
