@@ -5,7 +5,7 @@
         print(event.text, end="")                    # tokens as they are produced
     completions = engine.generate(requests)          # or all at once, in request order
 
-The state (`FamilySpec.decode_state`: a KV cache for a transformer, (h, c) for an LSTM, ...)
+The state (`FamilySpec.decode_state`: the family's incremental state, e.g. a key/value cache or a recurrent (h, c))
 holds up to `max_batch` sequences in slots; the engine drives it through the DecodeState
 methods only (prefill, decode, release, move_slot, lengths), so every family generates here.
 
