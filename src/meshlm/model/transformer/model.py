@@ -206,12 +206,12 @@ class Transformer(nn.Module):
         cache: a KV cache (decode.py) holding the sequences' earlier tokens; the tokens given
         are then new ones at `cache.positions` (B, T), and only the positions the cache
         selects get logits."""
-        positions = cache.positions if cache is not None else None
+        positions = cache.positions if cache is not None else None  # (B, T) of the new tokens
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(tokens)  # (B, T, d)
             if self.pos_embeddings is not None:
-                T = tokens.shape[1]
-                h = h + self.pos_embeddings(torch.arange(T, device=tokens.device) if positions is None else positions)
+                where = torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions
+                h = h + self.pos_embeddings(where)
         else:
             h = tokens
         rope = None
