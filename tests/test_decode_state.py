@@ -10,8 +10,11 @@ tests/family_cases.py: a family is checked here the moment it registers a decode
 - the per-token cost does not grow with position: the work of one decode step late in a
   sequence against early (FLOPs, and elements produced), a bound that a hidden recomputation
   of the prefix fails;
+- the engine over the state (continuous batching through fewer slots than requests) generates
+  greedily what the full-recompute loop generates;
 - a tensor-parallel shard (tp 2, without sequence parallelism) gives the single process's
-  logits once its vocabulary slices are gathered, for each family that runs tensor parallelism.
+  logits once its vocabulary slices are gathered, and the engine on the shards the single
+  process's tokens, for each family that runs tensor parallelism.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from meshlm.config import load_config
 from meshlm.distributed.spawn import run_distributed
 from meshlm.inference.cuda_graphs import GraphedDecodeState
 from meshlm.inference.decoding import Decoder
+from meshlm.inference.engine import Engine, Request
+from meshlm.inference.sampling import SamplingParams
+from meshlm.inference.simple_generate import generate_tokens
 from meshlm.model.registry import build_model, family_spec
 
 V, MAX_LEN = 384, 160
@@ -168,6 +174,22 @@ def test_decode_cost_does_not_grow_with_position(case):
     assert early[1] > 0
 
 
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_engine_greedy_equals_the_recompute_loop(case):
+    """Four requests through two slots: finished sequences are replaced mid-run (move_slot,
+    release, prefill into a used slot) and every request still gets the tokens of the
+    full-recompute reference loop."""
+    model = build_model(model_config(case), seed=0).eval()
+    prompts = sequences((3, 17, 1, 9), seed=5)
+    params = [GREEDY, SamplingParams(max_new_tokens=5, temperature=0.0, stop_token_ids=()), GREEDY, GREEDY]
+    got = Engine(model, max_batch=2).generate([Request(p, sp) for p, sp in zip(prompts, params)])
+    for prompt, sp, completion in zip(prompts, params, got):
+        assert completion.token_ids == list(generate_tokens(model, prompt, sp.max_new_tokens, temperature=0))
+
+
 def _tp_case(rank: int, cases: list[str]) -> dict[str, float]:
     from meshlm.parallel.tensor_parallel import apply_tensor_parallel
     from meshlm.parallel.vocab_parallel import gather_vocab_logits
@@ -200,6 +222,11 @@ def _tp_case(rank: int, cases: list[str]) -> dict[str, float]:
                 assert y.shape[-1] == shard.tensor_parallel.padded_vocab_size // 2  # local logits
                 diff = max(diff, (x - gather_vocab_logits(y, group, cfg.vocab_size)).abs().max().item())
         worst[case] = diff
+        # the engine on the shards: the single process's tokens (greedy), on every rank
+        requests = [Request(p, GREEDY) for p in sequences((4, 13, 7), seed=6)]
+        single = Engine(full, max_batch=2).generate(requests)
+        sharded = Engine(shard, max_batch=2, tp_group=group).generate(requests)
+        assert [c.token_ids for c in sharded] == [c.token_ids for c in single], case
     return worst
 
 
