@@ -134,6 +134,26 @@ def test_cached_decode_equals_full_recompute(case, monkeypatch):
         assert worst < ATOL, f"{case}, the engine's prepacked copy: {worst}"
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_decoding_copy_leaves_the_model_alone_and_keeps_hooks(case, monkeypatch):
+    """The engine decodes with a copy of the module tree (fused, prepacked, called directly):
+    the model's own modules are untouched, and a module with a hook still runs it."""
+    monkeypatch.setattr(linear_ops, "PACK_MIN_ELEMENTS", 0)
+    model = build_model(model_config(case), seed=0).eval()
+    classes = {name: type(m) for name, m in model.named_modules()}
+    prompt = sequences((6,), seed=7)[0]
+    with torch.no_grad():
+        before = model(torch.tensor([prompt]))[0, -1]
+    model.register_forward_hook(lambda module, args, out: out * 2)
+    decoder = Decoder(model)
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    assert {id(p) for p in model.parameters()} >= {id(p) for p in decoder.model.parameters() if p.requires_grad}
+    with torch.no_grad():
+        assert torch.equal(model(torch.tensor([prompt]))[0, -1], 2 * before)
+    logits = decoder.new_state(1, 16).prefill([prompt], [0])[0]
+    assert (logits - 2 * before).abs().max().item() < ATOL
+
+
 class ElementCounter(TorchDispatchMode):
     """Elements of every new tensor an operation produces (views and in-place writes excluded):
     the memory traffic of a step, whatever its operations are."""
