@@ -8,6 +8,7 @@ checks that both generated the same sequence. Cases: llama and gpt2 on the tiny-
 every `configs/*-tiny.toml` (one per family, as families land).
 
     python benchmarks/decode_vs_recompute.py [--rounds 3 --new-tokens 256 --threads 1]
+    python benchmarks/decode_vs_recompute.py --cases llama gpt2 --set model.d_model=256 model.n_layers=6
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from meshlm.config import load_config
+from meshlm.config import ConfigError, load_config
 from meshlm.inference.engine import Engine, Request
 from meshlm.inference.sampling import SamplingParams
 from meshlm.inference.simple_generate import generate_tokens
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cases", nargs="+", default=None, help="case names (default: all)")
+    parser.add_argument("--set", nargs="+", default=[], help="config overrides for every case (e.g. a larger size)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     length = args.prompt_len + args.new_tokens
@@ -64,9 +66,14 @@ def main() -> None:
     for name, (path, overrides) in cases().items():
         if args.cases and name not in args.cases:
             continue
-        cfg = load_config(path, overrides).model
-        if cfg.max_seq_len < length:  # random weights: any context length will do
-            cfg = load_config(path, [*overrides, f"model.max_seq_len={length}"]).model
+        overrides = [*overrides, *args.set]
+        try:
+            cfg = load_config(path, overrides).model
+            if cfg.max_seq_len < length:  # random weights: any context length will do
+                cfg = load_config(path, [*overrides, f"model.max_seq_len={length}"]).model
+        except ConfigError as e:
+            print(f"| {name} | | | ({e}) | | | |")
+            continue
         spec = family_spec(cfg)
         if spec.decode_state is None:
             print(f"| {name} | {spec.name} | | (no decode state) | | | |")
