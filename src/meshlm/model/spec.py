@@ -31,6 +31,7 @@ states when the output layer is None.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -179,7 +180,16 @@ class DecodeState(Protocol):
     vocabulary slice (the engine gathers them).
 
     The engine keeps active sequences in slots 0..n-1; a finished sequence's slot is refilled
-    by moving the last active one into it (`move_slot`)."""
+    by moving the last active one into it (`move_slot`). A slot of length 0 holds no sequence:
+    whatever state it still has is never read (prefill into it starts afresh).
+
+    Optionally, for CUDA graphs (inference/cuda_graphs.py), a fixed-shape decode step:
+
+        decode_static(tokens, positions) -> (nb, V_local) logits
+            tokens, positions: (nb,) device tensors for the slots 0..nb-1. Shapes depend on nb
+            only, nothing synchronises with the host, and the state's tensors are never
+            reallocated; `lengths` is left to the caller. Rows past the active slots are
+            padding on free slots (length 0): their state may be overwritten."""
 
     max_batch: int
     max_len: int
@@ -196,7 +206,8 @@ class DecodeState(Protocol):
         """Forget a slot's sequence (its length becomes 0)."""
 
     def move_slot(self, src: int, dst: int) -> None:
-        """Copy sequence `src` into slot `dst` (compaction after `dst` finished)."""
+        """Move sequence `src` into slot `dst` (compaction after `dst` finished); `src` is
+        then free (length 0)."""
 
     def nbytes(self) -> int:
         """Memory held by the state (for metrics and planning)."""
@@ -246,6 +257,10 @@ class FamilySpec:
     describe: Callable[[Any], str]  # a short description for logs: "llama, 4 layers, d_model 128"
     # (model, max_batch, max_len) -> DecodeState: what the inference engine drives
     decode_state: Callable[..., DecodeState] | None = None
+    # model -> the module tree to decode with, where the engine copies weights for speed anyway
+    # (CPU float32, see inference/linear_ops): a `shared_copy` of the model with decode-only
+    # rewrites such as fused projections. None: decode the model's own modules.
+    decode_model: Callable[[Any], Any] | None = None
     hf: HFAdapter | None = None  # optional Hugging Face import/export (meshlm.interop drives it)
     # (cfg, batch) -> {name: seconds}: micro-benchmarks the planner calibrates its CPU model with
     calibrate: Callable[..., dict] | None = None
@@ -253,3 +268,11 @@ class FamilySpec:
 
     def n_blocks(self, cfg) -> int:
         return len(self.stage_costs(cfg).blocks)
+
+
+def shared_copy(module):
+    """A copy of an nn.Module tree that shares every parameter, buffer and hook with `module`:
+    submodules can be swapped or added in the copy without touching the original."""
+    new = copy.copy(module)  # a new __dict__; the parameter and buffer dicts stay shared
+    new._modules = {name: None if m is None else shared_copy(m) for name, m in module._modules.items()}
+    return new

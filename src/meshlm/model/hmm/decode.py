@@ -47,8 +47,11 @@ class FilterDecodeState:
         self.lengths[slot] = 0
 
     def move_slot(self, src: int, dst: int) -> None:
+        if src == dst:
+            return
         self.pred[dst] = self.pred[src]
         self.lengths[dst] = self.lengths[src]
+        self.release(src)
 
     def nbytes(self) -> int:
         return self.pred.numel() * self.pred.element_size()

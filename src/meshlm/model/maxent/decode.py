@@ -38,8 +38,11 @@ class NgramDecodeState:
         self.lengths[slot] = 0
 
     def move_slot(self, src: int, dst: int) -> None:
+        if src == dst:
+            return
         self.history[dst] = self.history[src]
         self.lengths[dst] = self.lengths[src]
+        self.release(src)
 
     def nbytes(self) -> int:
         return self.history.numel() * self.history.element_size()
