@@ -80,6 +80,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="a model.safetensors with config.toml and tokenizer.json next to it (or above it)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8"],
+        help="int8: run the linear layers with int8 weights (docs/performance.md)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -141,13 +147,16 @@ def _prepare(args: argparse.Namespace, tp: int, nproc: int):
     from meshlm.artifacts.run_dir import load_run_config
     from meshlm.distributed.env import read_launch_env
     from meshlm.inference.loading import check_layout, find_model_files
+    from meshlm.inference.quantize import check_quantizable
 
     if args.init_from_hf:
         args.run = str(_converted_hf_run(Path(args.init_from_hf)))
     files = find_model_files(args.run, args.checkpoint)
     env = read_launch_env()
     world = env.world_size if env.distributed else nproc
-    check_layout(world, tp, load_run_config(files.config.parent).model)
+    model_cfg = load_run_config(files.config.parent).model
+    check_layout(world, tp, model_cfg)
+    check_quantizable(model_cfg, args.quantize)
     if not env.distributed and nproc > 1:
         return files, _launch(nproc, args)
     return files, None
@@ -187,7 +196,9 @@ def _engine(args: argparse.Namespace, files, layout):
     from meshlm.inference.loading import DTYPES, load_model
 
     loaded = load_model(files, layout.env.device, DTYPES[args.dtype], layout.tp_group)
-    return Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, tp_group=layout.tp_group)
+    return Engine(
+        loaded.model, loaded.tokenizer, max_batch=args.max_batch, tp_group=layout.tp_group, quantize=args.quantize
+    )
 
 
 # ----------------------------------------------------------------------------- generate
@@ -332,12 +343,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from meshlm.distributed.env import read_launch_env
     from meshlm.inference.evaluate import evaluate_tokens, tokenize_corpus
     from meshlm.inference.loading import DTYPES, load_model, setup_layout
+    from meshlm.inference.quantize import quantize_linears
 
     files, code = _prepare(args, 1, args.nproc or 1)
     if code is not None:
         return code
     layout = setup_layout(read_launch_env(), 1)
     loaded = load_model(files, layout.env.device, DTYPES[args.dtype])
+    quantize_linears(loaded.model, args.quantize)  # in place: this process's copy of the weights
     seq_len = args.seq_len or min(loaded.cfg.data.seq_len, loaded.cfg.model.max_seq_len)
     if seq_len < 1 or args.batch_size < 1:
         raise ConfigError("--seq-len and --batch-size must be at least 1.")

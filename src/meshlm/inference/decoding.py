@@ -2,8 +2,8 @@
 DecodeState (meshlm.model.spec) built from it through the family's spec. Nothing here knows a
 family: the state's maths are the family's own modules (model/<family>/), and the speedups
 applied here are generic: a copy of the model whose modules are called directly
-(`direct_calls`), prepacked linears swapped into it (linear_ops), and decode steps replayed
-from CUDA graphs for states with a fixed-shape step (cuda_graphs)."""
+(`direct_calls`), prepacked linears swapped into it (linear_ops) or int8 ones (quantize), and
+decode steps replayed from CUDA graphs for states with a fixed-shape step (cuda_graphs)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from meshlm.inference.cuda_graphs import GraphedDecodeState
 from meshlm.inference.linear_ops import packing_available, prepack_linears
+from meshlm.inference.quantize import check_quantize, quantize_linears
 from meshlm.model.registry import family_spec, meta_model
 from meshlm.model.spec import DecodeState, shared_copy
 
@@ -67,13 +68,18 @@ class Decoder:
     parameters (`direct_calls` applied). pack: copy weights into faster layouts (default: where
     oneDNN prepacking is available, i.e. CPU float32): the family's decode-only rewrites
     (`FamilySpec.decode_model`, e.g. fused projections), then every large linear layer
-    prepacked. The copies do not follow later changes of the model's weights (or modules):
-    build a new engine then.
+    prepacked. quantize: "int8" swaps every linear layer of the copy (after the family's
+    decode-only rewrites) for an int8 one instead (inference/quantize); "none" (default) keeps
+    the model's weights. The copies do not follow later changes of the model's weights (or
+    modules): build a new engine then.
     cuda_graphs: replay decode steps from CUDA graphs where the family's state has a fixed-shape
     step (default: on a GPU, without tensor parallelism)."""
 
-    def __init__(self, model: nn.Module, pack: bool | None = None, cuda_graphs: bool | None = None):
+    def __init__(
+        self, model: nn.Module, pack: bool | None = None, cuda_graphs: bool | None = None, quantize: str | None = None
+    ):
         check_inference_model(model)
+        self.quantize = check_quantize(quantize)
         self.spec = family_spec(model.cfg)
         param = next(model.parameters())
         self.device = param.device
@@ -85,11 +91,14 @@ class Decoder:
         if cuda_graphs and param.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.pack, self.cuda_graphs = pack, cuda_graphs
-        if pack and self.spec.decode_model is not None:
+        rewrite = pack or self.quantize != "none"
+        if rewrite and self.spec.decode_model is not None:
             self.model = self.spec.decode_model(model)
         else:
             self.model = shared_copy(model)
-        if pack:
+        if self.quantize != "none":
+            quantize_linears(self.model, self.quantize)
+        if pack:  # what quantize left as float linears
             prepack_linears(self.model)
         direct_calls(self.model)
 

@@ -107,15 +107,18 @@ class Engine:
         prefill_tokens: int = 4096,
         pack_weights: bool | None = None,
         cuda_graphs: bool | None = None,
+        quantize: str | None = None,
     ):
         """max_batch: sequences decoded together (slots of the decode state); max_len: the longest
         sequence, prompt included (default and upper bound: the model's max_seq_len);
         prefill_tokens: prompt tokens prefilled together (admission stops at this budget;
         a longer prompt is prefilled alone); pack_weights: decode with the family's fused
         decode_model and prepacked linears (inference/decoding; default: CPU float32);
-        cuda_graphs: replay decode steps from CUDA graphs (default: on a GPU without TP)."""
+        cuda_graphs: replay decode steps from CUDA graphs (default: on a GPU without TP);
+        quantize: "int8" decodes (and prefills) with int8 linear layers (inference/quantize),
+        "none" (default) with the model's own weights."""
         self.model = model.eval()
-        self.decoder = Decoder(model, pack_weights, cuda_graphs)
+        self.decoder = Decoder(model, pack_weights, cuda_graphs, quantize)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)

@@ -63,7 +63,7 @@ def prepack_linears(model: nn.Module, min_elements: int | None = None) -> int:
     swapped = 0
     for module in list(model.modules()):
         for name, child in list(module._modules.items()):
-            if _packable(child) and child.weight.numel() >= limit:
+            if swappable_linear(child) and child.weight.numel() >= limit:
                 packed = PackedLinear(child)
                 # the module's hooks (e.g. a tensor-parallel region entrance) stay in front of it
                 packed._forward_pre_hooks, packed._forward_hooks = child._forward_pre_hooks, child._forward_hooks
@@ -72,7 +72,7 @@ def prepack_linears(model: nn.Module, min_elements: int | None = None) -> int:
     return swapped
 
 
-def _packable(module) -> bool:
+def swappable_linear(module) -> bool:
     """nn.Linear, or a subclass computing the same (a column-parallel shard) or a row-parallel one."""
     return isinstance(module, nn.Linear) and (
         type(module).forward is nn.Linear.forward or isinstance(module, RowParallelLinear)

@@ -44,6 +44,12 @@ def add_commands(sub) -> None:
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8"],
+        help="int8: the engines run the linear layers with int8 weights (docs/performance.md)",
+    )
+    p.add_argument(
         "--threads", type=int, default=None, help="torch threads per engine rank (default: the cores / engine ranks)"
     )
     p.add_argument(
@@ -84,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from meshlm.data.tokenizer import end_of_text_id, load_tokenizer
     from meshlm.inference.commands import _converted_hf_run
     from meshlm.inference.loading import check_layout, find_model_files
+    from meshlm.inference.quantize import check_quantizable
     from meshlm.serve.chat_template import ChatTemplate, hf_chat_template
     from meshlm.serve.engine_bridge import BridgeSettings, EngineBridge
 
@@ -102,6 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model_cfg = load_run_config(files.config.parent).model
     max_model_len = _check_limits(args, model_cfg.max_seq_len)
     check_layout(args.tp, args.tp, model_cfg)
+    check_quantizable(model_cfg, args.quantize)
     _check_port(args.host, args.port)
     tokenizer = load_tokenizer(files.tokenizer)
     template, chat_tokenizer = hf_template or ChatTemplate(), tokenizer
@@ -112,6 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = BridgeSettings(
         run_dir=str(run),
         dtype=args.dtype,
+        quantize=args.quantize,
         max_batch=args.max_batch,
         max_model_len=max_model_len,
         tp=args.tp,

@@ -52,6 +52,7 @@ class EngineUnavailable(Exception):
 class BridgeSettings:
     run_dir: str
     dtype: str = "float32"
+    quantize: str = "none"
     max_batch: int = 16
     max_model_len: int = 0
     tp: int = 1
@@ -147,7 +148,9 @@ class EngineBridge:
         ctx = mp.get_context("spawn")
         for r in range(s.replicas):
             front_end, worker_end = ctx.Pipe(duplex=True)
-            spec = WorkerSpec(s.run_dir, s.dtype, s.max_batch, s.max_model_len, s.tp, r, _free_port(), s.threads)
+            spec = WorkerSpec(
+                s.run_dir, s.dtype, s.quantize, s.max_batch, s.max_model_len, s.tp, r, _free_port(), s.threads
+            )
             procs = []
             for tp_rank in range(s.tp):
                 conn = worker_end if tp_rank == 0 else None

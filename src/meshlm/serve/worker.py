@@ -35,6 +35,7 @@ IDLE_HEARTBEAT_S = 1.0
 class WorkerSpec:
     run_dir: str
     dtype: str
+    quantize: str  # "none" or "int8" (inference/quantize)
     max_batch: int
     max_model_len: int
     tp: int
@@ -103,7 +104,12 @@ def _serve_engine(spec: WorkerSpec, tp_rank: int, conn) -> None:
     layout = setup_layout(env, spec.tp)
     loaded = load_model(find_model_files(run=spec.run_dir), env.device, DTYPES[spec.dtype], layout.tp_group)
     engine = Engine(
-        loaded.model, loaded.tokenizer, max_batch=spec.max_batch, max_len=spec.max_model_len, tp_group=layout.tp_group
+        loaded.model,
+        loaded.tokenizer,
+        max_batch=spec.max_batch,
+        max_len=spec.max_model_len,
+        tp_group=layout.tp_group,
+        quantize=spec.quantize,
     )
     engine.reserve()  # the whole cache now: requests never wait for it to grow
     loop = _Loop(engine, layout.tp_group, conn)

@@ -127,6 +127,7 @@ def _setup(args, nproc: int):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from meshlm.inference.quantize import quantize_linears
     from meshlm.tasks.evaluate import evaluate_file, headline, write_eval_files
     from meshlm.tasks.predict import load_task_model
 
@@ -136,6 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if code is not None:
         return code
     loaded = load_task_model(args.run, env.device)
+    quantize_linears(loaded.model, args.quantize)  # in place: this process's copy of the weights
     scores = evaluate_file(loaded, args.data, env.rank, env.world_size)
     if env.is_main:
         write_eval_files(args.run, scores, loaded.cfg.task.labels)
@@ -152,6 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from meshlm.inference.quantize import quantize_linears
     from meshlm.tasks.predict import load_task_model, predict_file
 
     if not Path(args.input).is_file():
@@ -160,6 +163,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if code is not None:
         return code
     loaded = load_task_model(args.run, env.device)
+    quantize_linears(loaded.model, args.quantize)  # in place: this process's copy of the weights
     summary = predict_file(loaded, args.input, args.output, env.rank, env.world_size)
     if summary is not None:
         print(
