@@ -78,6 +78,17 @@ def accelerator() -> Accelerator | None:
     return Accelerator(props.name, props.total_memory, torch.cuda.device_count())
 
 
+def cpu_native_bf16() -> str:
+    """The CPU's native bf16 matrix instructions: "AMX" (AMX-BF16 tiles), "AVX512-BF16", or ""
+    (none: bf16 matrix multiplies are emulated through float32 and slower than float32)."""
+    cpu = getattr(torch, "cpu", None)
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    return ""
+
+
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -40,6 +40,27 @@ def autocast_context(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+def dtype_note(dtype: str, device: torch.device, native_bf16: str) -> str | None:
+    """The log line on the CPU's bf16 support (native_bf16: distributed.env.cpu_native_bf16()).
+    Nothing is switched: float32 stays the default and the parity tests' reference; the line
+    says where bf16 would pay and where it does not (docs/performance.md, measured)."""
+    if device.type != "cpu":
+        return None
+    if dtype == "bfloat16" and not native_bf16:
+        return (
+            "dtype: bfloat16 autocast on a CPU without AVX512-BF16 or AMX: its bf16 matrix multiplies are "
+            "emulated and slower than float32 (docs/performance.md); set train.dtype=float32 on this CPU."
+        )
+    if dtype == "bfloat16":
+        return f"dtype: bfloat16 autocast, on this CPU's {native_bf16} bf16 instructions."
+    if native_bf16:
+        return (
+            f"dtype: float32; this CPU has {native_bf16} bf16 instructions: train.dtype=bfloat16 may train "
+            "faster (docs/performance.md)."
+        )
+    return None
+
+
 def _strip_index(name: str) -> str:
     """ModuleList names ("0.layers.1.x") back to model names ("layers.1.x")."""
     head, _, rest = name.partition(".")

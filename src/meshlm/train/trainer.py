@@ -30,7 +30,7 @@ from meshlm.data.prepare import prepare_data
 from meshlm.data.tokenizer import load_tokenizer
 from meshlm.distributed.comm_profile import CommProfiler, format_comm, make_ddp_visible
 from meshlm.distributed.dims import ParallelDims, parallel_dims_from_config
-from meshlm.distributed.env import LaunchEnv, read_launch_env
+from meshlm.distributed.env import LaunchEnv, cpu_native_bf16, read_launch_env
 from meshlm.distributed.process_group import init_distributed
 from meshlm.distributed.rank_zero import run_on_rank0
 from meshlm.model.registry import build_model, family_spec
@@ -47,7 +47,7 @@ from meshlm.train.full_batch import make_step_runner
 from meshlm.train.metrics import MetricsWriter, plot_losses
 from meshlm.train.optim import lr_at
 from meshlm.train.progress import Progress
-from meshlm.train.step import accumulation_steps
+from meshlm.train.step import accumulation_steps, dtype_note
 from meshlm.train.tracing import trace_step, traced_step_index
 
 # (model, tokenizer, cfg) -> a text sample of the trained model, printed at the end of a run.
@@ -133,6 +133,9 @@ class Trainer:
             f"{self.env.world_size} process(es), {self.device.type}/{self.env.backend if self.env.distributed else 'local'}; "
             f"global batch {self.global_batch} x {cfg.data.seq_len} tokens"
         )
+        note = dtype_note(cfg.train.dtype, self.device, cpu_native_bf16())
+        if note:
+            self.log(note)
         self.pm: ParallelModel = parallelize(model, self.dims, cfg, self.device, self.mesh)
         self.runner = make_step_runner(cfg, self.pm, self.train_data, self.val_data, self.device, self.accum)
         self.checkpoints = Checkpointer(cfg, self.out, self.env, self.pm, self.runner, log=self.log)
