@@ -119,3 +119,20 @@ def test_cli_refuses_an_indivisible_tp_before_any_worker_starts(tmp_path):
     assert "model.channels (90) is not divisible by 4" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and "torch.distributed.elastic" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_activation_checkpointing_and_bf16_autocast(tmp_path):
+    """Recomputing each block's activations changes nothing; bf16 autocast (the convolutions
+    included) trains close to float32 without being it."""
+    base = SHORT + [f'data.cache_dir="{tmp_path / "cache"}"', "train.steps=4", "train.eval_every=0"]
+    runs = {}
+    for name, extra in {
+        "plain": [],
+        "ac": ["train.activation_checkpointing=true"],
+        "bf16": ["train.dtype=bfloat16"],
+    }.items():
+        train(load_config("gcnn-tiny", base + extra), tmp_path / name, log=lambda *a, **k: None)
+        runs[name] = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+    assert runs["ac"] == pytest.approx(runs["plain"], rel=1e-6)
+    assert runs["bf16"] == pytest.approx(runs["plain"], rel=2e-2)
+    assert runs["bf16"] != runs["plain"]
