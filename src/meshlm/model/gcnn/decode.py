@@ -12,17 +12,22 @@ prefix, no cache that grows with the sequence). The state of a slot is
 and it starts as zeros: exactly the causal padding the training forward uses, so decoding from
 an empty slot equals the full forward. Memory is independent of max_len.
 
-The state runs the model's own modules (Block.conv_input, GatedConv with `past` in place of the
-padding, the final norm and output layer), so a tensor-parallel shard (made by
-apply_tensor_parallel without sequence parallelism) decodes with its training forward's
-collectives: the vocabulary-parallel embedding and each row-parallel projection all-reduce,
-the column-parallel convolutions hold the rank's channels, the output layer returns the rank's
-vocabulary slice. The input u is replicated over tp, so every rank keeps the whole buffer.
+Prefill runs the model's own blocks (GatedConv with `past` in place of the padding). A decode
+step computes one position per slot, so each convolution becomes a matrix product of the
+window (n, c_in * k) with the module's own kernel viewed as (C, c_in * k): the same sums,
+without conv1d's general path (several times slower for a single output column on CPU), and
+no copy of the weights. The norms, the bottleneck projection, `proj`, the embedding and the
+output layer are called as modules, so a tensor-parallel shard (apply_tensor_parallel without sequence
+parallelism) decodes with its training forward's collectives: the vocabulary-parallel
+embedding and each row-parallel `proj` all-reduce; the column-parallel kernels are the rank's
+channels; the output layer returns the rank's vocabulary slice. The input u is replicated over
+tp, so every rank keeps the whole buffer.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from meshlm.model.gcnn.model import GatedCNN
 
@@ -64,44 +69,42 @@ class ConvDecodeState:
         for slot in slots:
             if self.lengths[slot] == 0:  # a fresh sequence: the causal padding
                 self.past[:, slot].zero_()
-        n, T = len(prompts), max(len(p) for p in prompts)
+        n, T, k1 = len(prompts), max(len(p) for p in prompts), self.past.shape[3]
         ids = torch.zeros((n, T), dtype=torch.long, device=device)
         for j, prompt in enumerate(prompts):
             ids[j, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         ends = torch.tensor([len(p) for p in prompts], device=device)  # (n,)
-        logits = self._forward(ids, torch.tensor(slots, device=device), ends)
+        slot_ids = torch.tensor(slots, device=device)
+        # the k-1 window columns that end at each row's last real input (window column k-1+t is input t)
+        keep = (ends[:, None] + torch.arange(k1, device=device)).unsqueeze(1)  # (n, 1, k-1)
+        h = self.model.tok_embeddings(ids)  # (n, T, d)
+        for i, block in enumerate(self.blocks):
+            past = self.past[i, slot_ids]  # (n, c_in, k-1)
+            u = block.conv_input(h)  # (n, T, c_in)
+            h = h + block.glu(u, past)  # Block.forward, continuing from the slot's past inputs
+            window = torch.cat((past, u.transpose(1, 2).to(past.dtype)), dim=2)  # (n, c_in, k-1+T)
+            self.past[i, slot_ids] = window.gather(2, keep.expand(n, window.shape[1], k1))
+        h = h[torch.arange(n, device=device), ends - 1]  # (n, d): each prompt's last position
         for slot, prompt in zip(slots, prompts):
             self.lengths[slot] += len(prompt)
-        return logits
+        return self.model.output(self.model.norm(h))  # (n, V_local)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token to each of the slots 0..n-1; return (n, V_local) logits."""
         n = tokens.shape[0]
-        logits = self._forward(tokens.view(n, 1), slice(0, n), None)
+        h = self.model.tok_embeddings(tokens)  # (n, d)
+        for i, block in enumerate(self.blocks):
+            past = self.past[i, :n]  # (n, c_in, k-1), a view: shifted in place below
+            u = block.conv_input(h)  # (n, c_in)
+            window = torch.cat((past, u.to(past.dtype).unsqueeze(2)), dim=2)  # (n, c_in, k)
+            a = _one_position(block.glu.conv_a, window)  # (n, C)
+            b = _one_position(block.glu.conv_b, window)  # (n, C)
+            h = h + block.glu.proj(a * torch.sigmoid(b))  # (n, d)
+            past.copy_(window[:, :, 1:])
         for slot in range(n):
             self.lengths[slot] += 1
-        return logits
-
-    def _forward(self, ids: torch.Tensor, slots, ends: torch.Tensor | None) -> torch.Tensor:
-        """The model's forward over ids (n, T) continuing each row's slot; updates the buffers.
-        ends: each row's real length (None: all T, the decode step with T = 1)."""
-        n, T = ids.shape
-        k1 = self.past.shape[-1]  # k - 1
-        h = self.model.tok_embeddings(ids)  # (n, T, d)
-        for i, block in enumerate(self.blocks):
-            past = self.past[i, slots]  # (n, c_in, k-1)
-            u = block.conv_input(h)  # (n, T, c_in)
-            h = h + block.glu(u, past)  # Block.forward, continuing from the slot's past inputs
-            window = torch.cat((past, u.transpose(1, 2).to(past.dtype)), dim=2)  # (n, c_in, k-1+T)
-            if ends is None:
-                self.past[i, slots] = window[:, :, T:]
-            else:  # the k-1 inputs that end at each row's last real token
-                index = (ends[:, None] + torch.arange(k1, device=ids.device)).unsqueeze(1)  # (n, 1, k-1)
-                self.past[i, slots] = window.gather(2, index.expand(n, window.shape[1], k1))
-        if ends is not None:
-            h = h[torch.arange(n, device=ids.device), ends - 1].unsqueeze(1)  # (n, 1, d)
-        return self.model.output(self.model.norm(h))[:, -1]  # (n, V_local)
+        return self.model.output(self.model.norm(h))  # (n, V_local)
 
     def release(self, slot: int) -> None:
         """Forget a slot's sequence (its buffer is reset when the slot is next filled)."""
@@ -116,3 +119,9 @@ class ConvDecodeState:
 
     def nbytes(self) -> int:
         return self.past.numel() * self.past.element_size()
+
+
+def _one_position(conv: torch.nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
+    """conv(window)[..., 0] for a window of exactly k inputs: (n, c_in, k) -> (n, C), one matrix
+    product with the kernel viewed as (C, c_in * k) (row-major in (c_in, k), as the window)."""
+    return F.linear(window.flatten(1).to(conv.weight.dtype), conv.weight.flatten(1), conv.bias)

@@ -57,19 +57,9 @@ class GatedConv(nn.Module):
             u = F.pad(u, (self.kernel_size - 1, 0))  # (B, c_in, k-1+T)
         else:
             u = torch.cat((past.to(u.dtype), u), dim=2)  # (B, c_in, k-1+T)
-        if u.shape[2] == self.kernel_size:  # one output position (a decode step): see _one_position
-            a, b = _one_position(self.conv_a, u), _one_position(self.conv_b, u)  # (B, C, 1)
-        else:
-            a = self.conv_a(u)  # (B, C, T)
-            b = self.conv_b(u)  # (B, C, T)
+        a = self.conv_a(u)  # (B, C, T)
+        b = self.conv_b(u)  # (B, C, T)
         return self.proj((a * torch.sigmoid(b)).transpose(1, 2))  # (B, T, d)
-
-
-def _one_position(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
-    """conv(window) for a window of exactly k inputs, (B, c_in, k) -> (B, C, 1), as one matrix
-    product with the flattened kernel: the same sums, but on CPU several times faster than
-    conv1d's general path for a single output column (what every decode step computes)."""
-    return F.linear(window.flatten(1), conv.weight.flatten(1), conv.bias).unsqueeze(2)
 
 
 class Block(nn.Module):
