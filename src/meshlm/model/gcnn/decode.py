@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from meshlm.model.gcnn.model import GatedCNN
 
@@ -36,14 +37,7 @@ class ConvDecodeState:
     """Rolling buffers of up to `max_batch` sequences ("slots") for a GatedCNN (or its
     tensor-parallel shard)."""
 
-    def __init__(
-        self,
-        model: GatedCNN,
-        max_batch: int,
-        max_len: int,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ):
+    def __init__(self, model: GatedCNN, max_batch: int, max_len: int):
         if model.tok_embeddings is None or model.output is None:
             raise ValueError("decoding needs a whole model (not a pipeline stage)")
         info = getattr(model, "tensor_parallel", None)
@@ -56,7 +50,7 @@ class ConvDecodeState:
         self.max_batch, self.max_len = max_batch, max_len
         self.lengths = [0] * max_batch  # host side: known without a device sync
         shape = (len(self.blocks), max_batch, cfg.conv_in, cfg.kernel_size - 1)
-        self.past = torch.zeros(shape, dtype=dtype or param.dtype, device=device or param.device)
+        self.past = torch.zeros(shape, dtype=param.dtype, device=param.device)  # the model's dtype: no casts
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
@@ -82,7 +76,7 @@ class ConvDecodeState:
             past = self.past[i, slot_ids]  # (n, c_in, k-1)
             u = block.conv_input(h)  # (n, T, c_in)
             h = h + block.glu(u, past)  # Block.forward, continuing from the slot's past inputs
-            window = torch.cat((past, u.transpose(1, 2).to(past.dtype)), dim=2)  # (n, c_in, k-1+T)
+            window = torch.cat((past, u.transpose(1, 2)), dim=2)  # (n, c_in, k-1+T)
             self.past[i, slot_ids] = window.gather(2, keep.expand(n, window.shape[1], k1))
         h = h[torch.arange(n, device=device), ends - 1]  # (n, d): each prompt's last position
         for slot, prompt in zip(slots, prompts):
@@ -97,9 +91,8 @@ class ConvDecodeState:
         for i, block in enumerate(self.blocks):
             past = self.past[i, :n]  # (n, c_in, k-1), a view: shifted in place below
             u = block.conv_input(h)  # (n, c_in)
-            window = torch.cat((past, u.to(past.dtype).unsqueeze(2)), dim=2)  # (n, c_in, k)
-            a = _one_position(block.glu.conv_a, window)  # (n, C)
-            b = _one_position(block.glu.conv_b, window)  # (n, C)
+            window = torch.cat((past, u.unsqueeze(2)), dim=2)  # (n, c_in, k)
+            a, b = _one_position(block.glu, window.flatten(1))  # (n, C) each
             h = h + block.glu.proj(a * torch.sigmoid(b))  # (n, d)
             past.copy_(window[:, :, 1:])
         for slot in range(n):
@@ -121,7 +114,9 @@ class ConvDecodeState:
         return self.past.numel() * self.past.element_size()
 
 
-def _one_position(conv: torch.nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
-    """conv(window)[..., 0] for a window of exactly k inputs: (n, c_in, k) -> (n, C), one matrix
-    product with the kernel viewed as (C, c_in * k) (row-major in (c_in, k), as the window)."""
-    return F.linear(window.flatten(1).to(conv.weight.dtype), conv.weight.flatten(1), conv.bias)
+def _one_position(glu: nn.Module, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv_a and conv_b at one position, from the flattened window of exactly k inputs
+    (n, c_in * k), row-major in (c_in, k) like each kernel viewed as (C, c_in * k): a matrix
+    product each. Returns a, b: (n, C) each."""
+    a, b = glu.conv_a, glu.conv_b
+    return F.linear(window, a.weight.flatten(1), a.bias), F.linear(window, b.weight.flatten(1), b.bias)
