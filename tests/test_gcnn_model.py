@@ -183,6 +183,21 @@ def test_decode_cost_and_memory_do_not_grow_with_position():
     assert spec.decode_state(model, 2, 4096).nbytes() == state.nbytes() > 0
 
 
+def test_fixed_shape_step_is_the_decode_step_without_lengths():
+    """decode_static (what CUDA graphs record) computes decode's logits and buffers and leaves
+    `lengths` to the caller."""
+    cfg = model_cfg("plain")
+    spec = family_spec(cfg)
+    model = random_model(cfg)
+    a, b = spec.decode_state(model, 3, 32), spec.decode_state(model, 3, 32)
+    prompts = [tokens(5, seed=1).tolist(), tokens(2, seed=2).tolist()]
+    a.prefill(prompts, [0, 1]), b.prefill(prompts, [0, 1])
+    x = tokens(2, seed=3)
+    assert torch.equal(a.decode(x), b.decode_static(x, torch.tensor([5, 2])))
+    assert torch.equal(a.past, b.past)
+    assert a.lengths == [6, 3, 0] and b.lengths == [5, 2, 0]
+
+
 def test_decode_state_refuses_pipeline_stages_and_empty_prompts():
     cfg = model_cfg("plain")
     spec = family_spec(cfg)

@@ -86,6 +86,16 @@ class ConvDecodeState:
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token to each of the slots 0..n-1; return (n, V_local) logits."""
+        logits = self.decode_static(tokens, None)
+        for slot in range(tokens.shape[0]):
+            self.lengths[slot] += 1
+        return logits
+
+    @torch.no_grad()
+    def decode_static(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """The decode step with fixed shapes for CUDA graphs (DecodeState's optional method):
+        shapes depend on n only, nothing synchronises with the host, the buffers are updated in
+        place; `lengths` is left to the caller. A convolution needs no positions (ignored)."""
         n = tokens.shape[0]
         h = self.model.tok_embeddings(tokens)  # (n, d)
         for i, block in enumerate(self.blocks):
@@ -95,8 +105,6 @@ class ConvDecodeState:
             a, b = _one_position(block.glu, window.flatten(1))  # (n, C) each
             h = h + block.glu.proj(a * torch.sigmoid(b))  # (n, d)
             past.copy_(window[:, :, 1:])
-        for slot in range(n):
-            self.lengths[slot] += 1
         return self.model.output(self.model.norm(h))  # (n, V_local)
 
     def release(self, slot: int) -> None:
