@@ -17,8 +17,8 @@ step computes one position per slot, so each convolution becomes a matrix produc
 window (n, c_in * k) with the module's own kernel viewed as (C, c_in * k): the same sums,
 without conv1d's general path (several times slower for a single output column on CPU), and
 no copy of the weights. The norms, the bottleneck projection, `proj`, the embedding and the
-output layer are called as modules, so a tensor-parallel shard (apply_tensor_parallel without sequence
-parallelism) decodes with its training forward's collectives: the vocabulary-parallel
+output layer are called as modules, so a tensor-parallel shard (apply_tensor_parallel without
+sequence parallelism) decodes with its training forward's collectives: the vocabulary-parallel
 embedding and each row-parallel `proj` all-reduce; the column-parallel kernels are the rank's
 channels; the output layer returns the rank's vocabulary slice. The input u is replicated over
 tp, so every rank keeps the whole buffer.
@@ -64,9 +64,7 @@ class ConvDecodeState:
             if self.lengths[slot] == 0:  # a fresh sequence: the causal padding
                 self.past[:, slot].zero_()
         n, T, k1 = len(prompts), max(len(p) for p in prompts), self.past.shape[3]
-        ids = torch.zeros((n, T), dtype=torch.long, device=device)
-        for j, prompt in enumerate(prompts):
-            ids[j, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], dtype=torch.long, device=device)  # (n, T)
         ends = torch.tensor([len(p) for p in prompts], device=device)  # (n,)
         slot_ids = torch.tensor(slots, device=device)
         # the k-1 window columns that end at each row's last real input (window column k-1+t is input t)
