@@ -15,13 +15,15 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
+from family_cases import FAMILY_CASES
 from torch import nn
 
 from meshlm.cli import main as cli_main
-from meshlm.config import ConfigError
+from meshlm.config import ConfigError, load_config
 from meshlm.distributed.spawn import run_distributed
 from meshlm.inference.engine import Engine, Request
 from meshlm.inference.evaluate import evaluate_tokens
+from meshlm.inference.linear_ops import swappable_linear
 from meshlm.inference.quantize import DynamicInt8Linear, Int8Linear, check_quantizable, quantize_linears
 from meshlm.inference.sampling import SamplingParams
 from meshlm.model.maxent.config import MaxEntConfig
@@ -107,11 +109,11 @@ def prefill_logits(engine: Engine, prompts: list[list[int]], group=None) -> torc
     state = engine.decoder.new_state(len(prompts), 64)
     with torch.no_grad():
         logits = state.prefill(prompts, list(range(len(prompts))))  # (n, V_local)
-    if logits.shape[-1] < V:  # a vocabulary-parallel head: each rank holds a slice
+    if group is not None and logits.shape[-1] < V:  # a vocabulary-parallel head: each rank holds a slice
         parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, logits.contiguous(), group=group)
         logits = torch.cat(parts, dim=-1)
-    return logits[:, :V]
+    return logits[:, :V] if group is not None else logits
 
 
 def _tp_case(rank: int, arch: str) -> list:
@@ -177,3 +179,20 @@ def test_quantize_option_on_eval_and_generate(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         cli_main([*args, "--quantize", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CASES))
+def test_every_family_with_linear_layers_decodes_in_int8(family):
+    """Every registered family: int8 prefill logits within the quantisation error of the float
+    engine's, or (no linear layers) refused by name before any model is loaded."""
+    cfg = load_config(None, [*FAMILY_CASES[family], "model.vocab_size=301", "model.max_seq_len=128"]).model
+    model = build_model(cfg, seed=0).eval()
+    if not any(swappable_linear(m) for m in model.modules()):
+        with pytest.raises(ConfigError, match="no linear layers"):
+            check_quantizable(cfg, "int8")
+        return
+    check_quantizable(cfg, "int8")
+    prompts = [list(range(1, 14)), list(range(40, 47))]
+    reference = prefill_logits(Engine(model, max_batch=2), prompts)
+    quantized = prefill_logits(Engine(model, max_batch=2, quantize="int8"), prompts)
+    assert 0 < relative_error(quantized, reference) < 0.1
