@@ -13,6 +13,11 @@ run for the tiny one (speed does not depend on the values; agreement on random w
 weak signal: quality is measured with `meshlm eval --quantize int8` on a trained run).
 
     python benchmarks/quantized_decode.py [--rounds 3 --threads 2 --batches 1 16 --models tiny 25m]
+    python benchmarks/quantized_decode.py --quality RUN    # a trained run: perplexity and agreement
+
+--quality RUN: the run's validation perplexity (its own data split, prepared as training
+prepared it) with float32 and with int8 weights, and the greedy continuations (64 tokens) of
+16 prompts taken from the validation split, as the share of identical tokens.
 """
 
 from __future__ import annotations
@@ -47,6 +52,39 @@ def model_for(name: str, run: str | None):
     return cfg, build_model(cfg, seed=0).eval()
 
 
+def quality(run: str, threads: int) -> None:
+    import copy
+    import math
+
+    from meshlm.artifacts.run_dir import load_run_config
+    from meshlm.data.loader import TokenDataset
+    from meshlm.data.prepare import prepare_data
+    from meshlm.inference.evaluate import evaluate_tokens
+    from meshlm.inference.loading import find_model_files, load_model
+    from meshlm.inference.quantize import quantize_linears
+
+    torch.set_num_threads(threads)
+    files = find_model_files(run)
+    cfg = load_run_config(files.config.parent)
+    model = load_model(files, torch.device("cpu")).model.eval()
+    val = TokenDataset(prepare_data(cfg.data, cfg.model.vocab_size, log=lambda *a, **k: None), "val")
+    tokens = torch.from_numpy(val.tokens.astype("int64"))
+    quantized = copy.deepcopy(model)
+    quantize_linears(quantized)
+    loss = {k: evaluate_tokens(m, tokens, cfg.data.seq_len).loss for k, m in (("float32", model), ("int8", quantized))}
+    ppl = {k: math.exp(v) for k, v in loss.items()}
+    rel = 100 * (ppl["int8"] - ppl["float32"]) / ppl["float32"]
+    prompts = tokens[: 16 * 512].view(16, 512)[:, :32]
+    outs = {k: run_meshlm(Engine(model, max_batch=16, quantize=k), prompts, 64) for k in ("none", "int8")}
+    print(f"# {run}: {len(tokens):,} validation tokens, windows of {cfg.data.seq_len}")
+    print("| model | float32 val perplexity | int8 val perplexity | difference | greedy tokens identical |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| {cfg.model.family} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M | {ppl['float32']:.4f} | "
+        f"{ppl['int8']:.4f} | {rel:+.2f}% | {100 * agreement(outs['int8'], outs['none']):.1f}% |"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -57,7 +95,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--run", default=None, help="a trained run for the tiny model (its weights)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--quality", default=None, metavar="RUN", help="perplexity and agreement of a trained run")
     args = ap.parse_args()
+    if args.quality:
+        return quality(args.quality, args.threads)
     torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
     print(
