@@ -196,3 +196,22 @@ def test_every_family_with_linear_layers_decodes_in_int8(family):
     reference = prefill_logits(Engine(model, max_batch=2), prompts)
     quantized = prefill_logits(Engine(model, max_batch=2, quantize="int8"), prompts)
     assert 0 < relative_error(quantized, reference) < 0.1
+
+
+def test_serve_quantize_int8_answers_as_generate_does(tmp_path, capsys):
+    """`meshlm serve --quantize int8`: the engine workers decode in int8, token for token what
+    `meshlm generate --quantize int8` prints (the same engine and weights, greedy)."""
+    from serve_fixtures import Server, make_run
+
+    run = make_run(tmp_path / "run", max_seq_len=128)
+    prompt = "def f(x):"
+    args = ["generate", "--run", str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12"]
+    assert cli_main([*args, "--quantize", "int8"]) == 0
+    int8_text = capsys.readouterr().out
+    server = Server(run, "--max-batch", "2", "--quantize", "int8").wait_ready()
+    try:
+        body = {"model": run.name, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+        answer = server.post("/v1/completions", body).json()["choices"][0]["text"]
+    finally:
+        server.kill()
+    assert prompt + answer + "\n" == int8_text
