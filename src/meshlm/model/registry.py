@@ -17,11 +17,13 @@ from __future__ import annotations
 import importlib
 
 from meshlm.config import ConfigError, ModelConfig, model_section, register_model_section
+from meshlm.model.lstm.config import LSTMConfig
 from meshlm.model.transformer.config import TransformerConfig
 
 # family name -> (its config section, the module that defines its SPEC)
 BUILTIN: dict[str, tuple[type[ModelConfig], str]] = {
     "transformer": (TransformerConfig, "meshlm.model.transformer.spec"),
+    "lstm": (LSTMConfig, "meshlm.model.lstm.spec"),
 }
 
 _SPEC_MODULES: dict[str, str] = {}
