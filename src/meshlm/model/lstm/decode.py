@@ -82,13 +82,25 @@ class LSTMDecodeState:
         for slot in range(n):
             self._check_room(slot, 1)
         m = self.model
-        x = m.embedding(tokens.view(n, 1))  # (n, 1, d_embed)
+        x = m.embedding(tokens.view(n, 1))[:, 0]  # (n, d_embed)
         for layer, block in enumerate(m.layers.values()):
-            x, (h, c) = block.lstm(x, (self.h[layer, :n].unsqueeze(0), self.c[layer, :n].unsqueeze(0)))  # (n, 1, H)
-            self.h[layer, :n], self.c[layer, :n] = h[0], c[0]
+            # One time step of the block's nn.LSTM with its own weights, as one fused cell: a
+            # sequence-of-one nn.LSTM call costs several times more on CPU (oneDNN sets up its
+            # RNN primitive per call), for the same maths.
+            lstm = block.lstm
+            h, c = torch.lstm_cell(
+                x,
+                (self.h[layer, :n], self.c[layer, :n]),
+                lstm.weight_ih_l0,
+                lstm.weight_hh_l0,
+                lstm.bias_ih_l0,
+                lstm.bias_hh_l0,
+            )  # (n, H) each
+            self.h[layer, :n], self.c[layer, :n] = h, c
+            x = h  # the layer's output is its new h
         for slot in range(n):
             self.lengths[slot] += 1
-        return self._logits(x)
+        return self._logits(x.unsqueeze(1))
 
     def release(self, slot: int) -> None:
         self.h[:, slot] = 0
