@@ -244,12 +244,17 @@ TRAIN = [
 ]
 
 
-def test_lstm_trains_with_a_falling_validation_loss(tmp_path):
+@pytest.fixture(scope="module")
+def train_cache(prepare_corpus):
+    return prepare_corpus(TRAIN)
+
+
+def test_lstm_trains_with_a_falling_validation_loss(train_cache, tmp_path):
     """lstm-tiny's recipe, smaller: the loss leaves log(V) and keeps falling past the unigram level."""
     from meshlm.train.metrics import read_metrics
     from meshlm.train.trainer import train
 
-    cfg = load_config("lstm-tiny", TRAIN + [f'data.cache_dir="{tmp_path / "cache"}"'])
+    cfg = load_config("lstm-tiny", TRAIN + [f'data.cache_dir="{train_cache}"'])
     result = train(cfg, tmp_path / "run", log=lambda *a, **k: None)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     first = sum(r["loss"] for r in records[:3]) / 3  # steps 1-3
@@ -258,3 +263,14 @@ def test_lstm_trains_with_a_falling_validation_loss(tmp_path):
     assert evals[0] > evals[1] > evals[2]
     assert first > math.log(cfg.model.vocab_size) - 0.5
     assert evals[-1] < first - 1.0, (first, evals)
+
+
+def test_activation_checkpointing_recomputes_the_same_layers(train_cache, tmp_path):
+    """Checkpointing wraps each LSTM layer (a block); the recomputed backward is the same."""
+    from meshlm.train.trainer import train
+
+    small = TRAIN + ["train.steps=3", "train.eval_every=0", "train.sample_tokens=0", "train.micro_batch=4"]
+    small += ["train.global_batch=4", f'data.cache_dir="{train_cache}"']
+    plain = train(load_config("lstm-tiny", small), tmp_path / "a", log=lambda *a, **k: None)
+    ac = load_config("lstm-tiny", small + ["train.activation_checkpointing=true"])
+    assert train(ac, tmp_path / "b", log=lambda *a, **k: None).losses == plain.losses

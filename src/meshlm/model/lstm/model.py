@@ -10,11 +10,13 @@ This file knows nothing about processes, ranks or meshes; parallelism is applied
     proj        nn.Linear(d_hidden, d_embed) or None      only when tied and the sizes differ
     output      nn.Linear(d_embed or d_hidden, vocab)     (None on earlier pipeline stages)
 
-Why one nn.LSTM per layer and not one multi-layer nn.LSTM: a multi-layer nn.LSTM runs its
-layers one after the other over the whole sequence anyway (layer-major, on CPU and in cuDNN's
-default algorithm), so the split costs nothing measurable (benchmarks/lstm_reference.py), and it
-makes each layer a block the pipeline can cut between: micro-batches then flow through the
-layers as a wavefront, layer l on micro-batch i while layer l+1 takes micro-batch i-1.
+Why one nn.LSTM per layer and not one multi-layer nn.LSTM: each layer is then a block the
+pipeline can cut between (micro-batches flow through the layers as a wavefront, layer l on
+micro-batch i while layer l+1 takes micro-batch i-1), FSDP can shard and checkpointing can
+recompute. On CPU a multi-layer nn.LSTM runs its layers one after the other over the whole
+sequence anyway, so the split costs nothing (measured: benchmarks/lstm_reference.py). On a GPU
+cuDNN's multi-layer call can overlap layer l+1's early steps with layer l's later ones, which a
+split gives up; not measured here.
 """
 
 from __future__ import annotations
