@@ -151,8 +151,7 @@ def decode_script(model, state) -> list[float]:
     state.release(0)  # sequence 0 finishes; the last active one (slot 2) moves into its place
     state.move_slot(2, 0)
     seqs[0] = seqs.pop(2)
-    state.release(2)
-    assert state.lengths[2] == 0
+    assert state.lengths[:3] == [5 + 12, 1 + 12, 0]  # slot 2 is free: its stale (h, c) must not leak
     seqs[2] = torch.randint(0, V, (7,), generator=gen).tolist()
     compare((state.prefill([seqs[2]], [2])), [2])
     extra = torch.randint(0, V, (4,), generator=gen).tolist()  # a live slot takes more prompt

@@ -4,7 +4,8 @@ transformer's cost per token grows with its KV cache; an LSTM's does not).
 
 The state is a preallocated (n_layers, max_batch, d_hidden) pair of tensors: slot s of every
 layer holds sequence s's (h, c). Zeros are the state of an empty sequence (nn.LSTM's default
-initial state), so releasing a slot zeroes it. Everything runs through the model's own modules
+initial state): a slot of length 0 (released, or moved away) starts from zeros at its next
+prefill, whatever it still holds. Everything runs through the model's own modules
 (embedding, each block's nn.LSTM, projection, output layer), so the same code drives a
 tensor-parallel shard: the vocabulary-parallel embedding sums its lookups over the group and
 the output layer returns this rank's vocabulary slice of the logits.
@@ -64,11 +65,14 @@ class LSTMDecodeState:
         for i, prompt in enumerate(prompts):
             tokens[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         index = torch.tensor(slots, device=device)
+        # A slot of length 0 holds no sequence: it starts from zeros, whatever it still holds.
+        fresh = torch.tensor([self.lengths[s] == 0 for s in slots], device=device).view(-1, 1)  # (n, 1)
         x = pack_padded_sequence(m.embedding(tokens), lengths, batch_first=True, enforce_sorted=False)
         for layer, block in enumerate(m.layers.values()):
             # (1, n, H) each: nn.LSTM sorts them with the packed batch and returns them in prompt order
-            state = (self.h[layer, index].unsqueeze(0), self.c[layer, index].unsqueeze(0))
-            x, (h, c) = block.lstm(x, state)
+            h0 = self.h[layer, index].masked_fill(fresh, 0.0).unsqueeze(0)
+            c0 = self.c[layer, index].masked_fill(fresh, 0.0).unsqueeze(0)
+            x, (h, c) = block.lstm(x, (h0, c0))
             self.h[layer, index], self.c[layer, index] = h[0], c[0]
         for prompt, slot in zip(prompts, slots):
             self.lengths[slot] += len(prompt)
@@ -103,14 +107,13 @@ class LSTMDecodeState:
         return self._logits(x.unsqueeze(1))
 
     def release(self, slot: int) -> None:
-        self.h[:, slot] = 0
-        self.c[:, slot] = 0
-        self.lengths[slot] = 0
+        self.lengths[slot] = 0  # its (h, c) is never read again: the next prefill starts from zeros
 
     def move_slot(self, src: int, dst: int) -> None:
+        """Sequence `src` continues in slot `dst`; `src` is free afterwards."""
         self.h[:, dst] = self.h[:, src]
         self.c[:, dst] = self.c[:, src]
-        self.lengths[dst] = self.lengths[src]
+        self.lengths[dst], self.lengths[src] = self.lengths[src], 0
 
     def nbytes(self) -> int:
         return self.h.nbytes + self.c.nbytes
