@@ -172,6 +172,21 @@ def test_cached_decode_equals_full_recomputation(cfg):
         state.prefill([[1] * (cfg.max_seq_len + 1)], [3])
 
 
+def test_fixed_shape_step_for_cuda_graphs_is_the_decode_step():
+    """decode_static (what CUDA graphs record) computes decode's logits and state, padding rows
+    included, without touching the host-side lengths."""
+    cfg = VARIANTS["tied-proj"]
+    model = build_model(cfg, seed=0).eval()
+    a, b = (family_spec(cfg).decode_state(model, 4, cfg.max_seq_len) for _ in range(2))
+    for state in (a, b):
+        state.prefill([[3, 4, 5], [6]], [0, 1])
+    tokens = torch.tensor([7, 8])
+    want = a.decode(tokens)
+    got = b.decode_static(torch.tensor([7, 8, 0, 0]), torch.tensor([3, 1, 63, 63]))  # bucket of 4
+    assert torch.equal(got[:2], want) and torch.equal(b.h[:, :2], a.h[:, :2]) and torch.equal(b.c[:, :2], a.c[:, :2])
+    assert b.lengths == [3, 1, 0, 0] and a.lengths == [4, 2, 0, 0]
+
+
 def test_decode_cost_per_token_does_not_grow_with_position():
     """FLOPs of one decode step at position 2 and at position 200 are equal, and equal the
     model's forward FLOPs of one token: the state is carried, nothing is recomputed."""

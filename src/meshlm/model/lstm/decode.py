@@ -85,6 +85,19 @@ class LSTMDecodeState:
         n = tokens.shape[0]
         for slot in range(n):
             self._check_room(slot, 1)
+        logits = self._step(tokens)
+        for slot in range(n):
+            self.lengths[slot] += 1
+        return logits
+
+    @torch.no_grad()
+    def decode_static(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The fixed-shape step CUDA graphs record (meshlm.model.spec): the same step without the
+        host-side bookkeeping. `positions` is not needed: (h, c) is where a sequence stands."""
+        return self._step(tokens)
+
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
         m = self.model
         x = m.embedding(tokens.view(n, 1))[:, 0]  # (n, d_embed)
         for layer, block in enumerate(m.layers.values()):
@@ -100,10 +113,8 @@ class LSTMDecodeState:
                 lstm.bias_ih_l0,
                 lstm.bias_hh_l0,
             )  # (n, H) each
-            self.h[layer, :n], self.c[layer, :n] = h, c
+            self.h[layer, :n], self.c[layer, :n] = h, c  # in place: the state's tensors never move
             x = h  # the layer's output is its new h
-        for slot in range(n):
-            self.lengths[slot] += 1
         return self._logits(x.unsqueeze(1))
 
     def release(self, slot: int) -> None:
