@@ -79,9 +79,10 @@ class LSTMLanguageModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """word_language_model's initialisation: embedding and output U(-0.1, 0.1), output bias
-        zero, the LSTM as PyTorch initialises it, U(-1/sqrt(d_hidden), 1/sqrt(d_hidden)); all
-        drawn from `generator`, so deterministic given its seed. Safe after `to_empty()`."""
+        """word_language_model's initialisation: embedding and output U(-r, r) (r = init_range,
+        the example's 0.1), output bias zero, the LSTM as PyTorch initialises it,
+        U(-1/sqrt(d_hidden), 1/sqrt(d_hidden)); all drawn from `generator`, so deterministic
+        given its seed. Safe after `to_empty()`."""
         self.tie_weights()
         r = self.cfg.init_range
         if self.embedding is not None and not self.embedding.weight.is_meta:
