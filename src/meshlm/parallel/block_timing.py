@@ -32,7 +32,7 @@ from torch import nn
 
 from meshlm.model.loss import lm_loss
 from meshlm.model.registry import family_spec
-from meshlm.model.spec import StageCosts
+from meshlm.model.spec import StageCosts, submodule
 from meshlm.parallel.pipeline_split import build_part
 
 
@@ -83,12 +83,18 @@ def measure_stage_costs(
         first_s = _time_part(first, lambda: ids, send_back, iterations, device)
         del first
         blocks = []
-        for name in getattr(model, spec.blocks):
+        for name in submodule(model, spec.blocks):
             part = build_part(model, {name}, first=False, last=False)
             blocks.append(_time_part(part, as_stage_input, send_back, iterations, device))
             del part
         last = build_part(model, set(), first=False, last=True)
-        last_s = _time_part(last, as_stage_input, lambda logits: lm_loss(logits, targets), iterations, device)
+
+        def loss(out: torch.Tensor) -> torch.Tensor:  # a language model's loss; a task head's output: its gradient
+            if out.shape[-1] == vocab and out.shape[:-1] == targets.shape:
+                return lm_loss(out, targets)
+            return out.float().square().mean()
+
+        last_s = _time_part(last, as_stage_input, loss, iterations, device)
     finally:
         model.train(was_training)
     return StageCosts(first=first_s, blocks=blocks, last=last_s)
