@@ -50,7 +50,9 @@ def make_run(folder: Path) -> Path:
     print(f"model: {family_spec(cfg).count_params(cfg) / 1e6:.1f}M parameters", flush=True)
     run.mkdir(parents=True, exist_ok=True)
     save_weights(build_model(cfg, seed=0).state_dict(), cfg, run / "model.safetensors")
-    (run / "config.toml").write_text(Config(model=cfg).to_toml())
+    # Only the [model] table: a source tree from before later config keys (--tree) reads it too.
+    toml = Config(model=cfg).to_toml()
+    (run / "config.toml").write_text(toml[: toml.index("\n[data]")] + "\n")
     text = "".join(inspect.getsource(m) for m in (json_module.decoder, textwrap, codecs, argparse, inspect))
     train_tokenizer([text], cfg.vocab_size, run / "tokenizer.json")
     return run
