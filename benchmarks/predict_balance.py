@@ -1,7 +1,7 @@
 """Load balance of `meshlm predict`: a skewed input against a uniform one, and --nproc 2 against 1.
 
 Workload (issue 20): a ~25M-parameter llama (random weights, --ignore-eos so every answer is
-exactly its max_new_tokens), 96 prompts, --max-batch 4, greedy, 1 thread per rank.
+exactly its max_new_tokens), 96 prompts (--prompts), --max-batch 4, greedy, 1 thread per rank.
   skewed:  1 prompt in 8 asks for 224 new tokens, the others for 16
   uniform: every prompt asks for 42 (the same 4032 tokens in total)
 Each command's start-up (processes, model load) is measured with a one-token run (one prompt,
@@ -58,16 +58,16 @@ def make_run(folder: Path) -> Path:
     return run
 
 
-def prompts() -> list[str]:
+def prompts(n: int) -> list[str]:
     words = inspect.getsource(argparse).split()
-    return [" ".join(words[i * 7 : i * 7 + 12]) for i in range(N_PROMPTS)]
+    return [" ".join(words[i * 7 : i * 7 + 12]) for i in range(n)]
 
 
-def write_inputs(folder: Path) -> dict[str, Path]:
-    texts = prompts()
+def write_inputs(folder: Path, n: int) -> dict[str, Path]:
+    texts = prompts(n)
     lengths = {
-        "skewed": [LONG if i % 8 == 3 else SHORT for i in range(N_PROMPTS)],
-        "uniform": [UNIFORM] * N_PROMPTS,
+        "skewed": [LONG if i % 8 == 3 else SHORT for i in range(n)],
+        "uniform": [UNIFORM] * n,
         "startup": [1],
     }
     assert sum(lengths["skewed"]) == sum(lengths["uniform"])
@@ -98,13 +98,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tree", action="append", default=[], metavar="NAME=SRC", help="source tree (repeatable)")
+    parser.add_argument("--prompts", type=int, default=N_PROMPTS, help="a multiple of 8 (fewer on a loaded machine)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "meshlm-predict-balance"))
     args = parser.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree) or {"this": "src"}
     folder = Path(args.workdir)
     folder.mkdir(parents=True, exist_ok=True)
     run = make_run(folder)
-    inputs = write_inputs(folder)
+    inputs = write_inputs(folder, args.prompts)
     times: dict[tuple, list[float]] = {}
     outputs: dict[tuple, str] = {}
     for r in range(args.rounds):

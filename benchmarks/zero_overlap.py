@@ -98,7 +98,9 @@ def main() -> None:
                     raise SystemExit(proc.stderr[-3000:])
                 got = json.loads(proc.stdout.strip().splitlines()[-1])
                 results.setdefault((tree, stage), []).append(got)
-                print(f"round {r + 1} zero{stage} {tree}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in got.items()))
+                print(
+                    f"round {r + 1} zero{stage} {tree}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in got.items())
+                )
     print(f"\nmedians of {args.rounds} round(s), ms per step (max over the 2 ranks)")
     print("| ZeRO | tree | backward | exposed reduce-scatter | update + all-gather | step |")
     print("|---|---|---:|---:|---:|---:|")
