@@ -36,6 +36,11 @@ SAME_RTOL, CROSS_RTOL, PARAM_ATOL = 1e-6, 1e-5, 1e-4
 VARIANTS = {
     "llama": ['model.arch="llama"', "model.n_heads=8", "model.n_kv_heads=4", "model.tie_embeddings=false"],
     "gpt2": ['model.arch="gpt2"', "model.n_heads=4", "model.n_kv_heads=0"],  # tied embeddings, biases
+    # gated CNN (d_model and n_layers from BASE): conv weights split over channels, a replicated
+    # bottleneck projection, tied embeddings
+    "gcnn": ['model.family="gcnn"', "model.bottleneck=32", "model.channels=48", "model.tie_embeddings=true"],
+    # tied output behind a projection; only the vocabulary splits under tp
+    "lstm": ['model.family="lstm"', "model.d_embed=32", "model.d_hidden=48", "model.n_layers=4"],
 }
 BASE = [
     "model.d_model=64",
@@ -137,6 +142,26 @@ CROSS = [
         ["parallel.dp=2", "parallel.zero=2", "parallel.tp=2"],
         4,
         ["parallel.dp=2", "parallel.zero=3", "parallel.tp=2", "parallel.sequence_parallel=true"],
+    ),
+    # gcnn: column-parallel convolutions (3-D weights) under tp + sequence parallel, into FSDP2
+    # and a pipeline cut with the tied copies on two ranks
+    (
+        "gcnn-tp2-sp-to-zero3xpp2",
+        "gcnn",
+        2,
+        ["parallel.tp=2", "parallel.sequence_parallel=true"],
+        4,
+        ["parallel.dp=2", "parallel.zero=3", "parallel.pp=2"],
+    ),
+    # the LSTM: vocabulary slices and ZeRO-2 ranges into FSDP2 chunks of whole LSTM layers over a
+    # pipeline whose last stage holds the projection and the tied output copy
+    (
+        "lstm-zero2xtp2-to-zero3xpp2",
+        "lstm",
+        4,
+        ["parallel.dp=2", "parallel.zero=2", "parallel.tp=2"],
+        4,
+        ["parallel.dp=2", "parallel.zero=3", "parallel.pp=2"],
     ),
     # tied embedding copies on one rank (zbv) loading from one key, ZeRO-1 under pp
     (
