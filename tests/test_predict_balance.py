@@ -1,6 +1,6 @@
 """Dynamic work distribution for `meshlm predict` (issue 20): on a skewed input (a few long
 answers among many short ones, greedy and sampled lines), `--nproc 2` writes the same records
-as `--nproc 1`, in input order; a `--nproc 2` run killed part-way (the process group, SIGKILL)
+as `--nproc 1`, in input order; a `--nproc 2` run killed part-way (launcher and workers, SIGKILL)
 and run again answers only what is missing and ends with the same file.
 
 Tiny random llama (tests/test_inference.py's run directory), real processes over gloo.
@@ -55,6 +55,38 @@ def _env() -> dict:
 
 
 @pytest.mark.slow
+def _descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (torch's launcher starts each worker in a session of
+    its own, so killing the launcher's process group would leave the workers running)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def _kill_all(pids: list[int]) -> None:
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 60
+    for p in pids:  # gone (or a zombie: it writes nothing more) before the file is read
+        while time.monotonic() < deadline:
+            try:
+                if Path(f"/proc/{p}/stat").read_text().split(") ")[-1].startswith("Z"):
+                    break
+            except OSError:
+                break
+            time.sleep(0.05)
+
+
 def test_skewed_predict_nproc_2_equals_nproc_1_in_order_and_resumes_after_a_kill(run_dir, tmp_path, capsys):  # noqa: F811
     src = tmp_path / "skewed.jsonl"
     _write_skewed(src)
@@ -70,14 +102,13 @@ def test_skewed_predict_nproc_2_equals_nproc_1_in_order_and_resumes_after_a_kill
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _records(two) == reference  # the same answers, in input order
 
-    # interrupted: kill the whole --nproc 2 run once a few answers are on disk, then run again
+    # interrupted: kill the launcher and its workers once a few answers are on disk, then run again
     killed = tmp_path / "killed.jsonl"
     victim = subprocess.Popen(
         [sys.executable, "-m", "meshlm", *_argv(run_dir, src, killed, "--nproc", "2")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=_env(),
-        start_new_session=True,  # its own process group: the launcher and both workers
     )
     deadline = time.monotonic() + 240
     try:
@@ -86,8 +117,7 @@ def test_skewed_predict_nproc_2_equals_nproc_1_in_order_and_resumes_after_a_kill
                 break
             time.sleep(0.05)
     finally:
-        if victim.poll() is None:
-            os.killpg(victim.pid, signal.SIGKILL)
+        _kill_all(_descendants(victim.pid))
         victim.wait(timeout=60)
     partial = [json.loads(t) for t in killed.read_text().splitlines() if t.endswith("}")]
     assert all(r == reference[r["line"] - 1] for r in partial)  # what was written is already right
