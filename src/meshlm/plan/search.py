@@ -3,7 +3,8 @@
 Enumerated: tp (a divisor of the heads, the key/value heads and the MLP, at most one node),
 pp (at most the layers), dp = devices / (tp pp) dividing the global batch, the micro-batch
 (a divisor of each data-parallel rank's batch; with a pipeline at least pp micro-batches),
-the ZeRO stage (and HSDP with one replica per node when the shard group fills a node),
+the ZeRO stage up to the software's highest (and HSDP with one replica per node when the shard
+group fills a node),
 sequence parallelism, activation recomputation, and with a pipeline the schedule and its
 virtual stages. Each is estimated (cost.estimate); those that do not fit in memory are kept
 with the reason, after the ones that fit. Ranked by predicted step time.
@@ -86,7 +87,7 @@ def candidate_layouts(
                 if pp > 1 and n_micro < pp:
                     reject("fewer micro-batches than pipeline stages")
                     continue
-                for z in zero if dp > 1 else (0,):
+                for z in [z for z in zero if z <= sw.max_zero] if dp > 1 else (0,):
                     replicas = [1]
                     per_node = max(1, cluster.devices_per_node // tp)
                     if z == 3 and cluster.nodes > 1 and dp > per_node and dp % per_node == 0:
