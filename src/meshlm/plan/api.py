@@ -10,14 +10,17 @@ best = result.best            # an Estimate: .layout, .step_time_s, .memory, .fi
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from meshlm.config import Config, ConfigError, apply_overrides, load_config, validate
 from meshlm.model.tp_rules import check_tp_divides
+from meshlm.plan.chart import pareto_front, plot_candidates
 from meshlm.plan.clusters import make_cluster
 from meshlm.plan.cost import Estimate, estimate
 from meshlm.plan.hardware import CPU_LOCAL, Cluster
 from meshlm.plan.layout import Layout, Software, Workload, check_meshlm_layout, parse_layout, software_for
+from meshlm.plan.measure import DEFAULT_STEPS, Measured, check_measurable, measure_candidates
 from meshlm.plan.report import explain, format_table, header, runner_up, to_json
 from meshlm.plan.search import search
 
@@ -29,6 +32,9 @@ class PlanResult:
     software: Software
     candidates: list[Estimate]
     evaluated: int
+    estimates: list[Estimate] = field(default_factory=list)  # every layout evaluated (for the chart)
+    config: Config | None = None  # the config planned (what --measure-top trains)
+    meshlm_only: bool = False
 
     @property
     def best(self) -> Estimate | None:
@@ -54,6 +60,42 @@ class PlanResult:
     def to_json(self, top: int = 10) -> dict:
         return to_json(self.candidates, self.workload, self.cluster, self.software, top, self.evaluated)
 
+    def chart(self, path: Path | str) -> list[Estimate]:
+        """A PNG of every layout evaluated (plan/chart.py); returns the Pareto front."""
+        estimates = list(self.estimates or self.candidates)
+        if self.meshlm_only:  # the front shows only layouts meshlm runs
+            while True:
+                bad = [e for e in pareto_front(estimates) if not _runs(e, self.workload, self.cluster)]
+                if not bad:
+                    break
+                estimates = [e for e in estimates if all(e is not b for b in bad)]
+        title = header(self.workload, self.cluster, self.software).removeprefix("meshlm plan: ")
+        return plot_candidates(estimates, self.cluster, Path(path), _wrap(title))
+
+    def measure(self, top: int, steps: int = DEFAULT_STEPS, log=print) -> list[Measured]:
+        """Train the `top` best-predicted layouts for `steps` steps on this machine (plan/measure.py)."""
+        if self.config is None:
+            raise ConfigError("measuring needs the config that was planned: plan with plan_from_args or pass config=.")
+        check_measurable(self.cluster)
+        return measure_candidates(self.config, self.workload, self.candidates, top, steps, log)
+
+
+def _runs(e: Estimate, workload: Workload, cluster: Cluster) -> bool:
+    try:
+        check_meshlm_layout(e.layout, workload, cluster.world_size)
+    except ConfigError:
+        return False
+    return True
+
+
+def _wrap(text: str, width: int = 110) -> str:
+    words, lines = text.split(" "), [""]
+    for w in words:
+        if len(lines[-1]) + len(w) + 1 > width:
+            lines.append("")
+        lines[-1] = (lines[-1] + " " + w).strip()
+    return "\n".join(lines)
+
 
 def plan(
     workload: Workload,
@@ -62,8 +104,10 @@ def plan(
     layout: Layout | None = None,
     top: int | None = None,
     meshlm_only: bool | None = None,
+    config: Config | None = None,
 ) -> PlanResult:
-    """Search every layout (or evaluate `layout`) of `workload` on `cluster`."""
+    """Search every layout (or evaluate `layout`) of `workload` on `cluster`. `config`: the meshlm
+    config the workload comes from, for PlanResult.measure."""
     if workload.global_batch <= 0 or workload.seq_len <= 0:
         raise ConfigError(
             f"the global batch ({workload.global_batch}) and the sequence length ({workload.seq_len}) must be positive."
@@ -72,9 +116,10 @@ def plan(
     meshlm_only = sw.name == "meshlm" if meshlm_only is None else meshlm_only
     if layout is not None:
         check_layout(layout, workload, cluster, sw, meshlm_only)
-        return PlanResult(workload, cluster, sw, [estimate(workload, layout, cluster, sw)], 1)
+        one = [estimate(workload, layout, cluster, sw)]
+        return PlanResult(workload, cluster, sw, one, 1, one, config, meshlm_only)
     result = search(workload, cluster, sw, top=top, meshlm_only=meshlm_only)
-    return PlanResult(workload, cluster, sw, result.candidates, result.evaluated)
+    return PlanResult(workload, cluster, sw, result.candidates, result.evaluated, result.estimates, config, meshlm_only)
 
 
 def check_layout(layout: Layout, workload: Workload, cluster: Cluster, sw: Software, meshlm_only: bool) -> None:
@@ -153,7 +198,9 @@ def plan_from_args(args) -> PlanResult:
     sw = software_for(args.software, cluster.device.kind, dtype)
     layout = parse_layout(args.layout, cluster.world_size) if args.layout else None
     meshlm_only = sw.name == "meshlm" and not args.all_layouts
-    return plan(workload, cluster, sw, layout, top=args.top, meshlm_only=meshlm_only)
+    cfg.train.global_batch = global_batch
+    top = max(args.top, getattr(args, "measure_top", 0) or 0)
+    return plan(workload, cluster, sw, layout, top=top, meshlm_only=meshlm_only, config=cfg)
 
 
 def _cores() -> int:

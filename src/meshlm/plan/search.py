@@ -34,6 +34,7 @@ class SearchResult:
     candidates: list[Estimate]  # fitting ones first (fastest first), then the rest (smallest memory first)
     evaluated: int
     rejected: dict[str, int] = field(default_factory=dict)  # why layouts were not enumerated (counts)
+    estimates: list[Estimate] = field(default_factory=list)  # every layout evaluated (unchecked, unordered)
 
     @property
     def best(self) -> Estimate | None:
@@ -147,4 +148,4 @@ def search(
         ranked = checked
     elif top is not None:
         ranked = ranked[:top]
-    return SearchResult(ranked, len(estimates), rejected)
+    return SearchResult(ranked, len(estimates), rejected, estimates)
