@@ -1,11 +1,15 @@
 """How close the planner's predictions are to what actually happens.
 
-python benchmarks/planner_accuracy.py cpu [--steps 8 --repeats 2]
+python benchmarks/planner_accuracy.py cpu [--steps 8 --repeats 3]
     Trains a small model with the real trainer on local gloo ranks (forked, one thread each,
     as benchmarks/parallel_overhead.py does) in many layouts (1 to 8 processes), and prints
     the predicted against the measured step time (median of the steps after the first two;
-    the best of --repeats runs, since the machine is shared) and memory per rank (params +
-    grads + optimizer state, from DIR/state_bytes.json: what "memory" means on cpu-local).
+    the median of --repeats runs, round-robin, since the machine is shared) and memory per
+    rank (params + grads + optimizer state, from DIR/state_bytes.json: what "memory" means on
+    cpu-local). Then, over all the layouts, how well the planner picks: the Spearman rank
+    correlation between predicted and measured step time, and the regret of its first choice
+    (the measured step time of the predicted-fastest layout over the best measured, minus 1),
+    for the medians and for each round on its own.
 
 python benchmarks/planner_accuracy.py published [--no-search]
     Predicted against reported throughput per GPU of published large runs
@@ -32,6 +36,7 @@ from pathlib import Path
 from meshlm.config import load_config
 from meshlm.plan.cost import estimate
 from meshlm.plan.layout import Layout, Workload, meshlm_software
+from meshlm.plan.measure import regret, spearman
 
 # ----------------------------------------------------------------------------- cpu
 
@@ -155,24 +160,28 @@ def cpu(args) -> None:
     print(
         f"# model d{cfg0.model.d_model} L{cfg0.model.n_layers} heads {cfg0.model.n_heads}/{cfg0.model.kv_heads} "
         f"vocab {cfg0.model.vocab_size}, global batch {cfg0.train.global_batch} x {cfg0.data.seq_len}; "
-        f"step time = median of steps 3..{args.steps}, best of {args.repeats} runs"
+        f"step time = median of steps 3..{args.steps}, median of {args.repeats} runs"
     )
     print(
         "| layout | ranks | predicted step (s) | measured step (s) | error | predicted memory/rank (MB) | measured (MB) | error |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    # Round-robin over the layouts, each run started on a quiet machine: a burst of other work
-    # then spoils one run of a layout, not all of them; each layout keeps its best run.
-    measured = {name: float("inf") for name, _, _ in CPU_LAYOUTS}
+    # Round-robin over the layouts, each run started once the machine is quiet (or after
+    # --quiet-wait seconds): a burst of other work then spoils one run of a layout, not all of
+    # them; each layout keeps the median of its runs.
+    runs: dict[str, list[float]] = {name: [] for name, _, _ in CPU_LAYOUTS}
     states: dict[str, int] = {}
+    loads = []
     for r in range(args.repeats):
         for name, world, overrides in CPU_LAYOUTS:
-            wait_for_quiet()
+            loads.append(wait_for_quiet(args.quiet_wait))
             median, _, states[name] = measure_cpu(
                 load_config(None, base + overrides), world, work / f"{name.replace(' ', '_')}_{r}"
             )
-            measured[name] = min(measured[name], median)
+            runs[name].append(median)
+    measured = {name: statistics.median(times) for name, times in runs.items()}
     rows, saved = [], {}
+    predicted = {}
     for name, world, overrides in CPU_LAYOUTS:
         cfg = load_config(None, base + overrides)
         state = states[name]
@@ -182,9 +191,11 @@ def cpu(args) -> None:
         t_err = est.step_time_s / measured[name] - 1
         m_err = est.memory.state / state - 1
         rows.append((name, t_err, m_err))
+        predicted[name] = est.step_time_s
         saved[name] = {
             "world": world,
             "measured_s": measured[name],
+            "runs_s": runs[name],
             "predicted_s": est.step_time_s,
             "state_bytes": state,
             "predicted_state_bytes": est.memory.state,
@@ -195,13 +206,31 @@ def cpu(args) -> None:
             f"{est.memory.state / 1e6:.2f} | {state / 1e6:.2f} | {100 * m_err:+.1f}% |",
             flush=True,
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(saved, indent=1))
     within = sum(abs(t) <= 0.25 for _, t, _ in rows)
     print(
-        f"\n{within} of {len(rows)} layouts within 25% on step time; memory within "
-        f"{100 * max(abs(m) for *_, m in rows):.1f}% on every layout; load average {os.getloadavg()[0]:.1f} at the end"
+        f"\n{within} of {len(rows)} layouts within 25% on step time (median error "
+        f"{100 * statistics.median(t for _, t, _ in rows):+.0f}%); memory within "
+        f"{100 * max(abs(m) for *_, m in rows):.1f}% on every layout; load average {os.getloadavg()[0]:.1f} at the end, "
+        f"CPUs busy {100 * statistics.median(loads):.0f}% (median) before the runs"
     )
+    names = [name for name, _, _ in CPU_LAYOUTS]
+    pred = [predicted[n] for n in names]
+    rho, loss = spearman(pred, [measured[n] for n in names]), regret(pred, [measured[n] for n in names])
+    first = min(names, key=lambda n: predicted[n])
+    best = min(names, key=lambda n: measured[n])
+    print(
+        f"Picking over the {len(names)} layouts: Spearman {rho:.2f} (target >= 0.8), regret {100 * loss:.0f}% "
+        f"(target <= 10%): the planner's first choice '{first}' measured {measured[first]:.3f} s, the best "
+        f"measured '{best}' {measured[best]:.3f} s"
+    )
+    per_round = [
+        (spearman(pred, [runs[n][r] for n in names]), regret(pred, [runs[n][r] for n in names]))
+        for r in range(args.repeats)
+    ]
+    print("each round alone: " + "; ".join(f"Spearman {a:.2f}, regret {100 * b:.0f}%" for a, b in per_round))
+    if args.json:
+        summary = {"spearman": rho, "regret": loss, "first": first, "best": best, "per_round": per_round}
+        Path(args.json).write_text(json.dumps({"layouts": saved, "summary": summary}, indent=1))
 
 
 # ----------------------------------------------------------------------------- published runs
@@ -515,6 +544,9 @@ def main() -> None:
     p = sub.add_parser("cpu")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--quiet-wait", type=float, default=30.0, help="seconds to wait for idle CPUs before each run (at most)"
+    )
     p.add_argument("--remeasure", action="store_true", help="measure cpu-local again instead of using the cache")
     p.add_argument("--json", default=None, help="also write the measured and predicted figures to this file")
     p = sub.add_parser("published")

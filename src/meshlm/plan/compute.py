@@ -13,10 +13,11 @@ Each block is a list of kernels on one tp rank (shapes after the tensor-parallel
                   from Megatron's fused kernels
     output + loss the vocabulary GEMM and the cross-entropy passes over b s V / t logits
 
-Tensor-parallel collectives are on the critical path (meshlm and Megatron issue them
-synchronously): per block 2 all-reduces of b s h forward and 2 backward (sequence parallel:
-all-gathers + reduce-scatters of the same total traffic); full recomputation repeats the
-forward ones. On a GPU the host dispatches kernels asynchronously, so a pass costs
+Tensor-parallel collectives: per block 2 all-reduces of b s h forward and 2 backward (sequence
+parallel: all-gathers + reduce-scatters of the same total traffic); full recomputation repeats
+the forward ones. meshlm and Megatron-LM 2021-22 issue them synchronously (on the critical path);
+Megatron-Core pipelines them with the GEMMs (tp_overlap.py: what stays exposed, and the compute
+the overlap costs). On a GPU the host dispatches kernels asynchronously, so a pass costs
 max(device time, host time); on a CPU they are one thread and add up.
 """
 
@@ -149,6 +150,12 @@ def block_elementwise(workload: Workload, layout: Layout, sw: Software) -> Eleme
         # write the gradient), plus the gradient sums where the residual stream and q/k/v (w1/w3) fork.
         bwd = 2 * fwd + (3 + 2 + (1 if gated else 0)) * 3 * N * er
         bwd_ops = 2 * fwd_ops + 6
+        if layout.sequence_parallel and t > 1 and b > 1:
+            # meshlm's (B, T, d) layout: each sequence-parallel all-gather / reduce-scatter moves the
+            # rank axis in front of the batch, one copy of the full (B, T, d) tensor (tp_collectives)
+            full = b * s * m.d_model * e
+            fwd, bwd = fwd + 4 * 2 * full, bwd + 4 * 2 * full
+            fwd_ops, bwd_ops = fwd_ops + 4, bwd_ops + 4
     return Elementwise(fwd, norms_fwd, fwd_ops, bwd, norms_bwd + bias_grads, bwd_ops + (0 if gated else 6))
 
 

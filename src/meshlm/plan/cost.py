@@ -12,12 +12,9 @@ comm.py put together over the pipeline schedule and the data-parallel reduction.
         zbv                   bubble (p - 1) max(0, f + b_in - 2 b_w) (ZB-V)
       (b_in: input-gradient backward, b_w: weight-gradient GEMMs; p2p sends on the critical path.)
 
-    data parallel (P = parameters on the rank, e = bytes per gradient element):
-        DDP           all-reduce of P e in 25 MB buckets; overlapped with the last micro-batch's
-                      backward where the software does it (not after a pipeline flush in meshlm)
-        ZeRO-1/2      reduce-scatter of the gradients + all-gather of the updated parameters
-        FSDP (ZeRO-3) per micro-batch an all-gather of the parameters forward and backward,
-                      one reduce-scatter of the gradients per step; overlapped on GPUs
+    data parallel: data_parallel.py (DDP, ZeRO-1/2 with Megatron-Core's per-chunk overlap,
+        FSDP2 with its copies); overlapped communication charges the compute beside it
+        (comm.overlap_cost)
 
 On the CPU (cpu-local) N processes share C cores. When N > C, compute is conserved: the step's
 compute takes max(the schedule's critical path at full speed, all ranks' compute / C) (a rank

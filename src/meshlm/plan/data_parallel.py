@@ -124,7 +124,23 @@ def data_parallel(
         rep_group = comm.place_group(cluster, layout.dp_replicate, layout.tp * shard)
         replicate = comm.all_reduce(cluster, rep_group, grad_bytes / shard / units, units)
     total = micro * 2 * ag + rs + replicate
+    work = _fsdp_work(cluster, sw, P, st.fsdp_shard(shard), st.tensors, units, micro)
     if not overlap:
-        return total, total
+        return total + work, total
     per_micro = max(0.0, ag - first_fwd) + max(0.0, ag - last_bwd) + ag / units
-    return micro * per_micro + max(0.0, rs + replicate - last_bwd) + (rs + replicate) / units, total
+    return micro * per_micro + max(0.0, rs + replicate - last_bwd) + (rs + replicate) / units + work, total
+
+
+def _fsdp_work(cluster: Cluster, sw: Software, P: int, shard: int, tensors: int, units: int, micro: int) -> float:
+    """FSDP2's own work around its collectives (torch.distributed.fsdp's fully_shard), on the critical
+    path: per all-gather the shard is copied into the send buffer and the gathered output out into
+    the unsharded parameters; accumulation micro-batches add into the unsharded gradients; the
+    syncing backward copies them into the reduce-scatter buffer and the result, divided, into the
+    sharded gradients. Its hooks' Python work (lazy checks, parameter swaps: a few ops per tensor
+    and unit) counts on a CPU, where nothing runs ahead of it."""
+    dev = cluster.device
+    p, g = sw.param_bytes, sw.grad_bytes
+    traffic = micro * 2 * 2 * (shard + P) * p  # two all-gathers per micro-batch: copy in, copy out (r + w)
+    traffic += (micro - 1) * 3 * P * g + 2 * P * g + 3 * shard * g
+    ops = micro * (2 * (4 * units + 3 * tensors) + 2 * tensors) + 6 * units + 4 * tensors
+    return traffic / dev.elementwise_bandwidth + (ops * dev.op_overhead_s if dev.kind == "cpu" else 0.0)
