@@ -89,8 +89,9 @@ def data_parallel(
     passes: list[PassTimes],
     micro: int,
 ) -> tuple[float, float]:
-    """(exposed, total) seconds of data-parallel communication per step, for the rank holding
-    `st` (its `chunks`, their parameters and one micro-batch's pass through each)."""
+    """(exposed, total) seconds of data-parallel communication per step (with FSDP, and its work
+    around the collectives), for the rank holding `st` (its `chunks`, their parameters and one
+    micro-batch's pass through each)."""
     if layout.dp == 1:
         return 0.0, 0.0
     group = comm.place_group(cluster, layout.dp, layout.tp)
@@ -126,9 +127,10 @@ def data_parallel(
     total = micro * 2 * ag + rs + replicate
     work = _fsdp_work(cluster, sw, P, st.fsdp_shard(shard), st.tensors, units, micro)
     if not overlap:
-        return total + work, total
+        return total + work, total + work
     per_micro = max(0.0, ag - first_fwd) + max(0.0, ag - last_bwd) + ag / units
-    return micro * per_micro + max(0.0, rs + replicate - last_bwd) + (rs + replicate) / units + work, total
+    exposed = micro * per_micro + max(0.0, rs + replicate - last_bwd) + (rs + replicate) / units
+    return exposed + work, total + work
 
 
 def _fsdp_work(cluster: Cluster, sw: Software, P: int, shard: int, tensors: int, units: int, micro: int) -> float:
