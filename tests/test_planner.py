@@ -281,7 +281,7 @@ def test_megatron_core_overlaps():
     from meshlm.plan.data_parallel import data_parallel
     from meshlm.plan.shapes import rank_chunks
 
-    m = ModelConfig(d_model=8192, n_layers=16, n_heads=64, n_kv_heads=8, ffn_hidden=28672, vocab_size=128256)
+    m = TransformerConfig(d_model=8192, n_layers=16, n_heads=64, n_kv_heads=8, ffn_hidden=28672, vocab_size=128256)
     c = make_cluster("dgx-h100", nodes=8)
     flash = software_for("megatron-flash", "gpu")
     w = Workload(m, 64, 8192)
