@@ -240,6 +240,18 @@ def cpu(args) -> None:
         "each round alone: "
         + "; ".join(f"Spearman {p['spearman']:.2f}, regret {100 * p['regret']:.0f}%" for p in summary["each round"])
     )
+    # Among layouts of one process count (what --measure-top and parallel = "auto" compare), other
+    # programs on a shared machine take the same share of the CPUs from each layout.
+    summary["same process count"] = {}
+    for world in sorted({w for _, w, _ in CPU_LAYOUTS}):
+        group = [name for name, w, _ in CPU_LAYOUTS if w == world]
+        if len(group) >= 3:
+            p = picking(group, predicted, measured)
+            summary["same process count"][world] = p
+            print(
+                f"{world} processes ({len(group)} layouts, median of runs): Spearman {p['spearman']:.2f}, regret "
+                f"{100 * p['regret']:.0f}% (first choice '{p['first']}', best measured '{p['best']}')"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps({"layouts": saved, "summary": summary}, indent=1))
 
