@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshlm.config import Config, ConfigError, apply_overrides, load_config, validate
-from meshlm.model.tp_rules import check_tp_divides
+from meshlm.model.registry import family_spec
+from meshlm.model.tp_rules import check_layout_supported, check_tp_divides
 from meshlm.plan.chart import pareto_front, plot_candidates
 from meshlm.plan.clusters import make_cluster
-from meshlm.plan.cost import Estimate, estimate
+from meshlm.plan.cost import Estimate
 from meshlm.plan.hardware import CPU_LOCAL, Cluster
 from meshlm.plan.layout import Layout, Software, Workload, check_meshlm_layout, parse_layout, software_for
 from meshlm.plan.measure import DEFAULT_STEPS, Measured, check_measurable, measure_candidates
 from meshlm.plan.report import explain, format_table, header, runner_up, to_json
-from meshlm.plan.search import search
+from meshlm.plan.search import evaluate, search
 
 
 @dataclass
@@ -116,15 +117,18 @@ def plan(
     meshlm_only = sw.name == "meshlm" if meshlm_only is None else meshlm_only
     if layout is not None:
         check_layout(layout, workload, cluster, sw, meshlm_only)
-        one = [estimate(workload, layout, cluster, sw)]
+        one = [evaluate(workload, layout, cluster, sw)]
         return PlanResult(workload, cluster, sw, one, 1, one, config, meshlm_only)
     result = search(workload, cluster, sw, top=top, meshlm_only=meshlm_only)
     return PlanResult(workload, cluster, sw, result.candidates, result.evaluated, result.estimates, config, meshlm_only)
 
 
 def check_layout(layout: Layout, workload: Workload, cluster: Cluster, sw: Software, meshlm_only: bool) -> None:
-    """One clear error for a layout that cannot run on this cluster (and, for meshlm, in meshlm)."""
+    """One clear error for a layout that cannot run on this cluster (and, for meshlm, in meshlm).
+    A layout the model's family cannot run comes first, in the family's own words."""
     m = workload.model
+    check_layout_supported(m, layout.tp, layout.pp, layout.sequence_parallel)
+    n_blocks = family_spec(m).n_blocks(m)
     if layout.world_size != cluster.world_size:
         raise ConfigError(
             f"the layout needs dp x tp x pp = {layout.dp} x {layout.tp} x {layout.pp} = {layout.world_size} devices, but the "
@@ -143,9 +147,9 @@ def check_layout(layout: Layout, workload: Workload, cluster: Cluster, sw: Softw
             f"a pipeline of pp={layout.pp} stages needs at least {layout.pp} micro-batches per step, but "
             f"global batch / (dp x micro_batch) = {micro}; raise --global-batch or lower micro_batch."
         )
-    if layout.pp > 1 and layout.pp * max(1, layout.virtual_stages) > m.n_layers:
+    if layout.pp > 1 and layout.pp * max(1, layout.virtual_stages) > n_blocks:
         raise ConfigError(
-            f"pp x virtual stages = {layout.pp} x {layout.virtual_stages} exceeds the {m.n_layers} layers."
+            f"pp x virtual stages = {layout.pp} x {layout.virtual_stages} exceeds the model's {n_blocks} blocks."
         )
     if layout.zero not in (0, 1, 2, 3):
         raise ConfigError(f"zero must be 0, 1, 2 or 3, got {layout.zero}.")

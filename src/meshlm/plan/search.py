@@ -16,8 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from meshlm.config import PIPELINE_SCHEDULES, ConfigError
+from meshlm.model.registry import family_spec
 from meshlm.model.tp_rules import tp_problem
+from meshlm.plan import family_cost
 from meshlm.plan.cost import Estimate, estimate
+from meshlm.plan.family_shapes import has_block_model
 from meshlm.plan.hardware import Cluster
 from meshlm.plan.layout import Layout, Software, Workload, check_meshlm_layout
 
@@ -114,20 +117,30 @@ def candidate_layouts(
                                                 yield Layout(dp, tp, pp, z, mb, rc, sp, sched, v, rep)
 
 
+def evaluate(workload: Workload, layout: Layout, cluster: Cluster, sw: Software) -> Estimate:
+    """One layout's estimate: the detailed block model where it describes the model, else the
+    family-spec model (family_cost.py)."""
+    if has_block_model(workload.model):
+        return estimate(workload, layout, cluster, sw)
+    return family_cost.estimate_family(workload, layout, cluster, sw)
+
+
 def search(
     workload: Workload, cluster: Cluster, sw: Software, *, top: int | None = None, meshlm_only: bool = True, **options
 ) -> SearchResult:
     """Estimate every candidate layout and rank them. With `meshlm_only`, the top candidates are
     also checked against meshlm's own layout validation (parallel_dims_from_config)."""
     rejected: dict[str, int] = {}
-    estimates = [
-        estimate(workload, layout, cluster, sw)
-        for layout in candidate_layouts(workload, cluster, sw, rejected=rejected, **options)
-    ]
+    if has_block_model(workload.model):
+        layouts = candidate_layouts(workload, cluster, sw, rejected=rejected, **options)
+    else:
+        layouts = family_cost.candidate_layouts(workload, cluster, sw, rejected)
+    estimates = [evaluate(workload, layout, cluster, sw) for layout in layouts]
     if not estimates:
+        spec = family_spec(workload.model)
         raise ConfigError(
             f"no layout divides this model and cluster: {cluster.world_size} devices, global batch "
-            f"{workload.global_batch}, {workload.model.n_layers} layers, {workload.model.n_heads} heads "
+            f"{workload.global_batch}, {spec.describe(workload.model)} "
             f"({', '.join(f'{k}: {v}' for k, v in rejected.items()) or 'nothing enumerated'}). "
             f"Change the global batch (a multiple of the data-parallel degree) or the device count."
         )
