@@ -24,6 +24,7 @@ from meshlm.plan.layout import Layout, Software, Workload, check_meshlm_layout, 
 from meshlm.plan.measure import DEFAULT_STEPS, Measured, check_measurable, measure_candidates
 from meshlm.plan.report import explain, format_table, header, runner_up, to_json
 from meshlm.plan.search import evaluate, search
+from meshlm.plan.serve import ServeTargets, format_serving, plan_serving, serving_json
 
 
 @dataclass
@@ -207,10 +208,40 @@ def plan_from_args(args) -> PlanResult:
     return plan(workload, cluster, sw, layout, top=top, meshlm_only=meshlm_only, config=cfg)
 
 
+def serve_from_args(args) -> tuple[str, dict]:
+    """`meshlm plan --serve`: (the table, the JSON object) for the CLI's arguments (plan/serve.py)."""
+    from meshlm.plan.models import model_preset
+
+    if args.model:
+        cfg = Config(model=model_preset(args.model))
+        apply_overrides(cfg, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    m = cfg.model
+    prompt = args.prompt_len or min(512, m.max_seq_len // 2)
+    gen = args.gen_len or min(128, m.max_seq_len - prompt)
+    if prompt <= 0 or gen <= 0 or args.max_batch <= 0:
+        raise ConfigError(
+            f"--prompt-len ({prompt}), --gen-len ({gen}) and --max-batch ({args.max_batch}) must be positive."
+        )
+    validate(cfg)
+    cluster = make_cluster(
+        args.cluster,
+        args.nodes,
+        args.devices_per_node,
+        remeasure=args.remeasure,
+        world_size=None if args.cluster != CPU_LOCAL or args.devices_per_node else _cores(),
+        log=lambda message: print(message, file=sys.stderr),
+    )
+    targets = ServeTargets(prompt, gen, args.max_ttft_ms, args.min_tokens_per_s, args.max_tpot_ms, args.max_batch)
+    rows = plan_serving(m, cluster, targets)
+    return format_serving(m, cluster, targets, rows), serving_json(m, cluster, targets, rows)
+
+
 def _cores() -> int:
     from meshlm.plan.cpu_local import cores
 
     return cores()
 
 
-__all__ = ["PlanResult", "plan", "plan_from_args", "check_layout"]
+__all__ = ["PlanResult", "plan", "plan_from_args", "serve_from_args", "check_layout"]

@@ -98,6 +98,21 @@ def add_commands(sub) -> None:
         help="also draw every candidate: predicted step time against memory per device, the ones that do not "
         "fit greyed, the Pareto front marked",
     )
+    serve = p.add_argument_group("serving (--serve)")
+    serve.add_argument(
+        "--serve",
+        action="store_true",
+        help="plan serving instead of training: tensor-parallel degree and replicas, weights and decode state "
+        "per sequence, the largest batch that fits, decode tokens/s and time to first token",
+    )
+    serve.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default min(512, max_seq_len/2))")
+    serve.add_argument("--gen-len", type=int, default=None, help="generated tokens per request (default up to 128)")
+    serve.add_argument("--max-ttft-ms", type=float, default=None, help="target: time to the first token")
+    serve.add_argument("--min-tokens-per-s", type=float, default=None, help="target: generated tokens/s, all replicas")
+    serve.add_argument("--max-tpot-ms", type=float, default=None, help="target: time per output token (decode step)")
+    serve.add_argument(
+        "--max-batch", type=int, default=256, help="most sequences one replica decodes together (default 256)"
+    )
     p.set_defaults(func=cmd_plan)
 
 
@@ -111,6 +126,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"--measure-top takes a number of layouts (>= 0, got {args.measure_top}) and --measure-steps at least 2 "
             f"steps (the first only warms up; got {args.measure_steps})."
         )
+    if args.serve:
+        from meshlm.plan.api import serve_from_args
+
+        if args.layout or args.measure_top or args.png:
+            raise ConfigError("--serve plans serving; --layout, --measure-top and --png are for training plans.")
+        text, obj = serve_from_args(args)
+        if args.json:
+            json.dump(obj, sys.stdout, indent=1)
+            sys.stdout.write("\n")
+        else:
+            print(text)
+        return 0
     result = plan_from_args(args)
     note = lambda message: print(message, file=sys.stderr)  # noqa: E731
     if args.png:

@@ -106,15 +106,20 @@ class _CountingVocabOps:
         return self.inner.enter(x)
 
 
+def meta_model(m: ModelConfig):
+    """The family's full model on the meta device: shapes without memory."""
+    with torch.device("meta"):
+        return family_spec(m).model_class(m)
+
+
 @functools.lru_cache(maxsize=256)
-def inventory(mkey: tuple, seq_len: int, tp: int) -> Inventory:
+def rank_parameters(mkey: tuple, tp: int) -> tuple:
+    """(numel, numel_full, tensors, shapes) per part (first, each block, last) on one of `tp` ranks."""
     m = model_from_key(mkey)
     spec = family_spec(m)
-    costs = spec.stage_costs(m)
     plan = spec.tp_plan(m) if not spec.capabilities.tensor_parallel else None
     styles = plan.styles if plan else {}
-    with torch.device("meta"):
-        model = spec.model_class(m)
+    model = meta_model(m)
     blocks = submodule(model, spec.blocks)
     block_names = list(blocks.keys()) if blocks is not None else []
     n_parts = len(block_names) + 2
@@ -136,6 +141,21 @@ def inventory(mkey: tuple, seq_len: int, tp: int) -> Inventory:
         full[part] += p.numel()
         tensors[part] += 1
         shapes[part].append((rows, rest))
+    return tuple(numel), tuple(full), tuple(tensors), tuple(tuple(x) for x in shapes)
+
+
+@functools.lru_cache(maxsize=256)
+def inventory(mkey: tuple, seq_len: int, tp: int) -> Inventory:
+    m = model_from_key(mkey)
+    spec = family_spec(m)
+    costs = spec.stage_costs(m)
+    plan = spec.tp_plan(m) if not spec.capabilities.tensor_parallel else None
+    styles = plan.styles if plan else {}
+    numel, full, tensors, shapes = rank_parameters(mkey, tp)
+    model = meta_model(m)
+    blocks = submodule(model, spec.blocks)
+    block_names = list(blocks.keys()) if blocks is not None else []
+    n_parts = len(block_names) + 2
 
     # One sequence through forward and loss on meta tensors: what autograd saves, per part.
     saved = [0.0] * n_parts
@@ -185,10 +205,10 @@ def inventory(mkey: tuple, seq_len: int, tp: int) -> Inventory:
     calls = 2 * region_calls[0] + len(vocab_calls) + (3 if has_vocab_split else 0)
     return Inventory(
         (float(costs.first), *map(float, costs.blocks), float(costs.last)),
-        tuple(numel),
-        tuple(full),
-        tuple(tensors),
-        tuple(tuple(s) for s in shapes),
+        numel,
+        full,
+        tensors,
+        shapes,
         tuple(saved),
         block_input[0],
         float(elems) if tp > 1 else 0.0,
