@@ -23,7 +23,7 @@ from meshlm.config import ModelConfig
 from meshlm.model.loss import lm_loss
 from meshlm.model.registry import family_spec
 from meshlm.model.spec import submodule
-from meshlm.plan.shapes import model_from_key
+from meshlm.plan.shapes import model_from_key, model_key
 
 # The attributes the detailed attention-block model reads (shapes.py, compute.py, memory.py).
 _BLOCK_MODEL_KEYS = ("arch", "d_model", "n_layers", "n_heads", "kv_heads", "head_dim", "ffn_dim")
@@ -107,7 +107,14 @@ class _CountingVocabOps:
 
 
 def meta_model(m: ModelConfig):
-    """The family's full model on the meta device: shapes without memory."""
+    """The family's full model on the meta device: shapes without memory (built once per config;
+    callers leave it as they found it)."""
+    return _meta_model(model_key(m))
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_model(mkey: tuple):
+    m = model_from_key(mkey)
     with torch.device("meta"):
         return family_spec(m).model_class(m)
 
@@ -184,8 +191,10 @@ def inventory(mkey: tuple, seq_len: int, tp: int) -> Inventory:
             if path and _matches(pattern, path):
                 handles.append(module.register_forward_pre_hook(enter_region))
     vocab_calls: list[int] = []
+    swapped = []
     for path, module in model.named_modules():
         if path and _style(styles, path) == "vocab_columns" and hasattr(module, "vocab_ops"):
+            swapped.append((module, module.vocab_ops))
             module.vocab_ops = _CountingVocabOps(module.vocab_ops, vocab_calls)
 
     def pack(t):
@@ -194,10 +203,14 @@ def inventory(mkey: tuple, seq_len: int, tp: int) -> Inventory:
         return t
 
     x = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lm_loss(model(x), x)
-    for h in handles:
-        h.remove()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lm_loss(model(x), x)
+    finally:
+        for h in handles:
+            h.remove()
+        for module, ops in swapped:
+            module.vocab_ops = ops
     has_vocab_split = any(s in ("vocab_output", "vocab_columns") for s in styles.values())
     # f and g of each region: one all-reduce forward, one backward; the vocabulary-parallel
     # cross-entropy: max, sum of exponentials and the target's logit (forward).

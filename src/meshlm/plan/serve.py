@@ -28,7 +28,9 @@ fastest first. The decode-step prediction on cpu-local is checked against meshlm
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from dataclasses import dataclass, field
 
 from meshlm.config import ConfigError, ModelConfig
@@ -39,7 +41,7 @@ from meshlm.plan import comm
 from meshlm.plan.family_shapes import inventory, meta_model, rank_parameters
 from meshlm.plan.hardware import Cluster, GiB
 from meshlm.plan.report import model_json
-from meshlm.plan.shapes import model_key
+from meshlm.plan.shapes import model_from_key, model_key
 
 DEFAULT_MAX_BATCH = 256
 
@@ -102,23 +104,81 @@ def state_bytes_per_sequence(m: ModelConfig, length: int) -> float:
     return float(spec.decode_state(model, 2, length).nbytes() - spec.decode_state(model, 1, length).nbytes())
 
 
+# cpu-local times the family's own decode state when the model is this small (float32 bytes);
+# beyond it (a large model planned on this machine) the roofline below answers alone.
+MEASURE_LIMIT_BYTES = 2 * GiB
+
+
+@functools.lru_cache(maxsize=256)
+def _measured_decode(mkey: tuple, n: int, prompt_len: int, context: int) -> tuple[float, float]:
+    """(decode step of n sequences at `context` tokens, prefill of one `prompt_len` prompt) in
+    seconds: the family's DecodeState on its own model (decode_model where it has one), on this
+    machine with one thread, best of a few. The engine adds its sampling and bookkeeping."""
+    import torch
+
+    from meshlm.model.registry import build_model
+
+    m = model_from_key(mkey)
+    spec = family_spec(m)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    try:
+        with torch.inference_mode():
+            model = build_model(m, "cpu", seed=0).eval()
+            model = spec.decode_model(model) if spec.decode_model else model
+            prompt = torch.randint(0, m.vocab_size, (prompt_len,), generator=generator).tolist()
+            state = spec.decode_state(model, n, context + 8)
+            prefill = math.inf
+            for _ in range(3):
+                state.release(0)
+                start = time.perf_counter()
+                state.prefill([prompt], [0])
+                prefill = min(prefill, time.perf_counter() - start)
+            long = torch.randint(0, m.vocab_size, (context,), generator=generator).tolist()
+            state.release(0)
+            state.prefill([long] * n, list(range(n)))  # every sequence at the average context
+            decode = math.inf
+            for _ in range(5):
+                start = time.perf_counter()
+                state.decode(torch.zeros(n, dtype=torch.long))
+                decode = min(decode, time.perf_counter() - start)
+        return decode, prefill
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _params(m: ModelConfig, tp: int) -> float:
+    return float(sum(rank_parameters(model_key(m), tp)[0]))
+
+
+def _tp_comm(m: ModelConfig, cluster: Cluster, tp: int, n: int, tokens: int) -> float:
+    """One forward's tensor-parallel all-reduces (half of training's: no backward) and the logits' gather."""
+    if tp == 1:
+        return 0.0
+    inv = inventory(model_key(m), 128, tp)
+    calls = max(1, math.ceil(inv.tp_allreduces / 2))
+    per_token = inv.tp_allreduce / (2 * 128) / calls
+    act = 4 if cluster.device.kind == "cpu" else 2
+    group = comm.place_group(cluster, tp, 1)
+    return comm.all_reduce(cluster, group, per_token * n * tokens * act, calls) + comm.all_gather(
+        cluster, group, n * m.vocab_size * 4
+    )
+
+
 def _step(m, cluster: Cluster, tp: int, n: int, context: int, tokens: int, weights: float, state: float, tensors: int):
-    """(seconds, breakdown) of one forward over `tokens` new tokens for each of n sequences."""
+    """(seconds, breakdown) of one forward over `tokens` new tokens for each of n sequences.
+    Weights are read once per step, as far as the sequences' tokens touch them: a matrix
+    multiply reads all of its weight whatever the batch, a table look-up only the rows it
+    selects (at most the spec's inference FLOPs / 2 parameters per token)."""
     dev = cluster.device
     flops = flops_per_token(m, max(1, context), False) * n * tokens / tp
-    traffic = weights + n * state
+    per_token = flops_per_token(m, max(1, context), False) / 2 / tp * (weights / max(1.0, _params(m, tp)))
+    traffic = min(weights, n * tokens * per_token) + n * state
     bandwidth = dev.mem_bandwidth * dev.mem_efficiency if dev.kind != "cpu" else dev.elementwise_bandwidth
-    math_s = flops / dev.gemm_flops
-    memory_s = traffic / bandwidth
     fixed = tensors * (dev.gemm_overhead_s if dev.kind == "cpu" else dev.op_overhead_s)
-    tp_s = 0.0
-    if tp > 1:
-        inv = inventory(model_key(m), 128, tp)
-        calls = max(1, math.ceil(inv.tp_allreduces / 2))
-        per_token = inv.tp_allreduce / (2 * 128) / max(1, calls)
-        act = 4 if dev.kind == "cpu" else 2
-        tp_s = comm.all_reduce(cluster, comm.place_group(cluster, tp, 1), per_token * n * tokens * act, calls)
-        tp_s += comm.all_gather(cluster, comm.place_group(cluster, tp, 1), n * m.vocab_size * 4)  # the logits
+    math_s, memory_s = flops / dev.gemm_flops, traffic / bandwidth
+    tp_s = _tp_comm(m, cluster, tp, n, tokens)
     return max(math_s, memory_s) + fixed + tp_s, {
         "compute": math_s,
         "memory": memory_s,
@@ -158,8 +218,14 @@ def plan_serving(m: ModelConfig, cluster: Cluster, targets: ServeTargets) -> lis
         batch = min(fits_batch, targets.max_batch)
         context = targets.prompt_len + targets.gen_len // 2
         n_tensors = sum(tensors)
+        measure = dev.kind == "cpu" and _params(m, 1) * 4 <= MEASURE_LIMIT_BYTES
+        share = _params(m, tp) / _params(m, 1)
 
-        def decode(n: int, tp=tp, weights=weights, state=state, n_tensors=n_tensors):
+        def decode(n: int, tp=tp, weights=weights, state=state, n_tensors=n_tensors, share=share):
+            if measure:  # this machine, the family's own decode state; a tp rank does its share
+                measured = _measured_decode(model_key(m), n, targets.prompt_len, context)[0] * share
+                tp_s = _tp_comm(m, cluster, tp, n, 1)
+                return measured + tp_s, {"measured": measured, "tp_comm": tp_s}
             return _step(m, cluster, tp, n, context, 1, weights, state, n_tensors)
 
         step, parts = decode(max(1, batch))
@@ -167,7 +233,11 @@ def plan_serving(m: ModelConfig, cluster: Cluster, targets: ServeTargets) -> lis
             while batch > 1 and step * 1e3 > targets.max_tpot_ms:
                 batch = max(1, batch * 3 // 4)
                 step, parts = decode(batch)
-        ttft, _ = _step(m, cluster, tp, 1, targets.prompt_len, targets.prompt_len, weights, state, n_tensors)
+        if measure:
+            ttft = _measured_decode(model_key(m), 1, targets.prompt_len, context)[1] * share
+            ttft += _tp_comm(m, cluster, tp, 1, targets.prompt_len)
+        else:
+            ttft, _ = _step(m, cluster, tp, 1, targets.prompt_len, targets.prompt_len, weights, state, n_tensors)
         replicas = world // tp
         per_replica = batch / step if batch else 0.0
         fits = batch >= 1
