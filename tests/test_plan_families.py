@@ -47,8 +47,8 @@ def _cli(argv: list[str], capsys) -> str:
 @pytest.mark.parametrize("family", family_names())
 def test_every_family_plans_only_layouts_it_runs(family, cpu_cache, capsys):  # noqa: F811
     name = family_config(family)
-    argv = ["plan", "--config", name, "--devices-per-node", "2", "--top", "50", "--json"]
-    out = json.loads(_cli(argv, capsys))
+    argv = ["plan", "--config", name, "--devices-per-node", "2", "--global-batch", "4", "--seq-len", "32"]
+    out = json.loads(_cli(argv + ["--top", "50", "--json"], capsys))
     m = load_config(name, []).model
     assert out["model"]["family"] == family
     assert out["model"]["parameters"] == count_params(m)
