@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 
 from meshlm.model.registry import family_spec
+from meshlm.model.spec import submodule
 from meshlm.model.stats import flops_per_token
 from meshlm.model.tp_rules import layout_problem
 from meshlm.parallel.stage_balance import balanced_layer_counts
@@ -86,42 +87,73 @@ def candidate_layouts(workload: Workload, cluster: Cluster, sw: Software, reject
 
 
 @functools.lru_cache(maxsize=512)
-def _measured_pass(mkey: tuple, seq_len: int, micro_batch: int, dtype: str) -> float:
-    """Seconds of one forward + loss + backward of the whole model on one micro-batch, on this
-    machine with one thread (as each training rank runs): the best of a few."""
+def _measured_pass(mkey: tuple, seq_len: int, micro_batch: int, dtype: str) -> tuple[float, tuple[float, ...]]:
+    """(seconds, shares) of one forward + loss + backward of the whole model on one micro-batch,
+    on this machine with one thread (as each training rank runs), the best of 2-6 tries; shares:
+    each part's (first, blocks, last + loss) share of the forward's wall time, timed by hooks at
+    the blocks' boundaries (the backward is taken to follow the forward part by part)."""
     import torch
 
     from meshlm.model.loss import lm_loss
     from meshlm.model.registry import build_model
 
     m = model_from_key(mkey)
+    spec = family_spec(m)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model = build_model(m, "cpu", seed=0)
         if dtype != "float32":
             model = model.to(getattr(torch, dtype))
+        blocks = submodule(model, spec.blocks)
+        names = list(blocks.keys()) if blocks is not None else []
+        marks: list[tuple[int, float]] = []
+        hooks = [
+            blocks[b].register_forward_pre_hook(lambda *_, i=i: marks.append((1 + i, time.perf_counter())))
+            for i, b in enumerate(names)
+        ]
+        if names:
+            hooks.append(
+                blocks[names[-1]].register_forward_hook(lambda *_: marks.append((len(names) + 1, time.perf_counter())))
+            )
         x = torch.randint(0, m.vocab_size, (micro_batch, seq_len), generator=torch.Generator().manual_seed(0))
         lm_loss(model(x), x).backward()  # warm-up (allocations, first-call work)
-        best = math.inf
-        for _ in range(2):
+        best, spent, runs, shares = math.inf, 0.0, 0, ()
+        while runs < 2 or (runs < 6 and spent < 1.0):  # a shared machine: more tries when they are cheap
+            marks.clear()
             start = time.perf_counter()
-            lm_loss(model(x), x).backward()
-            best = min(best, time.perf_counter() - start)
-        return best
+            loss = lm_loss(model(x), x)
+            forward_end = time.perf_counter()
+            loss.backward()
+            took = time.perf_counter() - start
+            if took < best:
+                parts = [0.0] * (len(names) + 2)
+                edges = [(0, start), *marks, (None, forward_end)]
+                for (part, t0), (_, t1) in zip(edges, edges[1:]):
+                    parts[part] += t1 - t0
+                total = sum(parts) or 1.0
+                best, shares = took, tuple(p / total for p in parts)
+            spent, runs = spent + took, runs + 1
+        for h in hooks:
+            h.remove()
+        return best, shares
     finally:
         torch.set_num_threads(threads)
 
 
-def _pass_time(workload: Workload, layout: Layout, cluster: Cluster, sw: Software, inv: Inventory) -> float:
-    """One micro-batch through the whole model on one device (before any split)."""
+def _pass_time(
+    workload: Workload, layout: Layout, cluster: Cluster, sw: Software, inv: Inventory
+) -> tuple[float, tuple[float, ...]]:
+    """One micro-batch through the whole model on one device (before any split), and each
+    part's share of it: measured on cpu-local, the spec's StageCosts elsewhere."""
     m, b, s = workload.model, layout.micro_batch, workload.seq_len
     dev = cluster.device
     if dev.kind == "cpu":
         return _measured_pass(model_key(m), s, b, sw.dtype)
     flops = flops_per_token(m, s, True) * b * s
     traffic = 3 * sum(inv.activations) * b * sw.act_bytes / 4  # written forward, read twice backward
-    return flops / dev.gemm_flops + traffic / dev.elementwise_bandwidth
+    total = sum(inv.costs) or 1.0
+    return flops / dev.gemm_flops + traffic / dev.elementwise_bandwidth, tuple(c / total for c in inv.costs)
 
 
 def _stages(inv: Inventory, pp: int) -> list[list[int]]:
@@ -147,8 +179,7 @@ def estimate_family(workload: Workload, layout: Layout, cluster: Cluster, sw: So
     s, b = workload.seq_len, layout.micro_batch
     micro = layout.microbatches(workload.global_batch)
     inv = inventory(mkey, s, layout.tp)
-    whole = _pass_time(workload, layout, cluster, sw, inv)
-    total_cost = sum(inv.costs) or 1.0
+    whole, weight = _pass_time(workload, layout, cluster, sw, inv)
     stages = _stages(inv, layout.pp)
     tp_group = comm.place_group(cluster, layout.tp, 1)
     dp_group = comm.place_group(cluster, layout.dp, layout.tp)
@@ -160,12 +191,11 @@ def estimate_family(workload: Workload, layout: Layout, cluster: Cluster, sw: So
     if layout.pp > 1:
         p2p = comm.send_recv(cluster, pp_group.crosses_nodes, inv.block_input * b * sw.residual_bytes)
     for i, parts in enumerate(stages):
-        share = sum(inv.costs[k] * inv.compute_share(k) for k in parts) / total_cost
+        share = sum(weight[k] * inv.compute_share(k) for k in parts)
         compute = whole * share
         if layout.recompute == "full":  # checkpointed blocks run their forward again (~1/3 of a pass)
-            blocks = sum(inv.costs[k] * inv.compute_share(k) for k in parts if 0 < k <= n_blocks)
-            compute += whole * blocks / total_cost / 3
-        stage_share = sum(inv.costs[k] for k in parts) / total_cost
+            compute += whole * sum(weight[k] * inv.compute_share(k) for k in parts if 0 < k <= n_blocks) / 3
+        stage_share = sum(weight[k] for k in parts)
         tp_time = (
             comm.all_reduce(
                 cluster,
