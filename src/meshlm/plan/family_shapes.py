@@ -74,8 +74,8 @@ def _rank_shape(shape: tuple[int, ...], style: str | None, is_weight: bool, tp: 
             dims[0] = -(-dims[0] // tp)
         elif style == "row" and is_weight and len(dims) > 1:
             dims[1] = -(-dims[1] // tp)
-        elif style in ("vocab_embedding", "vocab_output") and is_weight:
-            dims[0] = -(-dims[0] // tp)
+        elif style == "vocab_output" or (style == "vocab_embedding" and is_weight):
+            dims[0] = -(-dims[0] // tp)  # the output layer's bias is split with its rows
         elif style == "vocab_columns":
             dims[-1] = -(-dims[-1] // tp)
     rest = 1
