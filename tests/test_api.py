@@ -1,0 +1,162 @@
+"""The Python API: fit / predict / evaluate with workers=2 equal workers=1 (real worker processes
+through the `--nproc` launcher), errors raised before any process starts, a worker's error
+re-raised in the caller with its rank and message."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import meshlm
+from meshlm.config import ConfigError
+
+# A tiny llama and a small slice of the stdlib: seconds per world.
+TINY = dict(
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    n_kv_heads=2,
+    vocab_size=512,
+    max_seq_len=64,
+    seq_len=32,
+    micro_batch=4,
+    global_batch=8,
+    warmup_steps=2,
+    eval_every=2,
+    eval_batches=2,
+    sample_tokens=0,
+    max_bytes=200_000,
+)
+STEPS = 3
+PROMPTS = ["def ", "import os\n", "class A:\n    ", "for i in range(", "x = "]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The keyword arguments of the tiny model, with a data cache of this module's own."""
+    return dict(TINY, cache_dir=str(tmp_path_factory.mktemp("api-cache")))
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny, tmp_path_factory):
+    """Three fits of one config: one process, dp2 and tp2 on two worker processes."""
+    root = tmp_path_factory.mktemp("api-runs")
+    out = {}
+    for name, workers, parallel in (("one", 1, None), ("dp2", 2, meshlm.Layout(dp=2)), ("tp2", 2, meshlm.Layout(tp=2))):
+        lm = meshlm.LanguageModel("tiny-cpu", **tiny)
+        history = lm.fit(steps=STEPS, workers=workers, parallel=parallel, run_dir=root / name, verbose=False)
+        out[name] = (lm, history)
+    return out
+
+
+def _close(a: list[float], b: list[float], rel: float) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b))
+
+
+def test_fit_on_two_workers_equals_one_process(fitted):
+    lm, reference = fitted["one"]
+    assert len(reference.history["loss"]) == STEPS
+    assert reference.history["val_step"] == [2, 3]  # eval_every=2, and the last step
+    assert (lm.run_dir / "model.safetensors").is_file() and (lm.run_dir / "config.toml").is_file()
+    weights = load_file(lm.run_dir / "model.safetensors")
+    for name in ("dp2", "tp2"):
+        other_lm, history = fitted[name]
+        assert _close(history.history["loss"], reference.history["loss"], 1e-5), (name, history.history["loss"])
+        assert _close(history.history["val_loss"], reference.history["val_loss"], 1e-5), name
+        other = load_file(other_lm.run_dir / "model.safetensors")
+        assert other.keys() == weights.keys()
+        for key, value in weights.items():
+            torch.testing.assert_close(other[key], value, rtol=1e-4, atol=1e-4, msg=f"{name}: {key}")
+    # The run directory says which layout ran.
+    assert "tp = 2" in (fitted["tp2"][0].run_dir / "config.toml").read_text()
+
+
+def test_predict_and_evaluate_on_two_workers_equal_one_process(fitted):
+    lm, _ = fitted["one"]
+    greedy = lm.predict(PROMPTS, max_new_tokens=6)
+    assert len(greedy) == len(PROMPTS) and all(isinstance(t, str) for t in greedy)
+    sampled = dict(max_new_tokens=6, temperature=1.0, seed=3)
+    one = lm.predict(PROMPTS, **sampled)
+    assert lm.predict(PROMPTS, workers=2, **sampled) == one  # same texts, input order
+    assert lm.generate(PROMPTS[2], **sampled) != "" or one[2] == ""
+    text = ["def f(x):\n    return x + 1\n" * 12, "import os\nprint(os.getcwd())\n" * 12]
+    a, b = lm.evaluate(text), lm.evaluate(text, workers=2)
+    assert a["tokens"] == b["tokens"] > 0
+    assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5) and math.isclose(a["perplexity"], math.exp(a["loss"]))
+
+
+def test_load_and_save_round_trip(fitted, tmp_path):
+    lm, _ = fitted["one"]
+    saved = lm.save(tmp_path / "copy")
+    again = meshlm.load(saved)
+    assert isinstance(again, meshlm.LanguageModel) and again.config.model.d_model == 32
+    assert again.predict(PROMPTS[:2], max_new_tokens=5) == lm.predict(PROMPTS[:2], max_new_tokens=5)
+
+
+def test_a_worker_error_is_raised_in_the_caller(fitted, tmp_path):
+    """A run whose weights file is damaged: the caller does not read it, the workers do."""
+    lm, _ = fitted["one"]
+    broken = lm.save(tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(meshlm.WorkerError) as caught:
+        meshlm.load(broken).predict(PROMPTS[:2], workers=2)
+    assert caught.value.rank in (0, 1)
+    assert "worker rank" in str(caught.value) and caught.value.message
+    # A user error in a worker stays a ConfigError (a ValueError), with the worker's message.
+    (broken / "tokenizer.json").unlink()
+    (broken / "model.safetensors").write_bytes((lm.run_dir / "model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match=r"worker rank \d: .*tokenizer.json"):
+        meshlm.load(broken).predict(PROMPTS[:2], workers=2)
+
+
+def test_bad_arguments_fail_before_any_process_starts(tiny, tmp_path):
+    with pytest.raises(ValueError, match="unknown keyword argument 'd_modle'.*did you mean 'd_model'"):
+        meshlm.LanguageModel("tiny-cpu", d_modle=64)
+    with pytest.raises(ValueError, match="unknown key 'train.lrr'"):
+        meshlm.LanguageModel("tiny-cpu", overrides={"train.lrr": 1e-3})
+    with pytest.raises(ValueError, match="'train.lr' expects a number"):
+        meshlm.LanguageModel("tiny-cpu", lr="fast")
+    with pytest.raises(ValueError, match="config file 'no-such-config' not found.*tiny-cpu"):
+        meshlm.LanguageModel("no-such-config")
+    lm = meshlm.LanguageModel("tiny-cpu", **tiny)
+    run = tmp_path / "never"
+    for workers in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match=r"workers= must be a positive integer"):
+            lm.fit(steps=1, workers=workers, run_dir=run)
+    with pytest.raises(ValueError, match=r"world size 2 is not divisible by tp x pp = 4"):
+        lm.fit(steps=1, workers=2, parallel=meshlm.Layout(tp=4), run_dir=run)
+    with pytest.raises(ValueError, match=r"dp x tp x pp = 4 x 1 x 1 = 4 but the world size is 2"):
+        lm.fit(steps=1, workers=2, parallel=meshlm.Layout(dp=4), run_dir=run)
+    with pytest.raises(ValueError, match='parallel= must be "auto"'):
+        lm.fit(steps=1, workers=2, parallel="fast", run_dir=run)
+    with pytest.raises(ValueError, match="no trained weights yet"):
+        lm.predict(["def "])
+    with pytest.raises(ValueError, match="takes a list of prompts"):
+        lm.predict("def ")
+    assert not run.exists()
+
+
+def test_callbacks_and_history(tiny, tmp_path, monkeypatch):
+    seen = []
+
+    class Recorder(meshlm.Callback):
+        def on_eval_end(self, step, logs):
+            seen.append(("eval", step, logs["val_loss"]))
+
+        def on_train_end(self, history):
+            seen.append(("end", len(history.losses)))
+
+    monkeypatch.chdir(tmp_path)  # the default run directory is runs/<config>-<time>-<random> under the cwd
+    keep = {k: v for k, v in tiny.items() if k in ("vocab_size", "max_bytes", "cache_dir", "sample_tokens")}
+    lm = meshlm.LanguageModel("maxent-tiny", eval_every=1, eval_batches=2, **keep)
+    recorder = Recorder()
+    history = lm.fit(steps=2, callbacks=[recorder, lambda step, logs: seen.append(("step", step, logs["loss"]))])
+    assert [s[1] for s in seen if s[0] == "step"] == [1, 2]
+    assert [s[2] for s in seen if s[0] == "step"] == history.history["loss"]
+    assert [s[2] for s in seen if s[0] == "eval"] == history.history["val_loss"]
+    assert seen[-1] == ("end", 2)
+    assert Path(history.run_dir).parent.name == "runs" and history.run_dir.name.startswith("maxent-tiny-")
