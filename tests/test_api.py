@@ -97,19 +97,20 @@ def test_load_and_save_round_trip(fitted, tmp_path):
     assert again.predict(PROMPTS[:2], max_new_tokens=5) == lm.predict(PROMPTS[:2], max_new_tokens=5)
 
 
-def test_a_worker_error_is_raised_in_the_caller(fitted, tmp_path):
-    """A run whose weights file is damaged: the caller does not read it, the workers do."""
-    lm, _ = fitted["one"]
-    broken = lm.save(tmp_path / "broken")
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+def test_a_worker_error_is_raised_in_the_caller(fitted, tiny, tmp_path):
+    # A run that diverges raises FloatingPointError on every rank: a WorkerError here, with the
+    # rank, the worker's message and its traceback.
+    lm = meshlm.LanguageModel("tiny-cpu", **dict(tiny, lr=1e30, grad_clip=0.0, eval_every=0))
     with pytest.raises(meshlm.WorkerError) as caught:
-        meshlm.load(broken).predict(PROMPTS[:2], workers=2)
+        lm.fit(steps=3, workers=2, run_dir=tmp_path / "diverged", verbose=False)
     assert caught.value.rank in (0, 1)
-    assert "worker rank" in str(caught.value) and caught.value.message
-    # A user error in a worker stays a ConfigError (a ValueError), with the worker's message.
-    (broken / "tokenizer.json").unlink()
-    (broken / "model.safetensors").write_bytes((lm.run_dir / "model.safetensors").read_bytes())
-    with pytest.raises(ConfigError, match=r"worker rank \d: .*tokenizer.json"):
+    assert caught.value.message.startswith("FloatingPointError: training loss became")
+    assert "trainer.py" in caught.value.traceback and "worker rank" in str(caught.value)
+    # A user error in a worker (a damaged weights file, which the caller does not read) stays a
+    # ConfigError (a ValueError) with the worker's message.
+    broken = fitted["one"][0].save(tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match=r"worker rank \d: model weights .* are unreadable or corrupt"):
         meshlm.load(broken).predict(PROMPTS[:2], workers=2)
 
 
@@ -154,9 +155,17 @@ def test_callbacks_and_history(tiny, tmp_path, monkeypatch):
     keep = {k: v for k, v in tiny.items() if k in ("vocab_size", "max_bytes", "cache_dir", "sample_tokens")}
     lm = meshlm.LanguageModel("maxent-tiny", eval_every=1, eval_batches=2, **keep)
     recorder = Recorder()
-    history = lm.fit(steps=2, callbacks=[recorder, lambda step, logs: seen.append(("step", step, logs["loss"]))])
+    held_out = ["def g(a, b):\n    return a * b\n" * 10]
+    history = lm.fit(
+        steps=2,
+        callbacks=[recorder, lambda step, logs: seen.append(("step", step, logs["loss"]))],
+        validation_data=held_out,
+    )
     assert [s[1] for s in seen if s[0] == "step"] == [1, 2]
     assert [s[2] for s in seen if s[0] == "step"] == history.history["loss"]
-    assert [s[2] for s in seen if s[0] == "eval"] == history.history["val_loss"]
+    # Two evaluations of the held-out split (eval_every=1), then validation_data after the last step.
+    assert [s[2] for s in seen if s[0] == "eval"] == history.history["val_loss"][:2]
+    assert history.history["val_step"] == [1, 2, 2]
+    assert history.history["val_loss"][2] == lm.evaluate(held_out)["loss"]
     assert seen[-1] == ("end", 2)
     assert Path(history.run_dir).parent.name == "runs" and history.run_dir.name.startswith("maxent-tiny-")

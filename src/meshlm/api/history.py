@@ -117,6 +117,8 @@ class MetricsWatcher:
 
     def _poll(self) -> None:
         try:
+            if self.path.stat().st_size < self._offset:  # the file was started afresh
+                self._offset = 0
             with open(self.path, encoding="utf-8") as f:
                 f.seek(self._offset)
                 chunk = f.read()

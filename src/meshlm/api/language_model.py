@@ -135,14 +135,12 @@ class LanguageModel:
                 self._train_here(cfg, out, overwrite, log)
             else:
                 self._train_on_workers(cfg, out, overwrite, workers)
-        history = History(read_records(out / "metrics.jsonl"), out)
+        records = read_records(out / "metrics.jsonl")
         self.config, self.run_dir = cfg, out
         if validation_data is not None:
             scores = self.evaluate(validation_data)
-            history.records.append(
-                {"step": cfg.train.steps, "val_loss": scores["loss"], "val_ppl": scores["perplexity"]}
-            )
-            history.__init__(history.records, out)
+            records.append({"step": cfg.train.steps, "val_loss": scores["loss"], "val_ppl": scores["perplexity"]})
+        history = History(records, out)
         if watcher.error is not None:
             raise watcher.error
         for cb in watcher.callbacks:

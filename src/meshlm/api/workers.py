@@ -81,8 +81,10 @@ def _worker_exception(error) -> BaseException:
     rank, failure = failures[0]
     if not _recorded(failure):
         return WorkerError(rank, f"exited with code {failure.exitcode} ({failure.message}); its output above says why")
-    message = failure.message
+    # The error file holds {"message": {"message": "Type: text", "extraInfo": {"py_callstack": ...}}}
+    # (torchelastic's ErrorHandler), or {"message": "text"} from other writers.
     data = failure.error_file_data.get("message", {})
+    message = str(data.get("message", "") if isinstance(data, dict) else data)
     trace = data.get("extraInfo", {}).get("py_callstack", "") if isinstance(data, dict) else ""
     kind, _, text = message.partition(": ")
     if kind == "KeyboardInterrupt":
