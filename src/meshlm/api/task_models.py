@@ -50,6 +50,20 @@ class _TaskModel:
             setattr(self, name, value)
         return self
 
+    def __sklearn_tags__(self):
+        """What scikit-learn asks of an estimator (1.6+; imported only when scikit-learn asks):
+        texts or word lists in, labels or tag lists out, no numeric validation."""
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+
+        classifier = self.task == "classify"
+        return Tags(
+            estimator_type="classifier" if classifier else None,
+            target_tags=TargetTags(required=True),
+            classifier_tags=ClassifierTags() if classifier else None,
+            no_validation=True,
+            input_tags=InputTags(one_d_array=True, two_d_array=False, string=True),
+        )
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items() if v is not None)
         return f"{type(self).__name__}({args})"
