@@ -89,6 +89,20 @@ def test_predict_and_evaluate_on_two_workers_equal_one_process(fitted):
     assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5) and math.isclose(a["perplexity"], math.exp(a["loss"]))
 
 
+def test_gcnn_on_two_workers_equals_one_process(tiny, tmp_path):
+    """Another family through the same calls (the issue's example: a gated CNN by keyword)."""
+    shape = dict(d_model=32, n_layers=2, channels=32, kernel_size=3)
+    common = {k: v for k, v in tiny.items() if k not in ("n_heads", "n_kv_heads", "d_model", "n_layers")}
+    runs = {}
+    for workers in (1, 2):
+        lm = meshlm.LanguageModel("gcnn-tiny", **shape, **common)
+        runs[workers] = (lm, lm.fit(steps=STEPS, workers=workers, run_dir=tmp_path / f"w{workers}", verbose=False))
+    assert runs[1][0].config.model.family == "gcnn"
+    assert _close(runs[2][1].history["loss"], runs[1][1].history["loss"], 1e-5), runs[2][1].history["loss"]
+    sampled = dict(max_new_tokens=5, temperature=0.8, seed=1)
+    assert runs[1][0].predict(PROMPTS, workers=2, **sampled) == runs[1][0].predict(PROMPTS, **sampled)
+
+
 def test_load_and_save_round_trip(fitted, tmp_path):
     lm, _ = fitted["one"]
     saved = lm.save(tmp_path / "copy")

@@ -25,7 +25,7 @@ from meshlm.api.history import History, MetricsWatcher, read_records
 from meshlm.api.options import check_workers, overrides_from, parallel_overrides, toml_override
 from meshlm.api.workers import run_workers
 from meshlm.artifacts.run_dir import check_run_dir, load_run_config
-from meshlm.config import DEFAULT_CONFIG_NAME, ConfigError
+from meshlm.config import DEFAULT_CONFIG_NAME, ConfigError, load_config
 from meshlm.data.prepare import prepare_data
 from meshlm.distributed.dims import parallel_dims_from_config
 from meshlm.interop.init_from_hf import load_training_config
@@ -48,7 +48,8 @@ class LanguageModel:
 
     def __init__(self, config: str | Path | None = None, overrides: Mapping[str, Any] | None = None, **keywords: Any):
         self.config_name = str(config) if config else DEFAULT_CONFIG_NAME
-        self.overrides = overrides_from(overrides, keywords)
+        family = load_config(self.config_name, validated=False).model.family  # the file's: which keys [model] has
+        self.overrides = overrides_from(overrides, keywords, family)
         self.config = load_training_config(self.config_name, self.overrides)
         self.run_dir: Path | None = None
 

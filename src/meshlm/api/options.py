@@ -38,10 +38,13 @@ def _section_keys(family: str) -> dict[str, list[str]]:
     return keys
 
 
-def overrides_from(overrides: Mapping[str, Any] | list[str] | None, keywords: Mapping[str, Any]) -> list[str]:
+def overrides_from(
+    overrides: Mapping[str, Any] | list[str] | None, keywords: Mapping[str, Any], family: str = "transformer"
+) -> list[str]:
     """`--set` strings from a dict of dotted keys (or a list of `key=value` strings) and plain
-    keywords (`d_model=256`: the one section that has the key). model.family goes first, since
-    it decides which keys [model] has."""
+    keywords (`d_model=256`: the one section that has the key; [model] is that of the family the
+    overrides choose, else `family`, the config file's). model.family goes first, since it
+    decides which keys [model] has."""
     if overrides is None:
         overrides = {}
     if isinstance(overrides, (list, tuple)):
@@ -59,8 +62,8 @@ def overrides_from(overrides: Mapping[str, Any] | list[str] | None, keywords: Ma
             f"overrides must be a dict of dotted keys ({{'train.lr': 1e-3}}) or a list of 'key=value' strings, "
             f"got {type(overrides).__name__}."
         )
-    family = next((i.split("=", 1)[1].strip().strip('"') for i in items if i.startswith("model.family=")), None)
-    family = keywords.get("family", family) or "transformer"
+    chosen = next((i.split("=", 1)[1].strip().strip('"') for i in items if i.startswith("model.family=")), None)
+    family = keywords.get("family", chosen) or family
     items += [toml_override(resolve_keyword(name, str(family)), value) for name, value in keywords.items()]
     return sorted(items, key=lambda item: not item.startswith("model.family="))
 
