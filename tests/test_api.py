@@ -103,6 +103,36 @@ def test_gcnn_on_two_workers_equals_one_process(tiny, tmp_path):
     assert runs[1][0].predict(PROMPTS, workers=2, **sampled) == runs[1][0].predict(PROMPTS, **sampled)
 
 
+def test_from_hf_predicts_what_transformers_generates(fitted, tiny, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    hf = tmp_path / "hf"
+    hf_model.save_pretrained(hf, safe_serialization=True)
+    (hf / "tokenizer.json").write_bytes((fitted["one"][0].run_dir / "tokenizer.json").read_bytes())
+    lm = meshlm.LanguageModel.from_hf(hf, cache_dir=tiny["cache_dir"])
+    assert lm.config.model.d_model == 32 and lm.config.model.n_kv_heads == 1
+    ours = lm.predict(PROMPTS[:2], max_new_tokens=6, ignore_eos=True)
+    tokenizer = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    for prompt, text in zip(PROMPTS[:2], ours):
+        ids = torch.tensor([tokenizer.encode(prompt).ids])
+        out = hf_model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert tokenizer.decode(out[0, ids.shape[1] :].tolist()) == text
+
+
 def test_load_and_save_round_trip(fitted, tmp_path):
     lm, _ = fitted["one"]
     saved = lm.save(tmp_path / "copy")

@@ -187,6 +187,7 @@ class LanguageModel:
         stop: Sequence[str] = (),
         tp: int = 1,
         max_batch: int = 16,
+        ignore_eos: bool = False,
         progress: bool = False,
     ) -> list[str]:
         """Completions of `prompts`, in input order (`meshlm predict`; greedy by default).
@@ -208,7 +209,8 @@ class LanguageModel:
             argv += ["--max-new-tokens", max_new_tokens, "--temperature", temperature, "--top-k", top_k]
             argv += ["--top-p", top_p, "--repetition-penalty", repetition_penalty]
             argv += (["--seed", seed] if seed is not None else []) + [a for s in stop for a in ("--stop", s)]
-            run_command(argv + ([] if progress else ["--no-progress"]), workers, quiet=not progress)
+            argv += (["--ignore-eos"] if ignore_eos else []) + ([] if progress else ["--no-progress"])
+            run_command(argv, workers, quiet=not progress)
             records = read_jsonl(outp)
         errors = [r["error"] for r in records if "error" in r]
         if errors:
