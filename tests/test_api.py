@@ -5,6 +5,7 @@ re-raised in the caller with its rank and message."""
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,7 @@ def test_from_hf_predicts_what_transformers_generates(fitted, tiny, tmp_path):
     hf = tmp_path / "hf"
     hf_model.save_pretrained(hf, safe_serialization=True)
     (hf / "tokenizer.json").write_bytes((fitted["one"][0].run_dir / "tokenizer.json").read_bytes())
-    lm = meshlm.LanguageModel.from_hf(hf, cache_dir=tiny["cache_dir"])
+    lm = meshlm.LanguageModel.from_hf(hf, seq_len=32, cache_dir=tiny["cache_dir"])
     assert lm.config.model.d_model == 32 and lm.config.model.n_kv_heads == 1
     ours = lm.predict(PROMPTS[:2], max_new_tokens=6, ignore_eos=True)
     tokenizer = Tokenizer.from_file(str(hf / "tokenizer.json"))
@@ -145,8 +146,10 @@ def test_a_worker_error_is_raised_in_the_caller(fitted, tiny, tmp_path):
     # A run that diverges raises FloatingPointError on every rank: a WorkerError here, with the
     # rank, the worker's message and its traceback.
     lm = meshlm.LanguageModel("tiny-cpu", **dict(tiny, lr=1e30, grad_clip=0.0, eval_every=0))
+    handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(meshlm.WorkerError) as caught:
         lm.fit(steps=3, workers=2, run_dir=tmp_path / "diverged", verbose=False)
+    assert signal.getsignal(signal.SIGINT) is handler  # the launcher's handler is gone again
     assert caught.value.rank in (0, 1)
     assert caught.value.message.startswith("FloatingPointError: training loss became")
     assert "trainer.py" in caught.value.traceback and "worker rank" in str(caught.value)

@@ -44,7 +44,8 @@ def _caller_state_kept():
         if sig is not None:
             with contextlib.suppress(ValueError):  # not the main thread: torchelastic leaves them alone too
                 handlers[sig] = signal.getsignal(sig)
-    saved = {k: os.environ.get(k) for k in launcher_environment()}
+    # The launcher's defaults, and the variable torch.distributed.run's agent sets in its own process.
+    saved = {k: os.environ.get(k) for k in (*launcher_environment(), "TORCHELASTIC_SIGNALS_TO_HANDLE")}
     try:
         yield
     finally:
