@@ -11,7 +11,7 @@ import torch
 from test_planner import cpu_cache  # noqa: F401  (the fixture: a cpu-local measurement in a temporary cache)
 
 from meshlm.config import ConfigError, load_config
-from meshlm.model.registry import family_names, family_spec
+from meshlm.model.registry import BUILTIN, family_spec
 from meshlm.model.stats import count_params
 from meshlm.model.tp_rules import layout_problem
 from meshlm.plan.clusters import make_cluster
@@ -20,6 +20,10 @@ from meshlm.plan.hardware import GiB
 from meshlm.plan.layout import Workload, parse_layout
 from meshlm.plan.serve import ServeTargets, plan_serving, state_bytes_per_sequence
 from meshlm.plan.shapes import model_key
+
+# The families meshlm ships (tests may register more, e.g. tests/uneven_family.py).
+BUILT_IN_FAMILIES = sorted(BUILTIN)
+
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "meshlm" / "configs"
 
@@ -44,7 +48,7 @@ def _cli(argv: list[str], capsys) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family", family_names())
+@pytest.mark.parametrize("family", BUILT_IN_FAMILIES)
 def test_every_family_plans_only_layouts_it_runs(family, cpu_cache, capsys):  # noqa: F811
     name = family_config(family)
     argv = ["plan", "--config", name, "--devices-per-node", "2", "--global-batch", "4", "--seq-len", "32"]
@@ -67,7 +71,7 @@ def test_every_family_plans_only_layouts_it_runs(family, cpu_cache, capsys):  # 
         assert single[0]["memory_gb_per_device"] * GiB == pytest.approx(16 * count_params(m), rel=1e-6)
 
 
-@pytest.mark.parametrize("family", [f for f in family_names() if family_spec(f).capabilities.pipeline])
+@pytest.mark.parametrize("family", [f for f in BUILT_IN_FAMILIES if family_spec(f).capabilities.pipeline])
 def test_refused_layout_in_the_familys_words(family, cpu_cache, capsys):  # noqa: F811
     from meshlm.plan.api import plan
 
@@ -99,8 +103,8 @@ def test_parameters_per_rank_equal_meshlms_tensor_parallel_split():
     against a real two-rank split of every family that has tensor parallelism."""
     from meshlm.distributed.spawn import run_distributed
 
-    families = [f for f in family_names() if not family_spec(f).capabilities.tensor_parallel]
-    for family in family_names():
+    families = [f for f in BUILT_IN_FAMILIES if not family_spec(f).capabilities.tensor_parallel]
+    for family in BUILT_IN_FAMILIES:
         m = load_config(family_config(family), []).model
         numel, full, _, _ = rank_parameters(model_key(m), 1)
         assert sum(full) == sum(numel) == count_params(m)  # the spec's count: what the trainer logs
@@ -114,7 +118,7 @@ def test_parameters_per_rank_equal_meshlms_tensor_parallel_split():
 
 def test_block_model_is_used_only_where_it_applies():
     assert has_block_model(load_config("tiny-cpu", []).model)
-    for family in family_names():
+    for family in BUILT_IN_FAMILIES:
         m = load_config(family_config(family), []).model
         assert has_block_model(m) == (getattr(m, "arch", None) in ("llama", "gpt2"))
 
@@ -122,7 +126,7 @@ def test_block_model_is_used_only_where_it_applies():
 # ----------------------------------------------------------------------------- serving
 
 
-@pytest.mark.parametrize("family", family_names())
+@pytest.mark.parametrize("family", BUILT_IN_FAMILIES)
 def test_serve_plan_every_family(family, cpu_cache, capsys):  # noqa: F811
     name = family_config(family)
     m = load_config(name, []).model

@@ -174,11 +174,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
+        _record_for_launcher(e)
         print(f"meshlm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        _record_for_launcher(e)
         print("meshlm: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        _record_for_launcher(e)
+        raise
+
+
+def _record_for_launcher(error: BaseException) -> None:
+    """Under torch.distributed.run, write the error to the file the elastic agent reads (its
+    TORCHELASTIC_ERROR_FILE), so the launching process (`--nproc`, the Python API's workers=)
+    can name the failed rank and its message; a no-op otherwise. Called inside `except`."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(error)
 
 
 if __name__ == "__main__":

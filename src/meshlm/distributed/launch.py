@@ -30,20 +30,35 @@ def strip_launch_args(argv: list[str]) -> list[str]:
     return out
 
 
-def launch_local(nproc: int, worker_argv: list[str], max_restarts: int = 0) -> int:
-    """Run `python -m meshlm <worker_argv>` on `nproc` local processes; returns the exit code."""
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be at least 1, got {nproc}.")
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
+# Variables the launcher sets in this process when unset (see run_launcher).
+_LAUNCHER_DEFAULTS = {
     # One thread per worker unless the user says otherwise: N workers each spawning a
     # thread per core would oversubscribe the CPU many times over.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    "OMP_NUM_THREADS": "1",
     # torch 2.13's agent shares one TCPStore across restart rounds, but workers no longer prefix
     # their keys per attempt: restarted workers read the dead ones' gloo addresses and fail to
     # connect. Without sharing, every round gets a fresh store (so --max-restarts works).
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+}
+
+
+def launcher_environment() -> tuple[str, ...]:
+    """The variables run_launcher may set in the calling process (a caller that lives on, the
+    Python API, restores them)."""
+    return tuple(_LAUNCHER_DEFAULTS)
+
+
+def run_launcher(nproc: int, worker_argv: list[str], max_restarts: int = 0) -> None:
+    """Run `python -m meshlm <worker_argv>` on `nproc` local processes under torch.distributed.run's
+    elastic agent. Raises torchelastic's ChildFailedError when a worker fails (its `failures` hold
+    each rank's recorded exception) and SignalException when this process is signalled (the agent
+    has stopped the workers by then)."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}.")
+    from torch.distributed.run import parse_args, run
+
+    for key, value in _LAUNCHER_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     args = parse_args(
         [
             "--standalone",
@@ -60,8 +75,15 @@ def launch_local(nproc: int, worker_argv: list[str], max_restarts: int = 0) -> i
     # The worker's arguments are set after parsing: torch.distributed.run's parser would read
     # a worker option such as --run as an abbreviation of its own --run-path.
     args.training_script_args = list(worker_argv)
+    run(args)
+
+
+def launch_local(nproc: int, worker_argv: list[str], max_restarts: int = 0) -> int:
+    """Run `python -m meshlm <worker_argv>` on `nproc` local processes; returns the exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     try:
-        run(args)
+        run_launcher(nproc, worker_argv, max_restarts)
     except ChildFailedError as e:
         failures = "; ".join(f"rank {rank} exited with {f.exitcode}" for rank, f in e.failures.items())
         print(f"meshlm: error: a worker failed ({failures}); its output above says why.", file=sys.stderr)

@@ -62,6 +62,7 @@ def add_commands(sub) -> None:
     p.add_argument("--max-bytes", type=int, default=0, help="read at most this many bytes of the corpus (0 = all)")
     p.add_argument("--nproc", type=int, default=None, help="data-parallel processes")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--output", default=None, metavar="FILE.json", help="also write the result to FILE as JSON")
     p.set_defaults(func=cmd_eval)
 
 
@@ -367,6 +368,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tokens = buf.cpu()
     result = evaluate_tokens(loaded.model, tokens, seq_len, args.batch_size, layout.env.rank, layout.env.world_size)
     if layout.is_main:
+        if args.output:
+            Path(args.output).write_text(json.dumps(result.to_dict()) + "\n")
         if args.json:
             print(json.dumps(result.to_dict()))
         else:

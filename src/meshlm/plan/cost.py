@@ -241,35 +241,8 @@ def estimate(workload: Workload, layout: Layout, cluster: Cluster, sw: Software)
         rep = replicated_tp_params(m, layers, any(c.has_embedding for c in chunks), any(c.has_output for c in chunks))
         small += comm.all_reduce(cluster, tp_group, rep * sw.grad_comm_bytes)
 
-    step = pipeline + bubble + dp_exposed + optimizer + small
-    tokens = workload.tokens_per_step
-    model_flops = flops_per_token(m, s) * tokens
-    tflops = model_flops / step / layout.world_size
-    worst = max(mems, key=lambda x: x.total)
-    fits, reason = _fits(worst, cluster, layout)
-    p2p_total = micro * p2p * 2 if layout.pp > 1 else 0.0
-    breakdown = {
-        "compute": pipeline - tp_comm - p2p_total,
-        "tp_comm": tp_comm,
-        "pp_bubble": bubble,
-        "pp_p2p": p2p_total,
-        "dp_comm_exposed": dp_exposed,
-        "dp_comm_total": dp_total,
-        "optimizer": optimizer,
-        "small_collectives": small,
-    }
-    return Estimate(
-        layout,
-        step,
-        tokens / step,
-        tflops / 1e12,
-        tflops / dev.peak_flops,
-        worst,
-        fits,
-        reason,
-        breakdown,
-        memory_is_state=dev.kind == "cpu",
-    )
+    terms = StepTerms(pipeline, tp_comm, micro * p2p * 2 if layout.pp > 1 else 0.0, bubble, dp_exposed, dp_total)
+    return assemble_estimate(layout, workload, cluster, flops_per_token(m, s), mems, terms, optimizer, small)
 
 
 _PIPELINE_ACTION_OPS = 40  # Python work per forward/backward action in torch's schedules, in op overheads
@@ -309,4 +282,58 @@ def _fits(mem: Memory, cluster: Cluster, layout: Layout) -> tuple[bool, str]:
     return False, (
         f"needs {mem.total / GiB:.1f} GiB per device ({parts}) > {dev.memory_bytes / GiB:.1f} GiB; "
         f"try {', '.join(hints)}"
+    )
+
+
+@dataclass(frozen=True)
+class StepTerms:
+    """The communication and compute terms of a step that its breakdown reports."""
+
+    pipeline: float  # the slowest stage's micro-batches (compute + tp_comm + p2p)
+    tp_comm: float
+    p2p: float
+    bubble: float
+    dp_exposed: float
+    dp_total: float
+
+
+def assemble_estimate(
+    layout: Layout,
+    workload: Workload,
+    cluster: Cluster,
+    model_flops_per_token: float,
+    mems: list,
+    terms: StepTerms,
+    optimizer: float,
+    small: float,
+) -> Estimate:
+    """The step time, throughput, the worst rank's memory and the breakdown, from the terms
+    (shared by the transformer's detailed model and the family-spec model)."""
+    dev = cluster.device
+    step = terms.pipeline + terms.bubble + terms.dp_exposed + optimizer + small
+    tokens = workload.tokens_per_step
+    tflops = model_flops_per_token * tokens / step / layout.world_size
+    worst = max(mems, key=lambda x: x.total)
+    fits, reason = _fits(worst, cluster, layout)
+    breakdown = {
+        "compute": terms.pipeline - terms.tp_comm - terms.p2p,
+        "tp_comm": terms.tp_comm,
+        "pp_bubble": terms.bubble,
+        "pp_p2p": terms.p2p,
+        "dp_comm_exposed": terms.dp_exposed,
+        "dp_comm_total": terms.dp_total,
+        "optimizer": optimizer,
+        "small_collectives": small,
+    }
+    return Estimate(
+        layout,
+        step,
+        tokens / step,
+        tflops / 1e12,
+        tflops / dev.peak_flops,
+        worst,
+        fits,
+        reason,
+        breakdown,
+        memory_is_state=dev.kind == "cpu",
     )

@@ -34,7 +34,7 @@ from meshlm.model.stats import flops_per_token
 from meshlm.model.tp_rules import layout_problem
 from meshlm.parallel.stage_balance import balanced_layer_counts
 from meshlm.plan import comm
-from meshlm.plan.cost import Estimate, _fits
+from meshlm.plan.cost import Estimate, StepTerms, assemble_estimate
 from meshlm.plan.family_shapes import Inventory, inventory
 from meshlm.plan.hardware import Cluster
 from meshlm.plan.layout import Layout, Software, Workload
@@ -263,32 +263,6 @@ def estimate_family(workload: Workload, layout: Layout, cluster: Cluster, sw: So
     if layout.pp > 1:
         small += comm.all_reduce(cluster, pp_group, 4)
 
-    step = pipeline + bubble + dp_exposed + optimizer + small
-    tokens = workload.tokens_per_step
-    tflops = flops_per_token(m, s) * tokens / step / layout.world_size
-    worst = max(mems, key=lambda x: x.total)
-    fits, reason = _fits(worst, cluster, layout)
     tp_comm = micro * stage_tp[slowest]
-    p2p_total = micro * p2p * 2 if layout.pp > 1 else 0.0
-    breakdown = {
-        "compute": pipeline - tp_comm - p2p_total,
-        "tp_comm": tp_comm,
-        "pp_bubble": bubble,
-        "pp_p2p": p2p_total,
-        "dp_comm_exposed": dp_exposed,
-        "dp_comm_total": dp_total,
-        "optimizer": optimizer,
-        "small_collectives": small,
-    }
-    return Estimate(
-        layout,
-        step,
-        tokens / step,
-        tflops / 1e12,
-        tflops / dev.peak_flops,
-        worst,
-        fits,
-        reason,
-        breakdown,
-        memory_is_state=dev.kind == "cpu",
-    )
+    terms = StepTerms(pipeline, tp_comm, micro * p2p * 2 if layout.pp > 1 else 0.0, bubble, dp_exposed, dp_total)
+    return assemble_estimate(layout, workload, cluster, flops_per_token(m, s), mems, terms, optimizer, small)

@@ -142,6 +142,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if env.is_main:
         write_eval_files(args.run, scores, loaded.cfg.task.labels)
         short = headline(scores)
+        if args.output:
+            Path(args.output).write_text(json.dumps(short) + "\n")
         if args.json:
             print(json.dumps(short))
         else:

@@ -28,3 +28,6 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+toml_value = _toml_value  # one value as TOML (the Python API writes keyword arguments as --set overrides)
