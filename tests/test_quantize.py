@@ -215,3 +215,15 @@ def test_serve_quantize_int8_answers_as_generate_does(tmp_path, capsys):
     finally:
         server.kill()
     assert prompt + answer + "\n" == int8_text
+
+
+def test_python_api_passes_quantize_through(tmp_path):
+    from serve_fixtures import make_run
+
+    import meshlm.api as api
+
+    lm = api.load(make_run(tmp_path / "run", max_seq_len=128))
+    texts = ["def f(x):\n    return x + 1\n" * 20]
+    plain, int8 = lm.evaluate(texts, seq_len=64), lm.evaluate(texts, seq_len=64, quantize="int8")
+    assert int8["loss"] == pytest.approx(plain["loss"], rel=0.01) and int8["loss"] != plain["loss"]
+    assert len(lm.predict(["def f"], max_new_tokens=4, quantize="int8")) == 1

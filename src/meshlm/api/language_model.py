@@ -189,11 +189,12 @@ class LanguageModel:
         max_batch: int = 16,
         ignore_eos: bool = False,
         progress: bool = False,
+        quantize: str = "none",
     ) -> list[str]:
         """Completions of `prompts`, in input order (`meshlm predict`; greedy by default).
         workers=N splits the prompts over N / tp data-parallel groups of tp ranks; with a seed
         each prompt's sampling seed depends on its position only, so the output does not
-        depend on workers."""
+        depend on workers. quantize="int8": decode with int8 linear layers (docs/performance.md)."""
         if isinstance(prompts, str):
             raise ConfigError("predict() takes a list of prompts; for one prompt use generate(prompt).")
         workers = check_workers(workers)
@@ -210,6 +211,7 @@ class LanguageModel:
             argv += ["--top-p", top_p, "--repetition-penalty", repetition_penalty]
             argv += (["--seed", seed] if seed is not None else []) + [a for s in stop for a in ("--stop", s)]
             argv += (["--ignore-eos"] if ignore_eos else []) + ([] if progress else ["--no-progress"])
+            argv += ["--quantize", quantize]
             run_command(argv, workers, quiet=not progress)
             records = read_jsonl(outp)
         errors = [r["error"] for r in records if "error" in r]
@@ -222,16 +224,22 @@ class LanguageModel:
         return self.predict([prompt], **options)[0]
 
     def evaluate(
-        self, data: Sequence[str] | str | Path, workers: int = 1, seq_len: int | None = None, batch_size: int = 8
+        self,
+        data: Sequence[str] | str | Path,
+        workers: int = 1,
+        seq_len: int | None = None,
+        batch_size: int = 8,
+        quantize: str = "none",
     ) -> dict[str, float]:
         """Loss (nats per token) and perplexity on texts or a corpus path (`meshlm eval`):
-        {"loss", "perplexity", "tokens", "windows", "seq_len"}."""
+        {"loss", "perplexity", "tokens", "windows", "seq_len"}; quantize="int8" with int8 linear layers."""
         workers = check_workers(workers)
         run = self._require_run()
         with tempfile.TemporaryDirectory(prefix="meshlm-eval-") as tmp:
             source = str(data) if isinstance(data, (str, Path)) else str(texts_file(list(data), Path(tmp)))
             result = Path(tmp) / "result.json"
             argv = ["eval", "--run", run, "--data", source, "--batch-size", batch_size, "--output", result]
+            argv += ["--quantize", quantize]
             run_command(argv + (["--seq-len", seq_len] if seq_len else []), workers)
             return read_jsonl(result)[0]
 
