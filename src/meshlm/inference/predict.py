@@ -18,7 +18,9 @@ unknown field, a bad value, a prompt longer than the context); the others still 
 
 Resumable: records are appended as each chunk of prompts finishes, and a re-run skips the
 lines that OUT already answers (same line number and prompt); error lines are tried again.
-At the end OUT is rewritten in input order.
+At the end OUT is rewritten in input order. What changes an answer (the model, the generation
+settings) is recorded in OUT.settings.json, and a re-run with anything else is refused instead
+of mixing answers (predict_settings.py; --overwrite starts over).
 
 Layout: world = dp x tp processes; global rank 0 reads and writes the files and hands each
 chunk out round-robin to the dp groups; every rank of a group runs the same schedule.
@@ -40,6 +42,7 @@ import torch.distributed as dist
 
 from meshlm.inference.engine import Engine, Request
 from meshlm.inference.loading import InferenceLayout, broadcast_object
+from meshlm.inference.predict_settings import check_same_settings, write_settings
 from meshlm.inference.sampling import SamplingParams
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
@@ -81,13 +84,21 @@ def parse_line(
     if not isinstance(obj, dict):
         raise ValueError(f'line {number}: expected a JSON object with a "prompt", got {type(obj).__name__}')
     unknown = sorted(set(obj) - set(ACCEPTED_KEYS))
+    if "prompt" not in obj:
+        hint = (
+            f" ({', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not a field: a generation "
+            f'model continues a "prompt"; rename the field)'
+            if unknown
+            else ""
+        )
+        raise ValueError(f'line {number}: the "prompt" is missing{hint}; accepted fields: {", ".join(ACCEPTED_KEYS)}')
     if unknown:
         raise ValueError(
             f"line {number}: unknown field(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(ACCEPTED_KEYS)}"
         )
     prompt = obj.get("prompt")
     if not isinstance(prompt, str):
-        raise ValueError(f'line {number}: "prompt" must be a string' + ("" if "prompt" in obj else " (it is missing)"))
+        raise ValueError(f'line {number}: "prompt" must be a string, got {type(prompt).__name__}')
     fields = {k: obj[k] for k in SAMPLING_KEYS if k in obj}
     if isinstance(fields.get("stop"), str):
         fields["stop"] = [fields["stop"]]
@@ -123,11 +134,15 @@ def read_answered(output: Path) -> dict[int, dict]:
 
 
 def _write_all(path: Path, records: dict[int, dict]) -> None:
+    """OUT rewritten in line order, through a temporary file that never outlives a failure."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in sorted(records):
-            f.write(json.dumps(records[line], ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line in sorted(records):
+                f.write(json.dumps(records[line], ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run_predict(
@@ -139,8 +154,12 @@ def run_predict(
     base_seed: int | None = None,
     chunk_size: int | None = None,
     progress: bool = True,
+    settings: dict | None = None,
+    start_over: bool = False,
 ) -> PredictSummary | None:
-    """Every rank calls this; only global rank 0 passes the paths and gets the summary."""
+    """Every rank calls this; only global rank 0 passes the paths and gets the summary.
+    `settings` (what changes an answer: predict_settings.py) are recorded beside OUT; answers
+    made with others are refused unless `start_over`, which discards them."""
     main = layout.is_main
     chunk_size = chunk_size or 2 * engine.max_batch * layout.dp
     records: dict[int, dict] = {}
@@ -148,6 +167,13 @@ def run_predict(
     skipped = errors = 0
     if main:
         input_path, output_path = Path(input_path), Path(output_path)
+        if settings is not None:
+            if start_over:
+                output_path.unlink(missing_ok=True)
+            else:
+                check_same_settings(output_path, settings)
+            output_path.parent.mkdir(parents=True, exist_ok=True)
+            write_settings(output_path, settings)
         answered = read_answered(output_path)
         with open(input_path, encoding="utf-8") as f:
             for number, text in enumerate(f, start=1):
