@@ -202,9 +202,6 @@ def _os_error_message(error: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes (docs/reliability.md): 0 success; 2 a user error found before work; 1 a
     failure during work, with a message; 130 / 143 interrupted by SIGINT / SIGTERM."""
-    from meshlm.distributed.env import is_meshlm_worker, read_launch_env
-    from meshlm.distributed.process_group import exit_now_if_distributed
-
     args = build_parser().parse_args(argv)
     args.argv = argv
     # SIGTERM unwinds like Ctrl-C (finally blocks remove temporary files, close outputs).
@@ -217,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         code = _report(e, EXIT_FAILURE)
     except KeyboardInterrupt as e:  # Ctrl-C, or Terminated (SIGTERM)
+        from meshlm.distributed.env import is_meshlm_worker, read_launch_env
+
         code = EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
         # Under meshlm's launcher the launcher says it, once; under torchrun, rank 0 does.
         if not is_meshlm_worker() and read_launch_env().is_main:
@@ -228,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    exit_now_if_distributed(code)
+    if "torch.distributed" in sys.modules:  # (commands such as `config show` never load torch)
+        from meshlm.distributed.process_group import exit_now_if_distributed
+
+        exit_now_if_distributed(code)
     return code
 
 

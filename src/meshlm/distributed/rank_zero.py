@@ -9,7 +9,7 @@ from typing import Any
 import torch.distributed as dist
 
 from meshlm.config import ConfigError
-from meshlm.utils.errors import RunError
+from meshlm.utils.errors import REPORTED_BY_RANK0, RunError
 
 
 def broadcast_from_rank0(value: Any, distributed: bool) -> Any:
@@ -19,11 +19,6 @@ def broadcast_from_rank0(value: Any, distributed: bool) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-# Set on the copy of rank 0's error that the other ranks raise: rank 0 prints the message, the
-# others need not print it again (see meshlm.cli).
-REPORTED_BY_RANK0 = "reported_by_rank0"
 
 
 def reported_once(error: BaseException, rank: int) -> BaseException:

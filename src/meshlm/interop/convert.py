@@ -33,6 +33,7 @@ from meshlm.artifacts.weights_manifest import SUFFIX as MANIFEST_SUFFIX
 from meshlm.config import Config, ConfigError, ModelConfig, validate
 from meshlm.interop.adapters import adapter_for_hf, adapter_of
 from meshlm.interop.hf_files import read_hf_config, read_hf_tensors
+from meshlm.utils.paths import output_dir_problem
 
 # Files a Hugging Face model directory may hold; an export replaces all of them
 # so that no stale shard or tokenizer from an earlier model is picked up.
@@ -119,8 +120,9 @@ def import_hf(hf_dir: Path | str, out_run_dir: Path | str, overwrite: bool = Fal
 
 
 def _prepare_run_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a directory; choose another output directory.")
+    problem = output_dir_problem(out)
+    if problem:
+        raise ConfigError(f"cannot write the converted model: {problem}. Choose another output directory.")
     if (out / "config.toml").is_file() or (out / "model.safetensors").is_file():
         if not overwrite:
             raise ConfigError(
@@ -163,8 +165,9 @@ def write_hf_dir(
 ) -> Path:
     """Write a meshlm state dict as a Hugging Face model directory (float32 safetensors)."""
     out = Path(out_hf_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"export path {out} exists and is not a directory; choose another output directory.")
+    problem = output_dir_problem(out)
+    if problem:
+        raise ConfigError(f"cannot write the export: {problem}. Choose another output directory.")
     existing = [p.name for p in _hf_files_in(out)] if out.is_dir() else []
     if existing and not overwrite:
         raise ConfigError(

@@ -29,38 +29,40 @@ from meshlm.artifacts.weights_file import save_weights, weights_bytes
 from meshlm.config import Config
 from meshlm.model.stats import count_params
 from meshlm.train.checkpoint_manifest import list_checkpoints, step_dir
-from meshlm.utils.disk import MiB, check_free_space, disk_full_message, out_of_space
+from meshlm.utils.disk import check_free_space, disk_full_message, out_of_space
 from meshlm.utils.errors import DiskFullError, RunError
 
-# safetensors header, config.toml, tokenizer copies, DCP metadata: small next to the tensors.
-_SMALL_FILES = 1 * MiB
+# Besides the tensors: the safetensors header (~100 bytes per tensor); for a checkpoint, DCP's
+# metadata and per-tensor records, config.toml and a copy of tokenizer.json (added separately).
+_WEIGHTS_EXTRA = 64 * 1024
+_CHECKPOINT_EXTRA = 256 * 1024
 
 
 def final_weights_bytes(cfg: Config) -> int:
-    return 4 * count_params(cfg.model) + _SMALL_FILES
+    return 4 * count_params(cfg.model) + _WEIGHTS_EXTRA
 
 
 def checkpoint_bytes(cfg: Config, run: Path) -> int:
     """Bytes the next checkpoint of `run` will take: the newest published one's size, else an
-    estimate (each float32 parameter and its two AdamW moments)."""
+    estimate (each float32 parameter and its two AdamW moments, the tokenizer, metadata)."""
     published = list_checkpoints(run)
     if published:
         size = sum(p.stat().st_size for p in published[-1][1].rglob("*") if p.is_file())
         if size:
             return size
-    return 3 * 4 * count_params(cfg.model) + _SMALL_FILES
+    tokenizer = run / "tokenizer.json"
+    return (
+        3 * 4 * count_params(cfg.model) + _CHECKPOINT_EXTRA + (tokenizer.stat().st_size if tokenizer.is_file() else 0)
+    )
 
 
 def check_room_to_start(cfg: Config, out: Path) -> None:
     """DiskFullError before any step when the run directory cannot even hold the final weights
-    (plus one checkpoint, when checkpoints are on)."""
-    need = final_weights_bytes(cfg)
-    what = "the final weights"
-    if cfg.train.checkpoint_every:
-        need += checkpoint_bytes(cfg, out)
-        what += " and one checkpoint"
+    (each checkpoint is checked before its own save)."""
     check_free_space(
-        out, need, f"This run writes {what} there. Free some space or choose another --out before training."
+        out,
+        final_weights_bytes(cfg),
+        "This run writes its final weights there. Free some space or choose another --out before training.",
     )
 
 
@@ -118,7 +120,7 @@ def nonfinite_error(cfg: Config, run: Path, step: int, loss: float, grad_norm: f
 def save_final_weights(state: dict[str, torch.Tensor], cfg: Config, out: Path, steps: int) -> None:
     """model.safetensors, or a DiskFullError that says where the trained weights are kept."""
     path = out / "model.safetensors"
-    need = weights_bytes(state, cfg.model) + _SMALL_FILES
+    need = weights_bytes(state, cfg.model) + _WEIGHTS_EXTRA
     try:
         check_free_space(path, need)
         save_weights(state, cfg.model, path)

@@ -31,6 +31,10 @@ class Terminated(KeyboardInterrupt):
     """The process received SIGTERM (raised by the handler the command line installs)."""
 
 
+# Set on the copy of an error that ranks other than 0 raise when every rank raises it alike
+# (rank 0 prints the message; the command line does not print it again on the others).
+REPORTED_BY_RANK0 = "reported_by_rank0"
+
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
 EXIT_SIGINT = 130
