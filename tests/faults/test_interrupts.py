@@ -68,7 +68,7 @@ def test_nproc_below_one_is_refused(tiny_run, tmp_path, capsys):
 
 def test_train_interrupted_under_two_workers_then_resumes(fault_data, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(fault_data, "train.steps=300", "train.checkpoint_every=50", "parallel.dp=2")
+    overrides = tiny_overrides(fault_data, "train.steps=300", "train.checkpoint_every=50")  # dp = the world size
     run = Running(["train", *sets(overrides), "--out", run_dir, "--nproc", "2"])
 
     def past_first_checkpoint() -> bool:
@@ -145,17 +145,8 @@ def test_single_process_interrupt_is_one_line(tiny_run, tmp_path, sig):
 
 def test_a_missing_corpus_is_found_before_any_worker_starts(tmp_path):
     """Item 9: under --nproc the data source is checked by the launcher: one message, exit 2."""
-    proc = meshlm(
-        "train",
-        "--nproc",
-        "2",
-        "--set",
-        f'data.source="{tmp_path / "nowhere"}"',
-        "--set",
-        f'data.cache_dir="{tmp_path / "cache"}"',
-        "--out",
-        tmp_path / "run",
-    )
+    missing = tiny_overrides(tmp_path / "cache", f'data.source="{tmp_path / "nowhere"}"')
+    proc = meshlm("train", "--nproc", "2", *sets(missing), "--out", tmp_path / "run")
     assert_clean_error(proc, 2, f"data source '{tmp_path / 'nowhere'}' does not exist")
     assert "torch.distributed" not in proc.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
