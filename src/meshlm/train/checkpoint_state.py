@@ -74,6 +74,7 @@ from meshlm.config import ConfigError, ModelConfig
 from meshlm.model.registry import family_spec, meta_model
 from meshlm.parallel.tp_plan import shard_rules
 
+
 class UnsafeCheckpointEntry(ConfigError):
     """A non-tensor checkpoint entry whose pickle would import or call code."""
 
