@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from faults.conftest import TINY, assert_clean_error, meshlm, sets, tiny_overrides
+from faults.conftest import TINY, sets, tiny_overrides
 from meshlm.artifacts.run_dir import init_run_dir
 from meshlm.cli import main
 from meshlm.config import ConfigError, load_config
@@ -23,7 +23,7 @@ def test_non_finite_values_are_refused_before_work(override, tmp_path, capsys):
     assert not cache.exists() and not (tmp_path / "run").exists()
 
 
-def test_a_run_directory_without_a_completed_step_is_reused(fault_data, tmp_path):
+def test_a_run_directory_without_a_completed_step_is_reused(fault_data, tmp_path, capsys):
     """What a run that failed before its first step leaves (config.toml, an empty metrics.jsonl,
     tokenizer.json) does not need --overwrite; a run with a completed step still does."""
     run = tmp_path / "run"
@@ -33,9 +33,10 @@ def test_a_run_directory_without_a_completed_step_is_reused(fault_data, tmp_path
     (run / "tokenizer.json").write_text("{}")
 
     corrected = tiny_overrides(fault_data, "train.lr=0.01", "train.steps=2")
-    proc = meshlm("train", *sets(corrected), "--out", run)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["train", *sets(corrected), "--out", str(run)]) == 0
     assert "lr = 0.01" in (run / "config.toml").read_text()
 
     other = tiny_overrides(fault_data, "train.lr=0.02", "train.steps=2")
-    assert_clean_error(meshlm("train", *sets(other), "--out", run), 2, "already holds a different run", "--overwrite")
+    assert main(["train", *sets(other), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a different run" in err and "--overwrite" in err
