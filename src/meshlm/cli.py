@@ -204,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     failure during work, with a message; 130 / 143 interrupted by SIGINT / SIGTERM."""
     args = build_parser().parse_args(argv)
     args.argv = argv
-    # SIGTERM unwinds like Ctrl-C (finally blocks remove temporary files, close outputs).
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main_thread else None
+    # SIGTERM unwinds like Ctrl-C (finally blocks remove temporary files, close outputs), except
+    # for a command that handles it itself (set_defaults(handles_sigterm=True): a server drains).
+    own_handler = threading.current_thread() is threading.main_thread() and not getattr(args, "handles_sigterm", False)
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if own_handler else None
     try:
         return args.func(args)
     except ConfigError as e:
