@@ -11,12 +11,19 @@ from pathlib import Path
 
 from meshlm.config import ConfigError, load_config
 from meshlm.distributed.doctor import add_commands as add_doctor_commands
-from meshlm.distributed.rank_zero import REPORTED_BY_RANK0
 from meshlm.inference.commands import add_commands as add_inference_commands
 from meshlm.interop.commands import add_commands as add_interop_commands
 from meshlm.plan.commands import add_commands as add_plan_commands
 from meshlm.serve.commands import add_commands as add_serve_commands
-from meshlm.utils.errors import EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER_ERROR, RunError, Terminated
+from meshlm.utils.errors import (
+    EXIT_FAILURE,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_USER_ERROR,
+    REPORTED_BY_RANK0,
+    RunError,
+    Terminated,
+)
 
 # Subcommands that live next to their library code, each adding its parsers.
 COMMAND_MODULES = (
@@ -104,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from meshlm.distributed.dims import parallel_dims_from_config
     from meshlm.distributed.env import read_launch_env
-    from meshlm.distributed.peer_errors import explain_peer_failures
     from meshlm.distributed.launch import check_nproc
+    from meshlm.distributed.peer_errors import explain_peer_failures
     from meshlm.distributed.process_group import init_distributed, shutdown_distributed
     from meshlm.interop.init_from_hf import load_training_config
     from meshlm.plan.auto import resolve_auto_layout
