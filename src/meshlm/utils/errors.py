@@ -19,7 +19,7 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the user: what is wrong and how to fix it."""
 
 
-class RunError(RuntimeError):
+class RunError(Exception):
     """A failure during work, phrased for the user: what happened, what is kept, what to do."""
 
 
