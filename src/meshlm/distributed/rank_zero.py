@@ -46,8 +46,5 @@ def run_on_rank0(
     kind, payload = broadcast_from_rank0(outcome, distributed)
     if kind == "error":
         error_type, message = payload
-        error = error_type(message)
-        if dist.get_rank() != 0:
-            setattr(error, REPORTED_BY_RANK0, True)
-        raise error
+        raise reported_once(error_type(message), dist.get_rank())
     return payload
