@@ -25,4 +25,16 @@ FAMILY_CASES: dict[str, list[str]] = {
         "model.n_heads=4",
         "model.n_kv_heads=0",
     ],
+    # log-linear trigram: hashed tables split by vocabulary columns under tp (301 pads to 302)
+    "maxent": [
+        'model.family="maxent"',
+        "model.order=3",
+        "model.hash_rows=64",
+        "model.init_std=0.1",
+    ],
+    # hidden Markov LM trained by gradient (marginal likelihood), vocabulary-parallel emissions
+    "hmm": [
+        'model.family="hmm"',
+        "model.n_states=16",
+    ],
 }

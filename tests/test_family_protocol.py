@@ -22,7 +22,7 @@ def _family_dirs() -> dict[str, Path]:
 
 
 # Still being moved onto the family protocol (the engine's DecodeState): empty when issue 11 is done.
-PENDING = {Path("inference/kv_forward.py")}
+PENDING: set[Path] = set()
 
 
 def _outside(family_dir: Path):

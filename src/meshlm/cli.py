@@ -15,6 +15,7 @@ from meshlm.inference.commands import add_commands as add_inference_commands
 from meshlm.interop.commands import add_commands as add_interop_commands
 from meshlm.plan.commands import add_commands as add_plan_commands
 from meshlm.serve.commands import add_commands as add_serve_commands
+from meshlm.tasks.commands import add_commands as add_task_commands
 from meshlm.utils.errors import (
     EXIT_FAILURE,
     EXIT_SIGINT,
@@ -25,13 +26,15 @@ from meshlm.utils.errors import (
     Terminated,
 )
 
-# Subcommands that live next to their library code, each adding its parsers.
+# Subcommands that live next to their library code, each adding its parsers (the task side
+# after inference: it hands task runs' `eval` and `predict` to its own handlers).
 COMMAND_MODULES = (
     add_inference_commands,
     add_interop_commands,
     add_plan_commands,
     add_doctor_commands,
     add_serve_commands,
+    add_task_commands,
 )
 
 

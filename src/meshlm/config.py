@@ -112,6 +112,18 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 200
+    # How the parameters are fitted. "adamw" and "sgd" take gradient steps on sampled batches.
+    # "lbfgs" runs full-batch L-BFGS over the whole training split (one step = one L-BFGS
+    # iteration; for convex models such as maxent). "em" runs expectation-maximisation, for
+    # families that have it (hmm): one step = one full Baum-Welch pass over the training split.
+    # lbfgs and em cut the split into consecutive data.seq_len windows, micro_batch at a time.
+    optimizer: Literal["adamw", "sgd", "lbfgs", "em"] = "adamw"
+    # L-BFGS: correction pairs kept, and the L2 penalty lbfgs_l2 / 2 * |W|^2 on the weight
+    # matrices (dim >= 2) added to the mean loss.
+    lbfgs_history: int = 20
+    lbfgs_l2: float = 0.0
+    # EM: add-k smoothing of the expected counts in the M-step (0 = maximum likelihood).
+    em_smoothing: float = 0.0
     micro_batch: int = 8
     # Sequences per optimizer step over all data-parallel ranks;
     # 0 means micro_batch x data-parallel degree (no accumulation).
@@ -233,8 +245,10 @@ def load_config(name: str | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
-    cfg = Config()
+def config_from_dict(raw: dict[str, Any], source: str = "config", config_type: type[Config] | None = None) -> Config:
+    """A Config (or a subclass with more sections, `config_type`: a task run's [task]) from a
+    parsed TOML dict, every key checked."""
+    cfg = (config_type or Config)()
     for section, values in raw.items():
         sub = _section(cfg, section, source)
         if section == "parallel" and values == "auto":
@@ -446,10 +460,33 @@ def validate(cfg: Config) -> None:
         )
     if p.zero not in (0, 1, 2, 3):
         raise ConfigError(f"'parallel.zero' must be 0, 1, 2 or 3, got {p.zero}.")
+    _validate_optimizer(t, p)
     if isinstance(p.dp, int) and p.dp <= 0:
         raise ConfigError(f"'parallel.dp' must be a positive integer or \"auto\", got {p.dp}.")
     if isinstance(p.pp_split, list) and any(n <= 0 for n in p.pp_split):
         raise ConfigError(f"'parallel.pp_split' entries must be positive layer counts, got {p.pp_split}.")
+
+
+def _validate_optimizer(t: TrainConfig, p: ParallelConfig) -> None:
+    """The fitting methods that are not per-batch gradient steps run on data parallelism only."""
+    if t.lbfgs_history <= 0:
+        raise ConfigError(f"'train.lbfgs_history' must be a positive integer, got {t.lbfgs_history}.")
+    if t.lbfgs_l2 < 0 or t.em_smoothing < 0:
+        raise ConfigError(
+            f"'train.lbfgs_l2' ({t.lbfgs_l2}) and 'train.em_smoothing' ({t.em_smoothing}) must be zero or positive."
+        )
+    if t.optimizer == "sgd" and p.zero in (1, 2):
+        raise ConfigError(
+            f'parallel.zero={p.zero} shards AdamW\'s moments, which train.optimizer="sgd" does not have; '
+            f'use parallel.zero=0 or 3 with sgd, or train.optimizer="adamw".'
+        )
+    if t.optimizer in ("lbfgs", "em") and (p.zero != 0 or p.tp != 1 or p.pp != 1 or p.dp_replicate != 1):
+        what = "full-batch L-BFGS" if t.optimizer == "lbfgs" else "EM"
+        raise ConfigError(
+            f'train.optimizer="{t.optimizer}" ({what}) keeps the whole model on every rank and sums its statistics '
+            f"over data-parallel ranks only: it needs parallel.zero=0, tp=1, pp=1 and dp_replicate=1 (got zero={p.zero}, "
+            f'tp={p.tp}, pp={p.pp}, dp_replicate={p.dp_replicate}). Change the [parallel] keys or use train.optimizer="adamw".'
+        )
 
 
 def _check_positive(values: dict[str, int]) -> None:

@@ -11,10 +11,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import meshlm.train.step as step_module
+import meshlm.train.objective as objective_module
 
 FROM_STEP = int(sys.argv[1])
-_batch, _loss = step_module.train_batch, F.cross_entropy
+_batch, _loss = objective_module.train_batch, F.cross_entropy
 _current = {"step": -1}
 
 
@@ -28,7 +28,7 @@ def _poisoned(*args, **kwargs):
     return value * float("nan") if torch.is_grad_enabled() and _current["step"] >= FROM_STEP else value
 
 
-step_module.train_batch = _tracking_batch
+objective_module.train_batch = _tracking_batch
 F.cross_entropy = _poisoned
 
 from meshlm.cli import main  # noqa: E402

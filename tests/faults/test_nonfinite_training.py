@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import meshlm.train.step as step_module
+import meshlm.train.objective as objective_module
 from faults.conftest import assert_clean_error, command_env, sets, tiny_overrides
 from meshlm.artifacts.weights_file import load_weights
 from meshlm.config import load_config
@@ -47,7 +47,7 @@ def test_a_nan_step_stops_training_and_names_the_checkpoint(fault_data, tmp_path
 def _nan_at(monkeypatch, steps: set[int]) -> None:
     """Training steps (0-based) whose loss is NaN: cross-entropy under autograd at those steps."""
     current = {"step": -1}
-    batch, loss = step_module.train_batch, F.cross_entropy
+    batch, loss = objective_module.train_batch, F.cross_entropy
 
     def tracking_batch(data, seq_len, seed, step, ids):
         current["step"] = step
@@ -57,7 +57,7 @@ def _nan_at(monkeypatch, steps: set[int]) -> None:
         value = loss(*args, **kwargs)
         return value * float("nan") if torch.is_grad_enabled() and current["step"] in steps else value
 
-    monkeypatch.setattr(step_module, "train_batch", tracking_batch)
+    monkeypatch.setattr(objective_module, "train_batch", tracking_batch)
     monkeypatch.setattr(F, "cross_entropy", poisoned)
 
 

@@ -132,6 +132,20 @@ def eval_batches(dataset: TokenDataset, seq_len: int, batch_size: int, n_batches
     ]
 
 
+# ----------------------------------------------------------------------------- full passes
+
+
+def pass_windows(n_tokens: int, seq_len: int) -> int:
+    """How many windows a full pass over a split has: window i is tokens [i*seq_len, (i+1)*seq_len]
+    (inputs, targets shifted by one), consecutive and non-overlapping (full-batch L-BFGS, EM)."""
+    return max(0, (n_tokens - 1) // seq_len)
+
+
+def pass_batch(dataset: TokenDataset, seq_len: int, window_ids: Sequence[int]) -> Batch:
+    """Windows `window_ids` of the full pass over `dataset`, as (x, y) (B, T)."""
+    return _windows(dataset, seq_len, np.asarray(window_ids, dtype=np.int64) * seq_len)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 

@@ -151,6 +151,11 @@ def parallel_dims_from_config(cfg: Config, world_size: int) -> ParallelDims:
             f"(got zero={p.zero})."
         )
     check_layout_supported(m, tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel)
+    if cfg.train.optimizer == "em" and family_spec(m).em is None:
+        raise ConfigError(
+            f"train.optimizer=\"em\" needs a model family with an EM procedure; model.family '{m.family}' has none. "
+            f'Use train.optimizer="adamw", "sgd" or "lbfgs", or a family that has one (see docs/families).'
+        )
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs tp > 1 (it splits the sequence over the tp ranks).")
     if p.sequence_parallel and cfg.data.seq_len % p.tp:

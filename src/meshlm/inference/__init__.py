@@ -1,5 +1,5 @@
-"""Inference: the KV-cache generation engine, tensor- and data-parallel execution, batch
-prediction over files and distributed evaluation.
+"""Inference: the generation engine over each model family's decoding state, tensor- and
+data-parallel execution, batch prediction over files and distributed evaluation.
 
     from meshlm.inference.engine import Engine, Request
     from meshlm.inference.sampling import SamplingParams
@@ -11,8 +11,8 @@ prediction over files and distributed evaluation.
     [out] = engine.generate([Request(ids, SamplingParams(max_new_tokens=32, temperature=0))])
     print(out.text, out.finish_reason)
 
-Modules: engine (scheduling, sampling, streaming), kv_forward (the cached forward pass and
-CUDA graphs), linear_ops (fused/prepacked matrix multiplies), sampling, text_stream
+Modules: engine (scheduling, sampling, streaming), decoding (the family's decode state and
+the model copy it runs), linear_ops (prepacked matrix multiplies), sampling, text_stream
 (incremental detokenisation, stop strings), loading (model files, TP shards, process
 layout), predict, evaluate, commands (the CLI), simple_generate (the full-recompute
 reference).

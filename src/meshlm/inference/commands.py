@@ -30,9 +30,16 @@ def add_commands(sub) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (starts N local processes)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("predict", help="batch inference over a JSONL file of prompts (resumable)")
+    p = sub.add_parser(
+        "predict", help="batch inference over a JSONL file of prompts, or of texts for a task model (resumable)"
+    )
     _add_model_args(p)
-    p.add_argument("--input", required=True, metavar="IN.jsonl", help='one JSON object per line with a "prompt"')
+    p.add_argument(
+        "--input",
+        required=True,
+        metavar="IN.jsonl",
+        help='one JSON object per line with a "prompt" (a task model: "text", "tokens", "predicate")',
+    )
     p.add_argument("--output", required=True, metavar="OUT.jsonl", help="answers in input order; re-running resumes")
     p.add_argument(
         "--overwrite",
@@ -45,7 +52,9 @@ def add_commands(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a model on a corpus")
+    p = sub.add_parser(
+        "eval", help="loss and perplexity of a model on a corpus; a task model's accuracy / span F1 on labelled data"
+    )
     _add_model_args(p)
     p.add_argument(
         "--data",

@@ -1,21 +1,15 @@
-"""The generation engine: a preallocated KV cache, prefill then decode, continuous batching.
+"""The generation engine: the model family's decoding state, prefill then decode, continuous batching.
 
     engine = Engine(model, tokenizer, max_batch=16)
     for event in engine.stream([Request(ids, SamplingParams(temperature=0))]):
         print(event.text, end="")                    # tokens as they are produced
     completions = engine.generate(requests)          # or all at once, in request order
 
-Online use (a server): requests arrive and leave at any time.
+The state (`FamilySpec.decode_state`: the family's incremental state, e.g. a key/value cache or a recurrent (h, c))
+holds up to `max_batch` sequences in slots; the engine drives it through the DecodeState
+methods only (prefill, decode, release, move_slot, lengths), so every family generates here.
 
-    rid = engine.add(Request(ids, params))           # queued; returns the request's id
-    while engine.has_work:
-        for event in engine.step():                  # one prefill or decode step of the batch
-            ...                                      # event.index is the id from `add`
-    engine.abort(rid)                                # frees its slot before the next step
-
-`stream` and `generate` are loops over `add` and `step`.
-
-Schedule: up to `max_batch` sequences are active, each in one slot of the cache. Waiting
+Schedule: up to `max_batch` sequences are active, each in one slot of the state. Waiting
 requests are admitted whenever slots are free; their prompts are prefilled together (packed,
 no padding) and each gets its first token from the prefill. Otherwise all active sequences
 decode one token each, every one at its own position. A finished sequence frees its slot at
@@ -46,9 +40,10 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from meshlm.data.tokenizer import EOT_ID
-from meshlm.inference.kv_forward import KVCache, KVModel
+from meshlm.inference.decoding import Decoder
 from meshlm.inference.sampling import SamplingParams, sample_rows
 from meshlm.inference.text_stream import TextStream
+from meshlm.model.spec import DecodeState
 
 
 @dataclass
@@ -113,13 +108,14 @@ class Engine:
         pack_weights: bool | None = None,
         cuda_graphs: bool | None = None,
     ):
-        """max_batch: sequences decoded together (slots of the cache); max_len: the longest
+        """max_batch: sequences decoded together (slots of the decode state); max_len: the longest
         sequence, prompt included (default and upper bound: the model's max_seq_len);
         prefill_tokens: prompt tokens prefilled together (admission stops at this budget;
-        a longer prompt is prefilled alone); pack_weights: see linear_ops (default: CPU float32);
+        a longer prompt is prefilled alone); pack_weights: decode with the family's fused
+        decode_model and prepacked linears (inference/decoding; default: CPU float32);
         cuda_graphs: replay decode steps from CUDA graphs (default: on a GPU without TP)."""
         self.model = model.eval()
-        self.runner = KVModel(model, pack_weights, cuda_graphs)
+        self.decoder = Decoder(model, pack_weights, cuda_graphs)
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
@@ -130,7 +126,7 @@ class Engine:
             raise ValueError("a tensor-parallel model needs its tp_group")
         self.vocab_size = model.cfg.vocab_size
         self.device = next(model.parameters()).device
-        self.cache: KVCache | None = None
+        self.cache: DecodeState | None = None
         # Scheduler state (see `step`): requests waiting for a slot, in arrival order, and the
         # active sequences, sequence i in cache slot i.
         self._waiting: dict[int, Request] = {}
@@ -252,11 +248,11 @@ class Engine:
                 self._seen[first : first + len(new)] = False
                 for s, seq in zip(slots, new):
                     self._seen[s, torch.tensor(seq.prompt, device=self.device)] = True
-            logits = self.runner.prefill(cache, [seq.prompt for seq in new], slots)
+            logits = cache.prefill([seq.prompt for seq in new], slots)
             active.extend(new)
             rows = slice(first, first + len(new))
         elif active:
-            logits = self.runner.decode(cache, self._next_tokens[: len(active)])
+            logits = cache.decode(self._next_tokens[: len(active)])
             rows = slice(0, len(active))
         else:
             return events
@@ -282,7 +278,7 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
 
-    def _cache(self, batch: int, length: int) -> KVCache:
+    def _cache(self, batch: int, length: int) -> DecodeState:
         """Reuse the cache when it is large enough, else allocate one (length rounded up to 64).
         Only called while no sequence is active: a new cache holds no keys and values."""
         c = self.cache
@@ -292,7 +288,7 @@ class Engine:
             if c is not None:
                 batch, length = max(batch, c.max_batch), max(length, c.max_len)
             self.cache = None  # free the old one first
-            self.cache = KVCache(self.model, batch, length, device=self.device)
+            self.cache = self.decoder.new_state(batch, length)
             self._next_tokens = torch.zeros(batch, dtype=torch.long, device=self.device)
             self._seen = None
         return self.cache

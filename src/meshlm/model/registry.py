@@ -17,11 +17,15 @@ from __future__ import annotations
 import importlib
 
 from meshlm.config import ConfigError, ModelConfig, model_section, register_model_section
+from meshlm.model.hmm.config import HMMConfig
+from meshlm.model.maxent.config import MaxEntConfig
 from meshlm.model.transformer.config import TransformerConfig
 
 # family name -> (its config section, the module that defines its SPEC)
 BUILTIN: dict[str, tuple[type[ModelConfig], str]] = {
     "transformer": (TransformerConfig, "meshlm.model.transformer.spec"),
+    "maxent": (MaxEntConfig, "meshlm.model.maxent.spec"),
+    "hmm": (HMMConfig, "meshlm.model.hmm.spec"),
 }
 
 _SPEC_MODULES: dict[str, str] = {}
@@ -44,7 +48,13 @@ def family_names() -> list[str]:
 
 
 def family_spec(cfg_or_name):
-    """The FamilySpec of a [model] section (ModelConfig), a whole Config, or a family name."""
+    """The FamilySpec of a [model] section (ModelConfig), a whole Config, or a family name.
+    A [model] section with a `derived_spec()` method (a model derived from another family's,
+    such as a task model over a backbone: meshlm.tasks) answers with its own spec."""
+    if not isinstance(cfg_or_name, str):
+        derived = getattr(getattr(cfg_or_name, "model", cfg_or_name), "derived_spec", None)
+        if callable(derived):
+            return derived()
     name = cfg_or_name if isinstance(cfg_or_name, str) else getattr(cfg_or_name, "model", cfg_or_name).family
     if name not in _SPECS:
         model_section(name)  # the clear "unknown model.family" error

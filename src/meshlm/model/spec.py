@@ -20,17 +20,36 @@ The model module's contract (what the spec's names point at):
                                given the generator
     model.tie_weights()        re-tie shared weights (after `to_empty()` or loading; no-op if none)
     model.reset_buffers()      recompute derived, non-persistent buffers (rotary tables, ...)
+
+The names may be dotted paths into submodules ("backbone.layers"): a derived model (a task
+model over a backbone, meshlm.tasks) names its backbone's modules that way; `submodule` reads
+them. A family that can serve as a task backbone keeps two conventions: `first_stage[0]` is the
+token embedding ((B, T) ids -> (B, T, d)), and `last_stage[-1]` is the output layer mapping the
+hidden states (B, T, d) to vocabulary logits (an nn.Linear); the forward returns the hidden
+states when the output layer is None.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from meshlm.config import ModelConfig
 
-ShardStyle = Literal["column", "row", "vocab_embedding", "vocab_output", "sequence_sliced_embedding"]
+
+def submodule(model: Any, path: str) -> Any:
+    """The module at a spec name ("layers", "backbone.norm"), or None where any step is None
+    or missing (a pipeline stage without it, an optional module)."""
+    for part in path.split("."):
+        model = getattr(model, part, None)
+        if model is None:
+            return None
+    return model
+
+
+ShardStyle = Literal["column", "row", "vocab_embedding", "vocab_output", "sequence_sliced_embedding", "vocab_columns"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,13 @@ class TensorParallelPlan:
                                local logits, never gathered in training
       sequence_sliced_embedding  a replicated position embedding that, under sequence
                                parallelism, looks up only this rank's part of the sequence
+      vocab_columns            a module whose parameters all have the vocabulary as their last
+                               dimension (per-token score tables: a log-linear model's feature
+                               weights and bias, an HMM's emission logits): each is split along
+                               it (padded to a multiple of tp), the module's forward is unchanged
+                               and so yields this rank's vocabulary slice; reductions over the
+                               vocabulary go through its `vocab_ops` attribute (VocabOps below),
+                               which tensor parallelism replaces by the group's collectives
 
     `regions` are the module paths whose input passes through Megatron's f (identity forward,
     all-reduce backward; all-gather along the sequence under sequence parallelism): the
@@ -105,6 +131,45 @@ class StageCosts:
     last: float
 
 
+class VocabOps(Protocol):
+    """Reductions over the vocabulary (the last dimension) of a `vocab_columns` module's tensors.
+    On one device these are plain torch ops (meshlm.model.vocab_ops.LOCAL_VOCAB_OPS); under
+    tensor parallelism each rank holds a slice of the vocabulary and the same calls become
+    collectives (meshlm.parallel.vocab_parallel.TensorParallelVocabOps), so model code stays
+    free of process groups. Every op is differentiable."""
+
+    def logsumexp(self, x: Any) -> Any:
+        """log sum_v exp(x[..., v]) over the whole (unpadded) vocabulary: (..., V_local) -> (...)."""
+
+    def select(self, table: Any, tokens: Any) -> Any:
+        """table[:, tokens] moved last: table (R, V_local), tokens (...) global ids -> (..., R)."""
+
+    def enter(self, x: Any) -> Any:
+        """Megatron's f: the identity, whose backward sums the gradient over the ranks. For a
+        replicated tensor that feeds a computation on this rank's vocabulary slice."""
+
+
+@dataclass(frozen=True)
+class EMHooks:
+    """Closed-form training by expectation-maximisation (Baum-Welch for an HMM), driven by the
+    trainer's EM runner (meshlm.train.full_batch): the E-step's sufficient statistics are sums
+    over sequences, so data-parallel ranks each sum their shard and one all-reduce gives the
+    single-process totals; the M-step then runs identically on every rank.
+
+        counts = expected_counts(model, x)      x (B, T) token ids -> {name: float64 tensor};
+                                                must include "log_likelihood" (sum over x)
+        m_step(model, counts, smoothing)        set the parameters from the summed counts
+                                                (add-`smoothing` to every count)
+        log_prior(model, smoothing)             log of the prior that add-k smoothing is the MAP
+                                                estimate under (0 without smoothing): EM's
+                                                objective is log-likelihood + log prior
+    """
+
+    expected_counts: Callable[[Any, Any], dict[str, Any]]
+    m_step: Callable[[Any, dict[str, Any], float], None]
+    log_prior: Callable[[Any, float], float]
+
+
 class DecodeState(Protocol):
     """Incremental decoding state of up to `max_batch` sequences ("slots") of up to `max_len`
     tokens, driven by the inference engine's scheduler. The family builds it from its own
@@ -115,7 +180,16 @@ class DecodeState(Protocol):
     vocabulary slice (the engine gathers them).
 
     The engine keeps active sequences in slots 0..n-1; a finished sequence's slot is refilled
-    by moving the last active one into it (`move_slot`)."""
+    by moving the last active one into it (`move_slot`). A slot of length 0 holds no sequence:
+    whatever state it still has is never read (prefill into it starts afresh).
+
+    Optionally, for CUDA graphs (inference/cuda_graphs.py), a fixed-shape decode step:
+
+        decode_static(tokens, positions) -> (nb, V_local) logits
+            tokens, positions: (nb,) device tensors for the slots 0..nb-1. Shapes depend on nb
+            only, nothing synchronises with the host, and the state's tensors are never
+            reallocated; `lengths` is left to the caller. Rows past the active slots are
+            padding on free slots (length 0): their state may be overwritten."""
 
     max_batch: int
     max_len: int
@@ -132,7 +206,8 @@ class DecodeState(Protocol):
         """Forget a slot's sequence (its length becomes 0)."""
 
     def move_slot(self, src: int, dst: int) -> None:
-        """Copy sequence `src` into slot `dst` (compaction after `dst` finished)."""
+        """Move sequence `src` into slot `dst` (compaction after `dst` finished); `src` is
+        then free (length 0)."""
 
     def nbytes(self) -> int:
         """Memory held by the state (for metrics and planning)."""
@@ -182,9 +257,22 @@ class FamilySpec:
     describe: Callable[[Any], str]  # a short description for logs: "llama, 4 layers, d_model 128"
     # (model, max_batch, max_len) -> DecodeState: what the inference engine drives
     decode_state: Callable[..., DecodeState] | None = None
+    # model -> the module tree to decode with, where the engine copies weights for speed anyway
+    # (CPU float32, see inference/linear_ops): a `shared_copy` of the model with decode-only
+    # rewrites such as fused projections. None: decode the model's own modules.
+    decode_model: Callable[[Any], Any] | None = None
     hf: HFAdapter | None = None  # optional Hugging Face import/export (meshlm.interop drives it)
     # (cfg, batch) -> {name: seconds}: micro-benchmarks the planner calibrates its CPU model with
     calibrate: Callable[..., dict] | None = None
+    em: EMHooks | None = None  # training by EM (`train.optimizer = "em"`), for families that have it
 
     def n_blocks(self, cfg) -> int:
         return len(self.stage_costs(cfg).blocks)
+
+
+def shared_copy(module):
+    """A copy of an nn.Module tree that shares every parameter, buffer and hook with `module`:
+    submodules can be swapped or added in the copy without touching the original."""
+    new = copy.copy(module)  # a new __dict__; the parameter and buffer dicts stay shared
+    new._modules = {name: None if m is None else shared_copy(m) for name, m in module._modules.items()}
+    return new

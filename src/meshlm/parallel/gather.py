@@ -57,6 +57,6 @@ def _gather_tp(local: dict[str, torch.Tensor], pm: ParallelModel, cfg: ModelConf
         dist.all_gather(pieces, value.contiguous(), group=pm.tp_group)
         full = torch.cat(pieces, dim=dim)
         if rules.is_vocab(name):
-            full = full[: cfg.vocab_size]  # cut the padding to a multiple of tp
+            full = full.narrow(dim, 0, cfg.vocab_size).clone()  # cut the padding to a multiple of tp
         out[name] = full
     return out

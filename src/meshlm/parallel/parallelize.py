@@ -20,6 +20,7 @@ from meshlm.config import Config, ModelConfig
 from meshlm.distributed.dims import ParallelDims, ParallelMesh, pipeline_microbatches, stages_per_rank
 from meshlm.model.loss import lm_loss
 from meshlm.model.registry import family_spec
+from meshlm.model.spec import submodule
 from meshlm.parallel.activation_checkpoint import apply_activation_checkpointing
 from meshlm.parallel.data_parallel import apply_data_parallel, unwrap
 from meshlm.parallel.tp_plan import ShardRules, shard_rules
@@ -39,6 +40,10 @@ class ParallelModel:
     tied_sync: object | None = None
     model_cfg: ModelConfig | None = None
     mesh: ParallelMesh | None = None  # None on a single process
+    # What the model is trained to do (meshlm.train.objective): its `loss(pm, output, target)`
+    # replaces the language-modelling cross-entropy below, in the step and in the pipeline's
+    # last stage. None: language modelling.
+    objective: object | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -72,8 +77,14 @@ class ParallelModel:
         return out
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy of this rank's logits: vocabulary-parallel under tp (the full logits
-        are never gathered), plain otherwise."""
+        """The objective's loss of this micro-batch when one is set; else the cross-entropy of this
+        rank's logits: vocabulary-parallel under tp (the full logits are never gathered), plain
+        otherwise."""
+        if self.objective is not None:
+            return self.objective.loss(self, logits, targets)
+        return self.lm_loss(logits, targets, reduction)
+
+    def lm_loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         if self.dims.tp > 1:
             from meshlm.parallel.vocab_parallel import vocab_parallel_cross_entropy
 
@@ -133,15 +144,15 @@ def parallelize(
     # 3. Activation checkpointing, 4. compile.
     for part in parts:
         if cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(getattr(part, spec.blocks))
+            apply_activation_checkpointing(submodule(part, spec.blocks))
         if cfg.train.compile:
             # Per block, as torchtitan does: small graphs compile fast and are reused across layers.
-            blocks = getattr(part, spec.blocks)
+            blocks = submodule(part, spec.blocks)
             for name, block in list(blocks.named_children()):
                 blocks[name] = torch.compile(block)
 
     # 5. Data parallel / sharding.
-    parts = [apply_data_parallel(part, getattr(part, spec.blocks), dims, mesh, device) for part in parts]
+    parts = [apply_data_parallel(part, submodule(part, spec.blocks), dims, mesh, device) for part in parts]
 
     pm = ParallelModel(
         dims,

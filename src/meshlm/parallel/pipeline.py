@@ -236,8 +236,12 @@ def pipeline_forward_eval(
     pp_group,
     x: torch.Tensor | None,
     y: torch.Tensor | None,
-) -> float:
+    reduce_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> float | torch.Tensor:
     """The mean loss over the batch, forward only, the same on every rank of the pp group.
+    With `reduce_fn(output, target) -> 1-D tensor` (statistics that add up over micro-batches,
+    e.g. a loss sum and a count, or confusion counts), the sum of its values over the
+    micro-batches instead, as a tensor of that shape on every rank.
 
     A forward-only GPipe pass written here rather than torch's schedule.eval(): in torch 2.13
     eval() fails on V schedules (zbv: the backward-input action asks a stage without backward
@@ -256,7 +260,7 @@ def pipeline_forward_eval(
     device = torch.device(stages[stage_ids[0]].device)
     x_mbs = torch.tensor_split(x, n) if 0 in stages else None
     y_mbs = torch.tensor_split(y, n) if n_stages - 1 in stages else None
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    total = None if reduce_fn is not None else torch.zeros((), dtype=torch.float32, device=device)
     sends: list = []
     carried: list[torch.Tensor] = []  # outputs of the previous stage when it is on this rank
     with torch.no_grad():
@@ -271,7 +275,11 @@ def pipeline_forward_eval(
                     h = _recv_activation(owner[s - 1], pp_group, device)
                 out = stages[s].submod(h)
                 if s == n_stages - 1:
-                    total += loss_fn(out, y_mbs[mb]).float()
+                    if reduce_fn is not None:
+                        value = reduce_fn(out, y_mbs[mb]).to(torch.float64)
+                        total = value if total is None else total + value
+                    else:
+                        total += loss_fn(out, y_mbs[mb]).float()
                 elif owner[s + 1] == me:
                     outputs.append(out)
                 else:
@@ -279,6 +287,15 @@ def pipeline_forward_eval(
             carried = outputs
     for work, *_ in sends:
         work.wait()
+    if reduce_fn is not None:
+        # Only the last stage's rank knows the statistics' shape: it tells the others first.
+        size = torch.tensor([total.numel() if total is not None else 0], dtype=torch.int64, device=device)
+        dist.all_reduce(size, op=dist.ReduceOp.MAX, group=pp_group)
+        if total is None:
+            total = torch.zeros(int(size.item()), dtype=torch.float64, device=device)
+        flat = total.reshape(-1).contiguous()
+        dist.all_reduce(flat, group=pp_group)
+        return flat.view_as(total)
     dist.all_reduce(total, group=pp_group)
     return total.item()
 

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from meshlm.config import MULTI_STAGE_SCHEDULES, PIPELINE_SCHEDULES, Config, ConfigError
 from meshlm.model.registry import family_spec
+from meshlm.model.spec import submodule
 from meshlm.parallel.stage_balance import balanced_layer_counts
 from meshlm.parallel.wrappers import clean_name, local_tensor
 
@@ -115,20 +116,20 @@ def build_stage_module(model: nn.Module, stage_id: int, n_stages: int, layer_cou
     if len(layer_counts) != n_stages or not 0 <= stage_id < n_stages:
         raise ValueError(f"stage {stage_id} of {n_stages} with layer counts {layer_counts}")
     spec = family_spec(model.cfg)
-    blocks = getattr(model, spec.blocks)
+    blocks = submodule(model, spec.blocks)
     if sum(layer_counts) != len(blocks):
         raise ValueError(f"layer counts {layer_counts} do not sum to the model's {len(blocks)} blocks")
     keep = {str(i) for i in stage_layer_range(stage_id, layer_counts)}
     dropped = [block for name, block in blocks.items() if name not in keep]
     if stage_id != 0:
-        dropped += [m for m in (getattr(model, name) for name in spec.first_stage) if m is not None]
+        dropped += [m for m in (submodule(model, name) for name in spec.first_stage) if m is not None]
     if stage_id != n_stages - 1:
-        dropped += [m for m in (getattr(model, name) for name in spec.last_stage) if m is not None]
+        dropped += [m for m in (submodule(model, name) for name in spec.last_stage) if m is not None]
     # deepcopy returns what the memo holds for an object it has seen: the dropped modules become
     # None without being copied. A parameter shared with a dropped module (the tied output weight
     # on the last stage) is itself not in the memo, so it is copied: the stage owns its copy.
     stage = copy.deepcopy(model, memo={id(m): None for m in dropped})
-    stage_blocks = getattr(stage, spec.blocks)
+    stage_blocks = submodule(stage, spec.blocks)
     for name in [name for name, block in stage_blocks.items() if block is None]:
         del stage_blocks[name]
     return stage

@@ -76,6 +76,7 @@ from meshlm.model.tp_rules import check_layout_supported
 from meshlm.parallel.tp_collectives import Collective, enter_tp_region, exit_tp_region, split_seq, tp_communication
 from meshlm.parallel.tp_plan import ShardRules, shard_rules
 from meshlm.parallel.vocab_parallel import (
+    TensorParallelVocabOps,
     VocabParallelEmbedding,
     pad_vocab_rows,
     padded_vocab_size,
@@ -204,7 +205,7 @@ def _shard(t: torch.Tensor, fqn: str, tp_rank: int, tp: int, rules: ShardRules, 
     if dim is None:
         return t
     if rules.is_vocab(fqn):
-        t = pad_vocab_rows(t, vocab_size, tp)
+        t = pad_vocab_rows(t, vocab_size, tp, dim)
     if t.shape[dim] % tp:
         raise ConfigError(f"'{fqn}' has {t.shape[dim]} entries along dim {dim}, not divisible by tp ({tp}).")
     size = t.shape[dim] // tp
@@ -266,6 +267,10 @@ def apply_tensor_parallel(model: nn.Module, tp_group: ProcessGroup, sequence_par
             new = ColumnParallelLinear(weight, shard(module.bias, f"{path}.bias"))
         elif style == "sequence_sliced_embedding" and sequence_parallel:
             new = SequenceParallelPositionEmbedding(module.weight, tp_group)
+        elif style == "vocab_columns":  # the module stays; its tables become this rank's columns
+            for name, p in list(module.named_parameters(recurse=False)):
+                setattr(module, name, shard(p, f"{path}.{name}" if path else name))
+            module.vocab_ops = TensorParallelVocabOps(tp_group, rank * (V_pad // tp), V)
         if new is not None:
             parent, _, attr = path.rpartition(".")
             setattr(modules[parent] if parent else model, attr, new)
@@ -336,7 +341,7 @@ def gather_tp_tensor(fqn: str, local: torch.Tensor, tp_group: ProcessGroup, cfg:
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(tp_group))]
     dist.all_gather(parts, local.contiguous(), group=tp_group)
     full = torch.cat(parts, dim=dim)
-    return full[: cfg.vocab_size].clone() if rules.is_vocab(fqn) else full
+    return full.narrow(dim, 0, cfg.vocab_size).clone() if rules.is_vocab(fqn) else full
 
 
 def _alias_key(key: str, t: torch.Tensor, rules: ShardRules) -> tuple:

@@ -36,19 +36,23 @@ class ShardRules:
     def shard_dim(self, fqn: str) -> int | None:
         """The dimension along which a parameter of the single-device model is split under TP:
         0 for column-parallel weights and biases and the vocabulary rows, 1 for row-parallel
-        weights, None for replicated ones (norms, row-parallel biases, position embeddings)."""
+        weights, -1 (the last) for `vocab_columns` tables, None for replicated ones (norms,
+        row-parallel biases, position embeddings)."""
         module, _, param = clean_name(fqn).rpartition(".")
         style = self.style(module)
         if style in ("column", "vocab_embedding", "vocab_output"):
             return 0
+        if style == "vocab_columns":
+            return -1
         if style == "row" and param == "weight":
             return 1
         return None
 
     def is_vocab(self, fqn: str) -> bool:
-        """A parameter whose rows are the vocabulary (padded to a multiple of tp when split)."""
+        """A parameter whose rows (or, for `vocab_columns`, last dimension) are the vocabulary,
+        padded to a multiple of tp when split along its shard dimension."""
         module, _, _ = clean_name(fqn).rpartition(".")
-        return self.style(module) in ("vocab_embedding", "vocab_output")
+        return self.style(module) in ("vocab_embedding", "vocab_output", "vocab_columns")
 
 
 def shard_rules(cfg: ModelConfig) -> ShardRules:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from meshlm.parallel.tp_collectives import exit_tp_region
+from meshlm.parallel.tp_collectives import enter_tp_region, exit_tp_region
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -30,12 +30,14 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // tp) * tp
 
 
-def pad_vocab_rows(weight: torch.Tensor, vocab_size: int, tp: int) -> torch.Tensor:
-    """(V, d) -> (V_pad, d) with zero rows appended."""
-    extra = padded_vocab_size(vocab_size, tp) - weight.shape[0]
+def pad_vocab_rows(weight: torch.Tensor, vocab_size: int, tp: int, dim: int = 0) -> torch.Tensor:
+    """(V, d) -> (V_pad, d) with zero rows appended (along `dim`: -1 for (R, V) tables)."""
+    extra = padded_vocab_size(vocab_size, tp) - weight.shape[dim]
     if extra == 0:
         return weight
-    return torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])], dim=0)
+    shape = list(weight.shape)
+    shape[dim] = extra
+    return torch.cat([weight, weight.new_zeros(shape)], dim=dim)
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -157,3 +159,59 @@ def gather_vocab_logits(local_logits: torch.Tensor, tp_group: ProcessGroup, voca
     parts = [torch.empty_like(local_logits) for _ in range(tp)]
     dist.all_gather(parts, local_logits.contiguous(), group=tp_group)
     return torch.cat(parts, dim=-1)[..., :vocab_size]
+
+
+class _LogSumExpOverRanks(torch.autograd.Function):
+    """log sum_r exp(x_r) of each rank's partial log-sum-exp: forward one all-gather of N
+    float32 per rank (then the same reduction, in rank order, on every rank: identical bits);
+    backward none: d/dx_r = exp(x_r - result), and every rank holds the full upstream gradient
+    (what follows is replicated)."""
+
+    @staticmethod
+    def forward(ctx, local, group):
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        total = torch.logsumexp(torch.stack(parts), dim=0)
+        ctx.save_for_backward(local, total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        local, total = ctx.saved_tensors
+        return grad * (local - total).exp(), None
+
+
+class TensorParallelVocabOps:
+    """The VocabOps of a `vocab_columns` module (meshlm.model.spec) on tensor-parallel rank r,
+    which holds vocabulary columns [vocab_start, vocab_start + V_pad/tp): the reductions over
+    the vocabulary as collectives over the tp group. Padded columns (ids >= vocab_size) are
+    left out of every reduction."""
+
+    def __init__(self, group: ProcessGroup, vocab_start: int, vocab_size: int):
+        self.group, self.vocab_start, self.vocab_size = group, vocab_start, vocab_size
+
+    def _n_real(self, n_local: int) -> int:
+        return max(0, min(n_local, self.vocab_size - self.vocab_start))
+
+    def logsumexp(self, x: torch.Tensor) -> torch.Tensor:
+        n_real = self._n_real(x.shape[-1])
+        if n_real > 0:
+            local = torch.logsumexp(x[..., :n_real], dim=-1)
+        else:  # the whole shard is padding (tiny vocabularies only)
+            local = x.new_full(x.shape[:-1], float("-inf"))
+        return _LogSumExpOverRanks.apply(local, self.group)
+
+    def select(self, table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Each rank looks up the ids it owns (zeros elsewhere); g sums them: forward one
+        all-reduce of tokens.numel() x R elements, backward none."""
+        n_real = self._n_real(table.shape[-1])
+        outside = (tokens < self.vocab_start) | (tokens >= self.vocab_start + n_real)
+        local_ids = (tokens - self.vocab_start).masked_fill(outside, 0)
+        picked = F.embedding(local_ids, table.t()).masked_fill(outside.unsqueeze(-1), 0.0)  # (..., R)
+        return exit_tp_region(picked, self.group, False)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return enter_tp_region(x, self.group, False)
+
+    def __repr__(self) -> str:
+        return f"TensorParallelVocabOps(vocab_start={self.vocab_start}, vocab_size={self.vocab_size})"

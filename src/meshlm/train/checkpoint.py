@@ -378,6 +378,8 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {point.path}: {refused}") from None
             raise
         set_optimizer_steps(self.runner, int(manifest["optimizer_steps"]))
+        if hasattr(self.runner, "load_extra_state"):  # L-BFGS's history (meshlm.train.full_batch)
+            self.runner.load_extra_state({k: planner.loaded[k] for k in self.runner.extra_state()})
         if same_world:
             set_rng_state(planner.loaded[rng_key], self.env.device)
         layout = manifest.get("layout", {}).get("describe", "?")

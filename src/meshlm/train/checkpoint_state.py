@@ -251,6 +251,8 @@ def ensure_adamw_state(optimizer: torch.optim.Optimizer) -> None:
 def optimizer_steps(runner) -> int:
     if runner.zero is not None:
         return int(runner.zero.step_count)
+    if runner.optimizer is None:
+        return 0
     steps = {float(s["step"]) for s in runner.optimizer.state.values() if "step" in s}
     return int(max(steps)) if steps else 0
 
@@ -259,8 +261,9 @@ def set_optimizer_steps(runner, steps: int) -> None:
     if runner.zero is not None:
         runner.zero.step_count = steps
         return
-    for state in runner.optimizer.state.values():
-        state["step"].fill_(float(steps))
+    for state in runner.optimizer.state.values() if runner.optimizer is not None else ():
+        if "step" in state:
+            state["step"].fill_(float(steps))
 
 
 def training_state(pm, runner, ctx: ShardContext, for_load: bool) -> dict[str, Sharded]:
@@ -270,14 +273,17 @@ def training_state(pm, runner, ctx: ShardContext, for_load: bool) -> dict[str, S
     params = pm.named_parameters()
     names = {id(p): name for name, p in params}
     out: dict[str, Sharded] = {}
-    if runner.zero is None:
+    # AdamW's moments are per parameter; plain SGD has no state; L-BFGS and EM keep theirs in the
+    # runner (extra_state: replicated objects, stored pickled).
+    adamw = runner.zero is None and isinstance(runner.optimizer, torch.optim.AdamW)
+    if adamw:
         ensure_adamw_state(runner.optimizer)
     for name, p in params:
         key = checkpoint_key(name, ctx.model)
         if key != name and not for_load:
             continue
         out[f"model/{name}"] = dataclasses.replace(sharded_like_param(name, p, ctx), source=f"model/{key}")
-        if runner.zero is None:
+        if adamw:
             state = runner.optimizer.state[p]
             for moment in MOMENTS:
                 out[f"optim/{name}/{moment}"] = dataclasses.replace(
@@ -285,6 +291,8 @@ def training_state(pm, runner, ctx: ShardContext, for_load: bool) -> dict[str, S
                 )
     if runner.zero is not None:
         out.update(zero_moment_entries(runner.zero, names, ctx, for_load))
+    extra = runner.extra_state() if hasattr(runner, "extra_state") else {}
+    out.update({key: None if for_load else value for key, value in extra.items()})
     return out
 
 

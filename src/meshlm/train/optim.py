@@ -25,8 +25,12 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
     ]
 
 
-def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or plain SGD (`train.optimizer = "sgd"`: no momentum, weight_decay as an L2 term on
+    the matrices). L-BFGS and EM have their own step runners (meshlm.train.full_batch)."""
     groups = param_groups(named_params, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
     # The fused kernel is the fastest on CUDA; foreach (multi-tensor) elsewhere.
     on_cuda = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
     kind = {"fused": True} if on_cuda else {"foreach": True}

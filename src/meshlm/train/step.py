@@ -1,8 +1,11 @@
-"""One optimizer step and one evaluation, for any layout.
+"""One optimizer step and one evaluation, for any layout and any objective (train/objective.py:
+language modelling by default; a task model's classification or tagging loss).
 
 loss      = sum over the global batch's tokens / their count
           = mean over dp ranks of (mean over this rank's micro-batches of the micro-batch mean)
-            (every window has the same length, so plain means are token-weighted means)
+            (every LM window has the same length, so plain means are token-weighted means; an
+            objective with uneven units per micro-batch rescales its micro-batch sums so that
+            the same averaging yields the exact global mean)
 gradient  = d loss / d params: micro-batch losses are divided by the accumulation count
             (or scaled by the pipeline schedule) and DDP / FSDP / ZeRO average over dp
 grad norm = global over every shard, stage and replica (parallel/grad_norm.py)
@@ -17,11 +20,12 @@ import torch
 import torch.distributed as dist
 
 from meshlm.config import Config
-from meshlm.data.loader import TokenDataset, eval_batch, sample_ids_for, train_batch
+from meshlm.data.loader import TokenDataset, sample_ids_for
 from meshlm.parallel.data_parallel import gradient_sync
 from meshlm.parallel.grad_norm import clip_coefficient, global_norm, scale_grads_, weighted_grad_sq_sum
 from meshlm.parallel.parallelize import ParallelModel
 from meshlm.parallel.wrappers import local_tensor
+from meshlm.train.objective import LanguageModelling, Objective
 from meshlm.train.optim import build_optimizer, lr_at, set_lr
 
 
@@ -52,11 +56,21 @@ class StepRunner:
         val_data: TokenDataset,
         device: torch.device,
         accum: int,
+        objective: Objective | None = None,
     ):
+        """`objective`: what the model is trained to do; None: language modelling on
+        train_data / val_data (which an objective of its own may leave None)."""
         self.cfg, self.pm, self.device, self.accum = cfg, pm, device, accum
         self.train_data, self.val_data = train_data, val_data
         self.update_skipped = False  # the last train_step's loss or gradient norm was not finite
         self._last_grad_bytes = 0
+        if objective is None:
+            objective = LanguageModelling(
+                train_data, val_data, cfg.data.seq_len, cfg.train.seed, cfg.train.eval_batches
+            )
+        else:
+            pm.objective = objective  # the loss of the step and of the pipeline's last stage
+        self.objective = objective
         dims = pm.dims
         self.dp_rank = pm.mesh.local_rank("dp") if pm.mesh is not None else 0
         self.pp_rank = pm.mesh.local_rank("pp") if pm.mesh is not None else 0
@@ -81,12 +95,14 @@ class StepRunner:
         return sample_ids_for(micro, self.cfg.train.micro_batch, self.dp_rank, self.pm.dims.dp)
 
     def _batch(self, step: int, ids: list[int]):
-        x, y = train_batch(self.train_data, self.cfg.data.seq_len, self.cfg.train.seed, step, ids)
+        x, y = self.objective.batch(step, ids)
         return x.to(self.device), y.to(self.device)
 
     def forward_backward(self, step: int) -> torch.Tensor:
         """Forward and backward over this rank's share of the global batch; returns its mean loss."""
         pm = self.pm
+        per_rank = pm.schedule.n_microbatches if pm.schedule is not None else self.accum
+        self.objective.begin_step(step, self.cfg.train.global_batch_for(pm.dims.dp), per_rank * pm.dims.dp)
         if pm.schedule is not None:
             from meshlm.parallel.pipeline import pipeline_step
 
@@ -104,7 +120,7 @@ class StepRunner:
             with gradient_sync(part, micro == self.accum - 1):
                 with autocast_context(self.cfg, self.device):
                     logits = part(x)
-                loss = pm.loss(logits, y, reduction="mean") / self.accum
+                loss = self.objective.loss(pm, logits, y) / self.accum
                 loss.backward()
             total += loss.detach()
         return total
@@ -169,18 +185,20 @@ class StepRunner:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over a fixed validation set of eval_batches x global_batch windows (the
-        same windows for every layout); each dp rank takes its contiguous share of every
-        evaluation batch, in the same shapes as training, and the sums are reduced."""
-        t, pm, seq_len = self.cfg.train, self.pm, self.cfg.data.seq_len
+    def evaluate(self):
+        """The objective's summary of a fixed validation set (language modelling: the mean loss
+        over eval_batches x global_batch windows), the same samples for every layout; each dp
+        rank takes its contiguous share of every evaluation batch, in the same shapes as
+        training, and the objective's sums are reduced."""
+        t, pm = self.cfg.train, self.pm
         for module in pm.modules():
             module.eval()
         global_batch = t.global_batch_for(pm.dims.dp)
         local = global_batch // pm.dims.dp
-        n_samples = t.eval_batches * global_batch
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, token count
-        for b in range(t.eval_batches):
+        n_samples = self.objective.eval_samples(global_batch)
+        objective = self.objective
+        sums = None
+        for b in range(n_samples // global_batch):
             first = b * global_batch + self.dp_rank * local
             if pm.schedule is not None:
                 from meshlm.parallel.pipeline import pipeline_forward_eval
@@ -192,19 +210,26 @@ class StepRunner:
                     for s in range(first, first + local, t.micro_batch)
                 ]
             for ids in chunks:
-                x, y = eval_batch(self.val_data, seq_len, ids, n_samples)
+                x, y = objective.eval_batch(ids, n_samples)
                 x, y = x.to(self.device), y.to(self.device)
                 with autocast_context(self.cfg, self.device):
                     if pm.schedule is not None:
-                        mean = pipeline_forward_eval(pm.schedule, pm.stage_ids, pm.n_stages, pm.pp_group, x, y)
-                        loss_sum = mean * y.numel()
+                        stats = pipeline_forward_eval(
+                            pm.schedule,
+                            pm.stage_ids,
+                            pm.n_stages,
+                            pm.pp_group,
+                            x,
+                            y,
+                            reduce_fn=lambda out, target: objective.eval_stats(pm, out, target),
+                        )
                     else:
-                        loss_sum = float(pm.loss(pm.parts[0](x), y, reduction="sum"))
-                sums[0] += loss_sum
-                sums[1] += y.numel()
+                        stats = objective.eval_stats(pm, pm.parts[0](x), y)
+                stats = stats.to(device=self.device, dtype=torch.float64)
+                sums = stats if sums is None else sums + stats
         if pm.dims.dp > 1:
             dist.all_reduce(sums, group=pm.dp_group)
-        return float(sums[0] / sums[1])
+        return objective.summarize(sums.cpu())
 
     # ------------------------------------------------------------------ observability
 

@@ -43,11 +43,12 @@ from meshlm.train.checkpoint import (
     reopen_run_dir,
     resume_on_restart,
 )
+from meshlm.train.full_batch import make_step_runner
 from meshlm.train.metrics import MetricsWriter, plot_losses
 from meshlm.train.optim import lr_at
 from meshlm.train.progress import Progress
 from meshlm.train.run_faults import check_room_to_start, nonfinite_error, save_final_weights
-from meshlm.train.step import StepRunner, accumulation_steps
+from meshlm.train.step import accumulation_steps
 from meshlm.train.tracing import trace_step, traced_step_index
 from meshlm.utils.errors import DiskFullError
 
@@ -136,7 +137,7 @@ class Trainer:
             f"global batch {self.global_batch} x {cfg.data.seq_len} tokens"
         )
         self.pm: ParallelModel = parallelize(model, self.dims, cfg, self.device, self.mesh)
-        self.runner = StepRunner(cfg, self.pm, self.train_data, self.val_data, self.device, self.accum)
+        self.runner = make_step_runner(cfg, self.pm, self.train_data, self.val_data, self.device, self.accum)
         self.checkpoints = Checkpointer(cfg, self.out, self.env, self.pm, self.runner, log=self.log)
         self.start_step = self.checkpoints.load(resume_from) if resume_from is not None else 0
         self.comm_axes = self._comm_axes() if cfg.train.profile_comm else None
@@ -149,7 +150,8 @@ class Trainer:
 
     def run(self) -> TrainResult:
         t = self.cfg.train
-        tokens_per_step = self.global_batch * self.cfg.data.seq_len
+        # A full-pass method (L-BFGS, EM) goes through the whole split in one step.
+        tokens_per_step = getattr(self.runner, "tokens_per_step", self.global_batch * self.cfg.data.seq_len)
         flops_per_step = flops_per_token(self.cfg.model, self.cfg.data.seq_len) * tokens_per_step
         progress = Progress(t.steps, show_bar=t.progress, is_main=self.env.is_main, printer=self.log)
         losses: list[float] = []

@@ -14,6 +14,12 @@ the module layout here is part of the contract:
 Attention reshapes with `-1` heads (`view(B, T, -1, head_dim)`), so a
 tensor-parallel split of the projections needs no change here: each rank sees
 only its own heads.
+
+Incremental decoding: `forward(tokens, cache=...)` with a key/value cache from
+decode.py runs the same modules on new tokens only. The cache says where the
+tokens sit (`cache.positions`, for the position embeddings and rotary tables),
+stores each layer's keys and values and attends over the cached ones; nothing
+else in the forward pass changes.
 """
 
 from __future__ import annotations
@@ -28,14 +34,15 @@ from meshlm.model.transformer.config import TransformerConfig
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables for rotary position embeddings (RoPE)."""
+    """Precomputed rotary position embedding (RoPE) tables, laid out for `apply_rotary`:
+    cos = [cos, cos] and sin = [-sin, sin] over the two halves of a head, (max_seq_len, head_dim)."""
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
         self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
         # Not persistent: derived from the config, recomputed by reset() after a meta-device build.
-        self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim), persistent=False)
         self.reset()
 
     @torch.no_grad()
@@ -47,19 +54,25 @@ class RotaryEmbedding(nn.Module):
             self.theta ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
         )
         angles = torch.outer(torch.arange(self.max_seq_len, device=device, dtype=torch.float32), inv_freq)
-        self.cos.copy_(angles.cos())
-        self.sin.copy_(angles.sin())
+        cos, sin = angles.cos(), angles.sin()  # (max_seq_len, head_dim/2)
+        self.cos.copy_(torch.cat([cos, cos], dim=-1))
+        self.sin.copy_(torch.cat([-sin, sin], dim=-1))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of each head: the Hugging Face / Llama layout.
+    """Rotate pairs (first half, second half) of each head, the Hugging Face / Llama layout:
+    (x1 cos - x2 sin, x2 cos + x1 sin), computed as x * [cos, cos] + [x2, x1] * [-sin, sin]
+    (the same products and sums, so the same bits, in fewer operations).
 
-    x: (B, T, H, head_dim); cos, sin: (T, head_dim/2) or (B, T, head_dim/2).
+    x: (B, T, H, head_dim); cos, sin: RotaryEmbedding's rows, (T, head_dim) or (B, T, head_dim),
+    or already (B, T, 1, head_dim).
     """
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # broadcast over heads
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    if cos.dim() < x.dim():
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -71,18 +84,28 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
+        # Decoding copies fuse wq, wk and wv into one matrix multiply (decode.py), output sizes qkv_sizes.
+        self.wqkv: nn.Linear | None = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """rope: the full rotary tables (max_seq_len, head_dim/2), cut here to the length x has
-        *inside* attention (under sequence parallelism the input arrives gathered to all T)."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None) -> torch.Tensor:
+        """rope: the full rotary tables (max_seq_len, head_dim), cut here to the length x has
+        *inside* attention (under sequence parallelism the input arrives gathered to all T);
+        with a cache, the tables at the new tokens' positions, (B, T, 1, head_dim).
+        cache: this layer's view of a KV cache (decode.py): it stores k and v and attends q
+        over every cached key of the sequence."""
         B, T, _ = x.shape
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = v.view(B, T, -1, self.head_dim)
         if rope is not None:
-            rope = (rope[0][:T], rope[1][:T])
-        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
-        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        v = self.wv(x).view(B, T, -1, self.head_dim)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            cos, sin = rope if cache is not None else (rope[0][:T], rope[1][:T])
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            return self.wo(cache.attend(q, k, v).reshape(B, T, -1))  # (B, T, n_heads, head_dim) -> (B, T, d)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, head_dim)
         groups = q.shape[1] // k.shape[1]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
@@ -99,10 +122,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=bias)
         self.w3 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False) if self.gated else None
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=bias)
+        self.w13: nn.Linear | None = None  # decoding copies fuse w1 and w3 (decode.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            a, b = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(a) * b)
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
@@ -122,8 +147,8 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(cfg)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache=None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -175,19 +200,29 @@ class Transformer(nn.Module):
         if self.rope is not None:
             self.rope.reset()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
         """tokens: (B, T) token ids, or (B, T, d) hidden states on a later pipeline stage.
-        Returns logits (B, T, vocab), or hidden states (B, T, d) on an earlier stage."""
+        Returns logits (B, T, vocab), or hidden states (B, T, d) on an earlier stage.
+        cache: a KV cache (decode.py) holding the sequences' earlier tokens; the tokens given
+        are then new ones at `cache.positions` (B, T), and only the positions the cache
+        selects get logits."""
+        positions = cache.positions if cache is not None else None  # (B, T) of the new tokens
         if self.tok_embeddings is not None:
-            T = tokens.shape[1]
             h = self.tok_embeddings(tokens)  # (B, T, d)
             if self.pos_embeddings is not None:
-                h = h + self.pos_embeddings(torch.arange(T, device=tokens.device))
+                where = torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions
+                h = h + self.pos_embeddings(where)
         else:
             h = tokens
-        rope = (self.rope.cos, self.rope.sin) if self.rope is not None else None
-        for layer in self.layers.values():
-            h = layer(h, rope)
+        rope = None
+        if self.rope is not None:  # whole tables, or the new tokens' rows ready to broadcast over heads
+            rope = (self.rope.cos, self.rope.sin)
+            if positions is not None:
+                rope = (rope[0][positions].unsqueeze(-2), rope[1][positions].unsqueeze(-2))  # (B, T, 1, head_dim)
+        for name, layer in self.layers.items():
+            h = layer(h, rope, None if cache is None else cache.layer(name))
+        if cache is not None:
+            h = cache.select(h)  # e.g. each prompt's last position only: (n, d)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from meshlm.model.spec import Capabilities, FamilySpec, HFAdapter, TensorParallelPlan
-from meshlm.model.transformer import hf_config, hf_weights, stats
+from meshlm.model.transformer import decode, hf_config, hf_weights, stats
 from meshlm.model.transformer.calibration import measure_reference_block
 from meshlm.model.transformer.config import TransformerConfig
 from meshlm.model.transformer.model import Transformer
@@ -94,4 +94,6 @@ SPEC = FamilySpec(
         state_from_hf=hf_weights.state_dict_from_hf,
         state_to_hf=hf_weights.state_dict_to_hf,
     ),
+    decode_state=decode.decode_state,
+    decode_model=decode.decode_model,
 )

@@ -1,0 +1,171 @@
+"""CLI of the task side: `meshlm finetune`, and `meshlm eval` / `meshlm predict` for task models.
+
+`eval` and `predict` are the inference commands; a run directory that holds a task model (a
+[task] section in its config.toml) is handed to the task side here instead, so one command
+name serves both kinds of run. Several processes (`--nproc N`) start through
+torch.distributed.run as `meshlm train --nproc` does; every user error is raised before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from meshlm.config import ConfigError
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a task model (classify, ner, srl) on any backbone, under any layout")
+    p.add_argument("--task", required=True, choices=["classify", "ner", "srl"])
+    p.add_argument("--train", default=None, help="training data (default: the task's built-in dataset)")
+    p.add_argument("--valid", default=None, help="validation data (default: the built-in dataset's)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--from", dest="from_run", default=None, metavar="RUN_DIR", help="a `meshlm train` run as backbone"
+    )
+    src.add_argument("--init-from-hf", default=None, metavar="HF_DIR", help="a local Hugging Face model as backbone")
+    p.add_argument("--out", required=True, help="the task run directory")
+    p.add_argument("--nproc", type=int, default=None, help="start N local worker processes")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key"
+    )
+    p.set_defaults(func=cmd_finetune)
+    for name, handler in (("eval", cmd_eval), ("predict", cmd_predict)):
+        parser = sub.choices[name]
+        parser.set_defaults(func=_dispatch(handler, parser.get_default("func")))
+
+
+def _dispatch(task_handler, lm_handler):
+    def run(args: argparse.Namespace) -> int:
+        from meshlm.tasks.config import is_task_run
+
+        if getattr(args, "run", None) and is_task_run(args.run):
+            return task_handler(args)
+        return lm_handler(args)
+
+    return run
+
+
+def _argv(args) -> list[str]:
+    return sys.argv[1:] if args.argv is None else list(args.argv)
+
+
+def _launch(nproc: int, args) -> int:
+    from meshlm.distributed.launch import launch_local, strip_launch_args
+
+    return launch_local(nproc, strip_launch_args(_argv(args)))
+
+
+def _finish(env) -> None:
+    if env.distributed:
+        from meshlm.distributed.process_group import shutdown_distributed
+
+        shutdown_distributed(exit_process=True)
+
+
+def _data_files(args, cache_dir: str) -> tuple[Path, Path]:
+    if (args.train is None) != (args.valid is None):
+        raise ConfigError("pass both --train and --valid, or neither (the task's built-in dataset).")
+    if args.train is not None:
+        return Path(args.train), Path(args.valid)
+    from meshlm.tasks.datasets import builtin_files
+
+    files = builtin_files(args.task, Path(cache_dir))
+    return files["train"], files["valid"]
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from meshlm.config import DataConfig
+    from meshlm.distributed.env import read_launch_env
+    from meshlm.tasks.finetune import backbone_run, finetune, finetune_config
+
+    env = read_launch_env()
+    cache = DataConfig().cache_dir  # where the default backbone and the built-in datasets live
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "data.cache_dir":
+            try:
+                cache = str(tomllib.loads(f"v = {value.strip()}")["v"])
+            except tomllib.TOMLDecodeError:
+                cache = value.strip()
+    launching = args.nproc is not None and args.nproc > 1 and not env.distributed
+    if env.is_main or not env.distributed:
+        train, valid = _data_files(args, cache)
+        backbone = backbone_run(args.from_run, args.init_from_hf, cache)
+    if env.distributed:  # rank 0 made the files above; the others find them now
+        from meshlm.distributed.process_group import init_distributed
+        from meshlm.distributed.rank_zero import broadcast_from_rank0
+
+        init_distributed(env)
+        train, valid, backbone = broadcast_from_rank0(
+            (train, valid, backbone) if env.is_main else None, distributed=True
+        )
+    world = args.nproc if launching else env.world_size
+    cfg = finetune_config(args.task, train, backbone, args.overrides, world_size=world)
+    if launching:
+        return _launch(args.nproc, args)
+    finetune(cfg, train, valid, Path(args.out), env=env)
+    _finish(env)
+    return 0
+
+
+def _setup(args, nproc: int):
+    from meshlm.distributed.env import read_launch_env
+    from meshlm.distributed.process_group import init_distributed
+
+    env = read_launch_env()
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}.")
+    if not env.distributed and nproc > 1:
+        return env, _launch(nproc, args)
+    init_distributed(env)
+    return env, None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from meshlm.tasks.evaluate import evaluate_file, headline, write_eval_files
+    from meshlm.tasks.predict import load_task_model
+
+    if not Path(args.data).is_file():
+        raise ConfigError(f"--data {args.data}: file not found.")
+    env, code = _setup(args, args.nproc or 1)
+    if code is not None:
+        return code
+    loaded = load_task_model(args.run, env.device)
+    scores = evaluate_file(loaded, args.data, env.rank, env.world_size)
+    if env.is_main:
+        write_eval_files(args.run, scores, loaded.cfg.task.labels)
+        short = headline(scores)
+        if args.json:
+            print(json.dumps(short))
+        else:
+            from meshlm.tasks.metrics import per_type_table
+
+            print(per_type_table(scores), end="")
+            print("  ".join(f"{k} {v:.4f}" for k, v in short.items() if k != "task"))
+    _finish(env)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from meshlm.tasks.predict import load_task_model, predict_file
+
+    if not Path(args.input).is_file():
+        raise ConfigError(f"input file {args.input} not found.")
+    env, code = _setup(args, args.nproc or 1)
+    if code is not None:
+        return code
+    loaded = load_task_model(args.run, env.device)
+    summary = predict_file(loaded, args.input, args.output, env.rank, env.world_size)
+    if summary is not None:
+        print(
+            f"predict: {summary.answered} answered, {summary.skipped} already in {summary.output}, "
+            f"{summary.errors} error line(s){' (see their error field)' if summary.errors else ''}",
+            file=sys.stderr,
+        )
+    _finish(env)
+    return 0

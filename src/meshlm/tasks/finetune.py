@@ -1,0 +1,226 @@
+"""Fine-tuning a task model under any layout: `meshlm finetune` and the Python API's fit.
+
+    cfg = finetune_config("ner", "train.conll", from_run="runs/lm")   # resolve + validate
+    result = finetune(cfg, "train.conll", "valid.conll", "runs/ner")  # on this process's rank
+
+The step is the language model's (meshlm.train.step.StepRunner) with a task objective
+(tasks/objective.py), so every layout the backbone's family can run fine-tunes exactly as one
+process does. Training runs `task.epochs` passes (or train.steps steps), evaluates the
+validation split once per epoch (or every train.eval_every steps) and keeps the best evaluated
+model (accuracy, or span F1); `task.patience` stops early.
+
+The run directory: config.toml (the backbone's sections and [task], labels included),
+tokenizer.json, model.safetensors (the task model), metrics.jsonl, loss.png, and
+eval_valid.json (the kept model's validation scores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from meshlm.artifacts.run_dir import write_text_atomic
+from meshlm.artifacts.weights_file import save_weights
+from meshlm.config import ConfigError, ParallelConfig
+from meshlm.data.tokenizer import load_tokenizer
+from meshlm.distributed.dims import parallel_dims_from_config
+from meshlm.distributed.env import LaunchEnv, read_launch_env
+from meshlm.distributed.process_group import init_distributed
+from meshlm.model.registry import build_model, family_spec
+from meshlm.parallel.gather import gather_full_state_dict
+from meshlm.parallel.parallelize import parallelize
+from meshlm.tasks.backbone import check_backbone_run, converted_hf_run, load_backbone_weights
+from meshlm.tasks.config import TASKS, TaskRunConfig, validate_task_config
+from meshlm.tasks.encoding import encode, label_set, pad_id
+from meshlm.tasks.formats import read_examples
+from meshlm.tasks.objective import TaskObjective
+from meshlm.tasks.spec import with_task_model
+from meshlm.train.metrics import MetricsWriter, plot_losses
+from meshlm.train.progress import Progress
+from meshlm.train.step import StepRunner, accumulation_steps
+
+# Fine-tuning settings applied over the backbone run's [train] section, before --set.
+SEQ_LEN = {"classify": 128, "ner": 64, "srl": 64}
+TRAIN_DEFAULTS = {
+    "lr": 1e-3,
+    "min_lr": 1e-4,
+    "warmup_steps": 20,
+    "weight_decay": 0.01,
+    "beta2": 0.99,
+    "micro_batch": 16,
+    "global_batch": 32,
+    "grad_clip": 1.0,
+    "eval_every": 0,  # 0: once per epoch
+    "sample_tokens": 0,
+    "checkpoint_every": 0,
+    "init_from_hf": "",
+}
+
+
+@dataclass
+class FinetuneResult:
+    out_dir: Path
+    losses: list[float]
+    evals: list[dict] = field(default_factory=list)
+    best: dict | None = None  # the kept model's validation scores (with its "step")
+    seconds: float = 0.0
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def backbone_run(from_run=None, init_from_hf=None, cache_dir: str = ".meshlm-cache", log=print) -> Path:
+    """The run directory holding the backbone: --from, a converted --init-from-hf, or the
+    default backbone (built on first use; default_backbone.py)."""
+    if from_run and init_from_hf:
+        raise ConfigError("pass at most one of --from RUN_DIR and --init-from-hf HF_DIR.")
+    if from_run:
+        return Path(from_run)
+    if init_from_hf:
+        return converted_hf_run(Path(init_from_hf), Path(cache_dir))
+    from meshlm.tasks.default_backbone import default_backbone
+
+    return default_backbone(Path(cache_dir), log=log)
+
+
+def finetune_config(
+    task: str,
+    train_path: Path | str,
+    backbone: Path | str,
+    overrides: list[str] | tuple[str, ...] = (),
+    world_size: int = 1,
+) -> TaskRunConfig:
+    """The resolved, validated config of a fine-tuning run (labels and scheme from the training
+    data, steps from task.epochs); every user error is raised here, before any process starts."""
+    if task not in TASKS:
+        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}.")
+    from meshlm.config import apply_overrides
+
+    backbone = Path(backbone)
+    base = check_backbone_run(backbone)
+    cfg = TaskRunConfig(model=base.model, data=base.data, train=base.train, parallel=ParallelConfig())
+    cfg.task.name, cfg.task.backbone = task, str(backbone)
+    cfg.data.seq_len = min(SEQ_LEN[task], cfg.model.max_seq_len)
+    for key, value in TRAIN_DEFAULTS.items():
+        setattr(cfg.train, key, value)
+    apply_overrides(cfg, list(overrides))
+    cfg.task.name = task
+    examples, scheme = read_examples(train_path, task)
+    cfg.task.labels, cfg.task.scheme = label_set(task, examples), scheme
+    if cfg.parallel.auto:
+        raise ConfigError('parallel = "auto" is not offered for fine-tuning; set the [parallel] degrees.')
+    run_cfg = with_task_model(cfg)
+    validate_task_config(run_cfg)
+    dims = parallel_dims_from_config(run_cfg, world_size)
+    if cfg.task.epochs > 0:
+        cfg.train.steps = max(1, math.ceil(cfg.task.epochs * len(examples) / cfg.train.global_batch_for(dims.dp)))
+    return cfg
+
+
+def finetune(
+    cfg: TaskRunConfig,
+    train_path: Path | str,
+    valid_path: Path | str,
+    out: Path | str,
+    env: LaunchEnv | None = None,
+    log=print,
+) -> FinetuneResult:
+    """Fine-tune on this process's rank of the launch (one process, or a torchrun / spawned
+    world): every rank calls it with the same arguments; rank 0 writes the run directory."""
+    started = time.perf_counter()
+    env = env or read_launch_env()
+    log = log if env.is_main else _quiet
+    out = Path(out)
+    run_cfg = with_task_model(cfg)
+    tm_cfg = run_cfg.model
+    dims = parallel_dims_from_config(run_cfg, env.world_size)
+    accum = accumulation_steps(run_cfg, dims.dp)
+    t = cfg.train
+    backbone = Path(cfg.task.backbone)
+    tokenizer = load_tokenizer(backbone / "tokenizer.json")
+    labels = cfg.task.labels
+    train_ex, _ = read_examples(train_path, cfg.task.name)
+    valid_ex, _ = read_examples(valid_path, cfg.task.name)
+    enc = dict(task=cfg.task.name, labels=labels, seq_len=cfg.data.seq_len, pooling=cfg.task.pooling)
+    train_enc = encode(train_ex, tokenizer, source=str(train_path), **enc)
+    valid_enc = encode(valid_ex, tokenizer, source=str(valid_path), **enc)
+    objective = TaskObjective(cfg.task.name, labels, train_enc, valid_enc, t.seed, cfg.task.crf, pad_id(tokenizer))
+
+    init_distributed(env, t.collective_timeout_s)
+    mesh = dims.build_mesh(env.device.type) if env.distributed else None
+    torch.manual_seed(t.seed)
+    model = build_model(tm_cfg, env.device, seed=t.seed)
+    fresh = load_backbone_weights(model, backbone / "model.safetensors")
+    if fresh:
+        log(
+            f"finetune: {len(fresh)} backbone tensors not in {backbone} start from their initialisation ({fresh[0]}, ...)"
+        )
+    log(
+        f"finetune: {cfg.task.name} on {family_spec(tm_cfg).describe(tm_cfg)}; {len(train_ex)} training / "
+        f"{len(valid_ex)} validation examples, {len(labels)} labels; {t.steps} steps of {t.global_batch_for(dims.dp)}; "
+        f"layout {dims.describe} on {env.world_size} process(es)"
+    )
+    pm = parallelize(model, dims, run_cfg, env.device, mesh)
+    runner = StepRunner(run_cfg, pm, None, None, env.device, accum, objective)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        write_text_atomic(out / "config.toml", cfg.to_toml())
+        shutil.copyfile(backbone / "tokenizer.json", out / "tokenizer.json")
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=env.is_main)
+    every = t.eval_every or max(1, math.ceil(len(train_ex) / t.global_batch_for(dims.dp)))
+    progress = Progress(t.steps, show_bar=t.progress, is_main=env.is_main, printer=log)
+    result = FinetuneResult(out, [])
+    best_state, stale = None, 0
+    try:
+        for step in range(t.steps):
+            tick = time.perf_counter()
+            loss, grad_norm = runner.train_step(step)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning loss became {loss} at step {step + 1}; lower train.lr ({t.lr}).")
+            result.losses.append(loss)
+            elapsed = time.perf_counter() - tick
+            metrics.write({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "step_time_s": elapsed})
+            progress.update(step + 1, loss, t.global_batch_for(dims.dp) * cfg.data.seq_len / elapsed)
+            if (step + 1) % every == 0 or step + 1 == t.steps:
+                scores = runner.evaluate()
+                scores["step"] = step + 1
+                result.evals.append(scores)
+                metrics.write(
+                    {
+                        "step": step + 1,
+                        "val_loss": scores["loss"],
+                        **{k: v for k, v in scores.items() if k not in ("loss", "step")},
+                    }
+                )
+                progress.write(_describe(scores))
+                if result.best is None or scores["score"] > result.best["score"]:
+                    result.best, stale = scores, 0
+                    best_state = gather_full_state_dict(pm, tm_cfg)
+                else:
+                    stale += 1
+                    if cfg.task.patience and stale >= cfg.task.patience:
+                        progress.write(f"step {step + 1}: no better validation score in {stale} evaluations; stopping")
+                        break
+    finally:
+        progress.close()
+        metrics.close()
+    result.seconds = time.perf_counter() - started
+    if env.is_main:
+        save_weights(best_state, tm_cfg, out / "model.safetensors")
+        write_text_atomic(out / "eval_valid.json", json.dumps(result.best, indent=1) + "\n")
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+        log(f"finetune: kept the model of step {result.best['step']} ({_describe(result.best)}); saved {out}")
+    return result
+
+
+def _describe(scores: dict) -> str:
+    keys = ("accuracy", "macro_f1") if "accuracy" in scores else ("precision", "recall", "f1")
+    return f"step {scores['step']}: val_loss {scores['loss']:.4f}, " + ", ".join(f"{k} {scores[k]:.4f}" for k in keys)
