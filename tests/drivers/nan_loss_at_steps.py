@@ -3,7 +3,8 @@ one injected fault: from training step S (0-based) on, the training loss is NaN 
 cross-entropy returns NaN under autograd), as after a numerical blow-up or a bad batch.
 
 The fault is injected from the outside by wrapping torch.nn.functional.cross_entropy and
-noting the step of the batch being trained on; meshlm has no hook for it.
+noting the step the step runner is working on (language modelling and task fine-tuning alike);
+meshlm has no hook for it.
 """
 
 import sys
@@ -11,16 +12,16 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import meshlm.train.objective as objective_module
+from meshlm.train.step import StepRunner
 
 FROM_STEP = int(sys.argv[1])
-_batch, _loss = objective_module.train_batch, F.cross_entropy
+_forward_backward, _loss = StepRunner.forward_backward, F.cross_entropy
 _current = {"step": -1}
 
 
-def _tracking_batch(data, seq_len, seed, step, ids):
+def _tracking_forward_backward(self, step):
     _current["step"] = step
-    return _batch(data, seq_len, seed, step, ids)
+    return _forward_backward(self, step)
 
 
 def _poisoned(*args, **kwargs):
@@ -28,7 +29,7 @@ def _poisoned(*args, **kwargs):
     return value * float("nan") if torch.is_grad_enabled() and _current["step"] >= FROM_STEP else value
 
 
-objective_module.train_batch = _tracking_batch
+StepRunner.forward_backward = _tracking_forward_backward
 F.cross_entropy = _poisoned
 
 from meshlm.cli import main  # noqa: E402

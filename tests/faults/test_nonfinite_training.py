@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import meshlm.train.objective as objective_module
 from faults.conftest import assert_clean_error, command_env, sets, tiny_overrides
 from meshlm.artifacts.weights_file import load_weights
 from meshlm.config import load_config
 from meshlm.train.checkpoint_manifest import list_checkpoints, step_dir
 from meshlm.train.metrics import read_metrics
+from meshlm.train.step import StepRunner
 from meshlm.train.trainer import train
 from meshlm.utils.errors import RunError
 
@@ -47,17 +47,17 @@ def test_a_nan_step_stops_training_and_names_the_checkpoint(fault_data, tmp_path
 def _nan_at(monkeypatch, steps: set[int]) -> None:
     """Training steps (0-based) whose loss is NaN: cross-entropy under autograd at those steps."""
     current = {"step": -1}
-    batch, loss = objective_module.train_batch, F.cross_entropy
+    forward_backward, loss = StepRunner.forward_backward, F.cross_entropy
 
-    def tracking_batch(data, seq_len, seed, step, ids):
+    def tracking(self, step):
         current["step"] = step
-        return batch(data, seq_len, seed, step, ids)
+        return forward_backward(self, step)
 
     def poisoned(*args, **kwargs):
         value = loss(*args, **kwargs)
         return value * float("nan") if torch.is_grad_enabled() and current["step"] in steps else value
 
-    monkeypatch.setattr(objective_module, "train_batch", tracking_batch)
+    monkeypatch.setattr(StepRunner, "forward_backward", tracking)
     monkeypatch.setattr(F, "cross_entropy", poisoned)
 
 

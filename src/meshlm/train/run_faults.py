@@ -109,16 +109,23 @@ def nonfinite_error(cfg: Config, run: Path, step: int, loss: float, grad_norm: f
         if published
         else "No checkpoint was written (train.checkpoint_every = 0), so a rerun starts from step 0."
     )
+    t = cfg.train
+    if t.optimizer == "lbfgs":  # a full-pass method: no learning rate or clipping to lower
+        fix = f"Raise train.lbfgs_l2 (now {t.lbfgs_l2}) or check the data"
+    elif t.optimizer == "em":
+        fix = f"Raise train.em_smoothing (now {t.em_smoothing}) or check the data"
+    else:
+        fix = f"Lower train.lr (now {t.lr}), keep train.grad_clip on (now {t.grad_clip})"
     return RunError(
         f"training stopped at step {step}{counted}: the loss is {loss} and the gradient norm {grad_norm}, which are "
-        f"not finite; this step's update was not applied. {resume} Lower train.lr (now {cfg.train.lr}), keep "
-        f"train.grad_clip on (now {cfg.train.grad_clip}), or let meshlm skip such steps with "
+        f"not finite; this step's update was not applied. {resume} {fix}, or let meshlm skip such steps with "
         f"--set train.skip_nonfinite_steps=N."
     )
 
 
 def save_final_weights(state: dict[str, torch.Tensor], cfg: Config, out: Path, steps: int) -> None:
-    """model.safetensors, or a DiskFullError that says where the trained weights are kept."""
+    """model.safetensors, or a DiskFullError that says where the trained weights are kept
+    (`cfg.model` describes `state`: a task run passes its derived task-model config)."""
     path = out / "model.safetensors"
     need = weights_bytes(state, cfg.model) + _WEIGHTS_EXTRA
     try:
@@ -151,7 +158,11 @@ def _rescue(state: dict[str, torch.Tensor], cfg: Config, out: Path) -> Path | No
     try:
         folder = Path(tempfile.mkdtemp(prefix=f"meshlm-rescued-{out.name}-"))
         save_weights(state, cfg.model, folder / "model.safetensors")
-        write_text_atomic(folder / "config.toml", cfg.to_toml())
+        # The run's own config.toml when it has one (a task run's records its [task] section).
+        if (out / "config.toml").is_file():
+            shutil.copyfile(out / "config.toml", folder / "config.toml")
+        else:
+            write_text_atomic(folder / "config.toml", cfg.to_toml())
         if (out / "tokenizer.json").is_file():
             shutil.copyfile(out / "tokenizer.json", folder / "tokenizer.json")
         return folder
