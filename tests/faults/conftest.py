@@ -175,6 +175,30 @@ def fill(directory: Path, leave: int) -> Path:
     return filler
 
 
+def nan_loss_at(monkeypatch, steps: set[int]) -> None:
+    """Training steps (0-based) whose loss is NaN, in this process: torch's cross-entropy under
+    autograd returns NaN while the step runner works on one of `steps` (language modelling and
+    task fine-tuning alike; tests/drivers/nan_loss_at_steps.py does the same in a command)."""
+    import torch
+    import torch.nn.functional as F
+
+    from meshlm.train.step import StepRunner
+
+    current = {"step": -1}
+    forward_backward, loss = StepRunner.forward_backward, F.cross_entropy
+
+    def tracking(self, step):
+        current["step"] = step
+        return forward_backward(self, step)
+
+    def poisoned(*args, **kwargs):
+        value = loss(*args, **kwargs)
+        return value * float("nan") if torch.is_grad_enabled() and current["step"] in steps else value
+
+    monkeypatch.setattr(StepRunner, "forward_backward", tracking)
+    monkeypatch.setattr(F, "cross_entropy", poisoned)
+
+
 # ----------------------------------------------------------------------------- running commands
 
 

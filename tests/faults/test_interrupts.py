@@ -54,6 +54,7 @@ def test_nproc_below_one_is_refused(tiny_run, tmp_path, capsys):
     for argv in (
         ["train", "--nproc", "0", "--out", str(tmp_path / "r")],
         ["eval", "--run", str(tiny_run), "--data", "python-stdlib", "--nproc", "-1"],
+        ["eval", "--run", str(tiny_run), "--data", "python-stdlib", "--nproc", "0"],
         ["predict", "--run", str(tiny_run), "--input", str(tiny_run / "config.toml"), "--output", "o", "--nproc", "0"],
         ["generate", "--run", str(tiny_run), "--prompt", "x", "--tp", "0"],
         ["train", "--nproc", "2", "--max-restarts", "-1", "--out", str(tmp_path / "r")],

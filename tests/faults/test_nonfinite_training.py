@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from faults.conftest import assert_clean_error, command_env, sets, tiny_overrides
+from faults.conftest import assert_clean_error, command_env, nan_loss_at, sets, tiny_overrides
 from meshlm.artifacts.weights_file import load_weights
 from meshlm.config import load_config
 from meshlm.train.checkpoint_manifest import list_checkpoints, step_dir
 from meshlm.train.metrics import read_metrics
-from meshlm.train.step import StepRunner
 from meshlm.train.trainer import train
 from meshlm.utils.errors import RunError
 
@@ -44,26 +42,9 @@ def test_a_nan_step_stops_training_and_names_the_checkpoint(fault_data, tmp_path
     assert not (run / "model.safetensors").exists()
 
 
-def _nan_at(monkeypatch, steps: set[int]) -> None:
-    """Training steps (0-based) whose loss is NaN: cross-entropy under autograd at those steps."""
-    current = {"step": -1}
-    forward_backward, loss = StepRunner.forward_backward, F.cross_entropy
-
-    def tracking(self, step):
-        current["step"] = step
-        return forward_backward(self, step)
-
-    def poisoned(*args, **kwargs):
-        value = loss(*args, **kwargs)
-        return value * float("nan") if torch.is_grad_enabled() and current["step"] in steps else value
-
-    monkeypatch.setattr(StepRunner, "forward_backward", tracking)
-    monkeypatch.setattr(F, "cross_entropy", poisoned)
-
-
 def test_skip_nonfinite_steps_skips_then_stops(fault_data, tmp_path, monkeypatch):
     cfg = load_config(None, tiny_overrides(fault_data, "train.steps=6", "train.skip_nonfinite_steps=2"))
-    _nan_at(monkeypatch, {2, 4})
+    nan_loss_at(monkeypatch, {2, 4})
     result = train(cfg, tmp_path / "skips", log=lambda *a, **k: None)
     records = read_metrics(tmp_path / "skips" / "metrics.jsonl")
     assert [r["step"] for r in records if r.get("skipped")] == [3, 5]
@@ -72,6 +53,6 @@ def test_skip_nonfinite_steps_skips_then_stops(fault_data, tmp_path, monkeypatch
     for name, value in load_weights(tmp_path / "skips" / "model.safetensors", cfg.model).state_dict().items():
         assert torch.isfinite(value).all(), name
 
-    _nan_at(monkeypatch, {1, 2, 3})
+    nan_loss_at(monkeypatch, {1, 2, 3})
     with pytest.raises(RunError, match=r"training stopped at step 4 after 2 skipped non-finite step\(s\)"):
         train(cfg, tmp_path / "stops", log=lambda *a, **k: None)

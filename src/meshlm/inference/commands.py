@@ -384,7 +384,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from meshlm.inference.evaluate import evaluate_tokens, tokenize_corpus
     from meshlm.inference.loading import DTYPES, load_model, setup_layout
 
-    files, code = _prepare(args, 1, args.nproc or 1)
+    files, code = _prepare(args, 1, 1 if args.nproc is None else args.nproc)
     if code is not None:
         return code
     layout = setup_layout(read_launch_env(), 1)

@@ -65,7 +65,8 @@ def has_answers(output: Path) -> bool:
                 record = json.loads(text)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and "text" in record and "error" not in record:
+            # an answered line: a language model's {"text"}, a task model's {"label"} / {"tags"}
+            if isinstance(record, dict) and isinstance(record.get("line"), int) and "error" not in record:
                 return True
     return False
 
