@@ -42,9 +42,16 @@ def final_weights_bytes(cfg: Config) -> int:
     return 4 * count_params(cfg.model) + _WEIGHTS_EXTRA
 
 
+# float32 copies of the parameters a first checkpoint holds, by train.optimizer: the weights,
+# plus AdamW's two moments; SGD and EM keep nothing per parameter; L-BFGS after one step keeps
+# its direction and its last gradient (measured: 3.2 copies with the metadata); later L-BFGS
+# checkpoints grow with the history and are checked against the previous one's size.
+_COPIES = {"adamw": 3, "sgd": 1, "em": 1, "lbfgs": 3}
+
+
 def checkpoint_bytes(cfg: Config, run: Path) -> int:
     """Bytes the next checkpoint of `run` will take: the newest published one's size, else an
-    estimate (each float32 parameter and its two AdamW moments, the tokenizer, metadata)."""
+    estimate (each float32 parameter and the optimizer's copies of it, the tokenizer, metadata)."""
     published = list_checkpoints(run)
     if published:
         size = sum(p.stat().st_size for p in published[-1][1].rglob("*") if p.is_file())
@@ -52,7 +59,9 @@ def checkpoint_bytes(cfg: Config, run: Path) -> int:
             return size
     tokenizer = run / "tokenizer.json"
     return (
-        3 * 4 * count_params(cfg.model) + _CHECKPOINT_EXTRA + (tokenizer.stat().st_size if tokenizer.is_file() else 0)
+        _COPIES.get(cfg.train.optimizer, 3) * 4 * count_params(cfg.model)
+        + _CHECKPOINT_EXTRA
+        + (tokenizer.stat().st_size if tokenizer.is_file() else 0)
     )
 
 
