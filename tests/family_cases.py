@@ -37,4 +37,15 @@ FAMILY_CASES: dict[str, list[str]] = {
         'model.family="hmm"',
         "model.n_states=16",
     ],
+    # gated CNN with bottleneck blocks (a replicated down-projection before each convolution:
+    # sequence-parallel gradient sums) and a tied output layer (split over pipeline stages)
+    "gcnn": [
+        'model.family="gcnn"',
+        "model.d_model=64",
+        "model.n_layers=4",
+        "model.kernel_size=4",
+        "model.bottleneck=32",
+        "model.channels=48",
+        "model.tie_embeddings=true",
+    ],
 }

@@ -36,6 +36,9 @@ SAME_RTOL, CROSS_RTOL, PARAM_ATOL = 1e-6, 1e-5, 1e-4
 VARIANTS = {
     "llama": ['model.arch="llama"', "model.n_heads=8", "model.n_kv_heads=4", "model.tie_embeddings=false"],
     "gpt2": ['model.arch="gpt2"', "model.n_heads=4", "model.n_kv_heads=0"],  # tied embeddings, biases
+    # gated CNN (d_model and n_layers from BASE): conv weights split over channels, a replicated
+    # bottleneck projection, tied embeddings
+    "gcnn": ['model.family="gcnn"', "model.bottleneck=32", "model.channels=48", "model.tie_embeddings=true"],
 }
 BASE = [
     "model.d_model=64",
@@ -137,6 +140,16 @@ CROSS = [
         ["parallel.dp=2", "parallel.zero=2", "parallel.tp=2"],
         4,
         ["parallel.dp=2", "parallel.zero=3", "parallel.tp=2", "parallel.sequence_parallel=true"],
+    ),
+    # gcnn: column-parallel convolutions (3-D weights) under tp + sequence parallel, into FSDP2
+    # and a pipeline cut with the tied copies on two ranks
+    (
+        "gcnn-tp2-sp-to-zero3xpp2",
+        "gcnn",
+        2,
+        ["parallel.tp=2", "parallel.sequence_parallel=true"],
+        4,
+        ["parallel.dp=2", "parallel.zero=3", "parallel.pp=2"],
     ),
     # tied embedding copies on one rank (zbv) loading from one key, ZeRO-1 under pp
     (

@@ -14,7 +14,7 @@ from meshlm.model.registry import BUILTIN, build_model, family_names, family_spe
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "meshlm"
 # Module names common enough to appear in any code (or in more than one family) on their own.
-GENERIC = {"layers", "norm", "output", "attention", "rope", "blocks", "embedding", "dropout", "proj", "head"}
+GENERIC = {"layers", "norm", "output", "attention", "rope", "blocks", "embedding", "dropout", "proj", "head", "down", "up"}  # (also English words in messages)
 
 
 def _family_dirs() -> dict[str, Path]:
@@ -26,9 +26,12 @@ PENDING: set[Path] = set()
 
 
 def _outside(family_dir: Path):
+    """The generic code: every module outside the families' folders (a family's folder may name
+    its own modules, whose names can coincide with another family's) and the registry."""
+    families = list(_family_dirs().values())
     for path in SRC.rglob("*.py"):
         rel = path.relative_to(SRC)
-        if rel.parts[: len(family_dir.parts)] != family_dir.parts and rel != Path("model/registry.py"):
+        if not any(rel.parts[: len(d.parts)] == d.parts for d in families) and rel != Path("model/registry.py"):
             if rel not in PENDING:
                 yield rel, ast.parse(path.read_text())
 

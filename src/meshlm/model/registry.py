@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 
 from meshlm.config import ConfigError, ModelConfig, model_section, register_model_section
+from meshlm.model.gcnn.config import GCNNConfig
 from meshlm.model.hmm.config import HMMConfig
 from meshlm.model.maxent.config import MaxEntConfig
 from meshlm.model.transformer.config import TransformerConfig
@@ -26,6 +27,7 @@ BUILTIN: dict[str, tuple[type[ModelConfig], str]] = {
     "transformer": (TransformerConfig, "meshlm.model.transformer.spec"),
     "maxent": (MaxEntConfig, "meshlm.model.maxent.spec"),
     "hmm": (HMMConfig, "meshlm.model.hmm.spec"),
+    "gcnn": (GCNNConfig, "meshlm.model.gcnn.spec"),
 }
 
 _SPEC_MODULES: dict[str, str] = {}
