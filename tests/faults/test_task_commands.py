@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -85,9 +86,19 @@ def test_finetune_refuses_workers_outputs_and_data_before_work(task_files, tmp_p
     assert not (tmp_path / "never").exists(), "nothing was written"
 
 
-def test_finetune_into_a_read_only_directory_is_refused(task_files, read_only_dir, capsys):
-    code = main(_finetune_args(task_files, read_only_dir / "run"))
-    _one_error(capsys, 2, code, f"cannot write --out: {read_only_dir} does not accept new files")
+def test_task_outputs_in_a_read_only_directory_are_refused(task_files, task_run, small_disk, tmp_path, capsys):
+    disk = small_disk(4 << 20)
+    run = disk / "clf"
+    shutil.copytree(task_run, run)  # a task run on a file system then made read-only
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, capture_output=True)
+    code = main(_finetune_args(task_files, disk / "new"))
+    _one_error(capsys, 2, code, f"cannot write --out: {disk} does not accept new files")
+    code = main(["eval", "--run", str(run), "--data", str(task_files / "valid.jsonl")])
+    _one_error(capsys, 2, code, f"cannot write the scores into --run: {run} does not accept new files")
+    good = tmp_path / "in.jsonl"
+    good.write_text('{"text": "the cat"}\n')
+    code = main(["predict", "--run", str(run), "--input", str(good), "--output", str(run / "o.jsonl")])
+    _one_error(capsys, 2, code, "cannot write --output", "does not accept new files")
 
 
 def test_a_nan_fine_tuning_step_stops_with_exit_1(task_files, tmp_path, monkeypatch, capsys):

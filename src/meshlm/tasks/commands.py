@@ -144,6 +144,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from meshlm.tasks.predict import load_task_model
 
     _check_input("--data", Path(args.data), "a labelled file of the run's task")
+    problem = output_dir_problem(Path(args.run))  # the scores are written into the run directory
+    if problem:
+        raise ConfigError(f"cannot write the scores into --run: {problem}. Copy the run somewhere writable.")
     env, code = _setup(args, 1 if args.nproc is None else args.nproc)
     if code is not None:
         return code
