@@ -13,8 +13,22 @@ import torch
 from meshlm.model.registry import BUILTIN, build_model, family_names, family_spec, meta_model
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "meshlm"
-# Module names common enough to appear in any code (or in more than one family) on their own.
-GENERIC = {"layers", "norm", "output", "attention", "rope", "blocks", "embedding", "dropout", "proj", "head", "down", "up"}  # (also English words in messages)
+# Module names common enough to appear in any code (or in more than one family) on their own,
+# or as English words in messages ("down", "up").
+GENERIC = {
+    "layers",
+    "norm",
+    "output",
+    "attention",
+    "rope",
+    "blocks",
+    "embedding",
+    "dropout",
+    "proj",
+    "head",
+    "down",
+    "up",
+}
 
 
 def _family_dirs() -> dict[str, Path]:
