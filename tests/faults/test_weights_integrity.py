@@ -56,6 +56,30 @@ def test_non_finite_weights_are_refused_by_tensor_name(tiny_run, tmp_path, capsy
         load_weights(run / "model.safetensors", cfg.model)
     assert main(["eval", "--run", str(run), "--data", str(run / "config.toml")]) == 2
     assert "layers.1.attention.wq.weight" in capsys.readouterr().err
+    state["layers.1.attention.wq.weight"][0, 3] = float("-inf")
+    save_weights(state, cfg.model, run / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"'layers.1.attention.wq.weight' holds 1 non-finite"):
+        load_weights(run / "model.safetensors", cfg.model)
+
+
+def test_log_probability_weights_may_hold_minus_infinity(tmp_path):
+    """An HMM's logits are -inf where EM counted nothing (probability zero): loaded; NaN or +inf
+    there are still refused."""
+    from meshlm.model.registry import build_model
+
+    cfg = load_config("hmm-tiny", ["model.n_states=4", "model.vocab_size=300"])
+    state = build_model(cfg.model, seed=0).state_dict()
+    state["emission.weight"][1, 7] = float("-inf")
+    state["chain.0.transition"][0, 2] = float("-inf")
+    path = tmp_path / "model.safetensors"
+    save_weights(state, cfg.model, path)
+    loaded = load_weights(path, cfg.model).state_dict()
+    assert loaded["emission.weight"][1, 7] == float("-inf")
+    for bad in (float("nan"), float("inf")):
+        state["emission.weight"][1, 7] = bad
+        save_weights(state, cfg.model, path)
+        with pytest.raises(ConfigError, match=r"tensor 'emission.weight' holds 1 non-finite"):
+            load_weights(path, cfg.model)
 
 
 def test_every_weights_file_has_a_manifest_and_mode_0644(tiny_run, tmp_path):

@@ -10,7 +10,7 @@ checks, and weights that are not finite are refused by name.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -54,11 +54,19 @@ def save_weights(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, path: Pa
     write_safetensors(tensors, path, {"format": "pt", "producer": "meshlm", "family": cfg.family})
 
 
-def check_finite(tensors: Mapping[str, torch.Tensor], source: Path | str) -> None:
-    """ConfigError naming the first tensor of `source` that holds NaN or infinity."""
+def check_finite(
+    tensors: Mapping[str, torch.Tensor], source: Path | str, log_probabilities: Collection[str] = ()
+) -> None:
+    """ConfigError naming the first tensor of `source` that holds NaN or infinity (in the
+    `log_probabilities` tensors, -inf is probability zero and allowed)."""
     for name, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
+        if not value.is_floating_point():
+            continue
+        valid = torch.isfinite(value)
+        if name in log_probabilities:
+            valid |= value == float("-inf")
+        if not bool(valid.all()):
+            bad = int((~valid).sum())
             raise ConfigError(
                 f"model weights {source}: tensor '{name}' holds {bad} non-finite value(s) (NaN or infinity), so "
                 f"every output would be garbage. Use an earlier checkpoint of the run (meshlm export --run RUN "
@@ -85,7 +93,7 @@ def load_weights(
         raise ConfigError(
             f"model weights {path} are unreadable or corrupt ({e}). Re-export or retrain the model."
         ) from e
-    check_finite(tensors, path)
+    check_finite(tensors, path, family_spec(cfg).log_probability_weights)
     model = empty_model(cfg, device)
     skip = _tied_copy(cfg)
     expected = {k: v for k, v in model.state_dict().items() if k != skip}
