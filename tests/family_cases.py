@@ -48,4 +48,13 @@ FAMILY_CASES: dict[str, list[str]] = {
         "model.channels=48",
         "model.tie_embeddings=true",
     ],
+    # lstm: tied output behind a d_hidden -> d_embed projection; the vocabulary splits under tp,
+    # the layers stay whole (no sequence parallelism: refused)
+    "lstm": [
+        'model.family="lstm"',
+        "model.d_embed=32",
+        "model.d_hidden=48",
+        "model.n_layers=4",
+        "model.tie_embeddings=true",
+    ],
 }

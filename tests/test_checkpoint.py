@@ -39,6 +39,8 @@ VARIANTS = {
     # gated CNN (d_model and n_layers from BASE): conv weights split over channels, a replicated
     # bottleneck projection, tied embeddings
     "gcnn": ['model.family="gcnn"', "model.bottleneck=32", "model.channels=48", "model.tie_embeddings=true"],
+    # tied output behind a projection; only the vocabulary splits under tp
+    "lstm": ['model.family="lstm"', "model.d_embed=32", "model.d_hidden=48", "model.n_layers=4"],
 }
 BASE = [
     "model.d_model=64",
@@ -148,6 +150,16 @@ CROSS = [
         "gcnn",
         2,
         ["parallel.tp=2", "parallel.sequence_parallel=true"],
+        4,
+        ["parallel.dp=2", "parallel.zero=3", "parallel.pp=2"],
+    ),
+    # the LSTM: vocabulary slices and ZeRO-2 ranges into FSDP2 chunks of whole LSTM layers over a
+    # pipeline whose last stage holds the projection and the tied output copy
+    (
+        "lstm-zero2xtp2-to-zero3xpp2",
+        "lstm",
+        4,
+        ["parallel.dp=2", "parallel.zero=2", "parallel.tp=2"],
         4,
         ["parallel.dp=2", "parallel.zero=3", "parallel.pp=2"],
     ),

@@ -256,17 +256,55 @@ def test_search_returns_layouts_meshlm_runs(cpu_cache):
         assert e.layout.recompute in ("none", "full")
 
 
-def test_published_runs_within_15_percent():
+def test_published_runs():
     """The acceptance check at cluster scale (figures from memory of the papers, see
-    docs/planner.md). MT-NLG's production run was ~30% slower than Megatron-LM's own benchmark
-    of the same model on the same machine, so it is held to 30%."""
+    docs/planner.md). A100 runs within 15%, except MT-NLG's production run, ~30% slower than
+    Megatron-LM's own benchmark of the same model on the same machine; H100 runs (Megatron-Core
+    style, every overlap modelled) within 25%; the median error within 10%."""
     from meshlm.plan.published import RUNS, compare
 
+    errors = []
     for run in RUNS:
         c = compare(run, with_search=False)
-        limit = 0.30 if run.name.startswith("MT-NLG") else 0.15
+        limit = 0.30 if run.name.startswith("MT-NLG") else 0.25 if run.cluster == "dgx-h100" else 0.15
         assert abs(c.error) <= limit, (run.name, c.predicted_tflops, run.reported_tflops)
         assert c.fits, run.name
+        errors.append(abs(c.error))
+    assert sorted(errors)[len(errors) // 2] <= 0.10
+
+
+def test_megatron_core_overlaps():
+    """megatron-flash hides most tensor-parallel communication behind the GEMMs (but pays for the
+    overlap), sizes its data-parallel buckets with dp, and hides the reduce-scatter of all but the
+    first chunk of an interleaved pipeline."""
+    from meshlm.plan.compute import PassTimes, block_pass
+    from meshlm.plan.data_parallel import data_parallel
+    from meshlm.plan.shapes import rank_chunks
+
+    m = TransformerConfig(d_model=8192, n_layers=16, n_heads=64, n_kv_heads=8, ffn_hidden=28672, vocab_size=128256)
+    c = make_cluster("dgx-h100", nodes=8)
+    flash = software_for("megatron-flash", "gpu")
+    w = Workload(m, 64, 8192)
+    sp = Layout(8, 8, 1, 1, 1, "none", True)
+    sync = block_pass(w, sp, c, dataclasses.replace(flash, tp_overlap="none"))
+    piped = block_pass(w, sp, c, flash)
+    assert piped.tp_comm < 0.4 * sync.tp_comm and piped.tp_hidden > 0.8 * sync.tp_comm
+    assert sync.total - sync.tp_comm < piped.total - piped.tp_comm  # the overlap slows the compute
+    assert piped.total < sync.total
+    assert flash.dp_bucket_bytes(8) == 40e6 * 4 and flash.dp_bucket_bytes(512) == 512e6 * 4
+
+    def exposed_share(layout):  # the same rank (4 layers, 2e9 parameters) in 1 or 4 chunks
+        chunks = rank_chunks(w, layout, "even")[0]
+        blk = block_pass(w, layout, c, flash)
+        passes = [PassTimes(k.layers * blk.fwd, k.layers * blk.bwd_input, k.layers * blk.bwd_weight) for k in chunks]
+        params = [2e9 * k.layers / 4 for k in chunks]
+        st = rank_stats(model_key(m), layout.tp, chunks, layout.pp, ())
+        exposed, total = data_parallel(layout, c, flash, st, chunks, params, passes, 8)
+        return exposed / total
+
+    one = exposed_share(Layout(2, 8, 4, 1, 1, "none", True, "1f1b", 1))
+    four = exposed_share(Layout(2, 8, 4, 1, 1, "none", True, "interleaved-1f1b", 4))
+    assert four < 0.5 * one
 
 
 def test_search_is_at_least_as_fast_as_the_published_layout():

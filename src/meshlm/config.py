@@ -172,6 +172,9 @@ class ParallelConfig:
     # Let the planner choose every key below for the world size at hand (`parallel = "auto"`
     # in a TOML file, or --set parallel.auto=true); the choice and the runner-up are logged.
     auto: bool = False
+    # With auto: time the planner's K best-predicted layouts for a few real steps on this machine
+    # (each through `meshlm train --nproc`) and train with the one measured fastest; 0 = trust the model.
+    auto_measure: int = 0
     # "auto" = world size / (tp x pp).
     dp: int | Literal["auto"] = "auto"
     # 0 = DDP, 1 = optimizer state sharded, 2 = + gradients, 3 = + parameters (FSDP).
@@ -460,6 +463,11 @@ def validate(cfg: Config) -> None:
         )
     if p.zero not in (0, 1, 2, 3):
         raise ConfigError(f"'parallel.zero' must be 0, 1, 2 or 3, got {p.zero}.")
+    if p.auto_measure < 0:
+        raise ConfigError(
+            f"'parallel.auto_measure' is how many of the best-predicted layouts to time before training "
+            f"(0 = none); it cannot be negative, got {p.auto_measure}."
+        )
     _validate_optimizer(t, p)
     if isinstance(p.dp, int) and p.dp <= 0:
         raise ConfigError(f"'parallel.dp' must be a positive integer or \"auto\", got {p.dp}.")

@@ -19,6 +19,7 @@ import importlib
 from meshlm.config import ConfigError, ModelConfig, model_section, register_model_section
 from meshlm.model.gcnn.config import GCNNConfig
 from meshlm.model.hmm.config import HMMConfig
+from meshlm.model.lstm.config import LSTMConfig
 from meshlm.model.maxent.config import MaxEntConfig
 from meshlm.model.transformer.config import TransformerConfig
 
@@ -28,6 +29,7 @@ BUILTIN: dict[str, tuple[type[ModelConfig], str]] = {
     "maxent": (MaxEntConfig, "meshlm.model.maxent.spec"),
     "hmm": (HMMConfig, "meshlm.model.hmm.spec"),
     "gcnn": (GCNNConfig, "meshlm.model.gcnn.spec"),
+    "lstm": (LSTMConfig, "meshlm.model.lstm.spec"),
 }
 
 _SPEC_MODULES: dict[str, str] = {}

@@ -98,11 +98,16 @@ class Capabilities:
     tensor_parallel: str | None = None
     sequence_parallel: str | None = None
     pipeline: str | None = None
+    # What tensor parallelism splits when it splits only part of the model (e.g. "the vocabulary
+    # only"), named wherever the family's layouts are listed: a user learns it from any refusal.
+    tensor_parallel_scope: str = ""
 
     def supported(self) -> str:
         runs = ["data parallel (ZeRO 0-3, HSDP)"]
         if not self.tensor_parallel:
-            runs.append("tensor parallel" + ("" if not self.sequence_parallel else " (without sequence parallel)"))
+            notes = [self.tensor_parallel_scope] if self.tensor_parallel_scope else []
+            notes += ["without sequence parallel"] if self.sequence_parallel else []
+            runs.append("tensor parallel" + (f" ({'; '.join(notes)})" if notes else ""))
         if not self.pipeline:
             runs.append("pipeline parallel")
         return ", ".join(runs)

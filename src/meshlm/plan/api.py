@@ -10,16 +10,21 @@ best = result.best            # an Estimate: .layout, .step_time_s, .memory, .fi
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from meshlm.config import Config, ConfigError, apply_overrides, load_config, validate
-from meshlm.model.tp_rules import check_tp_divides
+from meshlm.model.registry import family_spec
+from meshlm.model.tp_rules import check_layout_supported, check_tp_divides
+from meshlm.plan.chart import pareto_front, plot_candidates
 from meshlm.plan.clusters import make_cluster
-from meshlm.plan.cost import Estimate, estimate
+from meshlm.plan.cost import Estimate
 from meshlm.plan.hardware import CPU_LOCAL, Cluster
 from meshlm.plan.layout import Layout, Software, Workload, check_meshlm_layout, parse_layout, software_for
+from meshlm.plan.measure import DEFAULT_STEPS, Measured, check_measurable, measure_candidates
 from meshlm.plan.report import explain, format_table, header, runner_up, to_json
-from meshlm.plan.search import search
+from meshlm.plan.search import evaluate, search
+from meshlm.plan.serve import ServeTargets, format_serving, plan_serving, serving_json
 
 
 @dataclass
@@ -29,6 +34,9 @@ class PlanResult:
     software: Software
     candidates: list[Estimate]
     evaluated: int
+    estimates: list[Estimate] = field(default_factory=list)  # every layout evaluated (for the chart)
+    config: Config | None = None  # the config planned (what --measure-top trains)
+    meshlm_only: bool = False
 
     @property
     def best(self) -> Estimate | None:
@@ -54,6 +62,42 @@ class PlanResult:
     def to_json(self, top: int = 10) -> dict:
         return to_json(self.candidates, self.workload, self.cluster, self.software, top, self.evaluated)
 
+    def chart(self, path: Path | str) -> list[Estimate]:
+        """A PNG of every layout evaluated (plan/chart.py); returns the Pareto front."""
+        estimates = list(self.estimates or self.candidates)
+        if self.meshlm_only:  # the front shows only layouts meshlm runs
+            while True:
+                bad = [e for e in pareto_front(estimates) if not _runs(e, self.workload, self.cluster)]
+                if not bad:
+                    break
+                estimates = [e for e in estimates if all(e is not b for b in bad)]
+        title = header(self.workload, self.cluster, self.software).removeprefix("meshlm plan: ")
+        return plot_candidates(estimates, self.cluster, Path(path), _wrap(title))
+
+    def measure(self, top: int, steps: int = DEFAULT_STEPS, log=print) -> list[Measured]:
+        """Train the `top` best-predicted layouts for `steps` steps on this machine (plan/measure.py)."""
+        if self.config is None:
+            raise ConfigError("measuring needs the config that was planned: plan with plan_from_args or pass config=.")
+        check_measurable(self.cluster)
+        return measure_candidates(self.config, self.workload, self.candidates, top, steps, log)
+
+
+def _runs(e: Estimate, workload: Workload, cluster: Cluster) -> bool:
+    try:
+        check_meshlm_layout(e.layout, workload, cluster.world_size)
+    except ConfigError:
+        return False
+    return True
+
+
+def _wrap(text: str, width: int = 110) -> str:
+    words, lines = text.split(" "), [""]
+    for w in words:
+        if len(lines[-1]) + len(w) + 1 > width:
+            lines.append("")
+        lines[-1] = (lines[-1] + " " + w).strip()
+    return "\n".join(lines)
+
 
 def plan(
     workload: Workload,
@@ -62,8 +106,10 @@ def plan(
     layout: Layout | None = None,
     top: int | None = None,
     meshlm_only: bool | None = None,
+    config: Config | None = None,
 ) -> PlanResult:
-    """Search every layout (or evaluate `layout`) of `workload` on `cluster`."""
+    """Search every layout (or evaluate `layout`) of `workload` on `cluster`. `config`: the meshlm
+    config the workload comes from, for PlanResult.measure."""
     if workload.global_batch <= 0 or workload.seq_len <= 0:
         raise ConfigError(
             f"the global batch ({workload.global_batch}) and the sequence length ({workload.seq_len}) must be positive."
@@ -72,14 +118,18 @@ def plan(
     meshlm_only = sw.name == "meshlm" if meshlm_only is None else meshlm_only
     if layout is not None:
         check_layout(layout, workload, cluster, sw, meshlm_only)
-        return PlanResult(workload, cluster, sw, [estimate(workload, layout, cluster, sw)], 1)
+        one = [evaluate(workload, layout, cluster, sw)]
+        return PlanResult(workload, cluster, sw, one, 1, one, config, meshlm_only)
     result = search(workload, cluster, sw, top=top, meshlm_only=meshlm_only)
-    return PlanResult(workload, cluster, sw, result.candidates, result.evaluated)
+    return PlanResult(workload, cluster, sw, result.candidates, result.evaluated, result.estimates, config, meshlm_only)
 
 
 def check_layout(layout: Layout, workload: Workload, cluster: Cluster, sw: Software, meshlm_only: bool) -> None:
-    """One clear error for a layout that cannot run on this cluster (and, for meshlm, in meshlm)."""
+    """One clear error for a layout that cannot run on this cluster (and, for meshlm, in meshlm).
+    A layout the model's family cannot run comes first, in the family's own words."""
     m = workload.model
+    check_layout_supported(m, layout.tp, layout.pp, layout.sequence_parallel)
+    n_blocks = family_spec(m).n_blocks(m)
     if layout.world_size != cluster.world_size:
         raise ConfigError(
             f"the layout needs dp x tp x pp = {layout.dp} x {layout.tp} x {layout.pp} = {layout.world_size} devices, but the "
@@ -98,9 +148,9 @@ def check_layout(layout: Layout, workload: Workload, cluster: Cluster, sw: Softw
             f"a pipeline of pp={layout.pp} stages needs at least {layout.pp} micro-batches per step, but "
             f"global batch / (dp x micro_batch) = {micro}; raise --global-batch or lower micro_batch."
         )
-    if layout.pp > 1 and layout.pp * max(1, layout.virtual_stages) > m.n_layers:
+    if layout.pp > 1 and layout.pp * max(1, layout.virtual_stages) > n_blocks:
         raise ConfigError(
-            f"pp x virtual stages = {layout.pp} x {layout.virtual_stages} exceeds the {m.n_layers} layers."
+            f"pp x virtual stages = {layout.pp} x {layout.virtual_stages} exceeds the model's {n_blocks} blocks."
         )
     if layout.zero not in (0, 1, 2, 3):
         raise ConfigError(f"zero must be 0, 1, 2 or 3, got {layout.zero}.")
@@ -156,7 +206,39 @@ def plan_from_args(args) -> PlanResult:
     sw = software_for(args.software, cluster.device.kind, dtype)
     layout = parse_layout(args.layout, cluster.world_size) if args.layout else None
     meshlm_only = sw.name == "meshlm" and not args.all_layouts
-    return plan(workload, cluster, sw, layout, top=args.top, meshlm_only=meshlm_only)
+    cfg.train.global_batch = global_batch
+    top = max(args.top, getattr(args, "measure_top", 0) or 0)
+    return plan(workload, cluster, sw, layout, top=top, meshlm_only=meshlm_only, config=cfg)
+
+
+def serve_from_args(args) -> tuple[str, dict]:
+    """`meshlm plan --serve`: (the table, the JSON object) for the CLI's arguments (plan/serve.py)."""
+    from meshlm.plan.models import model_preset
+
+    if args.model:
+        cfg = Config(model=model_preset(args.model))
+        apply_overrides(cfg, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    m = cfg.model
+    prompt = args.prompt_len or min(512, m.max_seq_len // 2)
+    gen = args.gen_len or min(128, m.max_seq_len - prompt)
+    if prompt <= 0 or gen <= 0 or args.max_batch <= 0:
+        raise ConfigError(
+            f"--prompt-len ({prompt}), --gen-len ({gen}) and --max-batch ({args.max_batch}) must be positive."
+        )
+    validate(cfg)
+    cluster = make_cluster(
+        args.cluster,
+        args.nodes,
+        args.devices_per_node,
+        remeasure=args.remeasure,
+        world_size=None if args.cluster != CPU_LOCAL or args.devices_per_node else _cores(),
+        log=lambda message: print(message, file=sys.stderr),
+    )
+    targets = ServeTargets(prompt, gen, args.max_ttft_ms, args.min_tokens_per_s, args.max_tpot_ms, args.max_batch)
+    rows = plan_serving(m, cluster, targets)
+    return format_serving(m, cluster, targets, rows), serving_json(m, cluster, targets, rows)
 
 
 def _cores() -> int:
@@ -165,4 +247,4 @@ def _cores() -> int:
     return cores()
 
 
-__all__ = ["PlanResult", "plan", "plan_from_args", "check_layout"]
+__all__ = ["PlanResult", "plan", "plan_from_args", "serve_from_args", "check_layout"]

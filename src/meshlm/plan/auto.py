@@ -4,7 +4,8 @@
     keys = choose_layout(cfg, world_size)    # {"dp": .., "tp": .., ..., "micro_batch": .., "activation_checkpointing": ..}
 
 The workload is the config's model, train.global_batch (0: train.micro_batch x world size)
-and data.seq_len. On CPU the cluster is `cpu-local` (measured once per machine, then read
+and data.seq_len. With `parallel.auto_measure = K` the K best-predicted layouts are then
+trained for a few steps each on this machine (plan/measure.py) and the fastest measured wins. On CPU the cluster is `cpu-local` (measured once per machine, then read
 from the cache); on CUDA the GPU's preset (by device name) with the local processes as one
 node per LOCAL_WORLD_SIZE. The layout returned is one meshlm runs (parallel_dims_from_config
 accepts it); the choice and the runner-up are logged.
@@ -20,6 +21,7 @@ from meshlm.distributed.env import accelerator, read_launch_env
 from meshlm.plan.clusters import make_cluster
 from meshlm.plan.hardware import Cluster
 from meshlm.plan.layout import Layout, Workload, check_meshlm_layout, software_for
+from meshlm.plan.measure import DEFAULT_STEPS, check_measurable, format_measured, measure_candidates, summary
 
 
 def _gpu_preset(name: str, memory_bytes: float) -> str:
@@ -53,7 +55,7 @@ def _plan(cfg: Config, world_size: int, log) -> dict[str, object]:
     t = cfg.train
     workload = Workload(cfg.model, t.global_batch_for(world_size), cfg.data.seq_len)
     sw = software_for("meshlm", cluster.device.kind, t.dtype)
-    result = search(workload, cluster, sw, top=20, meshlm_only=True)
+    result = search(workload, cluster, sw, top=max(20, cfg.parallel.auto_measure), meshlm_only=True)
     best = result.best
     if best is None:
         detail = result.candidates[0].reason if result.candidates else "no layout divides the model and the world size"
@@ -61,6 +63,14 @@ def _plan(cfg: Config, world_size: int, log) -> dict[str, object]:
             f'parallel = "auto": no layout of this model fits {world_size} process(es) on '
             f"{cluster.describe()}: {detail}. Lower train.micro_batch or the model size, or set the layout by hand."
         )
+    if cfg.parallel.auto_measure > 1:
+        # time the best-predicted layouts on this machine and take the one measured fastest
+        check_measurable(cluster)
+        measured = measure_candidates(cfg, workload, result.candidates, cfg.parallel.auto_measure, DEFAULT_STEPS, log)
+        log(format_measured(measured, DEFAULT_STEPS))
+        fastest = summary(measured)["best"]
+        if fastest is not None:
+            best = fastest.estimate
     check_meshlm_layout(best.layout, workload, world_size, cfg)
     second = runner_up(result.candidates)
     log(

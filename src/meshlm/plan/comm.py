@@ -53,6 +53,22 @@ def _rate_and_alpha(cluster: Cluster, group: Group) -> tuple[float, float]:
     return min(cluster.intra.rate, group.per_node * inter.rate), inter.latency_s
 
 
+# A collective's kernels read and write device memory about 3 bytes per byte on the wire (a ring step
+# receives into memory, reads it back to reduce or forward it, and writes the result), through SMs
+# the compute beside it would otherwise use. Overlapped with compute, it is not free: the compute is
+# charged the time the device's memory needs for that traffic.
+HBM_BYTES_PER_WIRE_BYTE = 3.0
+
+
+def overlap_cost(cluster: Cluster, group: Group) -> float:
+    """Seconds of compute lost per second of collective overlapped with it (GPUs; 0 on CPUs, where
+    meshlm overlaps nothing beyond what the measured in-situ costs already contain)."""
+    if cluster.device.kind != "gpu" or group.size <= 1:
+        return 0.0
+    rate, _ = _rate_and_alpha(cluster, group)
+    return rate * HBM_BYTES_PER_WIRE_BYTE / cluster.device.elementwise_bandwidth
+
+
 MEASURED_SPLIT = 1 << 18  # cpu-local's two measured segments: up to 256 KB, and above
 
 

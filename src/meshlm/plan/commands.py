@@ -7,6 +7,7 @@ import json
 import sys
 
 from meshlm.config import ConfigError
+from meshlm.plan.measure import DEFAULT_STEPS, format_measured, summary
 
 
 def add_commands(sub) -> None:
@@ -75,6 +76,43 @@ def add_commands(sub) -> None:
         help="also rank layouts meshlm cannot run (with --software other than meshlm this is implied)",
     )
     p.add_argument("--remeasure", action="store_true", help="cpu-local: run the micro-benchmark again")
+    p.add_argument(
+        "--measure-top",
+        type=int,
+        default=0,
+        metavar="K",
+        help="train the K best-predicted layouts for a few real steps on this machine (each through "
+        "`meshlm train --nproc N`) and print the measured ranking beside the predicted one",
+    )
+    p.add_argument(
+        "--measure-steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        metavar="S",
+        help=f"steps per measured layout; the step time is the median of steps 2..S (default {DEFAULT_STEPS})",
+    )
+    p.add_argument(
+        "--png",
+        default=None,
+        metavar="FILE",
+        help="also draw every candidate: predicted step time against memory per device, the ones that do not "
+        "fit greyed, the Pareto front marked",
+    )
+    serve = p.add_argument_group("serving (--serve)")
+    serve.add_argument(
+        "--serve",
+        action="store_true",
+        help="plan serving instead of training: tensor-parallel degree and replicas, weights and decode state "
+        "per sequence, the largest batch that fits, decode tokens/s and time to first token",
+    )
+    serve.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default min(512, max_seq_len/2))")
+    serve.add_argument("--gen-len", type=int, default=None, help="generated tokens per request (default up to 128)")
+    serve.add_argument("--max-ttft-ms", type=float, default=None, help="target: time to the first token")
+    serve.add_argument("--min-tokens-per-s", type=float, default=None, help="target: generated tokens/s, all replicas")
+    serve.add_argument("--max-tpot-ms", type=float, default=None, help="target: time per output token (decode step)")
+    serve.add_argument(
+        "--max-batch", type=int, default=256, help="most sequences one replica decodes together (default 256)"
+    )
     p.set_defaults(func=cmd_plan)
 
 
@@ -83,10 +121,44 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.top <= 0:
         raise ConfigError(f"--top must be positive, got {args.top}.")
+    if args.measure_top < 0 or (args.measure_top and args.measure_steps < 2):
+        raise ConfigError(
+            f"--measure-top takes a number of layouts (>= 0, got {args.measure_top}) and --measure-steps at least 2 "
+            f"steps (the first only warms up; got {args.measure_steps})."
+        )
+    if args.serve:
+        from meshlm.plan.api import serve_from_args
+
+        if args.layout or args.measure_top or args.png:
+            raise ConfigError("--serve plans serving; --layout, --measure-top and --png are for training plans.")
+        text, obj = serve_from_args(args)
+        if args.json:
+            json.dump(obj, sys.stdout, indent=1)
+            sys.stdout.write("\n")
+        else:
+            print(text)
+        return 0
     result = plan_from_args(args)
+    note = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    if args.png:
+        front = result.chart(args.png)
+        note(f"meshlm plan: wrote {args.png} ({len(result.estimates)} layouts, {len(front)} on the Pareto front)")
+    measured = result.measure(args.measure_top, args.measure_steps, log=note) if args.measure_top else None
     if args.json:
-        json.dump(result.to_json(args.top), sys.stdout, indent=1)
+        obj = result.to_json(args.top)
+        if measured is not None:
+            s = summary(measured)
+            obj["measured"] = [m.to_dict() for m in measured]
+            obj["measured_summary"] = {
+                "steps": args.measure_steps,
+                "spearman": s["spearman"],
+                "regret": s["regret"],
+                "best": s["best"].estimate.layout.describe() if s["best"] else None,
+            }
+        json.dump(obj, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         print(result.text(args.top))
+        if measured is not None:
+            print(format_measured(measured, args.measure_steps))
     return 0

@@ -13,10 +13,11 @@ Each block is a list of kernels on one tp rank (shapes after the tensor-parallel
                   from Megatron's fused kernels
     output + loss the vocabulary GEMM and the cross-entropy passes over b s V / t logits
 
-Tensor-parallel collectives are on the critical path (meshlm and Megatron issue them
-synchronously): per block 2 all-reduces of b s h forward and 2 backward (sequence parallel:
-all-gathers + reduce-scatters of the same total traffic); full recomputation repeats the
-forward ones. On a GPU the host dispatches kernels asynchronously, so a pass costs
+Tensor-parallel collectives: per block 2 all-reduces of b s h forward and 2 backward (sequence
+parallel: all-gathers + reduce-scatters of the same total traffic); full recomputation repeats
+the forward ones. meshlm and Megatron-LM 2021-22 issue them synchronously (on the critical path);
+Megatron-Core pipelines them with the GEMMs (tp_overlap.py: what stays exposed, and the compute
+the overlap costs). On a GPU the host dispatches kernels asynchronously, so a pass costs
 max(device time, host time); on a CPU they are one thread and add up.
 """
 
@@ -28,6 +29,7 @@ from meshlm.plan import comm
 from meshlm.plan.hardware import Cluster, Device
 from meshlm.plan.layout import Layout, Software, Workload
 from meshlm.plan.shapes import Chunk, padded_vocab
+from meshlm.plan.tp_overlap import block_tp
 
 
 @dataclass
@@ -39,6 +41,7 @@ class PassTimes:
     bwd_weight: float = 0.0  # weight-gradient GEMMs
     tp_fwd: float = 0.0  # part of fwd spent in tensor-parallel collectives
     tp_bwd: float = 0.0  # part of bwd_input spent in tensor-parallel collectives
+    tp_hidden: float = 0.0  # tensor-parallel communication overlapped with GEMMs (not in the times above)
 
     @property
     def total(self) -> float:
@@ -57,6 +60,7 @@ class PassTimes:
             self.bwd_weight * factor,
             self.tp_fwd,
             self.tp_bwd,
+            self.tp_hidden,
         )
 
 
@@ -146,6 +150,12 @@ def block_elementwise(workload: Workload, layout: Layout, sw: Software) -> Eleme
         # write the gradient), plus the gradient sums where the residual stream and q/k/v (w1/w3) fork.
         bwd = 2 * fwd + (3 + 2 + (1 if gated else 0)) * 3 * N * er
         bwd_ops = 2 * fwd_ops + 6
+        if layout.sequence_parallel and t > 1 and b > 1:
+            # meshlm's (B, T, d) layout: each sequence-parallel all-gather / reduce-scatter moves the
+            # rank axis in front of the batch, one copy of the full (B, T, d) tensor (tp_collectives)
+            full = b * s * m.d_model * e
+            fwd, bwd = fwd + 4 * 2 * full, bwd + 4 * 2 * full
+            fwd_ops, bwd_ops = fwd_ops + 4, bwd_ops + 4
     return Elementwise(fwd, norms_fwd, fwd_ops, bwd, norms_bwd + bias_grads, bwd_ops + (0 if gated else 6))
 
 
@@ -225,13 +235,13 @@ def block_pass(workload: Workload, layout: Layout, cluster: Cluster, sw: Softwar
     d, hd = m.d_model, m.head_dim
     q, kv, F = m.n_heads * hd / t, m.kv_heads * hd / t, m.ffn_dim / t
     f, bi, bw, rc = _Acc(dev), _Acc(dev), _Acc(dev), _Acc(dev)
-    gemms = [(M, d, q), (M, d, kv), (M, d, kv)] if sw.separate_qkv else [(M, d, q + 2 * kv)]
-    gemms.append((M, q, d))
-    if m.arch == "llama":
-        gemms += [(M, d, F), (M, d, F)] if sw.separate_qkv else [(M, d, 2 * F)]
-    else:
-        gemms.append((M, d, F))
-    gemms.append((M, F, d))
+    sites = {  # the tensor-parallel GEMM sites and their GEMMs
+        "qkv": [(M, d, q), (M, d, kv), (M, d, kv)] if sw.separate_qkv else [(M, d, q + 2 * kv)],
+        "proj": [(M, q, d)],
+        "fc1": ([(M, d, F), (M, d, F)] if sw.separate_qkv else [(M, d, 2 * F)]) if m.arch == "llama" else [(M, d, F)],
+        "fc2": [(M, F, d)],
+    }
+    gemms = [g for site in sites.values() for g in site]
     for g in gemms:
         f.gemm(*g)
         bi.gemm(*g)
@@ -245,9 +255,21 @@ def block_pass(workload: Workload, layout: Layout, cluster: Cluster, sw: Softwar
             rc.gemm(*g)
         rc.memory(ew.fwd, ew.fwd_ops, ew.fwd_reduce)
         _attention(rc, _Acc(dev), workload, layout, sw, dev, recompute_core=False)
-    tp_f, tp_b, tp_rc = _tp_collectives(cluster, layout, workload, sw, 1, False, False)
-    tp_rc = tp_rc if layout.recompute == "full" else 0.0
-    return PassTimes(f.time() + tp_f, bi.time() + rc.time() + tp_b + tp_rc, bw.time(), tp_f, tp_b + tp_rc)
+    site_s = {k: sum(2 * a * b_ * c / dev.gemm_flops + dev.gemm_overhead_s for a, b_, c in v) for k, v in sites.items()}
+    tp = block_tp(cluster, layout, workload, sw, site_s)
+    again = layout.recompute == "full"  # full recomputation repeats the forward's collectives
+    tp_b = tp.bwd + (tp.fwd if again else 0.0)
+    if tp.split_gemms:  # the pipelined sites' GEMMs run as tp chunks: each chunk pays the per-GEMM cost
+        f.seconds(tp.split_gemms[0] * dev.gemm_overhead_s)
+        bi.seconds(tp.split_gemms[1] * dev.gemm_overhead_s)
+        if again:
+            rc.seconds(tp.split_gemms[0] * dev.gemm_overhead_s)
+    # overlapped collectives slow the compute beside them (comm.overlap_cost)
+    k = comm.overlap_cost(cluster, comm.place_group(cluster, layout.tp, 1))
+    f.seconds(k * tp.fwd_hidden)
+    bi.seconds(k * (tp.bwd_hidden + (tp.fwd_hidden if again else 0.0)))
+    hidden = tp.fwd_hidden * (2 if again else 1) + tp.bwd_hidden
+    return PassTimes(f.time() + tp.fwd, bi.time() + rc.time() + tp_b, bw.time(), tp.fwd, tp_b, hidden)
 
 
 def ends_pass(
@@ -301,4 +323,5 @@ def chunk_pass(
         L * blk.bwd_weight + ends.bwd_weight + weight_traffic(cluster, sw, chunk_params),
         L * blk.tp_fwd + ends.tp_fwd,
         L * blk.tp_bwd + ends.tp_bwd,
+        L * blk.tp_hidden,
     )

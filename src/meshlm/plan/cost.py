@@ -12,12 +12,9 @@ comm.py put together over the pipeline schedule and the data-parallel reduction.
         zbv                   bubble (p - 1) max(0, f + b_in - 2 b_w) (ZB-V)
       (b_in: input-gradient backward, b_w: weight-gradient GEMMs; p2p sends on the critical path.)
 
-    data parallel (P = parameters on the rank, e = bytes per gradient element):
-        DDP           all-reduce of P e in 25 MB buckets; overlapped with the last micro-batch's
-                      backward where the software does it (not after a pipeline flush in meshlm)
-        ZeRO-1/2      reduce-scatter of the gradients + all-gather of the updated parameters
-        FSDP (ZeRO-3) per micro-batch an all-gather of the parameters forward and backward,
-                      one reduce-scatter of the gradients per step; overlapped on GPUs
+    data parallel: data_parallel.py (DDP, ZeRO-1/2 with Megatron-Core's per-chunk overlap,
+        FSDP2 with its copies); overlapped communication charges the compute beside it
+        (comm.overlap_cost)
 
 On the CPU (cpu-local) N processes share C cores. When N > C, compute is conserved: the step's
 compute takes max(the schedule's critical path at full speed, all ranks' compute / C) (a rank
@@ -34,12 +31,12 @@ from dataclasses import dataclass, field, replace
 from meshlm.model.stats import flops_per_token
 from meshlm.plan import comm
 from meshlm.plan.compute import PassTimes, block_pass, ends_pass, weight_traffic
+from meshlm.plan.data_parallel import data_parallel
 from meshlm.plan.hardware import Cluster, GiB
 from meshlm.plan.layout import Layout, Software, Workload
 from meshlm.plan.memory import Memory, layer_activation_bytes, rank_memory, shard_count
 from meshlm.plan.shapes import (
     Chunk,
-    ParamStats,
     chunk_numel,
     model_from_key,
     model_key,
@@ -135,6 +132,7 @@ def _chunk_times(parts: tuple, chunk: Chunk, cluster: Cluster, sw: Software, par
         L * blk.bwd_weight + e.bwd_weight + weight_traffic(cluster, sw, params),
         L * blk.tp_fwd + e.tp_fwd,
         L * blk.tp_bwd + e.tp_bwd,
+        L * blk.tp_hidden,
     )
 
 
@@ -170,14 +168,20 @@ def estimate(workload: Workload, layout: Layout, cluster: Cluster, sw: Software)
     per_layer = (layer_activation_bytes(workload, layout, sw), layer_activation_bytes(workload, layout, sw, "none"))
     all_passes: list[PassTimes] = []
     rank_times, rank_comm, rank_tp, mems, stats = [], [], [], [], []
+    rank_passes, rank_params = [], []  # per rank, per chunk
     for r, chunks in enumerate(chunks_by_rank):
         tied_copy = layout.pp > 1 and (len(chunks) > 1 or not any(c.has_embedding for c in chunks))
         total = comm_total = tp_total = 0.0
+        rank_passes.append([])
+        rank_params.append([])
         for c in chunks:
-            base = _chunk_times(parts, c, cluster, sw, chunk_numel(mkey, layout.tp, c, tied_copy))
+            numel = chunk_numel(mkey, layout.tp, c, tied_copy)
+            base = _chunk_times(parts, c, cluster, sw, numel)
             p_in, p_out = (p2p if c.stage > 0 else 0.0), (p2p if c.stage < n_stage - 1 else 0.0)
             x = base.slowed(1.0, p_in, p_out)
             all_passes.append(x)
+            rank_passes[-1].append(x)
+            rank_params[-1].append(numel)
             total += x.total
             comm_total += x.tp_comm + p_in + p_out
             tp_total += x.tp_comm
@@ -209,9 +213,8 @@ def estimate(workload: Workload, layout: Layout, cluster: Cluster, sw: Software)
     heavy = max(range(len(stats)), key=lambda i: stats[i].numel)
     st, chunks = stats[heavy], chunks_by_rank[heavy]
     P = st.numel
-    last_bwd = max(x.bwd_input + x.bwd_weight for x in all_passes)
-    first_fwd = max(x.fwd for x in all_passes)
-    dp_exposed, dp_total = _data_parallel(workload, layout, cluster, sw, st, chunks, micro, last_bwd, first_fwd)
+    dp_exposed, dp_total = data_parallel(layout, cluster, sw, st, chunks, rank_params[heavy], rank_passes[heavy], micro)
+    dp_exposed += (dp_total - dp_exposed) * comm.overlap_cost(cluster, dp_group)  # overlapped, it slows compute
     if layout.zero == 0 or layout.dp == 1:
         opt_elems = P
     elif layout.zero == 3:
@@ -270,56 +273,6 @@ def estimate(workload: Workload, layout: Layout, cluster: Cluster, sw: Software)
 
 
 _PIPELINE_ACTION_OPS = 40  # Python work per forward/backward action in torch's schedules, in op overheads
-
-
-def _data_parallel(
-    workload: Workload,
-    layout: Layout,
-    cluster: Cluster,
-    sw: Software,
-    st: ParamStats,
-    chunks: tuple[Chunk, ...],
-    micro: int,
-    last_bwd: float,
-    first_fwd: float,
-) -> tuple[float, float]:
-    """(exposed, total) seconds of data-parallel communication per step."""
-    if layout.dp == 1:
-        return 0.0, 0.0
-    group = comm.place_group(cluster, layout.dp, layout.tp)
-    P = st.numel
-    grad_bytes = P * sw.grad_comm_bytes
-    overlap = sw.dp_overlap if layout.pp == 1 else sw.pp_dp_overlap
-    bucket = sw.bucket_bytes
-    if layout.zero == 0:
-        total = comm.bucketed_all_reduce(cluster, group, grad_bytes, bucket)
-        if not overlap:
-            return total, total
-        last = comm.all_reduce(cluster, group, min(bucket, grad_bytes))
-        return max(total - last_bwd, last), total
-    if layout.zero in (1, 2):
-        rs = comm.bucketed_half(cluster, group, grad_bytes, bucket, "reduce_scatter")
-        ag = comm.bucketed_half(cluster, group, P * sw.param_comm_bytes, bucket, "all_gather")
-        if not sw.zero_overlap:
-            return rs + ag, rs + ag
-        last = comm.all_gather(cluster, group, min(bucket, grad_bytes))
-        return max(rs - last_bwd, last) + max(ag - first_fwd, 0.0), rs + ag
-    # FSDP / HSDP
-    shard = layout.dp // layout.dp_replicate
-    shard_group = comm.place_group(cluster, shard, layout.tp)
-    units = sum(c.layers for c in chunks) + 1
-    param_bytes = P * sw.param_comm_bytes
-    ag = comm.all_gather(cluster, shard_group, param_bytes / units, units)  # one pass over all units
-    rs = comm.reduce_scatter(cluster, shard_group, grad_bytes / units, units)
-    replicate = 0.0
-    if layout.dp_replicate > 1:
-        rep_group = comm.place_group(cluster, layout.dp_replicate, layout.tp * shard)
-        replicate = comm.all_reduce(cluster, rep_group, grad_bytes / shard / units, units)
-    total = micro * 2 * ag + rs + replicate
-    if not overlap:
-        return total, total
-    per_micro = max(0.0, ag - first_fwd) + max(0.0, ag - last_bwd) + ag / units
-    return micro * per_micro + max(0.0, rs + replicate - last_bwd) + (rs + replicate) / units, total
 
 
 def _fits(mem: Memory, cluster: Cluster, layout: Layout) -> tuple[bool, str]:

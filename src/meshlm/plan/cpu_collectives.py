@@ -7,6 +7,10 @@ at once, the cost of a 4 KB all-reduce issued between equal slices of matrix wor
 are issued in a training step: the ranks' uneven arrival, and with more processes than cores the
 wait for a core, are part of it. A collective among p of N processes then costs
     (its own latency) x (p - 1) + (the in-situ arrival cost for N, p) + bytes x (its own cost per byte, ring-scaled)
+All-gathers and reduce-scatters are also measured in situ themselves, at 256 KB (the size of FSDP
+units' and sequence-parallel activations' collectives in small models): gloo's cost for them between
+busy ranks exceeds their back-to-back latency by more than the all-reduce's arrival cost, and that
+excess, when larger, replaces the arrival cost for them.
 """
 
 from __future__ import annotations
@@ -78,7 +82,18 @@ def _collective_rank(rank: int, group_sizes: tuple[int, ...], reps: int, isolate
     base = timed(work)
     small = torch.zeros(SMALL // 4)
     for p in group_sizes:
-        out[f"in_situ|{p}"] = max(1e-6, timed(lambda: (work(), dist.all_reduce(small, group=groups[p]))) - base)
+        g = groups[p]
+        out[f"in_situ|{p}"] = max(1e-6, timed(lambda: (work(), dist.all_reduce(small, group=g))) - base)
+        # all-gathers and reduce-scatters of the size FSDP units and sequence-parallel activations
+        # have, issued the same way: gloo's cost for them between busy ranks is not the all-reduce's
+        n = MEDIUM // 4 // p * p
+        full, shard = torch.zeros(n), torch.zeros(n // p)
+        out[f"in_situ_all_gather|{p}"] = max(
+            1e-6, timed(lambda: (work(), all_gather_single(full, shard, group=g))) - base
+        )
+        out[f"in_situ_reduce_scatter|{p}"] = max(
+            1e-6, timed(lambda: (work(), reduce_scatter_single(shard, full, group=g))) - base
+        )
     return out
 
 
@@ -115,6 +130,12 @@ def measure_collectives(n_cores: int) -> dict:
             for op, segments in own.items():
                 ring = 1 if op == "send_recv" else p - 1
                 scale = 1 if op == "send_recv" else ((p - 1) / p) / 0.5
-                entry[op] = [[alpha * ring + arrival, beta * scale] for alpha, beta in segments]
+                entry[op] = [[alpha * ring, beta * scale] for alpha, beta in segments]
+                extra = arrival
+                if f"in_situ_{op}|{p}" in merged:  # measured in situ itself: what it costs beyond its own latency
+                    n = MEDIUM // 4 // p * p * 4
+                    alpha, beta = entry[op][0] if n <= MEDIUM else entry[op][-1]
+                    extra = max(arrival, merged[f"in_situ_{op}|{p}"] - (alpha + beta * n))
+                entry[op] = [[alpha + extra, beta] for alpha, beta in entry[op]]
             table[str(world)][str(p)] = entry
     return table

@@ -34,7 +34,7 @@ from meshlm.distributed.env import environment_without_launch
 from meshlm.plan.cpu_collectives import measure_collectives
 from meshlm.plan.hardware import Cluster, Device, Link
 
-VERSION = 10
+VERSION = 11
 
 
 def cache_dir() -> Path:

@@ -106,12 +106,26 @@ class Software:
     dp_overlap: bool = True  # DP gradient reduction overlaps backward (no pipeline)
     pp_dp_overlap: bool = False  # ... also with a pipeline
     zero_overlap: bool = False  # ZeRO-1/2 reduce-scatter / all-gather overlap compute
+    # Tensor-parallel collectives beside GEMMs (plan/tp_overlap.py): "none" (synchronous: meshlm),
+    # "backward" (Megatron-LM since 2022: the column-parallel layers' backward collectives run
+    # asynchronously beside their dgrad / wgrad GEMMs), "pipelined" (Megatron-Core's
+    # --tp-comm-overlap through Transformer Engine: with sequence parallelism every collective is
+    # split into tp chunks pipelined with its GEMM; without it, as "backward").
+    tp_overlap: str = "none"
+    max_zero: int = 3  # the highest ZeRO stage the software has (Megatron: a distributed optimizer, no FSDP)
     optimizer_bytes_per_param: float = 28.0  # memory traffic of one optimizer step (+ clipping)
     optimizer_ops_per_tensor: float = 4.0
     loss_bytes_per_logit: float = 40.0  # cross-entropy traffic per logit (fwd + bwd, casts included)
     bucket_bytes: float = 25 * 2**20
+    # Buckets grow with the data-parallel degree so that each rank's share stays large (Megatron-Core:
+    # max(40M, 1M x dp) elements): elements per data-parallel rank, 0 = fixed buckets.
+    bucket_elements_per_rank: float = 0.0
     activation_model: str = "meshlm"  # meshlm (counted from the code) | megatron (Korthikanti et al. 2022)
     pipeline_split: str = "balanced"  # layers per stage: balanced (meshlm) | even (Megatron) | ends-lighter (Llama 3)
+
+    def dp_bucket_bytes(self, dp: int) -> float:
+        """Bytes of gradients per data-parallel bucket (each bucket is one collective)."""
+        return max(self.bucket_bytes, self.bucket_elements_per_rank * dp * self.grad_comm_bytes)
 
     @property
     def state_bytes_per_param(self) -> float:
@@ -155,7 +169,8 @@ SOFTWARE: dict[str, Software] = {
     # micro-batch a hook adds the 16-bit weight gradient into the fp32 main gradient (w 2, r 2,
     # r 4, w 4 = 12 B per parameter); attention
     # scores materialised (fused scale-mask-softmax kernel, attention dropout); fused QKV
-    # GEMM and fused elementwise kernels; gradient all-reduce after the pipeline flush.
+    # GEMM and fused elementwise kernels; gradient all-reduce after the pipeline flush;
+    # synchronous tensor-parallel collectives; no ZeRO beyond stage 1 (DeepSpeed's, with pipelines).
     "megatron": Software(
         "megatron",
         2,
@@ -174,6 +189,7 @@ SOFTWARE: dict[str, Software] = {
         dp_overlap=False,
         pp_dp_overlap=False,
         zero_overlap=False,
+        max_zero=1,
         optimizer_bytes_per_param=30.0,
         optimizer_ops_per_tensor=1.0,
         loss_bytes_per_logit=16.0,
@@ -181,8 +197,11 @@ SOFTWARE: dict[str, Software] = {
         pipeline_split="even",
     ),
     # Megatron-Core style (2023+; Llama 3's 4D parallelism is similar): FlashAttention, no
-    # attention dropout, fused weight-gradient accumulation, distributed optimizer with gradient
-    # reduce-scatter in fp32 and parameter all-gather in bf16, both overlapped with compute.
+    # attention dropout, fused weight-gradient accumulation, distributed optimizer (ZeRO-1; no
+    # FSDP) with gradient reduce-scatter in fp32 and parameter all-gather in bf16, both overlapped
+    # with compute (--overlap-grad-reduce --overlap-param-gather; buckets of max(40M, 1M x dp)
+    # elements), sequence parallelism with the TP collectives pipelined with their GEMMs
+    # (--tp-comm-overlap, Transformer Engine userbuffers).
     "megatron-flash": Software(
         "megatron-flash",
         2,
@@ -200,6 +219,10 @@ SOFTWARE: dict[str, Software] = {
         dp_overlap=True,
         pp_dp_overlap=True,
         zero_overlap=True,
+        tp_overlap="pipelined",
+        max_zero=2,
+        bucket_bytes=40e6 * 4,
+        bucket_elements_per_rank=1e6,
         optimizer_bytes_per_param=30.0,
         optimizer_ops_per_tensor=1.0,
         loss_bytes_per_logit=16.0,

@@ -55,10 +55,18 @@ MODELS: dict[str, ModelConfig] = {
     "megatron-310b": _gpt(96, 16384, 128, 51200),
     "megatron-530b": _gpt(105, 20480, 128, 51200),
     "megatron-1t": _gpt(128, 25600, 160, 51200),
+    # Korthikanti et al. 2022, table 3 (the 530B and 1T models are megatron-530b and megatron-1t)
+    "megatron-22b": _gpt(48, 6144, 64, 51200),
+    "megatron-175b": _gpt(96, 12288, 96, 51200),
     "mt-nlg-530b": _gpt(105, 20480, 128, 51200),
     # BLOOM uses ALiBi instead of learned positions and an embedding LayerNorm: within 0.02% of the parameters.
     "bloom-176b": _gpt(70, 14336, 112, 250880),
     "opt-175b": _gpt(96, 12288, 96, 50272),
+    # Nemotron-4 (NVIDIA 2024): grouped-query attention (8 kv heads), rotary positions, untied embeddings,
+    # 256,000-token vocabulary, a squared-ReLU MLP of 4 d_model, modelled as a gated MLP of 8/3 d_model
+    # (the same parameters, FLOPs and activation memory).
+    "nemotron4-15b": _llama(32, 6144, 48, 8, 16384, 256000, 4096),
+    "nemotron4-340b": _llama(96, 18432, 96, 8, 49152, 256000, 4096),
     "llama3-8b": _llama(32, 4096, 32, 8, 14336),
     "llama3-70b": _llama(80, 8192, 64, 8, 28672),
     "llama3-405b": _llama(126, 16384, 128, 8, 53248),

@@ -8,6 +8,9 @@ paper's FLOP/s per GPU.
 
     megatron   96 B s l h^2 (1 + s / 6h + V / 16 l h)   (activation recomputation counted)
     model      6 N + 12 l s h per token (meshlm.model.stats.flops_per_token; no recomputation)
+
+Where a paper states the iteration time (Korthikanti et al. 2022, Nemotron-4), the comparison
+is made on it directly (`reported_step_s`), and the FLOP/s column shows the paper's MFU x peak.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class PublishedRun:
     unknown: tuple[str, ...] = ()
 
     split: str = ""  # layers per stage, when the paper says (else the software's default)
+    reported_step_s: float = 0.0  # the paper's iteration time, when it gives one (compared directly)
+    accelerator: str = ""  # "A100" / "H100" (for the summary); from the cluster preset when empty
 
     def options(self) -> dict[str, tuple]:
         return {"micro_batch": (1, 2, 4, 8, 16), "recompute": ("none", "full"), "virtual_stages": (2, 4, 8)}
@@ -47,6 +52,50 @@ def megatron_flops(workload: Workload, global_batch: int | None = None) -> float
     m = workload.model
     B, s, L, h, V = global_batch or workload.global_batch, workload.seq_len, m.n_layers, m.d_model, m.vocab_size
     return 96 * B * s * L * h * h * (1 + s / (6 * h) + V / (16 * L * h))
+
+
+def _korthikanti(name: str, model: str, pp: int, gpus: int, batch: int, step_s: float, mfu: float) -> PublishedRun:
+    """Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
+    tables 3 and 4: one model-parallel replica (dp 1), sequence 2048,
+    tensor parallel 8 with sequence parallelism and selective recomputation, on Selene (DGX A100 80GB)."""
+    return PublishedRun(
+        name,
+        "Korthikanti et al. 2022 (sequence parallelism + selective recomputation), tables 3-4",
+        model,
+        "dgx-a100-80gb",
+        gpus,
+        batch,
+        2048,
+        Layout(1, 8, pp, 0, 1, "selective", True, "1f1b", 1),
+        "megatron",
+        mfu * 312,
+        "megatron",
+        f"Megatron-LM 2022, {step_s} s per iteration, MFU {100 * mfu:.1f}%; micro-batch 1 with a pipeline",
+        unknown=() if pp > 1 else ("micro_batch",),
+        reported_step_s=step_s,
+    )
+
+
+def _nemotron(size: str, dp: int, pp: int, batch: int, step_s: float, mfu: float) -> PublishedRun:
+    big = size == "340B"
+    return PublishedRun(
+        f"Nemotron-4 {size}, {dp * 8 * pp} GPUs",
+        f"NVIDIA 2024, Nemotron-4 {size} technical report, batch ramp-up table",
+        f"nemotron4-{size.lower()}",
+        "dgx-h100",
+        dp * 8 * pp,
+        batch,
+        4096,
+        Layout(dp, 8, pp, 1, 1, "none", True, "interleaved-1f1b" if big else "1f1b", 4 if big else 1),
+        "megatron-flash",
+        mfu * 989,
+        "model",
+        f"Megatron-Core (NeMo), bf16, tp 8{' x pp 12, interleaved' if big else ''}, distributed optimizer; "
+        f"{step_s} s per iteration, MFU {100 * mfu:.1f}%; "
+        + ("virtual stages not stated" if big else "micro-batch not stated: 1 assumed (4 per step at every dp)"),
+        unknown=("virtual_stages",) if big else (),
+        reported_step_s=step_s,
+    )
 
 
 def step_flops(run: PublishedRun, workload: Workload) -> float:
@@ -121,6 +170,18 @@ RUNS: tuple[PublishedRun, ...] = (
         150,
         "megatron",
         "Megatron-DeepSpeed, bf16, ZeRO-1, ~150 TFLOP/s quoted (approximate); ALiBi modelled as learned positions",
+    ),
+    _korthikanti("Korthikanti 22B", "megatron-22b", 1, 8, 4, 1.10, 0.415),
+    _korthikanti("Korthikanti 175B", "megatron-175b", 8, 64, 64, 13.75, 0.514),
+    _korthikanti("Korthikanti 530B", "megatron-530b", 35, 280, 280, 37.83, 0.560),
+    _korthikanti("Korthikanti 1T", "megatron-1t", 64, 512, 512, 71.49, 0.563),
+    *(
+        _nemotron("15B", dp, 1, batch, t, mfu)
+        for dp, batch, t, mfu in ((96, 384, 0.57, 0.343), (192, 768, 0.58, 0.333), (288, 1152, 0.64, 0.305))
+    ),
+    *(
+        _nemotron("340B", dp, 12, batch, t, mfu)
+        for dp, batch, t, mfu in ((16, 768, 10.3, 0.424), (32, 1536, 10.3, 0.423), (64, 2304, 8.0, 0.410))
     ),
     PublishedRun(
         "Llama 3 405B, 8K GPUs",
@@ -209,7 +270,7 @@ def compare(run: PublishedRun, with_search: bool = True) -> Comparison:
     ]
     est = min((estimate(workload, v, cluster, sw) for v in variants), key=lambda e: (not e.fits, e.step_time_s))
     flops = step_flops(run, workload)
-    reported_step = flops / (run.reported_tflops * 1e12 * run.gpus)
+    reported_step = run.reported_step_s or flops / (run.reported_tflops * 1e12 * run.gpus)
     best_layout = best_step = None
     if with_search:
         result = search(workload, cluster, sw, top=1, meshlm_only=False, micro_batches=(1, 2, 4, 8, 16))
@@ -220,7 +281,7 @@ def compare(run: PublishedRun, with_search: bool = True) -> Comparison:
         est.layout,
         est.step_time_s,
         reported_step,
-        flops / est.step_time_s / run.gpus / 1e12,
+        run.reported_tflops * reported_step / est.step_time_s,
         best_layout,
         best_step,
         est.fits,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from meshlm.model.registry import family_spec
 from meshlm.model.stats import count_params
 from meshlm.plan.cost import Estimate
 from meshlm.plan.hardware import Cluster
@@ -26,10 +27,24 @@ def header(workload: Workload, cluster: Cluster, sw: Software) -> str:
     n = count_params(m)
     size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
     return (
-        f"meshlm plan: {m.arch} {size} parameters ({m.n_layers} layers, d_model {m.d_model}, "
-        f"{m.n_heads} heads) on {cluster.describe()}; global batch {workload.global_batch} x {workload.seq_len} tokens; "
+        f"meshlm plan: {m.family} {size} parameters ({family_spec(m).describe(m)}) on {cluster.describe()}; "
+        f"global batch {workload.global_batch} x {workload.seq_len} tokens; "
         f"software '{sw.name}', {sw.dtype}; memory = {memory}"
     )
+
+
+def model_json(m) -> dict:
+    """The planned model: its family, the [model] keys the block model reads where they exist
+    (arch, d_model, n_layers, n_heads, vocab_size, kv_heads, ffn_dim), its blocks and parameters."""
+    keys = ("arch", "d_model", "n_layers", "n_heads", "vocab_size", "kv_heads", "ffn_dim")
+    spec = family_spec(m)
+    return {
+        "family": m.family,
+        **{k: getattr(m, k) for k in keys if hasattr(m, k)},
+        "blocks": spec.n_blocks(m),
+        "description": spec.describe(m),
+        "parameters": count_params(m),
+    }
 
 
 def runner_up(candidates: list[Estimate]) -> Estimate | None:
@@ -123,12 +138,7 @@ def to_json(
     best = candidates[0] if candidates else None
     second = runner_up(candidates)
     return {
-        "model": {
-            **{k: getattr(workload.model, k) for k in ("arch", "d_model", "n_layers", "n_heads", "vocab_size")},
-            "kv_heads": workload.model.kv_heads,
-            "ffn_dim": workload.model.ffn_dim,
-            "parameters": count_params(workload.model),
-        },
+        "model": model_json(workload.model),
         "global_batch": workload.global_batch,
         "seq_len": workload.seq_len,
         "cluster": cluster.to_dict(),

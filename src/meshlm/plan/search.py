@@ -3,7 +3,8 @@
 Enumerated: tp (a divisor of the heads, the key/value heads and the MLP, at most one node),
 pp (at most the layers), dp = devices / (tp pp) dividing the global batch, the micro-batch
 (a divisor of each data-parallel rank's batch; with a pipeline at least pp micro-batches),
-the ZeRO stage (and HSDP with one replica per node when the shard group fills a node),
+the ZeRO stage up to the software's highest (and HSDP with one replica per node when the shard
+group fills a node),
 sequence parallelism, activation recomputation, and with a pipeline the schedule and its
 virtual stages. Each is estimated (cost.estimate); those that do not fit in memory are kept
 with the reason, after the ones that fit. Ranked by predicted step time.
@@ -15,8 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from meshlm.config import PIPELINE_SCHEDULES, ConfigError
+from meshlm.model.registry import family_spec
 from meshlm.model.tp_rules import tp_problem
+from meshlm.plan import family_cost
 from meshlm.plan.cost import Estimate, estimate
+from meshlm.plan.family_shapes import has_block_model
 from meshlm.plan.hardware import Cluster
 from meshlm.plan.layout import Layout, Software, Workload, check_meshlm_layout
 
@@ -33,6 +37,7 @@ class SearchResult:
     candidates: list[Estimate]  # fitting ones first (fastest first), then the rest (smallest memory first)
     evaluated: int
     rejected: dict[str, int] = field(default_factory=dict)  # why layouts were not enumerated (counts)
+    estimates: list[Estimate] = field(default_factory=list)  # every layout evaluated (unchecked, unordered)
 
     @property
     def best(self) -> Estimate | None:
@@ -86,7 +91,7 @@ def candidate_layouts(
                 if pp > 1 and n_micro < pp:
                     reject("fewer micro-batches than pipeline stages")
                     continue
-                for z in zero if dp > 1 else (0,):
+                for z in [z for z in zero if z <= sw.max_zero] if dp > 1 else (0,):
                     replicas = [1]
                     per_node = max(1, cluster.devices_per_node // tp)
                     if z == 3 and cluster.nodes > 1 and dp > per_node and dp % per_node == 0:
@@ -112,20 +117,30 @@ def candidate_layouts(
                                                 yield Layout(dp, tp, pp, z, mb, rc, sp, sched, v, rep)
 
 
+def evaluate(workload: Workload, layout: Layout, cluster: Cluster, sw: Software) -> Estimate:
+    """One layout's estimate: the detailed block model where it describes the model, else the
+    family-spec model (family_cost.py)."""
+    if has_block_model(workload.model):
+        return estimate(workload, layout, cluster, sw)
+    return family_cost.estimate_family(workload, layout, cluster, sw)
+
+
 def search(
     workload: Workload, cluster: Cluster, sw: Software, *, top: int | None = None, meshlm_only: bool = True, **options
 ) -> SearchResult:
     """Estimate every candidate layout and rank them. With `meshlm_only`, the top candidates are
     also checked against meshlm's own layout validation (parallel_dims_from_config)."""
     rejected: dict[str, int] = {}
-    estimates = [
-        estimate(workload, layout, cluster, sw)
-        for layout in candidate_layouts(workload, cluster, sw, rejected=rejected, **options)
-    ]
+    if has_block_model(workload.model):
+        layouts = candidate_layouts(workload, cluster, sw, rejected=rejected, **options)
+    else:
+        layouts = family_cost.candidate_layouts(workload, cluster, sw, rejected)
+    estimates = [evaluate(workload, layout, cluster, sw) for layout in layouts]
     if not estimates:
+        spec = family_spec(workload.model)
         raise ConfigError(
             f"no layout divides this model and cluster: {cluster.world_size} devices, global batch "
-            f"{workload.global_batch}, {workload.model.n_layers} layers, {workload.model.n_heads} heads "
+            f"{workload.global_batch}, {spec.describe(workload.model)} "
             f"({', '.join(f'{k}: {v}' for k, v in rejected.items()) or 'nothing enumerated'}). "
             f"Change the global batch (a multiple of the data-parallel degree) or the device count."
         )
@@ -146,4 +161,4 @@ def search(
         ranked = checked
     elif top is not None:
         ranked = ranked[:top]
-    return SearchResult(ranked, len(estimates), rejected)
+    return SearchResult(ranked, len(estimates), rejected, estimates)
