@@ -51,9 +51,9 @@ def decoding_cases() -> list[str]:
 
 CASES = decoding_cases()
 # Families whose decode step computes from the parameters directly (n-gram tables, the HMM
-# filter, gcnn's one-column convolution as a matmul) rather than through the model's forward,
-# so a hook on the whole model is not run while decoding.
-STEP_OUTSIDE_FORWARD = {"maxent", "hmm", "gcnn"}
+# filter, gcnn's one-column convolution as a matmul, lstm's fused cell) rather than through
+# the model's forward, so a hook on the whole model is not run while decoding.
+STEP_OUTSIDE_FORWARD = {"maxent", "hmm", "gcnn", "lstm"}
 
 
 def sequences(lengths, seed=0) -> list[list[int]]:

@@ -188,8 +188,10 @@ class ParallelConfig:
     # 0 = pp (or pp x virtual stages for interleaved schedules).
     pp_microbatches: int = 0
     pp_virtual_stages: int = 1
-    # "auto" balances layers over stages; or an explicit list of layer counts.
-    pp_split: Literal["auto"] | list[int] = "auto"
+    # "auto" balances layers over stages by the family's cost model; "measured" times each block
+    # (forward + backward on the device) before training and balances those times; or an
+    # explicit list of layer counts.
+    pp_split: Literal["auto", "measured"] | list[int] = "auto"
 
 
 @dataclass

@@ -7,10 +7,10 @@ into fixed, non-overlapping windows of `seq_len` predictions (the last one may b
 so every token after the first is predicted exactly once, with the context of its window.
 
 Data parallel, with the same result for every number of processes: the windows form fixed
-batches of `batch_size`; batch b is computed by rank b % N, in the same shape whatever N is,
-so its loss sum is the same bits on any layout. The per-batch sums are combined with one
-all-reduce of a vector in which each batch has exactly one non-zero contributor (exact),
-then added up in batch order in float64.
+batches of `batch_size`, handed out on demand (distributed/work_queue.py: a rank asks for the
+next batch while it computes the current one, so a slower or busier rank simply computes fewer).
+A batch has the same shape whichever rank computes it, so its loss sum is the same bits on any
+layout; rank 0 collects the per-batch sums and adds them up in batch order in float64.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch import nn
 from meshlm.config import ConfigError
 from meshlm.data.sources import iter_documents
 from meshlm.data.tokenizer import end_of_text_id
+from meshlm.distributed.work_queue import open_work_queue
 
 
 @dataclass
@@ -62,15 +63,10 @@ def windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def evaluate_tokens(
-    model: nn.Module,
-    tokens: torch.Tensor,
-    seq_len: int,
-    batch_size: int = 8,
-    rank: int = 0,
-    world: int = 1,
-    group=None,
+    model: nn.Module, tokens: torch.Tensor, seq_len: int, batch_size: int = 8, rank: int = 0, world: int = 1
 ) -> EvalResult:
-    """Every rank passes the same tokens; batches are split round-robin over the ranks."""
+    """Every rank of the world (`world` of them, this one `rank`) passes the same tokens and gets
+    the result; the batches are handed out on demand."""
     if seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len} is longer than the model's context ({model.cfg.max_seq_len}).")
     device = next(model.parameters()).device
@@ -79,16 +75,34 @@ def evaluate_tokens(
     full = [s for s in spans if s[1] == seq_len]
     batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[s] for s in spans if s[1] != seq_len]
-    sums = torch.zeros(len(batches), dtype=torch.float64, device=device)
-    for b in range(rank, len(batches), world):
+    sums = torch.zeros(len(batches), dtype=torch.float64)
+
+    def record(results: list[tuple[int, float]]) -> None:  # rank 0
+        for b, value in results:
+            sums[b] = value
+
+    if world > 1 and rank != dist.get_rank():
+        raise ValueError(f"evaluate_tokens: rank {rank} is not this process's rank {dist.get_rank()}")
+    queue = open_work_queue(list(range(len(batches))) if rank == 0 else None, list(range(world)), record)
+    client = queue.client
+    while True:
+        client.top_up(2)  # the batch to compute and the next: a rank never waits for a reply
+        client.wait()
+        got = client.take(1)
+        if not got:
+            break
+        b = got[0]
         length = batches[b][0][1]
         idx = torch.tensor([start for start, _ in batches[b]]).unsqueeze(1) + torch.arange(length + 1)
         window = tokens[idx].to(device)  # (B, T+1)
         logits = model(window[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].flatten(), reduction="sum")
-        sums[b] = loss.double()
-    if world > 1:
-        dist.all_reduce(sums, group=group)
+        client.put([(b, loss.double().item())])
+    queue.close()
+    if world > 1:  # rank 0 has every batch's sum
+        on_device = sums.to(device)
+        dist.broadcast(on_device, src=0)
+        sums = on_device.cpu()
     n = sum(length for _, length in spans)
     loss = float(sums.sum()) / n
     return EvalResult(loss, math.exp(loss), n, len(spans), seq_len)

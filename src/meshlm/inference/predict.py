@@ -16,16 +16,20 @@ Output: one object per answered input line, in input order,
 or {"line": 3, "error": "line 3: ..."} for a line that cannot be run (bad JSON, a missing or
 unknown field, a bad value, a prompt longer than the context); the others still run.
 
-Resumable: records are appended as each chunk of prompts finishes, and a re-run skips the
-lines that OUT already answers (same line number and prompt); error lines are tried again.
-At the end OUT is rewritten in input order. What changes an answer (the model, the generation
-settings) is recorded in OUT.settings.json, and a re-run with anything else is refused instead
-of mixing answers (predict_settings.py; --overwrite starts over).
+Resumable: each record is appended as its answer finishes, and a re-run skips the lines that
+OUT already answers (same line number and prompt); error lines are tried again. At the end OUT
+is rewritten in input order. What changes an answer (the model, the generation settings) is
+recorded in OUT.settings.json, and a re-run with anything else is refused instead of mixing
+answers (predict_settings.py; --overwrite starts over).
 
-Layout: world = dp x tp processes; global rank 0 reads and writes the files and hands each
-chunk out round-robin to the dp groups; every rank of a group runs the same schedule.
-Without a per-line seed, a line's seed is derived from --seed and its line number, so the
-output does not depend on the layout.
+Layout: world = dp x tp processes; global rank 0 reads and writes the files. Prompts are handed
+out on demand (distributed/work_queue.py): each dp group asks for as many prompts as its engine
+has free slots and streams them through continuous batching, so a finished answer's slot takes
+the next prompt at once, and a group that drew long answers takes fewer (longest first, so no
+long answer starts last). Every rank of a group runs the same schedule. An answer depends only
+on its prompt, parameters and seed, never on which prompts share its batch or its group;
+without a per-line seed, a line's seed is derived from --seed and its line number, so the
+output does not depend on the layout or on the timing.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from meshlm.distributed.work_queue import open_work_queue
 from meshlm.inference.engine import Engine, Request
 from meshlm.inference.loading import InferenceLayout, broadcast_object
 from meshlm.inference.predict_settings import check_same_settings, write_settings
@@ -145,6 +150,13 @@ def _write_all(path: Path, records: dict[int, dict]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _by_cost(items: list[Item]) -> list[Item]:
+    """The order work is handed out in: the longest answers first (at most max_new_tokens, plus
+    the prompt), so that no long answer starts last and keeps one worker busy alone at the end
+    (longest processing time first); ties in input order. The output order is not affected."""
+    return sorted(items, key=lambda it: (-(it.params.max_new_tokens + len(it.prompt_ids) / 8), it.line))
+
+
 def run_predict(
     input_path: Path | None,
     output_path: Path | None,
@@ -152,7 +164,6 @@ def run_predict(
     layout: InferenceLayout,
     defaults: SamplingParams,
     base_seed: int | None = None,
-    chunk_size: int | None = None,
     progress: bool = True,
     settings: dict | None = None,
     start_over: bool = False,
@@ -161,7 +172,6 @@ def run_predict(
     `settings` (what changes an answer: predict_settings.py) are recorded beside OUT; answers
     made with others are refused unless `start_over`, which discards them."""
     main = layout.is_main
-    chunk_size = chunk_size or 2 * engine.max_batch * layout.dp
     records: dict[int, dict] = {}
     pending: list[Item] = []
     skipped = errors = 0
@@ -193,47 +203,31 @@ def run_predict(
                     pending.append(item)
         output_path.parent.mkdir(parents=True, exist_ok=True)
         _write_all(output_path, records)  # kept answers and this run's error lines, before any work
+    # Every rank sizes its cache for the longest answer up front: a long request admitted later
+    # never waits for the engine to drain before the cache can grow.
+    need = broadcast_object(max((len(it.prompt_ids) + it.params.max_new_tokens for it in pending), default=1), layout)
+    engine.reserve(engine.max_batch, need)
     bar = None
     if main and progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(pending), unit="prompt", desc="predict", dynamic_ncols=True)
     out = open(output_path, "a", encoding="utf-8") if main else None
+    by_line = {it.line: it for it in pending}
+
+    def record(results: list[tuple[int, dict]]) -> None:  # rank 0, as answers finish anywhere
+        for line, answer in results:
+            item = by_line[line]
+            rec = {"line": line, **item.echo, "prompt": item.prompt, **answer}
+            records[line] = rec
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        out.flush()
+        if bar is not None:
+            bar.update(len(results))
+
     try:
-        position = 0
-        while True:
-            chunk = None
-            if main and position < len(pending):
-                chunk = [(it.line, it.prompt_ids, it.params) for it in pending[position : position + chunk_size]]
-            chunk = broadcast_object(chunk, layout)
-            if chunk is None:
-                break
-            mine = chunk[layout.dp_rank :: layout.dp]
-            completions = engine.generate([Request(ids, params) for _, ids, params in mine])
-            results = [(line, c) for (line, _, _), c in zip(mine, completions)] if layout.tp_rank == 0 else []
-            if layout.env.world_size > 1:
-                gathered = [None] * layout.env.world_size if main else None
-                dist.gather_object(results, gathered, dst=0)
-                results = [r for part in gathered for r in part] if main else []
-            if main:
-                by_line = {it.line: it for it in pending[position : position + chunk_size]}
-                for line, c in sorted(results, key=lambda r: r[0]):
-                    item = by_line[line]
-                    rec = {
-                        "line": line,
-                        **item.echo,
-                        "prompt": item.prompt,
-                        "text": c.text,
-                        "prompt_tokens": c.prompt_tokens,
-                        "completion_tokens": c.completion_tokens,
-                        "finish_reason": c.finish_reason,
-                    }
-                    records[line] = rec
-                    out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                out.flush()
-                if bar is not None:
-                    bar.update(len(chunk))
-                position += len(chunk)
+        work = [(it.line, it.prompt_ids, it.params) for it in _by_cost(pending)] if main else None
+        answer_on_demand(engine, layout, work, record)
     finally:
         if out is not None:
             out.close()
@@ -243,3 +237,61 @@ def run_predict(
         return None
     _write_all(output_path, records)  # input order
     return PredictSummary(len(pending), skipped, errors, output_path)
+
+
+def answer_on_demand(engine: Engine, layout: InferenceLayout, work: list | None, record: Callable) -> None:
+    """Run `work` [(line, prompt ids, params)] (rank 0's list) through every data-parallel group's
+    engine, handed out on demand: a group asks for as many prompts as it has free slots, so a
+    finished answer's slot takes the next prompt at the following step; `record` gets
+    [(line, answer fields)] on rank 0 as answers finish. The ranks of a tensor-parallel group
+    add the same requests between the same steps: its leader (tp rank 0) receives the prompts
+    and passes them on."""
+    leaders = [d * layout.tp for d in range(layout.dp)]
+    queue = open_work_queue(work, leaders, record)
+    client = queue.client
+    lines: dict[int, int] = {}  # engine request id -> input line
+    finished: list[tuple[int, dict]] = []
+    exhausted = False
+    while True:
+        free = engine.max_batch - engine.num_running - engine.num_waiting
+        if not exhausted and (free > 0 or not engine.has_work):
+            new: list = []
+            if client is not None:
+                client.top_up(free)
+                if not engine.has_work:
+                    client.wait()  # idle: until a prompt arrives or none is left
+                new, exhausted = client.take(max(free, 0)), client.exhausted
+            if layout.tp_group is not None:  # the group's leader tells its other ranks
+                new, exhausted = _from_leader((new, exhausted), layout)
+            for line, ids, params in new:
+                lines[engine.add(Request(ids, params))] = line
+        if not engine.has_work:
+            if exhausted:
+                break
+            continue
+        for event in engine.step():
+            c = event.completion
+            if c is not None:
+                line = lines.pop(event.index)
+                if client is not None:
+                    finished.append((line, _answer_fields(c)))
+        if finished:
+            client.put(finished)
+            finished = []
+    queue.close()
+
+
+def _answer_fields(c) -> dict:
+    return {
+        "text": c.text,
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "finish_reason": c.finish_reason,
+    }
+
+
+def _from_leader(value, layout: InferenceLayout):
+    """The tp group leader's `value` on every rank of the group."""
+    box = [value]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(layout.tp_group, 0), group=layout.tp_group)
+    return box[0]

@@ -40,6 +40,8 @@ class ParallelModel:
     tied_sync: object | None = None
     model_cfg: ModelConfig | None = None
     mesh: ParallelMesh | None = None  # None on a single process
+    layer_counts: list[int] | None = None  # blocks per pipeline stage (pp > 1)
+    stage_costs: object | None = None  # the measured StageCosts behind them (pp_split = "measured")
     # What the model is trained to do (meshlm.train.objective): its `loss(pm, output, target)`
     # replaces the language-modelling cross-entropy below, in the step and in the pipeline's
     # last stage. None: language modelling.
@@ -120,12 +122,18 @@ def parallelize(
 
     # 1. Pipeline split: this rank's stages, each a pruned copy of the model.
     stage_ids, n_stages, parts, tied_sync = [0], 1, [model], None
+    counts, measured = None, None
     if dims.pp > 1:
         from meshlm.parallel import pipeline, pipeline_split
 
         v = stages_per_rank(cfg)
         n_stages = dims.pp * v
-        counts = pipeline_split.stage_layer_counts(cfg, n_stages)
+        if cfg.parallel.pp_split == "measured":  # every rank times the blocks; they agree on one split
+            from meshlm.parallel.block_timing import agreed_stage_costs, measure_stage_costs
+
+            local = measure_stage_costs(model, cfg.train.micro_batch, cfg.data.seq_len, device)
+            measured = agreed_stage_costs(local, device)
+        counts = pipeline_split.stage_layer_counts(cfg, n_stages, measured)
         stage_ids = pipeline_split.stage_ids_for_rank(pp_rank, dims.pp, cfg.parallel.pp_schedule, v)
         parts = [pipeline_split.build_stage_module(model, s, n_stages, counts) for s in stage_ids]
         tied_sync = (
@@ -166,6 +174,8 @@ def parallelize(
         tied_sync,
         cfg.model,
         mesh,
+        counts,
+        measured,
     )
     if dims.pp > 1:
         from meshlm.parallel import pipeline

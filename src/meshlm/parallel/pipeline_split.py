@@ -3,9 +3,10 @@
 Pure functions of the config and the model: no process group is touched here, so the
 split can be planned (and tested) before any process starts.
 
-    stage_layer_counts   how many consecutive blocks each stage gets ("auto" or parallel.pp_split)
+    stage_layer_counts   how many consecutive blocks each stage gets ("auto", "measured" or a list)
     stage_ids_for_rank   which stages a pipeline rank holds (one; looped; or the zbv "V")
     build_stage_module   a copy of the model pruned to one stage, parameter names unchanged
+    build_part           a copy pruned to any blocks, with or without the first / last modules
     TiedEmbeddingSync    sums the gradients of the two copies of a tied embedding that a
                          split over ranks creates (the only part here that communicates)
 """
@@ -21,16 +22,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from meshlm.config import MULTI_STAGE_SCHEDULES, PIPELINE_SCHEDULES, Config, ConfigError
 from meshlm.model.registry import family_spec
-from meshlm.model.spec import submodule
+from meshlm.model.spec import StageCosts, submodule
 from meshlm.parallel.stage_balance import balanced_layer_counts
 from meshlm.parallel.wrappers import clean_name, local_tensor
 
 
-def stage_layer_counts(cfg: Config, n_stages: int) -> list[int]:
+def stage_layer_counts(cfg: Config, n_stages: int, measured: StageCosts | None = None) -> list[int]:
     """Blocks ("layers") per pipeline stage, first to last.
 
     An explicit `parallel.pp_split` list is returned as given (after checking it has one
     positive entry per stage and sums to the model's blocks).
+
+    "measured" balances `measured`, the per-block times of parallel.block_timing (seconds of
+    forward + backward of each block, of the first-stage and of the last-stage modules with
+    the loss), with the same rule as "auto".
 
     "auto" balances compute with the family's costs (`FamilySpec.stage_costs`; for the
     transformer, matmul parameters per token, proportional to training FLOPs per token):
@@ -49,6 +54,10 @@ def stage_layer_counts(cfg: Config, n_stages: int) -> list[int]:
     costs = family_spec(cfg).stage_costs(cfg.model)
     n_layers = len(costs.blocks)
     split = cfg.parallel.pp_split
+    if split == "measured":
+        if measured is None or len(measured.blocks) != n_layers:
+            raise ValueError(f'parallel.pp_split="measured" needs the {n_layers} blocks\' measured costs')
+        costs = measured
     if isinstance(split, list):
         if len(split) != n_stages or sum(split) != n_layers or any(n <= 0 for n in split):
             raise ConfigError(
@@ -115,15 +124,22 @@ def build_stage_module(model: nn.Module, stage_id: int, n_stages: int, layer_cou
     """
     if len(layer_counts) != n_stages or not 0 <= stage_id < n_stages:
         raise ValueError(f"stage {stage_id} of {n_stages} with layer counts {layer_counts}")
-    spec = family_spec(model.cfg)
-    blocks = submodule(model, spec.blocks)
+    blocks = submodule(model, family_spec(model.cfg).blocks)
     if sum(layer_counts) != len(blocks):
         raise ValueError(f"layer counts {layer_counts} do not sum to the model's {len(blocks)} blocks")
     keep = {str(i) for i in stage_layer_range(stage_id, layer_counts)}
+    return build_part(model, keep, first=stage_id == 0, last=stage_id == n_stages - 1)
+
+
+def build_part(model: nn.Module, keep: set[str], first: bool, last: bool) -> nn.Module:
+    """A deep copy of `model` with only the blocks named in `keep` (possibly none), and the
+    first-stage / last-stage modules only if asked for (see build_stage_module)."""
+    spec = family_spec(model.cfg)
+    blocks = submodule(model, spec.blocks)
     dropped = [block for name, block in blocks.items() if name not in keep]
-    if stage_id != 0:
+    if not first:
         dropped += [m for m in (submodule(model, name) for name in spec.first_stage) if m is not None]
-    if stage_id != n_stages - 1:
+    if not last:
         dropped += [m for m in (submodule(model, name) for name in spec.last_stage) if m is not None]
     # deepcopy returns what the memo holds for an object it has seen: the dropped modules become
     # None without being copied. A parameter shared with a dropped module (the tied output weight

@@ -16,11 +16,16 @@ the contiguous shard [r*S, (r+1)*S); a shard boundary may cut through a paramete
              after reduce_gradients), optimizer state 2*S float32
 
 Per step (the caller drives it):
-    for each micro-batch: loss.backward()      # accumulates p.grad locally, no communication
-    opt.reduce_gradients()                     # bucketed reduce-scatter, sum / N (as DDP)
+    for each micro-batch but the last: loss.backward()   # accumulates p.grad locally
+    with opt.overlap_backward(): loss.backward()         # the last one: buckets are reduce-
+                                                         # scattered as their gradients are final
+    opt.reduce_gradients()                     # waits for them (and reduces the rest), sum / N
     sq = opt.grad_sq_sum(); all_reduce(sq)     # the global norm for clipping
-    opt.step(lr, clip_coef)                    # AdamW on the owned shard, then all-gather
+    opt.step(lr, clip_coef)                    # AdamW on the owned shard, all-gathered bucket by
+                                               # bucket while the next bucket is updated
     opt.zero_grad()
+Without `overlap_backward`, reduce_gradients does all the reduce-scatters after the backward
+(the same sums, bit for bit: the same collectives on the same buckets, only launched earlier).
 
 The AdamW arithmetic is torch.optim.AdamW's (decoupled decay, lerp for exp_avg, the same
 bias corrections and op order), run on the flat shard; decay applies only to elements of
@@ -32,14 +37,18 @@ float32 master copy; meshlm trains with float32 parameters under autocast).
 Collectives: gloo on CPU supports reduce-scatter natively in torch 2.13
 (`reduce_scatter_single`, formerly `reduce_scatter_tensor`), so no all-reduce emulation.
 Buckets: rank r's piece of bucket k is [r*S + k*B, r*S + (k+1)*B), so one reduce-scatter
-per bucket lands exactly in the owned shard; the transient staging is <= bucket_bytes.
+per bucket lands exactly in the owned shard; at most two buckets are in flight outside the
+backward (one communicating while the next is filled or updated), so the transient staging
+is <= 2 x bucket_bytes. The parameters are packed in the order their gradients become final,
+and buckets are launched in index order on every rank (zero_buckets.py).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +59,7 @@ from torch import nn
 from meshlm.config import TrainConfig
 from meshlm.distributed.collectives import all_gather_single as _all_gather
 from meshlm.distributed.collectives import reduce_scatter_single as _reduce_scatter
+from meshlm.parallel.zero_buckets import BucketSchedule, InFlight, bucket_ranges, buckets_of, piece, readiness_packing
 
 EPS = 1e-8
 
@@ -129,10 +139,11 @@ class _FlatGroup:
             s.param.grad = view
 
     def fill_rows(self, staging: torch.Tensor, lo: int, hi: int) -> None:
-        """Stage 2: staging[r] = this rank's local gradient over flat [r*S + lo, r*S + hi)."""
+        """Stage 2: staging[r] = this rank's local gradient over shard r's piece of bucket
+        [lo, hi) (zero_buckets.piece)."""
         staging.zero_()
         for r in range(self.n):
-            a, b = r * self.shard_size + lo, r * self.shard_size + hi
+            a, b = (r * self.shard_size + x for x in piece(r, lo, hi, self.shard_size))
             i = max(0, bisect.bisect_right(self._starts, a) - 1)
             while i < len(self.segments) and self.segments[i].offset < b:
                 s = self.segments[i]
@@ -165,8 +176,7 @@ class ZeroOptimizer:
         self.bucket_bytes = bucket_bytes
         self.step_count = 0
         self._reduced = False
-        by_dtype: dict[torch.dtype, list[_Segment]] = {}
-        offsets: dict[torch.dtype, int] = {}
+        by_dtype: dict[torch.dtype, list[tuple[str, nn.Parameter]]] = {}
         seen: set[int] = set()
         for name, p in model.named_parameters(remove_duplicate=False):
             if not p.requires_grad or id(p) in seen:
@@ -177,14 +187,37 @@ class ZeroOptimizer:
                     f"ZeroOptimizer needs plain tensors, but parameter '{name}' is a "
                     f"{type(p.data).__name__}; pass the local shard module or use FSDP."
                 )
-            off = offsets.get(p.dtype, 0)
-            by_dtype.setdefault(p.dtype, []).append(
-                _Segment(name, p, off, p.numel(), p.dim() >= 2, float(grad_weight(name)))
-            )
-            offsets[p.dtype] = off + p.numel()
+            by_dtype.setdefault(p.dtype, []).append((name, p))
         if not by_dtype:
             raise ValueError("ZeroOptimizer: the model has no trainable parameters.")
-        self.groups = [_FlatGroup(dt, segs, self.n, self.rank, stage) for dt, segs in by_dtype.items()]
+        self.groups = []
+        for dt, named in by_dtype.items():
+            named = named[::-1]  # the order gradients become final in (zero_buckets.readiness_packing)
+            offsets = readiness_packing([p.numel() for _, p in named], self.n)
+            segments = [
+                _Segment(name, p, off, p.numel(), p.dim() >= 2, float(grad_weight(name)))
+                for (name, p), off in zip(named, offsets)
+            ]
+            self.groups.append(_FlatGroup(dt, sorted(segments, key=lambda s: s.offset), self.n, self.rank, stage))
+        self._in_flight: list[InFlight] = []
+        self._armed = False
+        self.schedule = self._bucket_schedule()
+        self._segment_of = {id(s.param): (g, s) for g in self.groups for s in g.segments}
+        for g in self.groups:
+            for s in g.segments:
+                s.param.register_post_accumulate_grad_hook(self._on_gradient_final)
+
+    def _bucket_schedule(self) -> BucketSchedule:
+        members: dict[tuple[int, int], list[int]] = {}
+        for gi, g in enumerate(self.groups):
+            B = self._bucket_elems(g)
+            for k in range(len(bucket_ranges(g.shard_size, B))):
+                members[(gi, k)] = []
+            for s in g.segments:
+                for k in buckets_of(s.offset, s.numel, g.shard_size, B, self.n):
+                    members[(gi, k)].append(id(s.param))
+        order = sorted(members, key=lambda key: (key[1], key[0]))
+        return BucketSchedule(order, members)
 
     # ------------------------------------------------------------------ gradients
 
@@ -192,6 +225,71 @@ class ZeroOptimizer:
         """Elements per rank in one bucket (one collective moves N times this)."""
         per_rank = self.bucket_bytes // (self.n * group.flat_param.element_size())
         return max(1, min(group.shard_size, per_rank))
+
+    @contextlib.contextmanager
+    def overlap_backward(self) -> Iterator[None]:
+        """Run the step's last backward inside this: each bucket's reduce-scatter is launched
+        (asynchronously) as soon as the gradients of every parameter in it are final, while
+        the backward goes on; reduce_gradients() then waits for them. Earlier micro-batches'
+        backwards stay outside (they only accumulate)."""
+        if self._reduced:
+            raise RuntimeError("overlap_backward() after reduce_gradients(); call step() and zero_grad() first.")
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    @torch.no_grad()
+    def _on_gradient_final(self, param: torch.Tensor) -> None:
+        if not self._armed:
+            return
+        g, s = self._segment_of[id(param)]
+        if self.stage == 1:  # the bucket reads the flat buffer: the gradient must be in it
+            view = g.grad_view(s)
+            if param.grad is not None and param.grad.data_ptr() != view.data_ptr():
+                view.copy_(param.grad)
+                param.grad = view
+        for key in self.schedule.mark_final(id(param)):
+            self._launch_reduce(*key, limit=None)
+
+    @torch.no_grad()
+    def _launch_reduce(self, gi: int, k: int, limit: int | None) -> None:
+        """Reduce-scatter bucket k of group gi asynchronously (waiting for the oldest bucket
+        in flight first when `limit` buckets already are)."""
+        g, n, S = self.groups[gi], self.n, self.groups[gi].shard_size
+        lo, hi = bucket_ranges(S, self._bucket_elems(g))[k]
+        b = hi - lo
+        if self.stage == 1 and b == S:  # a single bucket: the flat buffer itself
+            inp = g.flat_grad.view(n, S)
+        elif self.stage == 1:
+            inp = torch.stack([g.flat_grad[r * S + a : r * S + z] for r in range(n) for a, z in [piece(r, lo, hi, S)]])
+        else:
+            inp = torch.empty(n, b, dtype=g.dtype, device=g.flat_param.device)
+            g.fill_rows(inp, lo, hi)
+        for pid in self.schedule.launched((gi, k)):
+            if self.stage == 2:  # copied into the buckets that need it: free the full gradient now
+                self._segment_of[pid][1].param.grad = None
+        out = torch.empty(b, dtype=g.dtype, device=g.flat_param.device)
+        work = _reduce_scatter(out, inp.view(-1), group=self.group, async_op=True) if n > 1 else None
+        if n == 1:
+            out.copy_(inp.view(-1))
+
+        mine = slice(*piece(self.rank, lo, hi, S))
+
+        def finish() -> None:  # sum, then divide by N: the average DDP produces
+            torch.div(out, n, out=g.shard_grad[mine])
+
+        self._track(InFlight(work, finish, [inp, out]), limit)
+
+    def _track(self, item: InFlight, limit: int | None) -> None:
+        self._in_flight.append(item)
+        while limit is not None and len(self._in_flight) > limit:
+            self._in_flight.pop(0).wait()
+
+    def _drain(self) -> None:
+        while self._in_flight:
+            self._in_flight.pop(0).wait()
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
@@ -203,29 +301,14 @@ class ZeroOptimizer:
             raise RuntimeError(
                 "reduce_gradients() was already called for this step; call step() and zero_grad() first."
             )
-        for g in self.groups:
-            B, S, n = self._bucket_elems(g), g.shard_size, self.n
-            if self.stage == 1:
+        if self.stage == 1:
+            for g in self.groups:  # buckets launched in backward already hold their gradients
                 g.gather_local_grads()
-                rows = g.flat_grad.view(n, S)
-            else:
-                staging = torch.empty(n * B, dtype=g.dtype, device=g.flat_param.device)
-            out = torch.empty(B, dtype=g.dtype, device=g.flat_param.device)
-            for lo in range(0, S, B):
-                hi = min(S, lo + B)
-                b = hi - lo
-                if self.stage == 1:
-                    inp = rows[:, lo:hi].contiguous()  # no copy with a single bucket
-                else:
-                    inp = staging[: n * b].view(n, b)
-                    g.fill_rows(inp, lo, hi)
-                if n > 1:
-                    _reduce_scatter(out[:b], inp.view(-1), group=self.group)
-                else:
-                    out[:b].copy_(inp.view(-1))
-                # Sum, then divide by N: the average DDP produces.
-                torch.div(out[:b], n, out=g.shard_grad[lo:hi])
-            if self.stage == 2:
+        for key in self.schedule.unlaunched():
+            self._launch_reduce(*key, limit=2)
+        self._drain()
+        if self.stage == 2:
+            for g in self.groups:
                 for s in g.segments:
                     s.param.grad = None
         self._reduced = True
@@ -249,46 +332,63 @@ class ZeroOptimizer:
 
     @torch.no_grad()
     def step(self, lr: float, clip_coef: float | torch.Tensor = 1.0) -> None:
-        """grads *= clip_coef, AdamW on the owned shard, then all-gather the parameters."""
+        """grads *= clip_coef, AdamW on the owned shard, then all-gather the parameters. Bucket
+        by bucket, from the last to the first (the first blocks' parameters sit in the last
+        buckets: the next forward needs them first): each bucket's all-gather runs while the
+        next one is updated."""
         if not self._reduced:
             raise RuntimeError("step() needs reduce_gradients() after the backward passes.")
+        self.step_count += 1
+        for g in self.groups:
+            g.shard_grad.mul_(clip_coef)
+            for lo, hi in reversed(bucket_ranges(g.shard_size, self._bucket_elems(g))):
+                self._adamw(g, *piece(self.rank, lo, hi, g.shard_size), lr)
+                self._launch_gather(g, lo, hi)
+        self._drain()
+
+    def _adamw(self, g: _FlatGroup, lo: int, hi: int, lr: float) -> None:
+        """AdamW on shard elements [lo, hi) (elementwise: the same bits as on the whole shard)."""
         c = self.cfg
         beta1, beta2, wd = c.beta1, c.beta2, c.weight_decay
-        self.step_count += 1
         bias_correction1 = 1 - beta1**self.step_count
         bias_correction2 = 1 - beta2**self.step_count
         step_size = lr / bias_correction1
         bias_correction2_sqrt = bias_correction2**0.5
-        for g in self.groups:
-            g.shard_grad.mul_(clip_coef)
-            grad = g.shard_grad.float()
-            param = g.shard_param if g.dtype == torch.float32 else g.shard_param.float()
-            if wd != 0:
-                for lo, hi, _ in g.decay_runs:
-                    param[lo:hi].mul_(1 - lr * wd)
-            # torch.optim.adam._single_tensor_adam / _multi_tensor_adam, same op order.
-            g.exp_avg.lerp_(grad, 1 - beta1)
-            g.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (g.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(EPS)
-            param.addcdiv_(g.exp_avg, denom, value=-step_size)
-            if param is not g.shard_param:
-                g.shard_param.copy_(param)
-            self._all_gather_params(g)
+        grad = g.shard_grad[lo:hi].float()
+        shard = g.shard_param[lo:hi]
+        param = shard if g.dtype == torch.float32 else shard.float()
+        exp_avg, exp_avg_sq = g.exp_avg[lo:hi], g.exp_avg_sq[lo:hi]
+        if wd != 0:
+            for a, b, _ in g.decay_runs:
+                a, b = max(a, lo), min(b, hi)
+                if a < b:
+                    param[a - lo : b - lo].mul_(1 - lr * wd)
+        # torch.optim.adam._single_tensor_adam / _multi_tensor_adam, same op order.
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(EPS)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+        if param is not shard:
+            shard.copy_(param)
 
-    def _all_gather_params(self, g: _FlatGroup) -> None:
+    def _launch_gather(self, g: _FlatGroup, lo: int, hi: int) -> None:
         if self.n == 1:
             return
-        B, S, n = self._bucket_elems(g), g.shard_size, self.n
-        rows = g.flat_param.view(n, S)
-        staging = torch.empty(n * B, dtype=g.dtype, device=g.flat_param.device)
-        for lo in range(0, S, B):
-            hi = min(S, lo + B)
-            out = staging[: n * (hi - lo)]
-            _all_gather(out, g.shard_param[lo:hi], group=self.group)
-            rows[:, lo:hi].copy_(out.view(n, hi - lo))
+        n, S = self.n, g.shard_size
+        out = torch.empty(n, hi - lo, dtype=g.dtype, device=g.flat_param.device)
+        mine = g.shard_param[slice(*piece(self.rank, lo, hi, S))].clone()  # must not alias the rows it lands in
+        work = _all_gather(out.view(-1), mine, group=self.group, async_op=True)
+
+        def finish() -> None:
+            for r in range(n):
+                a, z = piece(r, lo, hi, S)
+                g.flat_param[r * S + a : r * S + z].copy_(out[r])
+
+        self._track(InFlight(work, finish, [out, mine]), limit=2)
 
     @torch.no_grad()
     def zero_grad(self) -> None:
+        self.schedule.reset()
         for g in self.groups:
             if self.stage == 1:
                 g.flat_grad.zero_()

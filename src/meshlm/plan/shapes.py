@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from meshlm.config import ModelConfig, schedule_stages_per_rank
 from meshlm.model.registry import family_spec
+from meshlm.model.spec import StageCosts
 from meshlm.parallel.pipeline_split import stage_ids_for_rank as pipeline_stage_ids
 from meshlm.parallel.stage_balance import balanced_layer_counts
 from meshlm.plan.layout import Layout, Workload
@@ -165,14 +166,21 @@ def _bisect_counts(n_layers: int, n_stages: int, cost, block: int) -> tuple[int,
     return tuple(counts)
 
 
-SPLITS = ("balanced", "even", "ends-lighter")
+SPLITS = ("balanced", "even", "ends-lighter", "measured")
 
 
-def stage_layer_counts(m: ModelConfig, n_stages: int, split: str = "balanced") -> tuple[int, ...]:
+def stage_layer_counts(
+    m: ModelConfig, n_stages: int, split: str = "balanced", costs: StageCosts | None = None
+) -> tuple[int, ...]:
     """Layers per pipeline stage: meshlm's `balanced` split (the output layer counts by its matmul
     cost); `even` (Megatron: equal layers, any remainder on the first stages); `ends-lighter`
     (Llama 3: one layer fewer on the first stage, which holds the most activations, and on the
-    last, which holds the output layer)."""
+    last, which holds the output layer); `measured` (meshlm's pp_split = "measured": the same
+    balance over per-block times, `costs`, as parallel.block_timing measures them)."""
+    if split == "measured":
+        if costs is None or len(costs.blocks) != m.n_layers:
+            raise ValueError(f"the measured split needs {m.n_layers} per-block costs")
+        return tuple(balanced_layer_counts(costs, n_stages))
     if split == "even" or (split == "ends-lighter" and n_stages < 3):
         base, rest = divmod(m.n_layers, n_stages)
         return tuple(base + (1 if s < rest else 0) for s in range(n_stages))

@@ -117,13 +117,22 @@ class StepRunner:
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum):
             x, y = self._batch(step, self._local_sample_ids(micro))
-            with gradient_sync(part, micro == self.accum - 1):
+            last = micro == self.accum - 1
+            with gradient_sync(part, last):
                 with autocast_context(self.cfg, self.device):
                     logits = part(x)
                 loss = self.objective.loss(pm, logits, y) / self.accum
-                loss.backward()
+                with self._zero_overlap(last):
+                    loss.backward()
             total += loss.detach()
         return total
+
+    def _zero_overlap(self, last: bool):
+        """ZeRO-1/2: the last backward launches the buckets' reduce-scatters as they are ready;
+        not under sequence parallelism, whose gradient all-reduce comes after the backward."""
+        if self.zero is None or not last or self.pm.dims.sequence_parallel:
+            return contextlib.nullcontext()
+        return self.zero.overlap_backward()
 
     def train_step(self, step: int) -> tuple[float, float]:
         """One optimizer step over the global batch; returns (loss, grad_norm), equal on every rank.

@@ -28,7 +28,7 @@ from meshlm.config import Config, ConfigError
 from meshlm.data.loader import TokenDataset
 from meshlm.data.prepare import prepare_data
 from meshlm.data.tokenizer import load_tokenizer
-from meshlm.distributed.comm_profile import CommProfiler, format_comm, make_ddp_visible
+from meshlm.distributed.comm_profile import CommProfiler, format_comm, format_comm_time, make_ddp_visible
 from meshlm.distributed.dims import ParallelDims, parallel_dims_from_config
 from meshlm.distributed.env import LaunchEnv, read_launch_env
 from meshlm.distributed.process_group import init_distributed
@@ -184,8 +184,10 @@ class Trainer:
                     }
                     if prof is not None:
                         record["comm"] = prof.report()
+                        record["comm_time"] = prof.timing(elapsed)
                         if step == min(1, t.steps - 1):  # step 2: steady state (step 1 also infers pipeline shapes)
                             self.log(f"collectives in step {step + 1} on rank 0: " + format_comm(record["comm"]))
+                            self.log(f"step {step + 1}: " + format_comm_time(record["comm_time"]))
                     if (step + 1) % t.log_every == 0 or step == 0 or step + 1 == t.steps:
                         self.metrics.write(record)
                     progress.update(step + 1, loss, record["tokens_per_s"])
