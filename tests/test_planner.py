@@ -319,7 +319,7 @@ def test_cluster_files_and_presets(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text(
         'name = "mine"\nnodes = 2\ndevices_per_node = 4\n[device]\npreset = "a100-40gb"\nmemory_gb = 48\n'
-        "[inter]\nbandwidth_gbps = 12.5\nlatency_us = 10\n"
+        "[intra]\nbandwidth_gbps = 300\n[inter]\nbandwidth_gbps = 12.5\nlatency_us = 10\n"
     )
     c = make_cluster(str(path))
     assert (c.name, c.nodes, c.devices_per_node, c.world_size) == ("mine", 2, 4, 8)

@@ -2,6 +2,9 @@
 
 import sys
 
-from meshlm.cli import main
+try:
+    from meshlm.cli import main
+except KeyboardInterrupt:  # Ctrl-C while the worker was still importing: no traceback, the usual code
+    sys.exit(130)
 
 sys.exit(main())

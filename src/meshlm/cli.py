@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from meshlm.config import ConfigError, load_config
@@ -13,6 +16,15 @@ from meshlm.interop.commands import add_commands as add_interop_commands
 from meshlm.plan.commands import add_commands as add_plan_commands
 from meshlm.serve.commands import add_commands as add_serve_commands
 from meshlm.tasks.commands import add_commands as add_task_commands
+from meshlm.utils.errors import (
+    EXIT_FAILURE,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_USER_ERROR,
+    REPORTED_BY_RANK0,
+    RunError,
+    Terminated,
+)
 
 # Subcommands that live next to their library code, each adding its parsers (the task side
 # after inference: it hands task runs' `eval` and `predict` to its own handlers).
@@ -102,24 +114,30 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from meshlm.distributed.dims import parallel_dims_from_config
     from meshlm.distributed.env import read_launch_env
+    from meshlm.distributed.launch import check_nproc
     from meshlm.distributed.peer_errors import explain_peer_failures
     from meshlm.distributed.process_group import init_distributed, shutdown_distributed
     from meshlm.interop.init_from_hf import load_training_config
     from meshlm.plan.auto import resolve_auto_layout
 
+    check_nproc(args.nproc, max_restarts=args.max_restarts)
+    args.interrupt_hint = "completed checkpoints are kept: add --resume auto to continue from the newest one"
     if args.init_from_hf:
         args.overrides.append(f"train.init_from_hf={_quoted(args.init_from_hf)}")
     cfg = load_training_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config or "tiny-cpu").stem
     if args.nproc is not None:
         from meshlm.artifacts.run_dir import check_run_dir
+        from meshlm.data.prepare import check_data_source
         from meshlm.distributed.launch import launch_local, strip_launch_args
 
-        # Every layout and run-directory error is reported once, here, before any worker starts.
+        # Every layout, run-directory and data-source error is reported once, here, before any
+        # worker starts (the corpus itself is read by rank 0 of the workers).
         if cfg.parallel.auto:
             resolve_auto_layout(cfg, args.nproc)  # measures this machine once; the workers reuse it
         parallel_dims_from_config(cfg, args.nproc)
         check_run_dir(out, cfg, args.overwrite)
+        check_data_source(cfg.data, cfg.model.vocab_size)
         return launch_local(
             args.nproc, strip_launch_args(sys.argv[1:] if args.argv is None else args.argv), args.max_restarts
         )
@@ -168,22 +186,71 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _report(error: BaseException, code: int) -> int:
+    """Print a user-facing error once (a rank that re-raises rank 0's error stays quiet)."""
+    if not getattr(error, REPORTED_BY_RANK0, False):
+        print(f"meshlm: error: {error}", file=sys.stderr)
+    return code
+
+
+def _os_error_message(error: OSError) -> str:
+    """One paragraph for an OSError that escaped the checks before work (a disk that filled up,
+    a directory removed or made read-only meanwhile)."""
+    where = f" at {error.filename}" if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full{where} ({error.strerror}). Free some space and run the command again."
+    return (
+        f"{error.strerror or error}{where} (errno {error.errno}). The file system refused a write or a read "
+        f"during the work; check the path and run the command again."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes (docs/reliability.md): 0 success; 2 a user error found before work; 1 a
+    failure during work, with a message; 130 / 143 interrupted by SIGINT / SIGTERM."""
     args = build_parser().parse_args(argv)
     args.argv = argv
+    # SIGTERM unwinds like Ctrl-C (finally blocks remove temporary files, close outputs), except
+    # for a command that handles it itself (set_defaults(handles_sigterm=True): a server drains).
+    own_handler = threading.current_thread() is threading.main_thread() and not getattr(args, "handles_sigterm", False)
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if own_handler else None
     try:
         return args.func(args)
     except ConfigError as e:
         _record_for_launcher(e)
-        print(f"meshlm: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
+        code = _report(e, EXIT_USER_ERROR)
+    except RunError as e:
         _record_for_launcher(e)
-        print("meshlm: interrupted", file=sys.stderr)
-        return 130
+        code = _report(e, EXIT_FAILURE)
+    except KeyboardInterrupt as e:  # Ctrl-C, or Terminated (SIGTERM)
+        _record_for_launcher(e)
+        from meshlm.distributed.env import is_meshlm_worker, read_launch_env
+
+        code = EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
+        # Under meshlm's launcher the launcher says it, once; under torchrun, rank 0 does.
+        if not is_meshlm_worker() and read_launch_env().is_main:
+            what = "SIGTERM" if code == EXIT_SIGTERM else "SIGINT"
+            hint = getattr(args, "interrupt_hint", "")
+            print(f"meshlm: interrupted ({what}){'; ' + hint if hint else ''}", file=sys.stderr)
+    except OSError as e:
+        error = RunError(_os_error_message(e))
+        _record_for_launcher(error)
+        code = _report(error, EXIT_FAILURE)
     except Exception as e:
         _record_for_launcher(e)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if "torch.distributed" in sys.modules:  # (commands such as `config show` never load torch)
+        from meshlm.distributed.process_group import exit_now_if_distributed
+
+        exit_now_if_distributed(code)
+    return code
 
 
 def _record_for_launcher(error: BaseException) -> None:

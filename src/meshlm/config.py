@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import math
 import tomllib
 import types
 import typing
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from meshlm.utils.errors import ConfigError
 from meshlm.utils.toml_writer import dump_toml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -40,10 +42,6 @@ def schedule_stages_per_rank(schedule: str, virtual_stages: int) -> int:
 
 
 DEFAULT_FAMILY = "transformer"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the user: what is wrong and how to fix it."""
 
 
 @dataclass
@@ -106,6 +104,9 @@ class DataConfig:
     max_bytes: int = 0
     # An existing tokenizer.json to use instead of training one (e.g. a Hugging Face model's).
     tokenizer: str = ""
+    # How text files of a directory or glob source are decoded; files that do not decode are
+    # skipped and reported (.jsonl and .parquet are always UTF-8).
+    encoding: str = "utf-8"
 
 
 @dataclass
@@ -150,6 +151,10 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
     async_checkpoint: bool = False
+    # Steps whose loss or gradient norm is NaN or infinite: their update is skipped (the weights
+    # are never changed by one) and counted; one more than this many stops training (0: the
+    # first stops it), with a message naming the step and the last good checkpoint.
+    skip_nonfinite_steps: int = 0
     profile_comm: bool = False
     trace: bool = False
     # Seconds a collective may wait for its peers before the run stops with an error naming the
@@ -393,10 +398,23 @@ def _did_you_mean(word: str, options: list[str], prefix: str = "") -> str:
 # ----------------------------------------------------------------------------- validation
 
 
+def _check_finite_floats(obj: Any, section: str) -> None:
+    """NaN and infinity parse as TOML floats (nan, inf) but are never a usable setting."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                f"'{section}.{f.name}' is {value}, which is not a finite number; give it a real value "
+                f"(the default is {f.default})."
+            )
+
+
 def validate(cfg: Config) -> None:
     """Impossible values, each with the key and the fix. Layout checks against the world
     size live with ParallelDims, which knows the world size."""
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+    for name, section in (("model", m), ("data", d), ("train", t), ("parallel", p)):
+        _check_finite_floats(section, name)
     m.validate()
     positive = {
         "data.seq_len": d.seq_len,
@@ -420,6 +438,7 @@ def validate(cfg: Config) -> None:
         "data.max_doc_bytes": d.max_doc_bytes,
         "parallel.pp_microbatches": p.pp_microbatches,
         "train.keep_checkpoints": t.keep_checkpoints,
+        "train.skip_nonfinite_steps": t.skip_nonfinite_steps,
     }
     _check_non_negative(non_negative)
     if d.seq_len > m.max_seq_len:

@@ -4,35 +4,70 @@ DIR/config.toml        the resolved configuration of the run
 DIR/metrics.jsonl      one JSON object per training step / evaluation
 DIR/loss.png           training and validation curves
 DIR/model.safetensors  final weights (full, unsharded)
+DIR/model.safetensors.manifest.json   its size and sha256 (weights_manifest.py)
 DIR/tokenizer.json     the tokenizer the data was prepared with
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tomllib
 from pathlib import Path
 
 from meshlm.config import Config, ConfigError, config_from_dict
+from meshlm.utils.paths import output_dir_problem
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "loss.png", "model.safetensors", "tokenizer.json")
+RUN_FILES = (
+    "config.toml",
+    "metrics.jsonl",
+    "loss.png",
+    "model.safetensors",
+    "model.safetensors.manifest.json",
+    "tokenizer.json",
+    "state_bytes.json",
+)
 
 
 def check_run_dir(out: Path, cfg: Config, overwrite: bool) -> None:
-    """Refuse, before any work, to mix two different runs in one directory."""
+    """Refuse, before any work, an --out that cannot be written or that holds another run. A
+    directory where a run started but never completed a step (a crash, a bad value found late)
+    holds nothing to protect and is reused without --overwrite."""
+    problem = output_dir_problem(out)
+    if problem:
+        raise ConfigError(f"cannot write the run directory: {problem}. Choose another --out.")
     existing = out / "config.toml"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a directory; choose another --out.")
-    if existing.is_file() and not overwrite:
+    if existing.is_file() and not overwrite and run_has_progress(out):
         try:
             old = config_from_dict(tomllib.loads(existing.read_text()))
-        except (ConfigError, tomllib.TOMLDecodeError):
+        except (ConfigError, tomllib.TOMLDecodeError, UnicodeDecodeError):
             old = None
         if old is None or old.fingerprint() != cfg.fingerprint():
             raise ConfigError(
                 f"output directory {out} already holds a different run (its config.toml differs from this one). "
                 f"Pass --overwrite to replace it, or choose another --out."
             )
+
+
+def run_has_progress(out: Path) -> bool:
+    """Did a run in `out` complete at least one training step (a logged step, a checkpoint, a
+    final model)?"""
+    out = Path(out)
+    if (out / "model.safetensors").is_file():
+        return True
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir() and any(p.is_dir() and not p.name.endswith(".tmp") for p in checkpoints.iterdir()):
+        return True
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        with open(metrics, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    if "loss" in json.loads(line):
+                        return True
+                except (json.JSONDecodeError, TypeError):
+                    continue
+    return False
 
 
 def init_run_dir(out: Path, cfg: Config, overwrite: bool) -> None:
@@ -54,15 +89,22 @@ def clear_run_files(out: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """`text` at `path` through a temporary file that never outlives a failed write."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def copy_file_atomic(src: Path, dst: Path) -> None:
     tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_run_config(run: Path) -> Config:

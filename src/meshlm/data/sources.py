@@ -7,9 +7,10 @@ Accepted sources (checked in this order):
   present, so the default config trains with no download.
 - a directory: every regular file below it, sorted by relative path. Files
   ending in ``.jsonl`` or ``.parquet`` are parsed as such; every other file is
-  one document if it decodes as UTF-8 (binary and undecodable files are skipped).
+  one document if it decodes in ``data.encoding`` (UTF-8 by default). Binary and
+  undecodable files are skipped, and the caller is told which (``skipped``).
 - a single file: ``.jsonl`` (one JSON object per line with a ``"text"`` field),
-  ``.parquet`` (a ``text`` column) or any UTF-8 text file (one document).
+  ``.parquet`` (a ``text`` column) or any text file (one document).
 - a glob pattern such as ``corpus/**/*.md``: the sorted matches, each read as above.
 
 The order is deterministic so that the train/val split, the tokenizer and the
@@ -18,6 +19,7 @@ token files are reproducible from the config alone.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -38,7 +40,44 @@ ACCEPTED = (
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-def iter_documents(source: str, max_bytes: int = 0, max_doc_bytes: int = 0) -> Iterator[str]:
+class SkippedFiles:
+    """The files a pass over a source left out, by reason (reported once by the caller)."""
+
+    def __init__(self) -> None:
+        self.undecodable: list[Path] = []
+        self.binary: list[Path] = []
+        self.unreadable: list[Path] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.undecodable or self.binary or self.unreadable)
+
+    def describe(self, encoding: str, show: int = 5) -> str:
+        """One line: how many files were skipped, which, and what would read them."""
+
+        def names(paths: list[Path]) -> str:
+            shown = ", ".join(str(p) for p in paths[:show])
+            return shown + (f" and {len(paths) - show} more" if len(paths) > show else "")
+
+        parts = []
+        if self.undecodable:
+            parts.append(
+                f"{len(self.undecodable)} file(s) that are not valid {_label(encoding)} ({names(self.undecodable)}); if they are "
+                f'text in another encoding, set data.encoding (e.g. "latin-1" or "cp1252") to read them'
+            )
+        if self.binary:
+            parts.append(f"{len(self.binary)} binary file(s) ({names(self.binary)})")
+        if self.unreadable:
+            parts.append(f"{len(self.unreadable)} unreadable file(s) ({names(self.unreadable)}: check permissions)")
+        return "skipped " + "; ".join(parts) + "."
+
+
+def iter_documents(
+    source: str,
+    max_bytes: int = 0,
+    max_doc_bytes: int = 0,
+    encoding: str = "utf-8",
+    skipped: SkippedFiles | None = None,
+) -> Iterator[str]:
     """Yield the documents of `source` in a deterministic order.
 
     `max_doc_bytes` (0 = no limit) skips documents whose UTF-8 size is larger.
@@ -46,12 +85,34 @@ def iter_documents(source: str, max_bytes: int = 0, max_doc_bytes: int = 0) -> I
     the cap is cut at the cap (on a character boundary) and iteration stops, so the
     same cap always gives exactly the same text. Empty documents are skipped.
 
+    Text files are decoded with `encoding`; the files skipped (binary, undecodable,
+    unreadable) are added to `skipped` when given.
+
     The source is checked before this returns (a missing path fails at the call,
     not at the first `next`); a source that yields no document at all raises
     ConfigError when the iteration ends.
     """
-    raw = _raw_documents(source)  # validates the source eagerly
-    return _capped(raw, source, max_bytes, max_doc_bytes)
+    check_encoding(encoding)
+    raw = _raw_documents(source, _Reader(encoding, skipped))  # validates the source eagerly
+    return _capped(raw, source, max_bytes, max_doc_bytes, encoding)
+
+
+def _label(encoding: str) -> str:
+    """UTF-8 as people write it; other codecs by their name."""
+    try:
+        return "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
+    except LookupError:
+        return encoding
+
+
+def check_encoding(encoding: str) -> None:
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ConfigError(
+            f"'data.encoding' is {encoding!r}, which Python does not know. Use a codec name such as \"utf-8\", "
+            f'"latin-1" or "cp1252".'
+        ) from None
 
 
 def describe_source(source: str) -> str:
@@ -73,14 +134,39 @@ def describe_source(source: str) -> str:
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _raw_documents(source: str) -> Iterator[str]:
+class _Reader:
+    """Reads a text file in the configured encoding, noting the files it has to skip."""
+
+    def __init__(self, encoding: str, skipped: SkippedFiles | None):
+        self.encoding, self.skipped = encoding, skipped
+
+    def __call__(self, path: Path) -> str | None:
+        """The file as text, or None for unreadable, binary (NUL bytes) or undecodable files."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return self._skip(path, "unreadable")
+        if b"\x00" in data and not self.encoding.lower().replace("-", "").startswith("utf16"):
+            return self._skip(path, "binary")
+        try:
+            return data.decode(self.encoding)
+        except UnicodeDecodeError:
+            return self._skip(path, "undecodable")
+
+    def _skip(self, path: Path, why: str) -> None:
+        if self.skipped is not None:
+            getattr(self.skipped, why).append(path)
+        return None
+
+
+def _raw_documents(source: str, read: _Reader) -> Iterator[str]:
     if source == STDLIB_SOURCE:
         return _stdlib_documents()
     path = Path(os.path.expanduser(source))
     if path.is_dir():
-        return _files_documents(_walk_files(path))
+        return _files_documents(_walk_files(path), read)
     if path.is_file():
-        return _file_documents(path)
+        return _file_documents(path, read)
     if _GLOB_CHARS.search(source):
         matches = sorted(p for p in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(p))
         if not matches:
@@ -88,11 +174,11 @@ def _raw_documents(source: str) -> Iterator[str]:
                 f"data source glob '{source}' matches no files. Check the pattern (use '**' with a "
                 f"directory prefix for recursive matches), or set data.source to {ACCEPTED}."
             )
-        return _files_documents(Path(p) for p in matches)
+        return _files_documents((Path(p) for p in matches), read)
     raise ConfigError(f"data source '{source}' does not exist. Set data.source to {ACCEPTED}.")
 
 
-def _capped(docs: Iterator[str], source: str, max_bytes: int, max_doc_bytes: int) -> Iterator[str]:
+def _capped(docs: Iterator[str], source: str, max_bytes: int, max_doc_bytes: int, encoding: str) -> Iterator[str]:
     total = 0
     count = 0
     for text in docs:
@@ -114,8 +200,9 @@ def _capped(docs: Iterator[str], source: str, max_bytes: int, max_doc_bytes: int
     if count == 0:
         limit = f" no larger than data.max_doc_bytes={max_doc_bytes}" if max_doc_bytes else ""
         raise ConfigError(
-            f"data source '{source}' contains no non-empty UTF-8 documents{limit}. Point data.source "
-            f"at a corpus with text in it{' or raise data.max_doc_bytes' if limit else ''}; accepted: {ACCEPTED}."
+            f"data source '{source}' contains no non-empty {_label(encoding)} documents{limit}. Point data.source "
+            f"at a corpus with text in it{' or raise data.max_doc_bytes' if limit else ''} (or set data.encoding if "
+            f"its files are text in another encoding); accepted: {ACCEPTED}."
         )
 
 
@@ -126,8 +213,9 @@ def _stdlib_documents() -> Iterator[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     # site-packages holds whatever is installed, which would make the corpus machine-dependent.
     files = (p for p in _walk_files(root, skip_dirs={"site-packages", "__pycache__"}) if p.suffix == ".py")
+    read = _Reader("utf-8", None)
     for path in files:
-        text = _read_text(path)
+        text = read(path)
         if text is not None:
             yield text
 
@@ -146,33 +234,19 @@ def _walk_files(root: Path, skip_dirs: set[str] = frozenset()) -> Iterator[Path]
         yield root / rel
 
 
-def _files_documents(paths: Iterator[Path]) -> Iterator[str]:
+def _files_documents(paths: Iterator[Path], read: _Reader) -> Iterator[str]:
     for path in paths:
-        yield from _file_documents(path)
+        yield from _file_documents(path, read)
 
 
-def _file_documents(path: Path) -> Iterator[str]:
+def _file_documents(path: Path, read: _Reader) -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _jsonl_documents(path)
     if suffix == ".parquet":
         return _parquet_documents(path)
-    text = _read_text(path)
+    text = read(path)
     return iter(() if text is None else (text,))
-
-
-def _read_text(path: Path) -> str | None:
-    """The file as UTF-8 text, or None for unreadable, binary (NUL bytes) or non-UTF-8 files."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    if b"\x00" in data:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:

@@ -123,8 +123,43 @@ def load_or_train_tokenizer(path: Path | str, texts_factory: Callable[[], Iterab
     return train_tokenizer(texts_factory(), vocab_size, path)
 
 
+# Documents longer than this (in characters) are cut into pieces before they are encoded or
+# counted for training: an Encoding keeps ~200 bytes per token, so a 50 MB single-line document
+# encoded whole needs ~12 GB; in pieces, memory follows the piece size instead.
+PIECE_CHARS = 1 << 18
+
+
+def split_long_text(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of at most `limit` characters, each cut placed just before a space
+    that starts a word (where the byte-level pre-tokenizer splits anyway, so the pieces encode to
+    the same tokens as the whole); failing that after a newline between two non-spaces (also a
+    split point); failing both (half a piece without either) at `limit`, the one place where
+    the tokens may differ from the whole's. Short texts come back whole."""
+    if len(text) <= limit:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        lo, hi = start + limit // 2, start + limit
+        cut = text.rfind(" ", lo, hi)
+        while cut > lo and text[cut + 1].isspace():
+            cut = text.rfind(" ", lo, cut)
+        if cut <= lo:  # no space starts a word here: after a newline between two non-spaces
+            newline = text.rfind("\n", lo, hi)
+            while newline > lo and (text[newline - 1].isspace() or text[newline + 1].isspace()):
+                newline = text.rfind("\n", lo, newline)
+            cut = newline + 1 if newline > lo else hi
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
 def encode(tok: Tokenizer, text: str) -> list[int]:
-    return tok.encode(text, add_special_tokens=False).ids
+    """Token ids of `text` (long texts encoded piece by piece: see split_long_text)."""
+    ids: list[int] = []
+    for piece in split_long_text(text):
+        ids.extend(tok.encode(piece, add_special_tokens=False).ids)
+    return ids
 
 
 def decode(tok: Tokenizer, ids: Sequence[int]) -> str:

@@ -118,3 +118,13 @@ def read_network_env() -> NetworkEnv:
         master_port=int(os.environ.get("MASTER_PORT", 0) or 0),
         node_rank=int(os.environ.get("GROUP_RANK", -1)),
     )
+
+
+# Set by meshlm's own launcher (distributed/launch.py) for the workers it starts: the launcher
+# reports an interrupt once, so its workers do not.
+LAUNCHER_VARIABLE = "MESHLM_LAUNCHER"
+
+
+def is_meshlm_worker() -> bool:
+    """A worker process started by meshlm's launcher (not the launcher itself, not torchrun's)."""
+    return os.environ.get(LAUNCHER_VARIABLE) == "1" and "RANK" in os.environ

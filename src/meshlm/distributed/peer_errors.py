@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from meshlm.config import ConfigError
 from meshlm.distributed.env import LaunchEnv, NetworkEnv, read_network_env
 from meshlm.distributed.interfaces import collective_interface
+from meshlm.utils.errors import RunError
 
 _KEY = "meshlm/node/{rank}"
 _PEER_ADDRESS = re.compile(r"\[([0-9A-Fa-f:.]+)\]:(\d+)")
@@ -41,9 +41,10 @@ _TIMEOUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 PROBE_TIMEOUT_S = 3.0
 
 
-class PeerFailure(ConfigError):
+class PeerFailure(RunError):
     """A collective failed because of another node; the message names it and the fix. (A
-    ConfigError so that the CLI prints it as one paragraph, without a traceback, and exits 2.)"""
+    RunError, a failure during work: the CLI prints it as one paragraph, without a traceback,
+    and exits 1, the code of every lost worker; see docs/reliability.md.)"""
 
 
 @dataclass(frozen=True)

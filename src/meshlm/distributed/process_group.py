@@ -28,11 +28,11 @@ def init_distributed(env: LaunchEnv, timeout_s: float = 600.0) -> None:
     publish_node(env)
 
 
-def shutdown_distributed(exit_process: bool = False) -> None:
+def shutdown_distributed(exit_process: bool = False, code: int = 0) -> None:
     """Leave the process group cleanly. gloo can abort with `terminate called without an active
     exception` while its threads are torn down after destroy_process_group(); a barrier first
-    makes every rank finish its collectives, and `exit_process` then leaves with os._exit(0)
-    after flushing, so a finished run always exits 0 whatever the C++ destructors do."""
+    makes every rank finish its collectives, and `exit_process` then leaves with os._exit(code)
+    after flushing, so a finished run always exits with its code whatever the C++ destructors do."""
     if dist.is_initialized():
         try:
             dist.barrier()
@@ -41,4 +41,14 @@ def shutdown_distributed(exit_process: bool = False) -> None:
     if exit_process:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+
+
+def exit_now_if_distributed(code: int) -> None:
+    """After an error or an interrupt in a worker: leave with `code` through os._exit (after
+    flushing) when a process group exists, as shutdown_distributed does, so that gloo's
+    threads cannot turn the exit into an abort with a C++ message."""
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -9,6 +9,7 @@ from typing import Any
 import torch.distributed as dist
 
 from meshlm.config import ConfigError
+from meshlm.utils.errors import REPORTED_BY_RANK0, RunError
 
 
 def broadcast_from_rank0(value: Any, distributed: bool) -> Any:
@@ -20,10 +21,20 @@ def broadcast_from_rank0(value: Any, distributed: bool) -> Any:
     return box[0]
 
 
-def run_on_rank0(fn: Callable[[], Any], distributed: bool, errors: tuple[type[Exception], ...] = (ConfigError,)) -> Any:
+def reported_once(error: BaseException, rank: int) -> BaseException:
+    """`error`, which every rank raises alike (a global decision), marked on the ranks other than
+    0 so that only rank 0 prints it."""
+    if rank != 0:
+        setattr(error, REPORTED_BY_RANK0, True)
+    return error
+
+
+def run_on_rank0(
+    fn: Callable[[], Any], distributed: bool, errors: tuple[type[Exception], ...] = (ConfigError, RunError)
+) -> Any:
     """fn() on rank 0 only; its result on every rank. An error of the types in `errors` raised
-    there is raised again, with the same type and message, on every rank. In a single process
-    this is fn()."""
+    there is raised again, with the same type and message, on every rank (marked
+    REPORTED_BY_RANK0 on the others). In a single process this is fn()."""
     if not distributed:
         return fn()
     outcome = None
@@ -35,5 +46,5 @@ def run_on_rank0(fn: Callable[[], Any], distributed: bool, errors: tuple[type[Ex
     kind, payload = broadcast_from_rank0(outcome, distributed)
     if kind == "error":
         error_type, message = payload
-        raise error_type(message)
+        raise reported_once(error_type(message), dist.get_rank())
     return payload

@@ -41,6 +41,11 @@ def add_commands(sub) -> None:
         help='one JSON object per line with a "prompt" (a task model: "text", "tokens", "predicate")',
     )
     p.add_argument("--output", required=True, metavar="OUT.jsonl", help="answers in input order; re-running resumes")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard the answers already in OUT (e.g. made with another model or settings) and start over",
+    )
     _add_sampling_args(p, temperature=0.0)
     p.add_argument("--nproc", type=int, default=None, help="processes: nproc / tp data-parallel groups")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per group")
@@ -86,6 +91,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default="none",
         choices=["none", "int8"],
         help="int8: run the linear layers with int8 weights (docs/performance.md)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 check of the weights against their manifest (for very large files; the size is "
+        "still checked)",
     )
 
 
@@ -142,14 +153,18 @@ def _launch(nproc: int, args: argparse.Namespace) -> int:
     return launch_local(nproc, strip_launch_args(_argv(args)))
 
 
-def _prepare(args: argparse.Namespace, tp: int, nproc: int):
-    """Check the model files and the layout before any worker starts. Returns the files and
-    None, or the exit code of the launched workers."""
+def _prepare(args: argparse.Namespace, tp: int, nproc: int, before_launch=None):
+    """Check the model files and the layout (and `before_launch(files)`: the command's own
+    checks) before any worker starts. Returns the files and None, or the exit code of the
+    launched workers."""
     from meshlm.artifacts.run_dir import load_run_config
     from meshlm.distributed.env import read_launch_env
+    from meshlm.distributed.launch import check_nproc
     from meshlm.inference.loading import check_layout, find_model_files
     from meshlm.inference.quantize import check_quantizable
 
+    check_nproc(nproc, "--nproc" if getattr(args, "nproc", None) is not None else "--tp")
+    check_nproc(tp, "--tp")
     if args.init_from_hf:
         args.run = str(_converted_hf_run(Path(args.init_from_hf)))
     files = find_model_files(args.run, args.checkpoint)
@@ -158,6 +173,8 @@ def _prepare(args: argparse.Namespace, tp: int, nproc: int):
     model_cfg = load_run_config(files.config.parent).model
     check_layout(world, tp, model_cfg)
     check_quantizable(model_cfg, args.quantize)
+    if before_launch is not None:
+        before_launch(files)
     if not env.distributed and nproc > 1:
         return files, _launch(nproc, args)
     return files, None
@@ -185,18 +202,20 @@ def _converted_hf_run(hf_dir: Path) -> Path:
     return out
 
 
-def _finish(layout) -> None:
+def _finish(layout, code: int = 0) -> int:
+    """Leave the process group (every rank) and return, or exit with, `code`."""
     if layout.env.distributed:
         from meshlm.distributed.process_group import shutdown_distributed
 
-        shutdown_distributed(exit_process=True)
+        shutdown_distributed(exit_process=True, code=code)
+    return code
 
 
 def _engine(args: argparse.Namespace, files, layout):
     from meshlm.inference.engine import Engine
     from meshlm.inference.loading import DTYPES, load_model
 
-    loaded = load_model(files, layout.env.device, DTYPES[args.dtype], layout.tp_group)
+    loaded = load_model(files, layout.env.device, DTYPES[args.dtype], layout.tp_group, verify=not args.no_verify)
     return Engine(
         loaded.model, loaded.tokenizer, max_batch=args.max_batch, tp_group=layout.tp_group, quantize=args.quantize
     )
@@ -209,6 +228,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts:
         path = Path(args.prompts)
+        if path.is_dir():
+            raise ConfigError(f"--prompts {path} is a directory; pass a file with one prompt per line (or a .jsonl).")
         if not path.is_file():
             raise ConfigError(f"prompts file {path} not found.")
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -290,23 +311,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     printer = _InOrderPrinter(prompts) if layout.is_main else None
     engine.generate(requests, on_event=printer)
-    _finish(layout)
-    return 0
+    return _finish(layout)
 
 
 # ----------------------------------------------------------------------------- predict
+
+
+def _check_predict_paths(args: argparse.Namespace) -> None:
+    """The input must be a file and the output writable, before any work."""
+    from meshlm.utils.paths import output_file_problem
+
+    source = Path(args.input)
+    if source.is_dir():
+        raise ConfigError(f'--input {source} is a directory; pass a JSONL file with one {{"prompt": ...}} per line.')
+    if not source.is_file():
+        raise ConfigError(f"--input file {source} not found.")
+    problem = output_file_problem(Path(args.output))
+    if problem:
+        raise ConfigError(f"cannot write --output: {problem}. Choose another --output.")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from meshlm.distributed.env import read_launch_env
     from meshlm.inference.loading import setup_layout
     from meshlm.inference.predict import run_predict
+    from meshlm.inference.predict_settings import answer_settings, check_same_settings
 
+    args.interrupt_hint = f"the answers so far are kept in {args.output}: run the same command again to continue"
     defaults = _sampling(args)
-    if not Path(args.input).is_file():
-        raise ConfigError(f"input file {args.input} not found.")
+    _check_predict_paths(args)
+    settings: dict = {}
+
+    def same_settings(files) -> None:  # before any worker starts: never mix two runs' answers
+        settings.update(answer_settings(args, files.weights, files.tokenizer))
+        if not args.overwrite:
+            check_same_settings(Path(args.output), settings)
+
     nproc = args.nproc if args.nproc is not None else args.tp
-    files, code = _prepare(args, args.tp, nproc)
+    files, code = _prepare(args, args.tp, nproc, before_launch=same_settings)
     if code is not None:
         return code
     layout = setup_layout(read_launch_env(), args.tp)
@@ -324,15 +366,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
         defaults,
         base_seed,
         progress=not args.no_progress,
+        settings=settings,
+        start_over=args.overwrite,
     )
+    code = 0
     if summary is not None:
         print(
             f"predict: {summary.answered} answered, {summary.skipped} already in {summary.output}, "
-            f"{summary.errors} error line(s){' (see their error field)' if summary.errors else ''}",
+            f"{summary.errors} failed line(s){' (see their error field)' if summary.errors else ''}",
             file=sys.stderr,
         )
-    _finish(layout)
-    return 0
+        if summary.errors and not summary.answered and not summary.skipped:
+            print(
+                f"meshlm: error: no line of {args.input} succeeded ({summary.errors} failed); their error fields in "
+                f"{summary.output} say why.",
+                file=sys.stderr,
+            )
+            code = 1
+    return _finish(layout, code)
 
 
 # ----------------------------------------------------------------------------- eval
@@ -346,11 +397,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from meshlm.inference.loading import DTYPES, load_model, setup_layout
     from meshlm.inference.quantize import quantize_linears
 
-    files, code = _prepare(args, 1, args.nproc or 1)
+    files, code = _prepare(args, 1, 1 if args.nproc is None else args.nproc)
     if code is not None:
         return code
     layout = setup_layout(read_launch_env(), 1)
-    loaded = load_model(files, layout.env.device, DTYPES[args.dtype])
+    loaded = load_model(files, layout.env.device, DTYPES[args.dtype], verify=not args.no_verify)
     quantize_linears(loaded.model, args.quantize)  # in place: this process's copy of the weights
     seq_len = args.seq_len or min(loaded.cfg.data.seq_len, loaded.cfg.model.max_seq_len)
     if seq_len < 1 or args.batch_size < 1:
@@ -377,5 +428,4 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"loss {result.loss:.6f}  perplexity {result.perplexity:.4f}  "
                 f"({result.tokens:,} tokens in {result.windows:,} windows of {result.seq_len})"
             )
-    _finish(layout)
-    return 0
+    return _finish(layout)

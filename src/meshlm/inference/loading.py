@@ -81,12 +81,14 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     tp_group: ProcessGroup | None = None,
+    verify: bool = True,
 ) -> LoadedModel:
     """The model in eval mode on `device`; with a TP group of more than one rank, this rank's
-    shard (every rank reads the full file and keeps its slices)."""
+    shard (every rank reads the full file and keeps its slices). The file is checked against
+    its manifest (`verify=False`: its size only, not its sha256)."""
     cfg = load_run_config(files.config.parent)
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    model = load_weights(files.weights, cfg.model, "cpu")
+    model = load_weights(files.weights, cfg.model, "cpu", verify=verify)
     if tp > 1:
         from meshlm.parallel.tensor_parallel import apply_tensor_parallel
 

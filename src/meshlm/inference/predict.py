@@ -18,7 +18,9 @@ unknown field, a bad value, a prompt longer than the context); the others still 
 
 Resumable: each record is appended as its answer finishes, and a re-run skips the lines that
 OUT already answers (same line number and prompt); error lines are tried again. At the end OUT
-is rewritten in input order.
+is rewritten in input order. What changes an answer (the model, the generation settings) is
+recorded in OUT.settings.json, and a re-run with anything else is refused instead of mixing
+answers (predict_settings.py; --overwrite starts over).
 
 Layout: world = dp x tp processes; global rank 0 reads and writes the files. Prompts are handed
 out on demand (distributed/work_queue.py): each dp group asks for as many prompts as its engine
@@ -45,6 +47,7 @@ import torch.distributed as dist
 from meshlm.distributed.work_queue import open_work_queue
 from meshlm.inference.engine import Engine, Request
 from meshlm.inference.loading import InferenceLayout, broadcast_object
+from meshlm.inference.predict_settings import check_same_settings, write_settings
 from meshlm.inference.sampling import SamplingParams
 
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
@@ -86,13 +89,21 @@ def parse_line(
     if not isinstance(obj, dict):
         raise ValueError(f'line {number}: expected a JSON object with a "prompt", got {type(obj).__name__}')
     unknown = sorted(set(obj) - set(ACCEPTED_KEYS))
+    if "prompt" not in obj:
+        hint = (
+            f" ({', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not a field: a generation "
+            f'model continues a "prompt"; rename the field)'
+            if unknown
+            else ""
+        )
+        raise ValueError(f'line {number}: the "prompt" is missing{hint}; accepted fields: {", ".join(ACCEPTED_KEYS)}')
     if unknown:
         raise ValueError(
             f"line {number}: unknown field(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(ACCEPTED_KEYS)}"
         )
     prompt = obj.get("prompt")
     if not isinstance(prompt, str):
-        raise ValueError(f'line {number}: "prompt" must be a string' + ("" if "prompt" in obj else " (it is missing)"))
+        raise ValueError(f'line {number}: "prompt" must be a string, got {type(prompt).__name__}')
     fields = {k: obj[k] for k in SAMPLING_KEYS if k in obj}
     if isinstance(fields.get("stop"), str):
         fields["stop"] = [fields["stop"]]
@@ -128,11 +139,15 @@ def read_answered(output: Path) -> dict[int, dict]:
 
 
 def _write_all(path: Path, records: dict[int, dict]) -> None:
+    """OUT rewritten in line order, through a temporary file that never outlives a failure."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in sorted(records):
-            f.write(json.dumps(records[line], ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line in sorted(records):
+                f.write(json.dumps(records[line], ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _by_cost(items: list[Item]) -> list[Item]:
@@ -150,14 +165,25 @@ def run_predict(
     defaults: SamplingParams,
     base_seed: int | None = None,
     progress: bool = True,
+    settings: dict | None = None,
+    start_over: bool = False,
 ) -> PredictSummary | None:
-    """Every rank calls this; only global rank 0 passes the paths and gets the summary."""
+    """Every rank calls this; only global rank 0 passes the paths and gets the summary.
+    `settings` (what changes an answer: predict_settings.py) are recorded beside OUT; answers
+    made with others are refused unless `start_over`, which discards them."""
     main = layout.is_main
     records: dict[int, dict] = {}
     pending: list[Item] = []
     skipped = errors = 0
     if main:
         input_path, output_path = Path(input_path), Path(output_path)
+        if settings is not None:
+            if start_over:
+                output_path.unlink(missing_ok=True)
+            else:
+                check_same_settings(output_path, settings)
+            output_path.parent.mkdir(parents=True, exist_ok=True)
+            write_settings(output_path, settings)
         answered = read_answered(output_path)
         with open(input_path, encoding="utf-8") as f:
             for number, text in enumerate(f, start=1):

@@ -14,20 +14,26 @@ depend on `transformers`.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from meshlm.artifacts.run_dir import clear_run_files, copy_file_atomic, load_run_config, write_text_atomic
-from meshlm.artifacts.weights_file import load_weights, model_from_state_dict, save_weights
+from meshlm.artifacts.weights_file import (
+    check_finite,
+    load_weights,
+    model_from_state_dict,
+    save_weights,
+    write_safetensors,
+)
+from meshlm.artifacts.weights_manifest import SUFFIX as MANIFEST_SUFFIX
 from meshlm.config import Config, ConfigError, ModelConfig, validate
 from meshlm.interop.adapters import adapter_for_hf, adapter_of
 from meshlm.interop.hf_files import read_hf_config, read_hf_tensors
+from meshlm.utils.paths import output_dir_problem
 
 # Files a Hugging Face model directory may hold; an export replaces all of them
 # so that no stale shard or tokenizer from an earlier model is picked up.
@@ -35,6 +41,7 @@ _HF_FILES = (
     "config.json",
     "generation_config.json",
     "model.safetensors",
+    "model.safetensors" + MANIFEST_SUFFIX,
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
@@ -73,7 +80,9 @@ def read_hf_model(hf_dir: Path | str) -> tuple[ModelConfig, dict[str, torch.Tens
     hf = read_hf_config(hf_dir)
     adapter = adapter_for_hf(hf, source=str(hf_dir / "config.json"))
     model_cfg = adapter.config_from_hf(hf, str(hf_dir / "config.json"))
-    return model_cfg, adapter.state_from_hf(read_hf_tensors(hf_dir, torch.float32), model_cfg, str(hf_dir))
+    state = adapter.state_from_hf(read_hf_tensors(hf_dir, torch.float32), model_cfg, str(hf_dir))
+    check_finite(state, hf_dir)
+    return model_cfg, state
 
 
 def run_config_for(model_cfg: ModelConfig) -> Config:
@@ -111,8 +120,9 @@ def import_hf(hf_dir: Path | str, out_run_dir: Path | str, overwrite: bool = Fal
 
 
 def _prepare_run_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path {out} exists and is not a directory; choose another output directory.")
+    problem = output_dir_problem(out)
+    if problem:
+        raise ConfigError(f"cannot write the converted model: {problem}. Choose another output directory.")
     if (out / "config.toml").is_file() or (out / "model.safetensors").is_file():
         if not overwrite:
             raise ConfigError(
@@ -155,8 +165,9 @@ def write_hf_dir(
 ) -> Path:
     """Write a meshlm state dict as a Hugging Face model directory (float32 safetensors)."""
     out = Path(out_hf_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"export path {out} exists and is not a directory; choose another output directory.")
+    problem = output_dir_problem(out)
+    if problem:
+        raise ConfigError(f"cannot write the export: {problem}. Choose another output directory.")
     existing = [p.name for p in _hf_files_in(out)] if out.is_dir() else []
     if existing and not overwrite:
         raise ConfigError(
@@ -173,9 +184,7 @@ def write_hf_dir(
     out.mkdir(parents=True, exist_ok=True)
     for p in _hf_files_in(out):
         p.unlink()
-    tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
+    write_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     write_text_atomic(out / "config.json", _json(config))
     generation = {"_from_model_config": True, "bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos")}
     write_text_atomic(out / "generation_config.json", _json(generation))

@@ -270,6 +270,10 @@ class FamilySpec:
     # (cfg, batch) -> {name: seconds}: micro-benchmarks the planner calibrates its CPU model with
     calibrate: Callable[..., dict] | None = None
     em: EMHooks | None = None  # training by EM (`train.optimizer = "em"`), for families that have it
+    # Weights that are (unnormalised) log-probabilities, where -inf is a valid value: probability
+    # zero, as EM sets it for an event never counted. Loading refuses NaN and +inf everywhere,
+    # -inf everywhere else (meshlm.artifacts.weights_file.check_finite).
+    log_probability_weights: tuple[str, ...] = ()
 
     def n_blocks(self, cfg) -> int:
         return len(self.stage_costs(cfg).blocks)

@@ -177,6 +177,9 @@ def plan_from_args(args) -> PlanResult:
             )
     else:
         cfg = load_config(args.config, args.overrides)
+    for flag, value in (("--global-batch", args.global_batch), ("--seq-len", args.seq_len)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}.")
     seq_len = args.seq_len or cfg.data.seq_len
     if seq_len > cfg.model.max_seq_len:  # the question is about this length: plan the model that can take it
         if not args.model:

@@ -35,7 +35,7 @@ def make_cluster(
         return cpu_local_cluster(n, remeasure=remeasure, log=log)
     path = Path(name_or_file)
     if name_or_file.endswith(".toml") or path.is_file():
-        cluster = load_cluster_file(path)
+        cluster = load_cluster_file(path, nodes, devices_per_node)
     elif name_or_file in CLUSTERS:
         device, intra, inter, per_node = CLUSTERS[name_or_file]
         cluster = Cluster(name_or_file, DEVICES[device], 1, per_node, intra, inter)

@@ -27,6 +27,7 @@ Users describe their own cluster in TOML (see `load_cluster_file`):
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -247,12 +248,23 @@ _DEVICE_KEYS = {
 _LINK_KEYS = {"bandwidth_gbps": ("bandwidth", GB), "latency_us": ("latency_s", 1e-6), "efficiency": ("efficiency", 1)}
 
 
-def load_cluster_file(path: Path) -> Cluster:
-    """Read a cluster TOML file (format in the module docstring). Unknown keys are errors."""
+# Keys that must be strictly positive (a zero would divide by zero in the cost model), and
+# efficiencies, which are fractions of a datasheet figure.
+_POSITIVE = {"peak_tflops", "memory_gb", "memory_gib", "hbm_gbps", "bandwidth_gbps"}
+_FRACTIONS = {"gemm_efficiency", "attention_efficiency", "mem_efficiency", "reduction_efficiency", "efficiency"}
+
+
+def load_cluster_file(path: Path, nodes: int | None = None, devices_per_node: int | None = None) -> Cluster:
+    """Read a cluster TOML file (format in the module docstring). Unknown keys are errors, and so
+    are impossible values and a missing link: [intra] (with its bandwidth_gbps) whenever a node
+    has more than one device, [inter] whenever there is more than one node, counted after the
+    `nodes` / `devices_per_node` overrides. Nothing silently takes a preset's figure."""
     try:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"cluster file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"cluster file {path} is a directory; pass a TOML file.") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"cluster file {path} is not valid TOML: {e}.") from None
     src = str(path)
@@ -283,26 +295,53 @@ def load_cluster_file(path: Path) -> Cluster:
             values.pop("mem_bandwidth"),
         )
     device = replace(device, **values)
-    per_node = int(raw.get("devices_per_node", 8))
-    intra = _link(src, "intra", raw.get("intra"), NVLINK4)
-    inter = _link(src, "inter", raw.get("inter"), IB_NDR)
-    nodes = int(raw.get("nodes", 1))
-    if nodes <= 0 or per_node <= 0:
-        raise ConfigError(f"{src}: nodes ({nodes}) and devices_per_node ({per_node}) must be positive.")
+    per_node = devices_per_node or _count(src, "devices_per_node", raw.get("devices_per_node", 8))
+    nodes = nodes or _count(src, "nodes", raw.get("nodes", 1))
+    intra = _link(src, "intra", raw.get("intra"), NVLINK4, needed=per_node > 1)
+    inter = _link(src, "inter", raw.get("inter"), IB_NDR, needed=nodes > 1)
     return Cluster(
         str(raw.get("name", Path(path).stem)), device, nodes, per_node, intra, inter, notes=str(raw.get("notes", ""))
     )
 
 
+def _count(src: str, key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{src}: '{key}' expects a positive integer, got {value!r}.")
+    return value
+
+
 def _number(src: str, key: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    """A finite number: > 0 for capacities and bandwidths, in (0, 1] for efficiencies, >= 0 else."""
+    name = key.rsplit(".", 1)[-1]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{src}: '{key}' expects a finite number, got {value!r}.")
+    if name in _FRACTIONS and not 0 < value <= 1:
+        raise ConfigError(f"{src}: '{key}' is a fraction of the datasheet figure and must be in (0, 1], got {value!r}.")
+    if name in _POSITIVE and value <= 0:
+        raise ConfigError(f"{src}: '{key}' must be greater than 0, got {value!r}.")
+    if value < 0:
         raise ConfigError(f"{src}: '{key}' expects a non-negative number, got {value!r}.")
     return float(value)
 
 
-def _link(src: str, section: str, raw: dict | None, default: Link) -> Link:
+def _link(src: str, section: str, raw: dict | None, default: Link, needed: bool) -> Link:
+    """The [intra] / [inter] link; bandwidth_gbps is required, latency and efficiency default to
+    the NVLink / InfiniBand figures in `default`."""
+    what = "between the devices of a node" if section == "intra" else "between nodes"
     if raw is None:
+        if needed:
+            raise ConfigError(
+                f"{src}: no [{section}] section, but the cluster needs a link {what}. Add [{section}] with "
+                f"bandwidth_gbps = <GB/s per device and direction> (and latency_us); see docs/planner.md."
+            )
         return default
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: '{section}' must be a table ([{section}]), got {type(raw).__name__}.")
+    if "bandwidth_gbps" not in raw:
+        raise ConfigError(
+            f"{src}: [{section}] has no bandwidth_gbps, the link's speed {what} in GB/s per device and direction; "
+            f"add it (no default is assumed)."
+        )
     values = {}
     for key, value in raw.items():
         if key not in _LINK_KEYS:

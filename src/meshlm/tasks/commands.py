@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from meshlm.config import ConfigError
+from meshlm.utils.paths import output_dir_problem, output_file_problem
 
 
 def add_commands(sub) -> None:
@@ -58,11 +59,13 @@ def _launch(nproc: int, args) -> int:
     return launch_local(nproc, strip_launch_args(_argv(args)))
 
 
-def _finish(env) -> None:
+def _finish(env, code: int = 0) -> int:
+    """Leave the process group (every rank) and return, or exit with, `code`."""
     if env.distributed:
         from meshlm.distributed.process_group import shutdown_distributed
 
-        shutdown_distributed(exit_process=True)
+        shutdown_distributed(exit_process=True, code=code)
+    return code
 
 
 def _data_files(args, cache_dir: str) -> tuple[Path, Path]:
@@ -81,9 +84,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from meshlm.config import DataConfig
     from meshlm.distributed.env import read_launch_env
+    from meshlm.distributed.launch import check_nproc
     from meshlm.tasks.finetune import backbone_run, finetune, finetune_config
 
     env = read_launch_env()
+    check_nproc(args.nproc)
+    args.interrupt_hint = f"nothing is kept: the model is written to {args.out} at the end; run the command again"
+    if env.is_main or not env.distributed:
+        problem = output_dir_problem(Path(args.out))
+        if problem:
+            raise ConfigError(f"cannot write --out: {problem}. Choose another --out.")
     cache = DataConfig().cache_dir  # where the default backbone and the built-in datasets live
     for item in args.overrides:
         key, _, value = item.partition("=")
@@ -107,6 +117,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     world = args.nproc if launching else env.world_size
     cfg = finetune_config(args.task, train, backbone, args.overrides, world_size=world)
     if launching:
+        from meshlm.tasks.formats import read_examples
+
+        read_examples(valid, args.task)  # a bad validation file is reported here, once, before any worker
         return _launch(args.nproc, args)
     finetune(cfg, train, valid, Path(args.out), env=env)
     _finish(env)
@@ -115,11 +128,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _setup(args, nproc: int):
     from meshlm.distributed.env import read_launch_env
+    from meshlm.distributed.launch import check_nproc
     from meshlm.distributed.process_group import init_distributed
 
     env = read_launch_env()
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be at least 1, got {nproc}.")
+    check_nproc(nproc)
     if not env.distributed and nproc > 1:
         return env, _launch(nproc, args)
     init_distributed(env)
@@ -131,12 +144,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from meshlm.tasks.evaluate import evaluate_file, headline, write_eval_files
     from meshlm.tasks.predict import load_task_model
 
-    if not Path(args.data).is_file():
-        raise ConfigError(f"--data {args.data}: file not found.")
-    env, code = _setup(args, args.nproc or 1)
+    _check_input("--data", Path(args.data), "a labelled file of the run's task")
+    problem = output_dir_problem(Path(args.run))  # the scores are written into the run directory
+    if problem:
+        raise ConfigError(f"cannot write the scores into --run: {problem}. Copy the run somewhere writable.")
+    env, code = _setup(args, 1 if args.nproc is None else args.nproc)
     if code is not None:
         return code
-    loaded = load_task_model(args.run, env.device)
+    loaded = load_task_model(args.run, env.device, verify=not args.no_verify)
     quantize_linears(loaded.model, args.quantize)  # in place: this process's copy of the weights
     scores = evaluate_file(loaded, args.data, env.rank, env.world_size)
     if env.is_main:
@@ -156,22 +171,61 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from meshlm.artifacts.weights_manifest import weights_sha256
+    from meshlm.distributed.env import read_launch_env
+    from meshlm.inference.predict_settings import check_same_settings, write_settings
     from meshlm.inference.quantize import quantize_linears
     from meshlm.tasks.predict import load_task_model, predict_file
+    from meshlm.utils.file_hash import file_sha256
 
-    if not Path(args.input).is_file():
-        raise ConfigError(f"input file {args.input} not found.")
-    env, code = _setup(args, args.nproc or 1)
+    args.interrupt_hint = f"the answers so far are kept in {args.output}: run the same command again to continue"
+    _check_input("--input", Path(args.input), 'a JSONL file with one {"text": ...} (or "tokens") per line')
+    output = Path(args.output)
+    problem = output_file_problem(output)
+    if problem:
+        raise ConfigError(f"cannot write --output: {problem}. Choose another --output.")
+    # What changes an answer (a task model has no generation settings): the weights, the
+    # tokenizer and their quantization. Answers of another model are refused before any work,
+    # as for a language model.
+    run = Path(args.run)
+    settings = {
+        "model_sha256": weights_sha256(run / "model.safetensors"),
+        "tokenizer_sha256": file_sha256(run / "tokenizer.json"),
+        "quantize": args.quantize,
+    }
+    env = read_launch_env()
+    if env.is_main:
+        if args.overwrite:
+            output.unlink(missing_ok=True)
+        else:
+            check_same_settings(output, settings)
+    env, code = _setup(args, 1 if args.nproc is None else args.nproc)
     if code is not None:
         return code
-    loaded = load_task_model(args.run, env.device)
+    loaded = load_task_model(args.run, env.device, verify=not args.no_verify)
     quantize_linears(loaded.model, args.quantize)  # in place: this process's copy of the weights
+    if env.is_main:
+        write_settings(output, settings)
     summary = predict_file(loaded, args.input, args.output, env.rank, env.world_size)
+    code = 0
     if summary is not None:
         print(
             f"predict: {summary.answered} answered, {summary.skipped} already in {summary.output}, "
-            f"{summary.errors} error line(s){' (see their error field)' if summary.errors else ''}",
+            f"{summary.errors} failed line(s){' (see their error field)' if summary.errors else ''}",
             file=sys.stderr,
         )
-    _finish(env)
-    return 0
+        if summary.errors and not summary.answered and not summary.skipped:
+            print(
+                f"meshlm: error: no line of {args.input} succeeded ({summary.errors} failed); their error fields in "
+                f"{summary.output} say why.",
+                file=sys.stderr,
+            )
+            code = 1
+    return _finish(env, code)
+
+
+def _check_input(flag: str, path: Path, wanted: str) -> None:
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; pass {wanted}.")
+    if not path.is_file():
+        raise ConfigError(f"{flag} file {path} not found; pass {wanted}.")

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from meshlm.artifacts.run_dir import write_text_atomic
-from meshlm.artifacts.weights_file import save_weights
 from meshlm.config import ConfigError, ParallelConfig
 from meshlm.data.tokenizer import load_tokenizer
 from meshlm.distributed.dims import parallel_dims_from_config
@@ -43,7 +42,9 @@ from meshlm.tasks.objective import TaskObjective
 from meshlm.tasks.spec import with_task_model
 from meshlm.train.metrics import MetricsWriter, plot_losses
 from meshlm.train.progress import Progress
+from meshlm.train.run_faults import save_final_weights
 from meshlm.train.step import StepRunner, accumulation_steps
+from meshlm.utils.errors import RunError
 
 # Fine-tuning settings applied over the backbone run's [train] section, before --set.
 SEQ_LEN = {"classify": 128, "ner": 64, "srl": 64}
@@ -178,17 +179,24 @@ def finetune(
     every = t.eval_every or max(1, math.ceil(len(train_ex) / t.global_batch_for(dims.dp)))
     progress = Progress(t.steps, show_bar=t.progress, is_main=env.is_main, printer=log)
     result = FinetuneResult(out, [])
-    best_state, stale = None, 0
+    best_state, stale, skipped = None, 0, 0
     try:
         for step in range(t.steps):
             tick = time.perf_counter()
             loss, grad_norm = runner.train_step(step)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning loss became {loss} at step {step + 1}; lower train.lr ({t.lr}).")
-            result.losses.append(loss)
-            elapsed = time.perf_counter() - tick
-            metrics.write({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "step_time_s": elapsed})
-            progress.update(step + 1, loss, t.global_batch_for(dims.dp) * cfg.data.seq_len / elapsed)
+            if runner.update_skipped:  # not finite: the step changed nothing (StepRunner)
+                skipped += 1
+                metrics.write({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "skipped": True})
+                if skipped > t.skip_nonfinite_steps:
+                    raise _nonfinite_error(cfg, out, step + 1, loss, grad_norm, skipped)
+                progress.write(
+                    f"step {step + 1}: loss {loss}: update skipped ({skipped} of at most {t.skip_nonfinite_steps})"
+                )
+            else:
+                result.losses.append(loss)
+                elapsed = time.perf_counter() - tick
+                metrics.write({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "step_time_s": elapsed})
+                progress.update(step + 1, loss, t.global_batch_for(dims.dp) * cfg.data.seq_len / elapsed)
             if (step + 1) % every == 0 or step + 1 == t.steps:
                 scores = runner.evaluate()
                 scores["step"] = step + 1
@@ -214,11 +222,25 @@ def finetune(
         metrics.close()
     result.seconds = time.perf_counter() - started
     if env.is_main:
-        save_weights(best_state, tm_cfg, out / "model.safetensors")
+        # A full disk keeps the weights elsewhere and says where (train/run_faults.py).
+        save_final_weights(best_state, run_cfg, out, t.steps)
         write_text_atomic(out / "eval_valid.json", json.dumps(result.best, indent=1) + "\n")
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         log(f"finetune: kept the model of step {result.best['step']} ({_describe(result.best)}); saved {out}")
     return result
+
+
+def _nonfinite_error(cfg: TaskRunConfig, out: Path, step: int, loss: float, grad_norm: float, skipped: int) -> RunError:
+    allowed = cfg.train.skip_nonfinite_steps
+    counted = (
+        f" after {skipped - 1} skipped non-finite step(s) (train.skip_nonfinite_steps = {allowed})" if allowed else ""
+    )
+    return RunError(
+        f"fine-tuning stopped at step {step}{counted}: the loss is {loss} and the gradient norm {grad_norm}, which "
+        f"are not finite; this step's update was not applied and no model was written to {out}. Lower train.lr "
+        f"(now {cfg.train.lr}), keep train.grad_clip on (now {cfg.train.grad_clip}), or let meshlm skip such steps "
+        f"with --set train.skip_nonfinite_steps=N, and run the command again."
+    )
 
 
 def _describe(scores: dict) -> str:

@@ -51,14 +51,16 @@ class TaskModelRun:
         return self.cfg.task.name
 
 
-def load_task_model(run: Path | str, device: torch.device | str = "cpu") -> TaskModelRun:
+def load_task_model(run: Path | str, device: torch.device | str = "cpu", verify: bool = True) -> TaskModelRun:
+    """The task model of `run`; its weights are checked against their manifest (the sha256
+    only when `verify`) and must be finite."""
     run = Path(run)
     if not is_task_run(run):
         raise ConfigError(
             f"{run} is not a task model run directory (no [task] in its config.toml); see `meshlm finetune`."
         )
     cfg = load_task_config(run / "config.toml")
-    model = load_weights(run / "model.safetensors", task_model_config(cfg), device).eval()
+    model = load_weights(run / "model.safetensors", task_model_config(cfg), device, verify=verify).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return TaskModelRun(cfg, model, load_tokenizer(run / "tokenizer.json"))
@@ -202,8 +204,11 @@ def predict_file(loaded: TaskModelRun, input_path, output_path, rank: int = 0, w
     if not main:
         return None
     tmp = Path(str(output_path) + ".tmp")
-    tmp.write_text("".join(json.dumps(records[n]) + "\n" for n in sorted(records)), encoding="utf-8")
-    tmp.replace(output_path)
+    try:  # the rewrite in input order never leaves its temporary file behind
+        tmp.write_text("".join(json.dumps(records[n]) + "\n" for n in sorted(records)), encoding="utf-8")
+        tmp.replace(output_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return PredictSummary(len(todo) - errors, len(done), errors, Path(output_path))
 
 

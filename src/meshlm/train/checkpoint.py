@@ -43,16 +43,18 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from meshlm.artifacts.run_dir import write_text_atomic
 from meshlm.config import Config, ConfigError, config_from_dict
 from meshlm.distributed.env import LaunchEnv
-from meshlm.distributed.rank_zero import run_on_rank0
+from meshlm.distributed.rank_zero import reported_once, run_on_rank0
 from meshlm.train.checkpoint_manifest import (
     MANIFEST,
     CheckpointError,
     checkpoints_dir,
+    fallback_hint,
     list_checkpoints,
     newest_valid,
     prune,
@@ -75,6 +77,9 @@ from meshlm.train.checkpoint_state import (
     training_state,
 )
 from meshlm.train.optim import lr_at
+from meshlm.train.run_faults import check_room_for_checkpoint, checkpoint_bytes, failed_save_error
+from meshlm.utils.disk import MiB, check_free_space
+from meshlm.utils.paths import output_dir_problem
 
 __all__ = [
     "Checkpointer",
@@ -87,6 +92,15 @@ __all__ = [
     "verify_checkpoint",
     "list_checkpoints",
 ]
+
+
+def _errors_in(error: BaseException) -> list[BaseException]:
+    """`error` and, for torch's CheckpointException, the error of each rank it collected."""
+    found = [error]
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict):
+        found += [v[0] for v in failures.values() if isinstance(v, tuple) and v and isinstance(v[0], BaseException)]
+    return found
 
 
 def _dcp_no_dist(no_dist: bool) -> bool:
@@ -127,7 +141,10 @@ def find_resume_checkpoint(resume: str, run: Path, env: LaunchEnv, log=print) ->
                     f"{path} has no complete checkpoint to resume from (looked in {checkpoints_dir(path)})."
                 )
             return found
-        return path, verify_checkpoint(path)
+        try:
+            return path, verify_checkpoint(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} {fallback_hint(path, 'resume')}") from None
 
     def answer():
         try:
@@ -200,7 +217,7 @@ class Checkpointer:
         tp_rank = pm.dims.coordinates(env.rank)["tp"] if env.distributed else 0
         self.ctx = ShardContext(cfg.model, pm.dims.tp, tp_rank, global_shapes(cfg.model))
         self._group = None
-        self._pending: tuple[Future, int] | None = None
+        self._pending: tuple[Future, int, int] | None = None  # (done, step, bytes needed)
         self.blocked_s: list[float] = []  # how long each save held up training (benchmarks)
 
     @property
@@ -221,18 +238,27 @@ class Checkpointer:
     # ------------------------------------------------------------------ save
 
     def save(self, step: int) -> None:
-        """Checkpoint the state after `step` training steps into checkpoints/step-NNNNNN/."""
+        """Checkpoint the state after `step` training steps into checkpoints/step-NNNNNN/.
+        DiskFullError (on every rank) when there is no room for it, before or while writing."""
         started = time.perf_counter()
         self.wait()
         final = step_dir(self.run, step)
         tmp = final.with_name(final.name + ".tmp")
-        if self.env.is_main:
+        need = checkpoint_bytes(self.cfg, self.run)
+
+        def start() -> None:  # rank 0: room for it, then the directory and the small files
+            check_room_for_checkpoint(self.cfg, self.run, step, need)
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            (tmp / "config.toml").write_text(self.cfg.to_toml())
-            if (self.run / "tokenizer.json").is_file():
-                shutil.copyfile(self.run / "tokenizer.json", tmp / "tokenizer.json")
-        self._barrier()
+            try:
+                tmp.mkdir(parents=True)
+                (tmp / "config.toml").write_text(self.cfg.to_toml())
+                if (self.run / "tokenizer.json").is_file():
+                    shutil.copyfile(self.run / "tokenizer.json", tmp / "tokenizer.json")
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise failed_save_error(e, self.cfg, self.run, step, need) from None
+
+        run_on_rank0(start, self.env.distributed)
         state: dict = training_state(self.pm, self.runner, self.ctx, for_load=False)
         state[f"rng/{self.env.rank}"] = rng_state(self.env.device)
         info = {
@@ -267,16 +293,34 @@ class Checkpointer:
                         self._publish(tmp, final, info)
                     done.set_result(None)
                 except BaseException as e:  # re-raised by wait()
+                    if self.env.is_main:
+                        shutil.rmtree(tmp, ignore_errors=True)
                     done.set_exception(e)
 
             upload.add_done_callback(finish)
-            self._pending = (done, step)
+            self._pending = (done, step, need)
         else:
-            dcp.save(state, storage_writer=writer, planner=BoxSavePlanner(), process_group=self.group, no_dist=no_dist)
+            try:
+                dcp.save(
+                    state, storage_writer=writer, planner=BoxSavePlanner(), process_group=self.group, no_dist=no_dist
+                )
+            except (Exception, CheckpointException) as e:  # every rank gets the failure of any rank's write
+                if self.env.is_main:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                error = failed_save_error(e, self.cfg, self.run, step, need)
+                if error is e:
+                    raise
+                raise reported_once(error, self.env.rank) from None
             self._barrier()
-            if self.env.is_main:
-                self._publish(tmp, final, info)
+            run_on_rank0(lambda: self._publish_or_clean(tmp, final, info, need), self.env.distributed)
         self.blocked_s.append(time.perf_counter() - started)
+
+    def _publish_or_clean(self, tmp: Path, final: Path, info: dict, need: int) -> None:
+        try:
+            self._publish(tmp, final, info)
+        except OSError as e:  # the manifest did not fit: the directory stays a .tmp, which is removed
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise failed_save_error(e, self.cfg, self.run, info["step"], need) from None
 
     def _publish(self, tmp: Path, final: Path, info: dict) -> None:
         publish(tmp, final, info)
@@ -286,11 +330,14 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until an async save in flight is published; re-raise its error."""
         if self._pending is not None:
-            done, step = self._pending
+            done, step, need = self._pending
             self._pending = None
             try:
                 done.result()
-            except Exception as e:
+            except (Exception, CheckpointException) as e:
+                error = failed_save_error(e, self.cfg, self.run, step, need)
+                if error is not e:
+                    raise reported_once(error, self.env.rank) from None
                 raise CheckpointError(f"the asynchronous save of step {step} failed: {e}") from e
 
     # ------------------------------------------------------------------ load
@@ -317,13 +364,19 @@ class Checkpointer:
         if same_world:
             state[rng_key] = None
         planner = BoxLoadPlanner()
-        dcp.load(
-            state,
-            storage_reader=FileSystemReader(point.path),
-            planner=planner,
-            process_group=self.group,
-            no_dist=_dcp_no_dist(not self.env.distributed),
-        )
+        try:
+            dcp.load(
+                state,
+                storage_reader=FileSystemReader(point.path),
+                planner=planner,
+                process_group=self.group,
+                no_dist=_dcp_no_dist(not self.env.distributed),
+            )
+        except (Exception, CheckpointException) as e:  # DCP wraps each rank's error: report ours by name
+            refused = next((inner for inner in _errors_in(e) if isinstance(inner, ConfigError)), None)
+            if refused is not None:
+                raise CheckpointError(f"checkpoint {point.path}: {refused}") from None
+            raise
         set_optimizer_steps(self.runner, int(manifest["optimizer_steps"]))
         if hasattr(self.runner, "load_extra_state"):  # L-BFGS's history (meshlm.train.full_batch)
             self.runner.load_extra_state({k: planner.loaded[k] for k in self.runner.extra_state()})
@@ -344,20 +397,35 @@ def export_checkpoint(run: Path, out: Path, step: int | None = None, log=print) 
     """Consolidate a sharded checkpoint of `run` (the newest complete one, or step `step`) into
     OUT/model.safetensors + config.toml + tokenizer.json, the files `meshlm generate --run OUT`
     loads. One process; works for a checkpoint written by any layout."""
-    from meshlm.artifacts.weights_file import save_weights
+    from meshlm.artifacts.weights_file import save_weights, weights_bytes
 
     run, out = Path(run), Path(out)
+    if not run.is_dir():
+        raise CheckpointError(
+            f"run directory {run} does not exist{' (it is a file)' if run.exists() else ''}. Pass the --out "
+            f"directory of `meshlm train` as --run."
+        )
+    problem = output_dir_problem(out)
+    if problem:
+        raise ConfigError(f"cannot write the export: {problem}. Choose another --out.")
     if step is None:
         found = newest_valid(run, log)
         if found is None:
-            raise CheckpointError(f"{run} has no complete checkpoint (looked in {checkpoints_dir(run)}).")
+            have = "its checkpoints are all damaged or incomplete" if list_checkpoints(run) else "it has none"
+            raise CheckpointError(
+                f"{run} has no complete checkpoint to export ({have}; looked in {checkpoints_dir(run)}). Checkpoints "
+                f"are written with --set train.checkpoint_every=N; a finished run's model.safetensors needs no export."
+            )
         path, manifest = found
     else:
         path = step_dir(run, step)
         if not path.is_dir():
             have = ", ".join(str(s) for s, _ in list_checkpoints(run)) or "none"
             raise CheckpointError(f"{run} has no checkpoint of step {step} (steps available: {have}).")
-        manifest = verify_checkpoint(path)
+        try:
+            manifest = verify_checkpoint(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} {fallback_hint(path, 'export')}") from None
     cfg = config_from_dict(manifest["config"], source=f"{path}/{MANIFEST}")
     state = {
         f"model/{name}": Sharded(size, [Box((0,) * len(size), torch.empty(size))])
@@ -369,6 +437,9 @@ def export_checkpoint(run: Path, out: Path, step: int | None = None, log=print) 
     tokenizer = next((p for p in (path / "tokenizer.json", run / "tokenizer.json") if p.is_file()), None)
     if tokenizer is None:
         raise CheckpointError(f"neither {path} nor {run} holds tokenizer.json; cannot export a usable model.")
+    check_free_space(
+        out / "model.safetensors", weights_bytes(weights) + MiB, "Free some space or choose another --out."
+    )
     out.mkdir(parents=True, exist_ok=True)
     save_weights(weights, cfg.model, out / "model.safetensors")
     write_text_atomic(out / "config.toml", cfg.to_toml())

@@ -145,3 +145,34 @@ def prune(run: Path, keep: int, keep_paths: tuple[Path, ...] = ()) -> list[Path]
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def _newest_other_valid(run: Path, bad: Path) -> tuple[int, Path] | None:
+    for step, path in reversed(list_checkpoints(run)):
+        if path.resolve() == bad.resolve():
+            continue
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            continue
+        return step, path
+    return None
+
+
+def fallback_hint(bad: Path, command: str) -> str:
+    """The next step after a checkpoint is refused: the newest other checkpoint of its run that
+    verifies (what `--resume auto` or an export without --step would take), if any."""
+    bad = Path(bad)
+    if bad.parent.name != "checkpoints":
+        return "Use another checkpoint."
+    run = bad.parent.parent
+    other = _newest_other_valid(run, bad)
+    if other is None:
+        return f"No other checkpoint of {run} verifies; train again without --resume."
+    step, path = other
+    if command == "export":
+        return f"Export another step instead: {path} (step {step}) verifies (meshlm export --run {run} --step {step})."
+    return (
+        f"The newest checkpoint that verifies is {path} (step {step}): resume from it (--resume {path}), or with "
+        f"--resume auto and --out {run}, which skips the damaged one."
+    )

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import pickle
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,11 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from meshlm.config import ConfigError, ModelConfig
 from meshlm.model.registry import family_spec, meta_model
 from meshlm.parallel.tp_plan import shard_rules
+
+
+class UnsafeCheckpointEntry(ConfigError):
+    """A non-tensor checkpoint entry whose pickle would import or call code."""
+
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -383,7 +389,18 @@ class BoxLoadPlanner(DefaultLoadPlanner):
         return LoadPlan(requests)
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        self.loaded[read_item.dest_index.fqn] = torch.load(value, weights_only=False)
+        # weights_only: the unpickler accepts tensors and plain containers (all the trainer writes:
+        # RNG states) and refuses anything that would import and call code, before calling it.
+        key = read_item.dest_index.fqn
+        try:
+            self.loaded[key] = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UnsafeCheckpointEntry(
+                f"checkpoint entry '{key}' is not plain tensor data: its pickle would run code when loaded "
+                f"({reason}); it was refused without running it. A checkpoint written by meshlm never holds such "
+                f"an entry: do not use this checkpoint unless you know who made it and why."
+            ) from None
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         return self.state_dict[index.fqn].find(index.offset)

@@ -17,9 +17,15 @@ the all-reduce here is the only communication.
                            EM: -(log-likelihood + log prior) / tokens, before the M-step: the
                            negative of EM's objective per token, which never increases
     grad_norm              L-BFGS: the gradient norm before the step; EM: 0 (no gradient)
+
+A step that starts from a non-finite objective (or L-BFGS gradient) changes nothing, as for
+gradient steps: `update_skipped` is set and the trainer counts it against
+train.skip_nonfinite_steps (train/run_faults.py).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -117,8 +123,16 @@ class EMStepRunner(FullPassRunner):
         self.all_reduce_(list(totals.values()))
         smoothing = self.cfg.train.em_smoothing
         objective = float(totals["log_likelihood"]) + self.em.log_prior(self.model, smoothing)
-        self.em.m_step(self.model, totals, smoothing)
-        return -objective / float(totals["tokens"]), 0.0
+        loss = -objective / float(totals["tokens"])
+        # Not finite (every rank agrees: the totals are global): no M-step, the parameters stay.
+        self.update_skipped = not math.isfinite(loss)
+        if not self.update_skipped:
+            self.em.m_step(self.model, totals, smoothing)
+        return loss, 0.0
+
+
+class _NonFiniteStart(Exception):
+    """The objective at the start of an L-BFGS step is not finite: the step is not taken."""
 
 
 class LBFGSStepRunner(FullPassRunner):
@@ -167,11 +181,29 @@ class LBFGSStepRunner(FullPassRunner):
         return total.float()
 
     def train_step(self, step: int) -> tuple[float, float]:
+        """One L-BFGS iteration; when the objective or its gradient at the current parameters is
+        not finite, none: the parameters and L-BFGS's history stay, `update_skipped` is set."""
         self.model.train()
         self._grad_norm = None
-        loss = self.lbfgs.step(self.full_batch_objective)
-        self._last_grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self.params)
-        return float(loss), self._grad_norm
+        first: list[float] = []
+
+        def closure() -> torch.Tensor:
+            value = self.full_batch_objective()
+            if not first:  # the point the step starts from (LBFGS evaluates it before changing anything)
+                first.append(float(value))
+                if not (math.isfinite(first[0]) and math.isfinite(self._grad_norm)):
+                    raise _NonFiniteStart
+            return value
+
+        try:
+            loss = float(self.lbfgs.step(closure))
+            self.update_skipped = False
+        except _NonFiniteStart:
+            self.update_skipped = True
+            loss = first[0]
+            self.zero_grad()
+        self._last_grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
+        return loss, self._grad_norm
 
     def optimizer_bytes(self) -> int:
         state = self.lbfgs.state.get(self.params[0], {})

@@ -14,6 +14,7 @@ grad norm = global over every shard, stage and replica (parallel/grad_norm.py)
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,8 @@ class StepRunner:
         train_data / val_data (which an objective of its own may leave None)."""
         self.cfg, self.pm, self.device, self.accum = cfg, pm, device, accum
         self.train_data, self.val_data = train_data, val_data
+        self.update_skipped = False  # the last train_step's loss or gradient norm was not finite
+        self._last_grad_bytes = 0
         if objective is None:
             objective = LanguageModelling(
                 train_data, val_data, cfg.data.seq_len, cfg.train.seed, cfg.train.eval_batches
@@ -153,11 +156,14 @@ class StepRunner:
         return self.zero.overlap_backward()
 
     def train_step(self, step: int) -> tuple[float, float]:
-        """One optimizer step over the global batch; returns (loss, grad_norm), equal on every rank."""
+        """One optimizer step over the global batch; returns (loss, grad_norm), equal on every rank.
+        A step whose loss or gradient norm is not finite changes nothing: its gradients are
+        dropped, the optimizer does not step, and `update_skipped` is set (every rank agrees:
+        both values are global)."""
         t, pm = self.cfg.train, self.pm
         for module in pm.modules():
             module.train()
-        loss = self.forward_backward(step)
+        loss = self._dp_mean(self.forward_backward(step))
         self._sync_replicated_grads()
         if self.zero is not None:
             self.zero.reduce_gradients()
@@ -165,6 +171,10 @@ class StepRunner:
         else:
             sq = weighted_grad_sq_sum(pm.named_parameters(), pm.grad_copies, self.device)
         norm = global_norm(sq)
+        self.update_skipped = not (math.isfinite(loss) and math.isfinite(float(norm)))
+        if self.update_skipped:
+            self.zero_grad()
+            return loss, float(norm)
         coef = clip_coefficient(norm, t.grad_clip)
         lr = lr_at(step, t)
         if self.zero is not None:
@@ -175,7 +185,7 @@ class StepRunner:
             self.optimizer.step()
         self._last_grad_bytes = self._grad_bytes()
         self.zero_grad()
-        return self._dp_mean(loss), float(norm)
+        return loss, float(norm)
 
     def zero_grad(self) -> None:
         if self.zero is not None:

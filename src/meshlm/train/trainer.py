@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from meshlm.artifacts.run_dir import check_run_dir, init_run_dir
-from meshlm.artifacts.weights_file import model_from_state_dict, save_weights
+from meshlm.artifacts.weights_file import model_from_state_dict
 from meshlm.config import Config, ConfigError
 from meshlm.data.loader import TokenDataset
 from meshlm.data.prepare import prepare_data
@@ -32,7 +32,7 @@ from meshlm.distributed.comm_profile import CommProfiler, format_comm, format_co
 from meshlm.distributed.dims import ParallelDims, parallel_dims_from_config
 from meshlm.distributed.env import LaunchEnv, cpu_native_bf16, read_launch_env
 from meshlm.distributed.process_group import init_distributed
-from meshlm.distributed.rank_zero import run_on_rank0
+from meshlm.distributed.rank_zero import reported_once, run_on_rank0
 from meshlm.model.registry import build_model, family_spec
 from meshlm.model.stats import count_params, flops_per_token
 from meshlm.parallel.gather import gather_full_state_dict
@@ -47,8 +47,10 @@ from meshlm.train.full_batch import make_step_runner
 from meshlm.train.metrics import MetricsWriter, plot_losses
 from meshlm.train.optim import lr_at
 from meshlm.train.progress import Progress
+from meshlm.train.run_faults import check_room_to_start, nonfinite_error, save_final_weights
 from meshlm.train.step import accumulation_steps, dtype_note
 from meshlm.train.tracing import trace_step, traced_step_index
+from meshlm.utils.errors import DiskFullError
 
 # (model, tokenizer, cfg) -> a text sample of the trained model, printed at the end of a run.
 Sampler = Callable[[torch.nn.Module, tokenizers.Tokenizer, Config], str]
@@ -109,6 +111,7 @@ class Trainer:
 
         init_distributed(self.env, cfg.train.collective_timeout_s)
         self.mesh = self.dims.build_mesh(self.device.type) if self.env.distributed else None
+        run_on_rank0(lambda: check_room_to_start(cfg, self.out), self.env.distributed)
         resume_from = find_resume_checkpoint(resume, self.out, self.env, self.log) if resume else None
         data_dir = _on_main_first(self.env, lambda: prepare_data(cfg.data, cfg.model.vocab_size, log=self.log))
         self.train_data = TokenDataset(data_dir, "train")
@@ -156,6 +159,7 @@ class Trainer:
         progress = Progress(t.steps, show_bar=t.progress, is_main=self.env.is_main, printer=self.log)
         losses: list[float] = []
         val_loss = None
+        skipped = 0  # steps whose update was skipped: loss or gradient norm not finite
         try:
             for step in range(self.start_step, t.steps):
                 started = time.perf_counter()
@@ -166,44 +170,70 @@ class Trainer:
                     loss, grad_norm = self.runner.train_step(step)
                 elapsed = time.perf_counter() - started
                 losses.append(loss)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"training loss became {loss} at step {step + 1}. Lower 'train.lr' (now {t.lr}) "
-                        f"or enable gradient clipping ('train.grad_clip')."
-                    )
-                if step == self.start_step:
-                    self._report_state_bytes()
-                record = {
-                    "step": step + 1,
-                    "loss": loss,
-                    "lr": lr_at(step, t),
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_step / elapsed,
-                    "step_time_s": elapsed,
-                    "tflops": flops_per_step / elapsed / 1e12,
-                }
-                if prof is not None:
-                    record["comm"] = prof.report()
-                    record["comm_time"] = prof.timing(elapsed)
-                    if step == min(1, t.steps - 1):  # step 2: steady state (step 1 also infers pipeline shapes)
-                        self.log(f"collectives in step {step + 1} on rank 0: " + format_comm(record["comm"]))
-                        self.log(f"step {step + 1}: " + format_comm_time(record["comm_time"]))
-                if (step + 1) % t.log_every == 0 or step == 0 or step + 1 == t.steps:
-                    self.metrics.write(record)
-                progress.update(step + 1, loss, record["tokens_per_s"])
+                if self.runner.update_skipped:
+                    skipped += 1
+                    self._skipped_step(step + 1, loss, grad_norm, skipped, progress)
+                else:
+                    if step == self.start_step:
+                        self._report_state_bytes()
+                    record = {
+                        "step": step + 1,
+                        "loss": loss,
+                        "lr": lr_at(step, t),
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_per_step / elapsed,
+                        "step_time_s": elapsed,
+                        "tflops": flops_per_step / elapsed / 1e12,
+                    }
+                    if prof is not None:
+                        record["comm"] = prof.report()
+                        record["comm_time"] = prof.timing(elapsed)
+                        if step == min(1, t.steps - 1):  # step 2: steady state (step 1 also infers pipeline shapes)
+                            self.log(f"collectives in step {step + 1} on rank 0: " + format_comm(record["comm"]))
+                            self.log(f"step {step + 1}: " + format_comm_time(record["comm_time"]))
+                    if (step + 1) % t.log_every == 0 or step == 0 or step + 1 == t.steps:
+                        self.metrics.write(record)
+                    progress.update(step + 1, loss, record["tokens_per_s"])
                 if t.eval_every and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
                     val_loss = self.runner.evaluate()
                     ppl = math.exp(min(val_loss, 50))
                     self.metrics.write({"step": step + 1, "val_loss": val_loss, "val_ppl": ppl})
                     progress.write(f"step {step + 1}: val_loss {val_loss:.4f}, perplexity {ppl:.2f}")
                 if self.checkpoints.due(step + 1):
-                    self.checkpoints.save(step + 1)
-            self.checkpoints.wait()
+                    self._checkpoint(step + 1)
+            self._checkpoint(None)
         finally:
             progress.close()
             self.metrics.close()
         sample = self.finish()
         return TrainResult(self.out, losses[-1] if losses else float("nan"), val_loss, sample, losses)
+
+    def _skipped_step(self, step: int, loss: float, grad_norm: float, skipped: int, progress: Progress) -> None:
+        """A step whose update was skipped (not finite): logged, counted, and training stops once
+        more than train.skip_nonfinite_steps were skipped (the weights are still the good ones)."""
+        self.metrics.write({"step": step, "loss": loss, "grad_norm": grad_norm, "skipped": True})
+        if skipped > self.cfg.train.skip_nonfinite_steps:
+            with contextlib.suppress(Exception):
+                self.checkpoints.wait()  # a save in flight holds good weights: let it finish
+            raise reported_once(nonfinite_error(self.cfg, self.out, step, loss, grad_norm, skipped), self.env.rank)
+        progress.write(
+            f"step {step}: loss {loss}, gradient norm {grad_norm}: update skipped "
+            f"({skipped} of at most {self.cfg.train.skip_nonfinite_steps})"
+        )
+
+    def _checkpoint(self, step: int | None) -> None:
+        """Save the checkpoint of `step` (None: wait for the one in flight). A full disk stops
+        training, except at the last step: then the final weights are still written (smaller
+        than a checkpoint; see finish) and the warning says which checkpoint was not."""
+        try:
+            if step is None:
+                self.checkpoints.wait()
+            else:
+                self.checkpoints.save(step)
+        except DiskFullError as e:
+            if step is not None and step < self.cfg.train.steps:
+                raise
+            self.log(f"warning: {e} Training is finished: writing the final weights instead.")
 
     def _comm_axes(self) -> dict[int, str]:
         """Process group -> mesh axis name, for the communication profile."""
@@ -242,9 +272,12 @@ class Trainer:
         state = gather_full_state_dict(self.pm, self.cfg.model)
         if not self.env.is_main:
             return ""
-        save_weights(state, self.cfg.model, self.out / "model.safetensors")
-        plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
-        self.log(f"saved {self.out / 'model.safetensors'}; curves in {self.out / 'loss.png'}")
+        save_final_weights(state, self.cfg, self.out, self.cfg.train.steps)
+        try:
+            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+            self.log(f"saved {self.out / 'model.safetensors'}; curves in {self.out / 'loss.png'}")
+        except OSError as e:  # the curves are a convenience: the run is complete without them
+            self.log(f"saved {self.out / 'model.safetensors'}; could not write {self.out / 'loss.png'} ({e})")
         if self.sampler is None or not self.cfg.train.sample_tokens:
             return ""
         # The sample comes from the gathered weights just saved, without reading the file back.

@@ -59,4 +59,7 @@ SPEC = FamilySpec(
     describe=describe,
     decode_state=FilterDecodeState,
     em=EMHooks(expected_counts=em.expected_counts, m_step=em.m_step, log_prior=em.log_prior),
+    # logits of the initial, transition and emission distributions: -inf after EM where a
+    # count was zero (no smoothing)
+    log_probability_weights=("emission.weight", "chain.0.initial", "chain.0.transition"),
 )
