@@ -1,6 +1,9 @@
 """The FastAPI application: routes, the API key check, and every error in OpenAI's shape.
 
-    app = build_app(state, api_key="sk-...")   # state: routes.ServeState
+    app = build_app(state, api_key="sk-...")   # state: routes.ServeState or task_routes.TaskServeState
+
+A language model gets the generation routes, a task model the task routes; /v1/models,
+/health and /metrics serve both, and the other kind's routes answer 400 naming the right one.
 
 The engine bridge is attached to the server's event loop at startup and its workers are
 stopped at shutdown (after uvicorn has drained the in-flight requests).
@@ -21,7 +24,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meshlm.serve.protocol import APIError, validation_message
-from meshlm.serve.routes import ServeState, router
+from meshlm.serve.routes import ServeState, common_router, router
+from meshlm.serve.task_routes import GENERATION_ROUTES, TaskServeState, add_wrong_kind_routes, task_router
 
 # Routes open without the API key (a load balancer's health check carries none).
 OPEN_PATHS = frozenset({"/health"})
@@ -61,7 +65,7 @@ def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-def build_app(state: ServeState, api_key: str | None = None) -> FastAPI:
+def build_app(state: ServeState | TaskServeState, api_key: str | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.bridge.attach(asyncio.get_running_loop())
@@ -70,7 +74,12 @@ def build_app(state: ServeState, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="meshlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
-    app.include_router(router)
+    app.include_router(common_router)
+    app.include_router(task_router)  # its routes answer 400 unless the run is a task model of their kind
+    if isinstance(state, TaskServeState):
+        add_wrong_kind_routes(app, GENERATION_ROUTES)
+    else:
+        app.include_router(router)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):

@@ -93,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from meshlm.inference.quantize import check_quantizable
     from meshlm.serve.chat_template import ChatTemplate, hf_chat_template
     from meshlm.serve.engine_bridge import BridgeSettings, EngineBridge
+    from meshlm.tasks.config import is_task_run
 
     hf_template = None
     if args.init_from_hf:
@@ -105,6 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         run = Path(args.run)
         name = args.served_model_name or run.resolve().name
+        if is_task_run(run):
+            return _serve_task(args, run, name)
     files = find_model_files(run=run)
     model_cfg = load_run_config(files.config.parent).model
     max_model_len = _check_limits(args, model_cfg.max_seq_len)
@@ -156,4 +159,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve_app(app, args.host, args.port, args.drain_timeout, args.log_level)
     finally:
         bridge.shutdown()
+    return 0
+
+
+def _serve_task(args: argparse.Namespace, run: Path, name: str) -> int:
+    """A task model (classify, ner, srl) on /v1/classify or /v1/tag: loaded in this process and
+    run on one worker thread (serve.task_bridge); the engine flags do not apply."""
+    import torch
+
+    from meshlm.distributed.env import read_launch_env
+    from meshlm.inference.quantize import quantize_linears
+    from meshlm.serve.app import build_app
+    from meshlm.serve.server import serve_app
+    from meshlm.serve.task_bridge import TaskBridge, TaskBridgeSettings
+    from meshlm.serve.task_routes import ROUTE, TaskServeState
+    from meshlm.tasks.predict import load_task_model
+
+    problems = [
+        f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in ("tp", "replicas") if getattr(args, flag) != 1
+    ]
+    problems += [f"--{flag.replace('_', '-')}" for flag in ("max_model_len",) if getattr(args, flag) is not None]
+    problems += ["--dtype " + args.dtype] if args.dtype != "float32" else []
+    if problems:
+        raise ConfigError(
+            f"{run} is a task model run, served by one in-process worker in float32 (as `meshlm predict` runs it); "
+            f"drop {', '.join(problems)}."
+        )
+    for flag in ("max_batch", "max_queued"):
+        low = 1 if flag == "max_batch" else 0
+        if getattr(args, flag) < low:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least {low} (got {getattr(args, flag)}).")
+    _check_port(args.host, args.port)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be at least 1 (got {args.threads}).")
+        torch.set_num_threads(args.threads)
+    loaded = load_task_model(run, read_launch_env().device)
+    quantize_linears(loaded.model, args.quantize)  # as `meshlm predict --quantize`
+    bridge = TaskBridge(loaded, TaskBridgeSettings(args.max_batch, args.max_queued))
+    state = TaskServeState(bridge, loaded.task, name, loaded.cfg.data.seq_len, int(time.time()))
+    app = build_app(state, args.api_key)
+    route = ROUTE[loaded.task]
+    print(f"meshlm serve: {loaded.task} model '{name}' on http://{args.host}:{args.port}{route}", flush=True)
+    serve_app(app, args.host, args.port, args.drain_timeout, args.log_level)
     return 0

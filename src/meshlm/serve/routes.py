@@ -3,8 +3,9 @@
 
 Every route is a thin layer: validate (protocol.py), turn the request into engine sequences
 (one per prompt and choice), submit them through the bridge, and shape the engine's tokens
-into OpenAI's response or stream chunks (openai_format.py). Task routes (/v1/classify,
-/v1/tag) will be one more router included by app.py, over the same bridge.
+into OpenAI's response or stream chunks (openai_format.py). `router` holds the language-model
+routes; `common_router` (/v1/models, /health, /metrics) serves task models too, whose routes
+(/v1/classify, /v1/tag) are in task_routes.py.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class ServeState:
 
 
 router = APIRouter()
+common_router = APIRouter()  # every kind of run: the state needs bridge, model_name, created, max_model_len
 
 
 def _state(request: Request) -> ServeState:
@@ -239,7 +241,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return await _respond(request, handle, fmt, body.stream)
 
 
-@router.get("/v1/models")
+@common_router.get("/v1/models")
 async def models(request: Request) -> ModelList:
     state = _state(request)
     return ModelList(data=[ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)])
@@ -248,7 +250,7 @@ async def models(request: Request) -> ModelList:
 # ----------------------------------------------------------------------------- server routes
 
 
-@router.get("/health")
+@common_router.get("/health")
 async def health(request: Request) -> Response:
     bridge = _state(request).bridge
     if bridge.healthy:
@@ -256,7 +258,7 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "unhealthy", "reason": bridge.failure or "engine stopped"}, status_code=503)
 
 
-@router.get("/metrics")
+@common_router.get("/metrics")
 async def metrics(request: Request) -> Response:
     bridge = _state(request).bridge
     running, waiting = bridge.load()

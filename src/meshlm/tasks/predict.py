@@ -112,6 +112,13 @@ def predict_examples(loaded: TaskModelRun, examples: list[Example], batch_size: 
     return records
 
 
+def token_counts(loaded: TaskModelRun, examples: list[Example]) -> list[int]:
+    """The tokens the model reads per example (after truncation to the run's length)."""
+    cfg = loaded.cfg
+    enc = encode(examples, loaded.tokenizer, cfg.task.name, cfg.task.labels, cfg.data.seq_len, cfg.task.pooling)
+    return list(enc.lengths)
+
+
 # ----------------------------------------------------------------------------- files
 
 
