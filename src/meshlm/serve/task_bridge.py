@@ -82,7 +82,10 @@ class TaskBridge:
         try:
             loop = asyncio.get_running_loop()
             records, counts = await loop.run_in_executor(self._executor, self._run, examples)
-        except BaseException:
+        except asyncio.CancelledError:  # the client left; the forward itself runs to its end
+            self.metrics.outcomes["aborted"] += 1
+            raise
+        except Exception:
             self.metrics.outcomes["failed"] += 1
             raise
         finally:
