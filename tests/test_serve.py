@@ -168,6 +168,11 @@ def test_errors_in_openai_shape(server, client):
     r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers=server.headers, timeout=10)
     assert r.status_code == 400 and "error" in r.json()
     assert server.post("/v1/completions", {**base, "model": "gpt-4"}).status_code == 404
+    # the task routes belong to task-model runs (test_serve_tasks.py): 400 naming the routes to use
+    for path, body in (("/v1/classify", {"input": "x"}), ("/v1/tag", {"tokens": [["x"]]})):
+        r = server.post(path, body)
+        assert r.status_code == 400 and "language model" in r.json()["error"]["message"], r.text
+        assert "/v1/completions" in r.json()["error"]["message"] and r.json()["error"]["code"] == "wrong_endpoint"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="x", max_tokens=4, extra_body={"best_of": 3})
     # the API key: every route but /health

@@ -1,7 +1,7 @@
 """`meshlm serve --run TASK_RUN`: /v1/classify and /v1/tag on a real server on loopback (httpx:
 the openai client has no custom routes). Answers equal what `meshlm predict --run` writes for
 the same inputs; bad requests and the other kind's routes answer 400 with a message; the API
-key is enforced; a language-model run refuses the task routes."""
+key is enforced. (A language-model run refusing the task routes: test_serve.py's errors test.)"""
 
 from __future__ import annotations
 
@@ -127,14 +127,3 @@ def test_tag_ner_and_srl_equal_predict_and_errors(runs):
     finally:
         results = [s.stop() for s in (ner, srl)]
     assert [code for code, _ in results] == [0, 0], results
-
-
-def test_language_model_run_refuses_task_routes(runs):
-    server = Server(runs / "bb", "--max-batch", "2").wait_ready()
-    try:
-        assert_error(server.post("/v1/classify", {"input": "x"}), 400, "language model", "/v1/completions")
-        assert_error(server.post("/v1/tag", {"tokens": [["x"]]}), 400, "meshlm finetune")
-        assert server.post("/v1/completions", {"model": "bb", "prompt": "the", "max_tokens": 2}).status_code == 200
-    finally:
-        code, out = server.stop()
-    assert code == 0, out
