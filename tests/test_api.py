@@ -145,15 +145,16 @@ def test_load_and_save_round_trip(fitted, tmp_path):
 
 
 def test_a_worker_error_is_raised_in_the_caller(fitted, tiny, tmp_path):
-    # A run that diverges raises FloatingPointError on every rank: a WorkerError here, with the
-    # rank, the worker's message and its traceback.
+    # A run that diverges stops with a RunError on every rank (a non-finite step, naming the
+    # settings to change): a WorkerError here, with the rank, the worker's message and its traceback.
     lm = meshlm.LanguageModel("tiny-cpu", **dict(tiny, lr=1e30, grad_clip=0.0, eval_every=0))
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(meshlm.WorkerError) as caught:
         lm.fit(steps=3, workers=2, run_dir=tmp_path / "diverged", verbose=False)
     assert signal.getsignal(signal.SIGINT) is handler  # the launcher's handler is gone again
     assert caught.value.rank in (0, 1)
-    assert caught.value.message.startswith("FloatingPointError: training loss became")
+    assert caught.value.message.startswith("RunError: training stopped at step")
+    assert "train.skip_nonfinite_steps" in caught.value.message
     assert "trainer.py" in caught.value.traceback and "worker rank" in str(caught.value)
     # A user error in a worker (a damaged weights file, which the caller does not read) stays a
     # ConfigError (a ValueError) with the worker's message.
