@@ -328,7 +328,9 @@ def test_sigkilled_worker_restarts_resumes_and_matches_uninterrupted(data_cache,
         finally:
             proc.kill()
     assert proc.returncode == 0, err[-4000:]
-    assert "exitcode: -9" in err
+    # the loss was seen: the agent reports the killed worker, or its peer (which notices first
+    # when its collective breaks) names the dead worker before the agent restarts both
+    assert "exitcode: -9" in err or "lost its connection to another worker" in err, err[-4000:]
     assert "resumed from" in out
     losses = _logged_losses(run)
     assert len(losses) == 16
