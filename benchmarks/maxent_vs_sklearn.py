@@ -78,7 +78,7 @@ def run_meshlm(cfg, dp: int, out: Path) -> float:
     if dp == 1:
         train(cfg, out, overwrite=True, log=quiet)
     else:
-        run_distributed(_train_rank, dp, cfg, out)
+        run_distributed(_train_rank, dp, cfg, out, timeout=3600.0)  # 100 L-BFGS steps on a busy machine
     return sum(r["step_time_s"] for r in read_metrics(out / "metrics.jsonl") if "step_time_s" in r)
 
 
@@ -130,6 +130,12 @@ def main() -> None:
             ref.fit(X, y)
             times["sklearn"].append(time.perf_counter() - started)
             times["dp1"].append(run_meshlm(cfg1, 1, Path(tmp) / "dp1"))
+            # (each figure as it comes: a long run keeps what it measured if a later part fails)
+            print(
+                f"round: scikit-learn {times['sklearn'][-1]:.1f} s ({ref.n_iter_[0]} iterations), meshlm 1 process "
+                f"{times['dp1'][-1]:.1f} s",
+                flush=True,
+            )
             times["dp2"].append(run_meshlm(cfg2, 2, Path(tmp) / "dp2"))
         W_ref = np.zeros((X.shape[1], args.vocab))
         b_ref = np.full(args.vocab, -np.inf)
