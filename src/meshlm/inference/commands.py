@@ -369,21 +369,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
         settings=settings,
         start_over=args.overwrite,
     )
-    code = 0
-    if summary is not None:
+    code = 0 if summary is None else report_predict_summary(summary, args.input)
+    return _finish(layout, code)
+
+
+def report_predict_summary(summary, input_path: str) -> int:
+    """Print predict's summary line (the main rank); the exit code: 1 when no line of the input
+    succeeded (each failed line's error field says why), else 0."""
+    print(
+        f"predict: {summary.answered} answered, {summary.skipped} already in {summary.output}, "
+        f"{summary.errors} failed line(s){' (see their error field)' if summary.errors else ''}",
+        file=sys.stderr,
+    )
+    if summary.errors and not summary.answered and not summary.skipped:
         print(
-            f"predict: {summary.answered} answered, {summary.skipped} already in {summary.output}, "
-            f"{summary.errors} failed line(s){' (see their error field)' if summary.errors else ''}",
+            f"meshlm: error: no line of {input_path} succeeded ({summary.errors} failed); their error fields in "
+            f"{summary.output} say why.",
             file=sys.stderr,
         )
-        if summary.errors and not summary.answered and not summary.skipped:
-            print(
-                f"meshlm: error: no line of {args.input} succeeded ({summary.errors} failed); their error fields in "
-                f"{summary.output} say why.",
-                file=sys.stderr,
-            )
-            code = 1
-    return _finish(layout, code)
+        return 1
+    return 0
 
 
 # ----------------------------------------------------------------------------- eval

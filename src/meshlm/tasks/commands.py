@@ -173,6 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from meshlm.artifacts.weights_manifest import weights_sha256
     from meshlm.distributed.env import read_launch_env
+    from meshlm.inference.commands import report_predict_summary
     from meshlm.inference.predict_settings import check_same_settings, write_settings
     from meshlm.inference.quantize import quantize_linears
     from meshlm.tasks.predict import load_task_model, predict_file
@@ -207,20 +208,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if env.is_main:
         write_settings(output, settings)
     summary = predict_file(loaded, args.input, args.output, env.rank, env.world_size)
-    code = 0
-    if summary is not None:
-        print(
-            f"predict: {summary.answered} answered, {summary.skipped} already in {summary.output}, "
-            f"{summary.errors} failed line(s){' (see their error field)' if summary.errors else ''}",
-            file=sys.stderr,
-        )
-        if summary.errors and not summary.answered and not summary.skipped:
-            print(
-                f"meshlm: error: no line of {args.input} succeeded ({summary.errors} failed); their error fields in "
-                f"{summary.output} say why.",
-                file=sys.stderr,
-            )
-            code = 1
+    code = 0 if summary is None else report_predict_summary(summary, args.input)
     return _finish(env, code)
 
 
