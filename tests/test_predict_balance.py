@@ -103,22 +103,28 @@ def test_skewed_predict_nproc_2_equals_nproc_1_in_order_and_resumes_after_a_kill
     assert _records(two) == reference  # the same answers, in input order
 
     # interrupted: kill the launcher and its workers once a few answers are on disk, then run again
+    # (on a busy machine the kill may land after the last answer: then try again, up to 3 times)
     killed = tmp_path / "killed.jsonl"
-    victim = subprocess.Popen(
-        [sys.executable, "-m", "meshlm", *_argv(run_dir, src, killed, "--nproc", "2")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=_env(),
-    )
-    deadline = time.monotonic() + 240
-    try:
-        while victim.poll() is None and time.monotonic() < deadline:
-            if killed.is_file() and len(killed.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.05)
-    finally:
-        _kill_all(_descendants(victim.pid))
-        victim.wait(timeout=60)
+    for _attempt in range(3):
+        killed.unlink(missing_ok=True)
+        victim = subprocess.Popen(
+            [sys.executable, "-m", "meshlm", *_argv(run_dir, src, killed, "--nproc", "2")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=_env(),
+        )
+        deadline = time.monotonic() + 240
+        try:
+            while victim.poll() is None and time.monotonic() < deadline:
+                if killed.is_file() and len(killed.read_text().splitlines()) >= 3:
+                    break
+                time.sleep(0.05)
+        finally:
+            _kill_all(_descendants(victim.pid))
+            victim.wait(timeout=60)
+        answered = {json.loads(t)["line"] for t in killed.read_text().splitlines() if t.endswith("}")}
+        if len(answered) < N_LINES:
+            break
     partial = [json.loads(t) for t in killed.read_text().splitlines() if t.endswith("}")]
     assert all(r == reference[r["line"] - 1] for r in partial)  # what was written is already right
     proc = subprocess.run(
