@@ -42,6 +42,22 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, "invalid_request_error", param, code)
 
 
+def at_capacity(capacity: int, units: str, retry_after_s: int) -> APIError:
+    """429 for a full queue: `capacity` `units` (sequences, inputs) in flight or waiting."""
+    return APIError(
+        429,
+        f"the server is at capacity ({capacity} {units} in flight or waiting); retry later.",
+        "rate_limit_error",
+        code="queue_full",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def unavailable(what: str, error: Exception) -> APIError:
+    """503 when the process that answers (`what`: the engine, the model) is gone."""
+    return APIError(503, f"{what} is unavailable: {error}.", "service_unavailable", code="engine_dead")
+
+
 # ----------------------------------------------------------------------------- requests
 
 

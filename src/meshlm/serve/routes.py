@@ -29,7 +29,9 @@ from meshlm.serve.protocol import (
     ModelCard,
     ModelList,
     TokenizeRequest,
+    at_capacity,
     bad_request,
+    unavailable,
 )
 from meshlm.serve.streaming import EventStreamResponse, until_disconnected
 
@@ -125,15 +127,9 @@ def _submit(state: ServeState, specs: list[SequenceSpec]) -> RequestHandle:
         return state.bridge.submit(specs)
     except QueueFull:
         state.bridge.metrics.outcomes["rejected"] += 1
-        raise APIError(
-            429,
-            f"the server is at capacity ({state.bridge.capacity()} sequences in flight or waiting); retry later.",
-            "rate_limit_error",
-            code="queue_full",
-            headers={"Retry-After": str(state.retry_after_s)},
-        ) from None
+        raise at_capacity(state.bridge.capacity(), "sequences", state.retry_after_s) from None
     except EngineUnavailable as e:
-        raise APIError(503, f"the engine is unavailable: {e}.", "service_unavailable", code="engine_dead") from None
+        raise unavailable("the engine", e) from None
 
 
 # ----------------------------------------------------------------------------- responses

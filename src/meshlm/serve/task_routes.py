@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 
 from meshlm.serve.engine_bridge import EngineUnavailable, QueueFull
-from meshlm.serve.protocol import APIError, bad_request
+from meshlm.serve.protocol import APIError, at_capacity, bad_request, unavailable
 from meshlm.serve.task_bridge import TaskBridge
 from meshlm.tasks.encoding import words_of
 from meshlm.tasks.formats import Example, parse_record
@@ -145,15 +145,9 @@ async def _predict(state: TaskServeState, examples: list[Example]) -> tuple[list
     try:
         return await bridge.predict(examples)
     except QueueFull:
-        raise APIError(
-            429,
-            f"the server is at capacity ({bridge.capacity()} inputs in flight or waiting); retry later.",
-            "rate_limit_error",
-            code="queue_full",
-            headers={"Retry-After": str(state.retry_after_s)},
-        ) from None
+        raise at_capacity(bridge.capacity(), "inputs", state.retry_after_s) from None
     except EngineUnavailable as e:
-        raise APIError(503, f"the model is unavailable: {e}.", "service_unavailable", code="engine_dead") from None
+        raise unavailable("the model", e) from None
 
 
 def _response(state: TaskServeState, data: list[dict], counts: list[int]) -> dict:
