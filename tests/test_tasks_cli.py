@@ -139,3 +139,14 @@ def test_builtin_dataset_roles_from_the_syntax_tree():
         ("self", "B-ARG0"), (".", "I-ARG0"), ("reader", "I-ARG0"), ("path", "B-ARG1"),
         ("size", "B-ARGM-KW"), ("=", "I-ARGM-KW"), ("4", "I-ARGM-KW"),
     ]  # fmt: skip
+
+
+def test_default_backbone_is_found_by_any_path_to_its_cache(tmp_path, monkeypatch):
+    # `meshlm finetune` in a folder (relative .meshlm-cache) and a script naming the same cache
+    # by its absolute path must share one backbone, not pretrain a second one.
+    from meshlm.tasks.default_backbone import default_backbone_dir
+
+    monkeypatch.chdir(tmp_path)
+    relative = default_backbone_dir(".meshlm-cache")
+    absolute = default_backbone_dir(tmp_path / ".meshlm-cache")
+    assert relative.name.startswith("default-") and absolute == tmp_path / relative
