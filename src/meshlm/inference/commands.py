@@ -73,7 +73,14 @@ def add_commands(sub) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", default=None, help="run directory written by `meshlm train`")
+    src.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        default=None,
+        # --run-dir: under torchrun, whose parser reads a bare --run as an abbreviation of its --run-path
+        help="run directory written by `meshlm train` (--run-dir: the same, for torchrun command lines)",
+    )
     src.add_argument(
         "--init-from-hf",
         metavar="HF_DIR",

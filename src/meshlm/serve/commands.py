@@ -22,7 +22,13 @@ from meshlm.config import ConfigError
 def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", default=None, help="run directory written by `meshlm train` (or `meshlm export`)")
+    src.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        default=None,
+        help="run directory written by `meshlm train` (or `meshlm export`); --run-dir is the same, for torchrun",
+    )
     src.add_argument(
         "--init-from-hf",
         metavar="HF_DIR",
