@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from task_fixtures import TINY_LLAMA, make_backbone
+from task_fixtures import TINY_LLAMA, TINY_LSTM, make_backbone
 
 from meshlm.config import ConfigError, load_config
 from meshlm.inference.loading import find_model_files
@@ -20,16 +20,6 @@ from meshlm.model.registry import build_model
 from meshlm.tasks.backbone import load_backbone_weights
 from meshlm.tasks.config import TaskRunConfig, TaskSettings
 from meshlm.tasks.spec import task_model_config
-
-TINY_LSTM = [
-    'model.family="lstm"',
-    "model.vocab_size=300",
-    "model.d_embed=16",
-    "model.d_hidden=24",
-    "model.n_layers=2",
-    "model.max_seq_len=64",
-    "data.seq_len=32",
-]
 
 
 def _outputs_before_and_after_a_later_change(overrides: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
