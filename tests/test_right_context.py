@@ -1,8 +1,9 @@
 """Right context for taggers (single process): non-causal attention (`model.causal=false`) and
 the bidirectional LSTM (`model.bidirectional=true`) let a position see the tokens after it, their
 causal defaults do not; a pretrained unidirectional LSTM loads into a bidirectional task model
-with only the reverse direction missing; and the language-model commands refuse such a model
-(exit 2, one paragraph naming the key) before any work."""
+with only the reverse direction missing; taggers (not classifiers) fine-tune with right context
+by default; and the language-model commands refuse such a model (exit 2, one paragraph naming
+the key) before any work."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import sys
 
 import pytest
 import torch
-from task_fixtures import TINY_LLAMA, TINY_LSTM, make_backbone
+from task_fixtures import TINY_LLAMA, TINY_LSTM, classify_records, make_backbone, ner_records, write_jsonl
 
 from meshlm.config import ConfigError, load_config
 from meshlm.inference.loading import find_model_files
 from meshlm.model.registry import build_model
 from meshlm.tasks.backbone import load_backbone_weights
 from meshlm.tasks.config import TaskRunConfig, TaskSettings
+from meshlm.tasks.finetune import finetune_config
 from meshlm.tasks.spec import task_model_config
 
 
@@ -84,3 +86,13 @@ def test_language_model_commands_refuse_right_context(tmp_path):
     assert proc.stderr.count("meshlm: error:") == 1 and "model.causal = false" in proc.stderr
     with pytest.raises(ConfigError, match="model.causal = false"):  # eval, predict and serve find it here too
         find_model_files(run=run)
+
+
+def test_taggers_fine_tune_with_right_context_by_default(tmp_path):
+    llama, lstm = make_backbone(tmp_path / "llama"), make_backbone(tmp_path / "lstm", TINY_LSTM)
+    ner = write_jsonl(tmp_path / "ner.jsonl", ner_records(8, 1))
+    clf = write_jsonl(tmp_path / "clf.jsonl", classify_records(8, 1))
+    assert finetune_config("ner", ner, llama).model.causal is False
+    assert finetune_config("ner", ner, lstm).model.bidirectional is True
+    assert finetune_config("ner", ner, llama, ["model.causal=true"]).model.causal is True
+    assert finetune_config("classify", clf, llama).model.causal is True

@@ -1,8 +1,9 @@
 """Fine-tuning a classification head and tagging heads under dp2 (zero 0 and 3), tp2 and pp2
 equals one process: 5 AdamW steps, every loss within 1e-5 relative, the validation scores
 equal, every parameter within 1e-4 (float32, gloo, forked ranks). The tagging world fine-tunes,
-one after the other, a CRF tagger, a tagger on a non-causal llama (model.causal=false) and one
-on a bidirectional LSTM (model.bidirectional=true): one spawned world per layout and group."""
+one after the other, a CRF tagger on a causal llama, a tagger on a non-causal llama
+(model.causal=false) and one on a bidirectional LSTM (model.bidirectional=true): one spawned
+world per layout and group."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ RECORDS = {
 # case -> (task, backbone, overrides)
 CASES = {
     "classify": ("classify", "llama", []),
-    "ner-crf": ("ner", "llama", ["task.crf=true"]),
+    "ner-crf": ("ner", "llama", ["task.crf=true", "model.causal=true"]),
     "ner-llama-noncausal": ("ner", "llama", ["model.causal=false"]),
     "ner-lstm-bidirectional": ("ner", "lstm", ["model.bidirectional=true"]),
     "srl": ("srl", "llama", []),
