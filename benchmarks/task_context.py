@@ -4,7 +4,7 @@ an LSTM backbone (model.bidirectional). Results: docs/benchmarks.md ("Tasks: cau
 bidirectional context").
 
     OMP_NUM_THREADS=1 python benchmarks/task_context.py [--cache .meshlm-cache] [--train-examples 2000]
-        [--epochs 2] [--lstm-steps 300] [--rounds 1]
+        [--epochs 2] [--lstm-steps 300] [--rounds 1] [--backbones llama lstm] [--set train.lr=1e-2 ...]
 
 Backbones: the default backbone (tiny-cpu llama pretrained 800 steps on the Python standard
 library, built once and cached) and lstm-tiny pretrained --lstm-steps steps on the same corpus
@@ -74,9 +74,18 @@ def lstm_backbone(cache: Path, steps: int) -> Path:
 
 
 def subsample(path: Path, n: int, out: Path) -> Path:
-    """The first n examples of a JSONL split (the built-in splits are in a content-hash order)."""
+    """n examples of a JSONL split, evenly spaced (the built-in splits are in a content-hash
+    order), plus the first example of each tag the sample lacks (0: the whole split)."""
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    out.write_text("".join(lines[:n]) if n else "".join(lines), encoding="utf-8")
+    if n:
+        chosen = lines[:: max(1, len(lines) // n)][:n]
+        seen = {t for line in chosen for t in json.loads(line)["tags"]}
+        for line in lines:
+            if not seen.issuperset(json.loads(line)["tags"]):
+                chosen.append(line)
+                seen.update(json.loads(line)["tags"])
+        lines = chosen
+    out.write_text("".join(lines), encoding="utf-8")
     return out
 
 
@@ -97,6 +106,7 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--lstm-steps", type=int, default=300)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--set", dest="extra", action="append", default=[], help="more overrides, e.g. train.lr=1e-2")
     args = p.parse_args()
     cache, out = Path(args.cache).resolve(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +117,7 @@ def main() -> None:
         backbones["llama"] = default_backbone(cache, log=quiet)
     if "lstm" in args.backbones:
         backbones["lstm"] = lstm_backbone(cache, args.lstm_steps)
-    common = [f'data.cache_dir="{cache}"', f"task.epochs={args.epochs}", "train.progress=false"]
+    common = [f'data.cache_dir="{cache}"', f"task.epochs={args.epochs}", "train.progress=false", *args.extra]
     for task in args.tasks:
         files = builtin_files(task, cache)
         train = subsample(files["train"], args.train_examples, out / f"{task}-train.jsonl")
