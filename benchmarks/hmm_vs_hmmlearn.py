@@ -26,18 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from hmmlearn.hmm import CategoricalHMM
+from timed_training import quiet, run_meshlm
 
 from meshlm.config import load_config
 from meshlm.data.loader import TokenDataset, pass_windows
 from meshlm.data.prepare import prepare_data
-from meshlm.distributed.spawn import run_distributed
 from meshlm.model.registry import build_model
-from meshlm.train.metrics import read_metrics
-from meshlm.train.trainer import train
-
-
-def quiet(*args, **kwargs):
-    pass
 
 
 def config(args, states: int, dp: int):
@@ -61,18 +55,6 @@ def config(args, states: int, dp: int):
             "train.seed=0",
         ],
     )
-
-
-def _train_rank(rank, cfg, out):
-    train(cfg, out, log=quiet)
-
-
-def run_meshlm(cfg, dp: int, out: Path) -> float:
-    if dp == 1:
-        train(cfg, out, overwrite=True, log=quiet)
-    else:
-        run_distributed(_train_rank, dp, cfg, out)
-    return sum(r["step_time_s"] for r in read_metrics(out / "metrics.jsonl") if "step_time_s" in r)
 
 
 def meshlm_log_likelihood(out: Path, cfg, windows: torch.Tensor) -> float:

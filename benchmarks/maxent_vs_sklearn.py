@@ -31,19 +31,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from sklearn.linear_model import LogisticRegression
+from timed_training import quiet, run_meshlm
 
 from meshlm.artifacts.weights_file import load_weights
 from meshlm.config import load_config
 from meshlm.data.loader import TokenDataset, pass_batch, pass_windows
 from meshlm.data.prepare import prepare_data
-from meshlm.distributed.spawn import run_distributed
 from meshlm.model.maxent.model import histories, history_rows
-from meshlm.train.metrics import read_metrics
-from meshlm.train.trainer import train
-
-
-def quiet(*args, **kwargs):
-    pass
 
 
 def config(args, dp: int):
@@ -68,18 +62,6 @@ def config(args, dp: int):
             "train.progress=false",
         ],
     )
-
-
-def _train_rank(rank, cfg, out):
-    train(cfg, out, log=quiet)
-
-
-def run_meshlm(cfg, dp: int, out: Path) -> float:
-    if dp == 1:
-        train(cfg, out, overwrite=True, log=quiet)
-    else:
-        run_distributed(_train_rank, dp, cfg, out, timeout=3600.0)  # 100 L-BFGS steps on a busy machine
-    return sum(r["step_time_s"] for r in read_metrics(out / "metrics.jsonl") if "step_time_s" in r)
 
 
 def features(x: torch.Tensor, args) -> sp.csr_matrix:

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from parallel_overhead import MODEL
+
 from meshlm.config import load_config
 from meshlm.plan.cost import estimate
 from meshlm.plan.layout import Layout, Workload, meshlm_software
@@ -40,21 +42,8 @@ from meshlm.plan.measure import regret, spearman
 
 # ----------------------------------------------------------------------------- cpu
 
-CPU_MODEL = [
-    "model.d_model=128",
-    "model.n_layers=4",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.vocab_size=2048",
-    "model.max_seq_len=128",
-    "data.seq_len=128",
-    "data.max_bytes=2000000",
-    "train.micro_batch=4",
-    "train.global_batch=16",
-    "train.eval_every=0",
-    "train.sample_tokens=0",
-    "train.progress=false",
-]
+# the workload of parallel_overhead.py, whose layouts the planner is checked against
+CPU_MODEL = MODEL
 
 CPU_LAYOUTS = [
     ("single process", 1, []),

@@ -20,11 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 from processes import kill_worker
+from training_runs import final_weights, quiet, run_training
 
-from meshlm.artifacts.weights_file import load_weights
 from meshlm.config import ConfigError, load_config
 from meshlm.distributed.env import read_launch_env
-from meshlm.distributed.spawn import run_distributed
 from meshlm.train.checkpoint import CheckpointError, export_checkpoint, find_resume_checkpoint, verify_checkpoint
 from meshlm.train.checkpoint_manifest import list_checkpoints, step_dir
 from meshlm.train.checkpoint_state import range_boxes
@@ -64,10 +63,6 @@ BASE = [
 ]
 
 
-def quiet(*args, **kwargs):
-    pass
-
-
 @pytest.fixture(scope="module")
 def data_cache(prepare_corpus):
     return prepare_corpus(BASE)
@@ -77,32 +72,13 @@ def _config(variant, cache, extra=()):
     return load_config(None, BASE + VARIANTS[variant] + [f'data.cache_dir="{cache}"'] + list(extra))
 
 
-def _train_rank(rank, cfg, out, resume):
-    result = train(cfg, out, log=quiet, resume=resume)
-    return result.losses, result.final_val_loss
-
-
-def _run(world, cfg, out, resume=None):
-    """(losses, final val loss) of a run on `world` forked ranks (1: in this process)."""
-    if world == 1:
-        result = train(cfg, out, log=quiet, resume=resume)
-        return result.losses, result.final_val_loss
-    results = run_distributed(_train_rank, world, cfg, out, resume)
-    assert all(r == results[0] for r in results), "every rank must log the same losses"
-    return results[0]
-
-
-def _weights(run, cfg):
-    return load_weights(run / "model.safetensors", cfg.model).state_dict()
-
-
 def assert_resumed(source, resumed, rtol, cfg, source_dir, resumed_dir):
     (src_losses, src_val), (losses, val) = source, resumed
     assert len(losses) == 3
     for step, (a, b) in enumerate(zip(losses, src_losses[3:]), start=4):
         assert math.isclose(a, b, rel_tol=rtol), f"step {step}: resumed loss {a} vs uninterrupted {b}"
     assert math.isclose(val, src_val, rel_tol=rtol), f"val loss {val} vs {src_val}"
-    want, got = _weights(source_dir, cfg), _weights(resumed_dir, cfg)
+    want, got = final_weights(source_dir, cfg), final_weights(resumed_dir, cfg)
     for name, value in want.items():
         diff = (got[name] - value).abs().max().item()
         assert diff <= PARAM_ATOL, f"{name}: max abs difference {diff}"
@@ -122,10 +98,10 @@ def test_same_layout_resume_is_exact_with_async_saves_and_retention(data_cache, 
         "train.keep_checkpoints=4",
     ]
     cfg = _config("llama", data_cache, layout)
-    source = _run(2, cfg, tmp_path / "a")
+    source = run_training(2, cfg, tmp_path / "a")
     assert [s for s, _ in list_checkpoints(tmp_path / "a")] == [3, 4, 5, 6]
     assert not list((tmp_path / "a" / "checkpoints").glob("*.tmp"))
-    resumed = _run(2, cfg, tmp_path / "b", resume=str(step_dir(tmp_path / "a", 3)))
+    resumed = run_training(2, cfg, tmp_path / "b", resume=str(step_dir(tmp_path / "a", 3)))
     assert_resumed(source, resumed, SAME_RTOL, cfg, tmp_path / "a", tmp_path / "b")
 
 
@@ -186,11 +162,11 @@ CROSS = [
 )
 def test_resume_across_layouts(case, variant, src_world, src_layout, dst_world, dst_layout, data_cache, tmp_path):
     src_cfg = _config(variant, data_cache, src_layout)
-    source = _run(src_world, src_cfg, tmp_path / "a")
+    source = run_training(src_world, src_cfg, tmp_path / "a")
     manifest = verify_checkpoint(step_dir(tmp_path / "a", 3))
     assert manifest["world_size"] == src_world and manifest["step"] == 3
     dst_cfg = _config(variant, data_cache, dst_layout)
-    resumed = _run(dst_world, dst_cfg, tmp_path / "b", resume=str(step_dir(tmp_path / "a", 3)))
+    resumed = run_training(dst_world, dst_cfg, tmp_path / "b", resume=str(step_dir(tmp_path / "a", 3)))
     assert_resumed(source, resumed, CROSS_RTOL, dst_cfg, tmp_path / "a", tmp_path / "b")
 
 
@@ -317,7 +293,7 @@ def test_sigkilled_worker_restarts_resumes_and_matches_uninterrupted(data_cache,
     (after the step-2 checkpoint); the agent restarts both workers, which resume from the newest
     complete checkpoint and finish with the uninterrupted run's losses."""
     layout = ["parallel.dp=2", "parallel.zero=1", "train.checkpoint_every=2", "train.steps=16"]
-    reference, _ = _run(2, _config("llama", data_cache, layout), tmp_path / "reference")
+    reference, _ = run_training(2, _config("llama", data_cache, layout), tmp_path / "reference")
     run = tmp_path / "run"
     argv, env = _cli_command(data_cache, run, layout, "--nproc", "2", "--max-restarts", "1")
     with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
@@ -368,9 +344,9 @@ def test_export_consolidates_a_sharded_checkpoint(data_cache, tmp_path):
     from meshlm.inference.loading import find_model_files, load_model
 
     cfg = _config("gpt2", data_cache, ["parallel.tp=2", "parallel.pp=2"])
-    _run(4, cfg, tmp_path / "run")
+    run_training(4, cfg, tmp_path / "run")
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "final")]) == 0
-    final, trained = _weights(tmp_path / "final", cfg), _weights(tmp_path / "run", cfg)
+    final, trained = final_weights(tmp_path / "final", cfg), final_weights(tmp_path / "run", cfg)
     assert set(final) == set(trained)
     for name in trained:
         assert torch.equal(final[name], trained[name]), name

@@ -26,7 +26,8 @@ from meshlm.distributed.spawn import run_distributed
 from meshlm.model.loss import lm_loss
 from meshlm.model.registry import build_model
 from meshlm.model.transformer.config import TransformerConfig
-from meshlm.parallel.zero import ZeroOptimizer, consolidate_state_dicts
+from meshlm.parallel.zero import ZeroOptimizer
+from meshlm.parallel.zero_state import consolidate_state_dicts
 from meshlm.train.optim import lr_at
 
 STEPS, BATCH, SEQ = 5, 8, 16

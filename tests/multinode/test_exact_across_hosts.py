@@ -63,13 +63,14 @@ def _prompts(path):
 
 
 def test_predict_and_eval_across_two_hosts_equal_one_host(reference, make_hosts, tmp_path, capsys):
-    # --checkpoint, not --run: torchrun's own parser would take `--run` for an abbreviation of its --run-path.
+    # --run-dir or --checkpoint, not --run: torchrun's own parser would take `--run` for an
+    # abbreviation of its --run-path. predict uses the first, eval the second.
     model = str(reference[0] / "model.safetensors")
     src = tmp_path / "in.jsonl"
     _prompts(src)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(json.__doc__ * 3)
-    predict = ["predict", "--checkpoint", model, "--input", str(src), "--seed", "1", "--no-progress"]
+    predict = ["predict", "--run-dir", str(reference[0]), "--input", str(src), "--seed", "1", "--no-progress"]
     evaluate = ["eval", "--checkpoint", model, "--data", str(corpus), "--seq-len", "32", "--batch-size", "3", "--json"]
 
     assert cli_main([*predict, "--output", str(tmp_path / "one.jsonl")]) == 0

@@ -73,7 +73,14 @@ def add_commands(sub) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", default=None, help="run directory written by `meshlm train`")
+    src.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        default=None,
+        # --run-dir: under torchrun, whose parser reads a bare --run as an abbreviation of its --run-path
+        help="run directory written by `meshlm train` (--run-dir: the same, for torchrun command lines)",
+    )
     src.add_argument(
         "--init-from-hf",
         metavar="HF_DIR",
@@ -85,18 +92,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a model.safetensors with config.toml and tokenizer.json next to it (or above it)",
     )
+    add_precision_args(p)
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 check of the weights against their manifest (for very large files; the size is "
+        "still checked)",
+    )
+
+
+def add_precision_args(p: argparse.ArgumentParser) -> None:
+    """--dtype and --quantize, the same for every command that runs a model (serve too)."""
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(
         "--quantize",
         default="none",
         choices=["none", "int8"],
         help="int8: run the linear layers with int8 weights (docs/performance.md)",
-    )
-    p.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="skip the sha256 check of the weights against their manifest (for very large files; the size is "
-        "still checked)",
     )
 
 

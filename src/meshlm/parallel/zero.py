@@ -4,16 +4,12 @@ Why by hand: torch's ZeroRedundancyOptimizer partitions whole parameters (so a r
 share is not 1/N), and FSDP2 is ZeRO-3 (parameters sharded at rest). Here the shares
 are exact, so the per-rank bytes match the ZeRO paper's formulas.
 
-Layout. The trainable parameters (shared/tied ones once, under their first name) are
-packed, per dtype, into one flat buffer padded to N * S elements, S = ceil(P / N),
-N = dp size. Every model parameter becomes a view into it (`p.data = flat[...]`), so
-all-gathering the flat buffer updates the model in place. Data-parallel rank r owns
-the contiguous shard [r*S, (r+1)*S); a shard boundary may cut through a parameter.
-
-    stage 1: params N*S, grads N*S (p.grad are views into one flat grad buffer),
-             optimizer state 2*S float32 (exp_avg, exp_avg_sq)
-    stage 2: params N*S, grads S (only the owned shard is kept; p.grad is freed
-             after reduce_gradients), optimizer state 2*S float32
+Layout (zero_flat.py). The trainable parameters (shared/tied ones once, under their first
+name) are packed, per dtype, into one flat buffer padded to N * S elements, S = ceil(P / N),
+N = dp size; every parameter becomes a view into it. Data-parallel rank r owns the shard
+[r*S, (r+1)*S). Stage 1 keeps N*S gradient elements (p.grad are views into one flat buffer),
+stage 2 only the owned S (p.grad is freed after reduce_gradients); both keep 2*S float32 of
+optimizer state (exp_avg, exp_avg_sq).
 
 Per step (the caller drives it):
     for each micro-batch but the last: loss.backward()   # accumulates p.grad locally
@@ -45,11 +41,8 @@ and buckets are launched in index order on every rank (zero_buckets.py).
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,97 +53,10 @@ from meshlm.config import TrainConfig
 from meshlm.distributed.collectives import all_gather_single as _all_gather
 from meshlm.distributed.collectives import reduce_scatter_single as _reduce_scatter
 from meshlm.parallel.zero_buckets import BucketSchedule, InFlight, bucket_ranges, buckets_of, piece, readiness_packing
+from meshlm.parallel.zero_flat import FlatGroup, Segment
+from meshlm.parallel.zero_state import normalise_layout
 
 EPS = 1e-8
-
-
-@dataclass
-class _Segment:
-    name: str
-    param: nn.Parameter
-    offset: int  # in the flat buffer
-    numel: int
-    decay: bool
-    weight: float  # grad_weight(name)
-
-
-class _FlatGroup:
-    """One dtype's flat parameter buffer, its gradient storage and the owned shard's state."""
-
-    def __init__(self, dtype: torch.dtype, segments: list[_Segment], n: int, rank: int, stage: int):
-        self.dtype, self.segments, self.n, self.rank = dtype, segments, n, rank
-        self.numel = sum(s.numel for s in segments)
-        self.shard_size = math.ceil(self.numel / n)
-        self.lo = rank * self.shard_size  # owned range in the flat buffer
-        self.hi = self.lo + self.shard_size
-        self._starts = [s.offset for s in segments]
-        device = segments[0].param.device
-        padded = n * self.shard_size
-        self.flat_param = torch.zeros(padded, dtype=dtype, device=device)
-        with torch.no_grad():
-            for s in segments:
-                view = self.flat_param[s.offset : s.offset + s.numel].view_as(s.param)
-                view.copy_(s.param)
-                s.param.data = view
-        self.shard_param = self.flat_param[self.lo : self.hi]
-        if stage == 1:
-            self.flat_grad = torch.zeros(padded, dtype=dtype, device=device)
-            self.shard_grad = self.flat_grad[self.lo : self.hi]
-            self.point_grads_at_flat()
-        else:
-            self.flat_grad = None
-            self.shard_grad = torch.zeros(self.shard_size, dtype=dtype, device=device)
-        self.exp_avg = torch.zeros(self.shard_size, dtype=torch.float32, device=device)
-        self.exp_avg_sq = torch.zeros(self.shard_size, dtype=torch.float32, device=device)
-        self.decay_runs = self._runs(lambda s: s.decay, keep=True)
-        self.weight_runs = self._runs(lambda s: s.weight)
-
-    def _runs(self, key: Callable[[_Segment], Any], keep: Any = None) -> list[tuple[int, int, Any]]:
-        """Maximal runs (lo, hi, value) of the owned shard, in shard coordinates, over which
-        key(segment) is constant; with `keep`, only runs whose value equals it."""
-        runs: list[tuple[int, int, Any]] = []
-        for s in self.segments:
-            a, b = max(s.offset, self.lo), min(s.offset + s.numel, self.hi)
-            if a >= b:
-                continue
-            value = key(s)
-            if runs and runs[-1][1] == a - self.lo and runs[-1][2] == value:
-                runs[-1] = (runs[-1][0], b - self.lo, value)
-            else:
-                runs.append((a - self.lo, b - self.lo, value))
-        return [r for r in runs if keep is None or r[2] == keep]
-
-    def grad_view(self, s: _Segment) -> torch.Tensor:
-        return self.flat_grad[s.offset : s.offset + s.numel].view_as(s.param)
-
-    def point_grads_at_flat(self) -> None:
-        for s in self.segments:
-            s.param.grad = self.grad_view(s)
-
-    def gather_local_grads(self) -> None:
-        """Stage 1: make sure every p.grad lives in the flat buffer (a caller may have set
-        p.grad to None or autograd may have replaced it); copy in what does not."""
-        for s in self.segments:
-            view, g = self.grad_view(s), s.param.grad
-            if g is None:
-                view.zero_()
-            elif g.data_ptr() != view.data_ptr():
-                view.copy_(g)
-            s.param.grad = view
-
-    def fill_rows(self, staging: torch.Tensor, lo: int, hi: int) -> None:
-        """Stage 2: staging[r] = this rank's local gradient over shard r's piece of bucket
-        [lo, hi) (zero_buckets.piece)."""
-        staging.zero_()
-        for r in range(self.n):
-            a, b = (r * self.shard_size + x for x in piece(r, lo, hi, self.shard_size))
-            i = max(0, bisect.bisect_right(self._starts, a) - 1)
-            while i < len(self.segments) and self.segments[i].offset < b:
-                s = self.segments[i]
-                x, y = max(a, s.offset), min(b, s.offset + s.numel)
-                if x < y and s.param.grad is not None:
-                    staging[r, x - a : y - a].copy_(s.param.grad.reshape(-1)[x - s.offset : y - s.offset])
-                i += 1
 
 
 class ZeroOptimizer:
@@ -195,10 +101,10 @@ class ZeroOptimizer:
             named = named[::-1]  # the order gradients become final in (zero_buckets.readiness_packing)
             offsets = readiness_packing([p.numel() for _, p in named], self.n)
             segments = [
-                _Segment(name, p, off, p.numel(), p.dim() >= 2, float(grad_weight(name)))
+                Segment(name, p, off, p.numel(), p.dim() >= 2, float(grad_weight(name)))
                 for (name, p), off in zip(named, offsets)
             ]
-            self.groups.append(_FlatGroup(dt, sorted(segments, key=lambda s: s.offset), self.n, self.rank, stage))
+            self.groups.append(FlatGroup(dt, sorted(segments, key=lambda s: s.offset), self.n, self.rank, stage))
         self._in_flight: list[InFlight] = []
         self._armed = False
         self.schedule = self._bucket_schedule()
@@ -221,7 +127,7 @@ class ZeroOptimizer:
 
     # ------------------------------------------------------------------ gradients
 
-    def _bucket_elems(self, group: _FlatGroup) -> int:
+    def _bucket_elems(self, group: FlatGroup) -> int:
         """Elements per rank in one bucket (one collective moves N times this)."""
         per_rank = self.bucket_bytes // (self.n * group.flat_param.element_size())
         return max(1, min(group.shard_size, per_rank))
@@ -346,7 +252,7 @@ class ZeroOptimizer:
                 self._launch_gather(g, lo, hi)
         self._drain()
 
-    def _adamw(self, g: _FlatGroup, lo: int, hi: int, lr: float) -> None:
+    def _adamw(self, g: FlatGroup, lo: int, hi: int, lr: float) -> None:
         """AdamW on shard elements [lo, hi) (elementwise: the same bits as on the whole shard)."""
         c = self.cfg
         beta1, beta2, wd = c.beta1, c.beta2, c.weight_decay
@@ -371,7 +277,7 @@ class ZeroOptimizer:
         if param is not shard:
             shard.copy_(param)
 
-    def _launch_gather(self, g: _FlatGroup, lo: int, hi: int) -> None:
+    def _launch_gather(self, g: FlatGroup, lo: int, hi: int) -> None:
         if self.n == 1:
             return
         n, S = self.n, g.shard_size
@@ -418,7 +324,7 @@ class ZeroOptimizer:
                 out["grads"] += sum(nbytes(s.param.grad) for s in g.segments)
         return out
 
-    def _layout(self, g: _FlatGroup) -> dict[str, Any]:
+    def _layout(self, g: FlatGroup) -> dict[str, Any]:
         return {
             "dtype": str(g.dtype).removeprefix("torch."),
             "numel": g.numel,
@@ -457,7 +363,7 @@ class ZeroOptimizer:
         for g, saved in zip(self.groups, sd["groups"]):
             mine = self._layout(g)
             for key in ("dtype", "numel", "shard_size", "params"):
-                if _normalise(saved[key]) != _normalise(mine[key]):
+                if normalise_layout(saved[key]) != normalise_layout(mine[key]):
                     raise ValueError(
                         f"saved optimizer layout differs from this model's in '{key}' "
                         f"(dtype group {mine['dtype']}); was the model changed?"
@@ -476,32 +382,3 @@ class ZeroOptimizer:
                     flat[s.offset : s.offset + s.numel] = full["params"][s.name][key].reshape(-1)
                 dest.copy_(flat[g.lo : g.hi])
         self.step_count = int(full["step"])
-
-
-def _normalise(x: Any) -> Any:
-    """Tuples and lists compare equal after a round trip through torch.save/load or JSON."""
-    if isinstance(x, (list, tuple)):
-        return [_normalise(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _normalise(v) for k, v in x.items()}
-    return x
-
-
-def consolidate_state_dicts(shards: list[dict[str, Any]]) -> dict[str, Any]:
-    """Join every dp rank's ZeroOptimizer.state_dict() into per-parameter tensors:
-    {"step": int, "params": {name: {"exp_avg": Tensor(shape), "exp_avg_sq": Tensor(shape)}}}."""
-    shards = sorted(shards, key=lambda sd: sd["dp_rank"])
-    n = shards[0]["dp_size"]
-    if [sd["dp_rank"] for sd in shards] != list(range(n)):
-        raise ValueError(
-            f"need one state_dict from each of the {n} dp ranks, got ranks {[sd['dp_rank'] for sd in shards]}."
-        )
-    out: dict[str, Any] = {"step": shards[0]["step"], "params": {}}
-    for gi, layout in enumerate(shards[0]["groups"]):
-        flats = {key: torch.cat([sd["groups"][gi][key] for sd in shards]) for key in ("exp_avg", "exp_avg_sq")}
-        for p in layout["params"]:
-            out["params"][p["name"]] = {
-                key: flat[p["offset"] : p["offset"] + p["numel"]].reshape(p["shape"]).clone()
-                for key, flat in flats.items()
-            }
-    return out

@@ -191,14 +191,7 @@ def plan_from_args(args) -> PlanResult:
         cfg.model.max_seq_len = seq_len
     cfg.data.seq_len = seq_len
     validate(cfg)
-    cluster = make_cluster(
-        args.cluster,
-        args.nodes,
-        args.devices_per_node,
-        remeasure=args.remeasure,
-        world_size=None if args.cluster != CPU_LOCAL or args.devices_per_node else _cores(),
-        log=lambda message: print(message, file=sys.stderr),
-    )
+    cluster = _cluster_from_args(args)
     global_batch = args.global_batch or cfg.train.global_batch or cfg.train.micro_batch * cluster.world_size
     workload = Workload(cfg.model, global_batch, seq_len)
     # Accelerators train in bfloat16 (mixed precision); a CPU plan follows the config.
@@ -209,6 +202,18 @@ def plan_from_args(args) -> PlanResult:
     cfg.train.global_batch = global_batch
     top = max(args.top, getattr(args, "measure_top", 0) or 0)
     return plan(workload, cluster, sw, layout, top=top, meshlm_only=meshlm_only, config=cfg)
+
+
+def _cluster_from_args(args) -> Cluster:
+    """The cluster the plan is for: `--cluster` (cpu-local: this machine's cores, measured once)."""
+    return make_cluster(
+        args.cluster,
+        args.nodes,
+        args.devices_per_node,
+        remeasure=args.remeasure,
+        world_size=None if args.cluster != CPU_LOCAL or args.devices_per_node else _cores(),
+        log=lambda message: print(message, file=sys.stderr),
+    )
 
 
 def serve_from_args(args) -> tuple[str, dict]:
@@ -228,14 +233,7 @@ def serve_from_args(args) -> tuple[str, dict]:
             f"--prompt-len ({prompt}), --gen-len ({gen}) and --max-batch ({args.max_batch}) must be positive."
         )
     validate(cfg)
-    cluster = make_cluster(
-        args.cluster,
-        args.nodes,
-        args.devices_per_node,
-        remeasure=args.remeasure,
-        world_size=None if args.cluster != CPU_LOCAL or args.devices_per_node else _cores(),
-        log=lambda message: print(message, file=sys.stderr),
-    )
+    cluster = _cluster_from_args(args)
     targets = ServeTargets(prompt, gen, args.max_ttft_ms, args.min_tokens_per_s, args.max_tpot_ms, args.max_batch)
     rows = plan_serving(m, cluster, targets)
     return format_serving(m, cluster, targets, rows), serving_json(m, cluster, targets, rows)

@@ -17,12 +17,19 @@ import time
 from pathlib import Path
 
 from meshlm.config import ConfigError
+from meshlm.inference.commands import add_precision_args
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", default=None, help="run directory written by `meshlm train` (or `meshlm export`)")
+    src.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        default=None,
+        help="run directory written by `meshlm train` (or `meshlm export`); --run-dir is the same, for torchrun",
+    )
     src.add_argument(
         "--init-from-hf",
         metavar="HF_DIR",
@@ -42,13 +49,7 @@ def add_commands(sub) -> None:
     p.add_argument("--max-queued", type=int, default=128, help="sequences allowed to wait for a slot; beyond that: 429")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--quantize",
-        default="none",
-        choices=["none", "int8"],
-        help="int8: the engines run the linear layers with int8 weights (docs/performance.md)",
-    )
+    add_precision_args(p)
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads per engine rank (default: the cores / engine ranks)"
     )
