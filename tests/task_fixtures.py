@@ -23,6 +23,15 @@ TINY_LLAMA = [
     "model.max_seq_len=64",
     "data.seq_len=32",
 ]
+TINY_LSTM = [
+    'model.family="lstm"',
+    "model.vocab_size=300",
+    "model.d_embed=16",
+    "model.d_hidden=24",
+    "model.n_layers=2",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+]
 
 
 def make_backbone(path: Path, overrides: list[str] = TINY_LLAMA) -> Path:

@@ -1,6 +1,7 @@
 """The commands end to end on a tiny backbone: `meshlm finetune`, `meshlm predict` (--nproc 2
-writes what --nproc 1 writes; resumable; error records), `meshlm eval --json`; and the built-in
-datasets' derivation on a known snippet."""
+writes what --nproc 1 writes, for a classifier, a CRF tagger and a bidirectional LSTM tagger;
+resumable; error records), `meshlm eval --json`; and the built-in datasets' derivation on a
+known snippet."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from task_fixtures import classify_records, make_backbone, ner_records, write_jsonl
+from task_fixtures import TINY_LSTM, classify_records, make_backbone, ner_records, write_jsonl
 
 from meshlm.tasks import datasets
 
@@ -60,6 +61,24 @@ def runs(tmp_path_factory):
         "task.crf=true",
         cwd=root,
     )
+    make_backbone(root / "lstm-bb", TINY_LSTM)
+    meshlm(
+        "finetune",
+        "--task",
+        "ner",
+        "--train",
+        "n-train.jsonl",
+        "--valid",
+        "n-valid.jsonl",
+        "--out",
+        "ner-bi",
+        *common[2:],
+        "--from",
+        "lstm-bb",
+        "--set",
+        "model.bidirectional=true",
+        cwd=root,
+    )
     return root
 
 
@@ -90,6 +109,10 @@ def test_tagger_predict_nproc2_and_eval_json(runs):
     meshlm("predict", "--run", "ner", "--input", "tin.jsonl", "--output", "t1.jsonl", cwd=runs)
     meshlm("predict", "--run", "ner", "--input", "tin.jsonl", "--output", "t2.jsonl", "--nproc", "2", cwd=runs)
     assert (runs / "t1.jsonl").read_text() == (runs / "t2.jsonl").read_text()
+    meshlm("predict", "--run", "ner-bi", "--input", "tin.jsonl", "--output", "b1.jsonl", cwd=runs)
+    meshlm("predict", "--run", "ner-bi", "--input", "tin.jsonl", "--output", "b2.jsonl", "--nproc", "2", cwd=runs)
+    assert (runs / "b1.jsonl").read_text() == (runs / "b2.jsonl").read_text()
+    assert "bidirectional = true" in (runs / "ner-bi" / "config.toml").read_text()
     out = [json.loads(x) for x in (runs / "t1.jsonl").read_text().splitlines()]
     assert [len(r["tags"]) for r in out[:-1]] == [len(r["tokens"]) for r in records]
     assert out[-1]["tokens"] == ["John", "Smith", "in", "Paris"]

@@ -1,13 +1,16 @@
-"""Fine-tuning a classification head and a tagging head (CRF) under dp2 (zero 0 and 3), tp2
-and pp2 equals one process: 5 AdamW steps, every loss within 1e-5 relative, the validation
-scores equal, every parameter within 1e-4 (float32, gloo, forked ranks)."""
+"""Fine-tuning a classification head and tagging heads under dp2 (zero 0 and 3), tp2 and pp2
+equals one process: 5 AdamW steps, every loss within 1e-5 relative, the validation scores
+equal, every parameter within 1e-4 (float32, gloo, forked ranks). The tagging world fine-tunes,
+one after the other, a CRF tagger on a causal llama, a tagger on a non-causal llama
+(model.causal=false) and one on a bidirectional LSTM (model.bidirectional=true): one spawned
+world per layout and group."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-from task_fixtures import classify_records, make_backbone, ner_records, write_jsonl
+from task_fixtures import TINY_LSTM, classify_records, make_backbone, ner_records, write_jsonl
 
 from meshlm.artifacts.weights_file import load_weights
 from meshlm.distributed.spawn import run_distributed
@@ -35,29 +38,49 @@ LAYOUTS = [
     ("tp2", 2, ["parallel.tp=2"]),
     ("pp2", 2, ["parallel.pp=2", 'parallel.pp_schedule="1f1b"']),
 ]
-TASKS = {
-    "classify": ("classify", classify_records, []),
-    "ner-crf": ("ner", ner_records, ["task.crf=true"]),
-    "srl": ("srl", lambda n, seed: ner_records(n, seed, predicate=True), []),
+RECORDS = {
+    "classify": classify_records,
+    "ner": ner_records,
+    "srl": lambda n, seed: ner_records(n, seed, predicate=True),
 }
+# case -> (task, backbone, overrides)
+CASES = {
+    "classify": ("classify", "llama", []),
+    "ner-crf": ("ner", "llama", ["task.crf=true", "model.causal=true"]),
+    "ner-llama-noncausal": ("ner", "llama", ["model.causal=false"]),
+    "ner-lstm-bidirectional": ("ner", "lstm", ["model.bidirectional=true"]),
+    "srl": ("srl", "llama", []),
+}
+# The cases one spawned world fine-tunes in turn (spawning a world costs more than a case).
+WORLDS = {"classify": ["classify"], "tagging": ["ner-crf", "ner-llama-noncausal", "ner-lstm-bidirectional"]}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tasks-parallel")
-    backbone = make_backbone(root / "backbone")
+    backbones = {"llama": make_backbone(root / "llama"), "lstm": make_backbone(root / "lstm", TINY_LSTM)}
     files = {}
-    for name, (_, records, _) in TASKS.items():
-        files[name] = (
-            write_jsonl(root / f"{name}-train.jsonl", records(40, 1)),
-            write_jsonl(root / f"{name}-valid.jsonl", records(13, 2)),
+    for task, records in RECORDS.items():
+        files[task] = (
+            write_jsonl(root / f"{task}-train.jsonl", records(40, 1)),
+            write_jsonl(root / f"{task}-valid.jsonl", records(13, 2)),
         )
-    return backbone, files
+    return backbones, files
 
 
-def _run(rank, cfg, train, valid, out):
-    result = finetune(cfg, train, valid, out, log=lambda *a, **k: None)
-    return result.losses, result.best
+def _config(name, setup, overrides=(), world_size=1):
+    backbones, files = setup
+    task, backbone, extra = CASES[name]
+    return finetune_config(task, files[task][0], backbones[backbone], BASE + extra + list(overrides), world_size)
+
+
+def _run(rank, jobs):
+    """Each (cfg, train, valid, out) fine-tuned in turn on this rank: [(losses, best), ...]."""
+    results = []
+    for cfg, train, valid, out in jobs:
+        result = finetune(cfg, train, valid, out, log=lambda *a, **k: None)
+        results.append((result.losses, result.best))
+    return results
 
 
 def _weights(out):
@@ -70,43 +93,40 @@ _refs: dict = {}
 
 def _reference(name, setup, tmp_path_factory):
     if name not in _refs:
-        backbone, files = setup
-        task, _, extra = TASKS[name]
+        files = setup[1][CASES[name][0]]
         out = tmp_path_factory.mktemp(f"ref-{name}")
-        cfg = finetune_config(task, files[name][0], backbone, BASE + extra)
-        result = finetune(cfg, *files[name], out, log=lambda *a, **k: None)
+        result = finetune(_config(name, setup), *files, out, log=lambda *a, **k: None)
         _refs[name] = (result.losses, result.best, _weights(out))
     return _refs[name]
 
 
 @pytest.mark.parametrize("case, world, overrides", LAYOUTS, ids=[c for c, _, _ in LAYOUTS])
-@pytest.mark.parametrize("name", ["classify", "ner-crf"])
-def test_finetuning_matches_single_process(name, case, world, overrides, setup, tmp_path, tmp_path_factory):
-    ref_losses, ref_best, ref_state = _reference(name, setup, tmp_path_factory)
-    backbone, files = setup
-    task, _, extra = TASKS[name]
-    cfg = finetune_config(task, files[name][0], backbone, BASE + extra + overrides, world_size=world)
-    results = run_distributed(_run, world, cfg, *files[name], tmp_path / "run")
-    losses, best = results[0]
+@pytest.mark.parametrize("group", list(WORLDS))
+def test_finetuning_matches_single_process(group, case, world, overrides, setup, tmp_path, tmp_path_factory):
+    files = setup[1]
+    names = WORLDS[group]
+    jobs = [(_config(name, setup, overrides, world), *files[CASES[name][0]], tmp_path / name) for name in names]
+    results = run_distributed(_run, world, jobs)
     assert all(r == results[0] for r in results[1:]), "every rank reports the same losses and scores"
-    assert len(losses) == len(ref_losses) == 5
-    for step, (a, b) in enumerate(zip(losses, ref_losses), start=1):
-        assert math.isclose(a, b, rel_tol=LOSS_RTOL), f"step {step}: loss {a} vs single process {b}"
-    assert math.isclose(best["loss"], ref_best["loss"], rel_tol=LOSS_RTOL)
-    assert best["score"] == ref_best["score"]
-    state = _weights(tmp_path / "run")
-    assert set(state) == set(ref_state)
-    for key, value in ref_state.items():
-        diff = (state[key] - value).abs().max().item()
-        assert diff <= PARAM_ATOL, f"{key}: max abs difference {diff}"
+    for name, (losses, best) in zip(names, results[0]):
+        ref_losses, ref_best, ref_state = _reference(name, setup, tmp_path_factory)
+        assert len(losses) == len(ref_losses) == 5, name
+        for step, (a, b) in enumerate(zip(losses, ref_losses), start=1):
+            assert math.isclose(a, b, rel_tol=LOSS_RTOL), f"{name} step {step}: loss {a} vs single process {b}"
+        assert math.isclose(best["loss"], ref_best["loss"], rel_tol=LOSS_RTOL), name
+        assert best["score"] == ref_best["score"], name
+        state = _weights(tmp_path / name)
+        assert set(state) == set(ref_state), name
+        for key, value in ref_state.items():
+            diff = (state[key] - value).abs().max().item()
+            assert diff <= PARAM_ATOL, f"{name} {key}: max abs difference {diff}"
 
 
 def test_srl_predicate_input_under_pipeline_matches_single_process(setup, tmp_path, tmp_path_factory):
     """The predicate indicator is a first-stage input: pp2 carries it exactly."""
     ref_losses, ref_best, _ = _reference("srl", setup, tmp_path_factory)
-    backbone, files = setup
-    cfg = finetune_config("srl", files["srl"][0], backbone, BASE + LAYOUTS[3][2], world_size=2)
-    losses, best = run_distributed(_run, 2, cfg, *files["srl"], tmp_path / "run")[0]
+    cfg = _config("srl", setup, LAYOUTS[3][2], world_size=2)
+    ((losses, best),) = run_distributed(_run, 2, [(cfg, *setup[1]["srl"], tmp_path / "run")])[0]
     for a, b in zip(losses, ref_losses):
         assert math.isclose(a, b, rel_tol=LOSS_RTOL)
     assert best["score"] == ref_best["score"]

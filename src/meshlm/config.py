@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from meshlm.utils.errors import ConfigError
 from meshlm.utils.toml_writer import dump_toml
@@ -56,9 +56,47 @@ class ModelConfig:
     # The longest sequence the model is built for (positions, caches).
     max_seq_len: int = 1024
 
+    # A family whose model can also read the tokens after each position (a tagger's backbone
+    # option) names the boolean [model] key and the value that switches this on, e.g.
+    # ("causal", False). Such a model is no language model: it cannot generate or be scored
+    # left to right, and pretraining it would be trivial (each position sees its target).
+    RIGHT_CONTEXT: ClassVar[tuple[str, bool] | None] = None
+
     def validate(self) -> None:
         """Family-specific checks, each raising ConfigError that names the key and the fix."""
         _check_positive({"model.vocab_size": self.vocab_size, "model.max_seq_len": self.max_seq_len})
+
+    def right_context_setting(self) -> str | None:
+        """'model.KEY = VALUE' when this model's positions see the tokens after them, else None."""
+        if self.RIGHT_CONTEXT is None:
+            return None
+        key, value = self.RIGHT_CONTEXT
+        return f"model.{key} = {str(value).lower()}" if getattr(self, key) == value else None
+
+    def right_context_override(self) -> str | None:
+        """The `--set` override that gives this family's model right context ("model.causal=false"),
+        or None for a family that has no such option."""
+        if self.RIGHT_CONTEXT is None:
+            return None
+        key, value = self.RIGHT_CONTEXT
+        return f"model.{key}={str(value).lower()}"
+
+
+def check_left_to_right(m: ModelConfig, use: str) -> None:
+    """ConfigError when `m` sees right context (ModelConfig.RIGHT_CONTEXT) and `use` (a language
+    model's training or inference, named in the message) needs a left-to-right model."""
+    setting = m.right_context_setting()
+    if setting is None:
+        return
+    key, value = m.RIGHT_CONTEXT
+    raise ConfigError(
+        f"{use} needs a left-to-right language model, but {setting} lets every position see the tokens after "
+        f"it (a backbone option for taggers): it is no next-token predictor (training it so would be trivial, "
+        f"each position seeing its target; generating would need the tokens not written yet). Set "
+        f"model.{key}={str(not value).lower()} (the default) for a language model; use {setting} only when "
+        f"fine-tuning a task model (meshlm finetune --task ner|srl|classify ... --set model.{key}="
+        f"{str(value).lower()})."
+    )
 
 
 # family name -> its [model] dataclass, filled by meshlm.model.registry (a lower layer cannot

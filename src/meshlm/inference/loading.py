@@ -15,7 +15,7 @@ from torch.distributed import ProcessGroup
 
 from meshlm.artifacts.run_dir import load_run_config
 from meshlm.artifacts.weights_file import load_weights
-from meshlm.config import Config, ConfigError
+from meshlm.config import Config, ConfigError, check_left_to_right
 from meshlm.data.tokenizer import load_tokenizer
 from meshlm.distributed.dims import ParallelDims
 from meshlm.distributed.env import LaunchEnv
@@ -44,7 +44,17 @@ class ModelFiles:
 def find_model_files(run: str | Path | None = None, checkpoint: str | Path | None = None) -> ModelFiles:
     """--run DIR: DIR/{config.toml, model.safetensors, tokenizer.json}. --checkpoint PATH: a
     .safetensors file (or a directory holding model.safetensors) with config.toml and
-    tokenizer.json next to it or in a directory above it (a checkpoint inside a run)."""
+    tokenizer.json next to it or in a directory above it (a checkpoint inside a run).
+
+    Every language-model inference path (generate, predict, eval, serve, and their Python
+    API) finds its model here, before any work: a model that sees right context (a tagger's
+    backbone option, ModelConfig.RIGHT_CONTEXT) is refused here, once for all of them."""
+    files = _find_model_files(run, checkpoint)
+    check_left_to_right(load_run_config(files.config.parent).model, "generation and language-model evaluation")
+    return files
+
+
+def _find_model_files(run: str | Path | None, checkpoint: str | Path | None) -> ModelFiles:
     if (run is None) == (checkpoint is None):
         raise ConfigError("pass exactly one of --run DIR and --checkpoint PATH.")
     if run is not None:

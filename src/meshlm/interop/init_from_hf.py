@@ -12,19 +12,22 @@ from pathlib import Path
 
 import torch
 
-from meshlm.config import Config, ConfigError, load_config, validate
+from meshlm.config import Config, ConfigError, check_left_to_right, load_config, validate
 from meshlm.interop.adapters import adapter_of, model_config_from_hf
 from meshlm.interop.hf_files import read_hf_config, read_hf_tensors
 from meshlm.model.registry import family_spec
 
 
 def load_training_config(name: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """`load_config` for training: with `train.init_from_hf` set, the Hugging Face model's
-    architecture and tokenizer are applied before validation, so every check sees the real model."""
+    """`load_config` for language-model training (`meshlm train`, the API's fit): with
+    `train.init_from_hf` set, the Hugging Face model's architecture and tokenizer are applied
+    before validation, so every check sees the real model. A model that sees right context (a
+    tagger's backbone option) is refused: next-token prediction would be trivial."""
     cfg = load_config(name, overrides, validated=False)
     if cfg.train.init_from_hf:
         apply_init_from_hf(cfg)
     validate(cfg)
+    check_left_to_right(cfg.model, "`meshlm train` (language-model pretraining)")
     return cfg
 
 

@@ -5,7 +5,7 @@ Each block is a list of kernels on one tp rank (shapes after the tensor-parallel
     GEMM          t = 2 M K N / (peak x gemm_efficiency) + gemm_overhead
                   forward 1 GEMM; backward 2 (input gradient dX, weight gradient dW)
     attention     FlashAttention (causal: half the 4 b s^2 d FLOPs of full attention forward,
-                  backward 2.5x forward) at the device's attention rate; or materialised scores
+                  all of them with model.causal = false; backward 2.5x forward) at the device's attention rate; or materialised scores
                   (pre-FlashAttention Megatron): batched GEMMs plus the softmax / dropout
                   passes over b a s^2 / t scores, memory-bound
     elementwise   norms, rotary, activations, residual adds, casts: bytes / (HBM bandwidth x
@@ -167,10 +167,11 @@ def _attention(
     heads, hd = m.n_heads / t, m.head_dim
     e = sw.act_bytes
     if sw.attention == "flash":
-        causal_fwd = 2 * b * heads * s * s * hd  # half of 4 b a s^2 hd
+        # causal: half of 4 b a s^2 hd (the kernel skips the masked tiles); non-causal all of it
+        work_fwd = (2 if getattr(m, "causal", True) else 4) * b * heads * s * s * hd
         rows = b * heads * s * dev.attention_row_s  # per query row: loads, statistics, diagonal tiles
-        acc_f.seconds(causal_fwd / dev.attention_flops + rows / 3.5 + dev.op_overhead_s, 1)
-        acc_b.seconds(2.5 * causal_fwd / dev.attention_flops + rows * 2.5 / 3.5 + dev.op_overhead_s, 1)
+        acc_f.seconds(work_fwd / dev.attention_flops + rows / 3.5 + dev.op_overhead_s, 1)
+        acc_b.seconds(2.5 * work_fwd / dev.attention_flops + rows * 2.5 / 3.5 + dev.op_overhead_s, 1)
         return
     scores = b * heads * s * s
     bmm = 2 * b * heads * s * s * hd  # one of the two batched GEMMs (QK^T, PV), full square

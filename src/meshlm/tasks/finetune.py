@@ -62,6 +62,12 @@ TRAIN_DEFAULTS = {
     "checkpoint_every": 0,
     "init_from_hf": "",
 }
+# Tasks fine-tuned with right context where the backbone's family offers it (ModelConfig.
+# RIGHT_CONTEXT: non-causal attention, a bidirectional LSTM): a tag is read at a word's first
+# subword, and a causal backbone cannot see the words after it there (e.g. the "(" that makes a
+# name a call). Measured better on both built-in taggers and both families (docs/benchmarks.md,
+# "Tasks: causal vs bidirectional context"); applied before --set, which can switch it off.
+RIGHT_CONTEXT_TASKS = ("ner", "srl")
 
 
 @dataclass
@@ -111,6 +117,9 @@ def finetune_config(
     cfg.data.seq_len = min(SEQ_LEN[task], cfg.model.max_seq_len)
     for key, value in TRAIN_DEFAULTS.items():
         setattr(cfg.train, key, value)
+    right_context = cfg.model.right_context_override()
+    if task in RIGHT_CONTEXT_TASKS and right_context:
+        apply_overrides(cfg, [right_context])
     apply_overrides(cfg, list(overrides))
     cfg.task.name = task
     examples, scheme = read_examples(train_path, task)

@@ -24,6 +24,15 @@ class LSTMConfig(ModelConfig):
     # Embedding and output weights ~ U(-init_range, init_range) (the example's 0.1); the LSTM
     # weights keep PyTorch's U(-1/sqrt(d_hidden), 1/sqrt(d_hidden)).
     init_range: float = 0.1
+    # Each layer also runs a second LSTM from the end of the row to its start and adds its
+    # output to the forward one, so a position sees the tokens after it too: a tagger's backbone
+    # option (`meshlm finetune --set model.bidirectional=true`), never a language model's (it
+    # cannot generate, and pretraining it would be trivial: each position sees its target). The
+    # sum keeps every width, so a pretrained unidirectional run loads; the backward LSTMs start
+    # from their initialisation.
+    bidirectional: bool = False
+
+    RIGHT_CONTEXT = ("bidirectional", True)
 
     @property
     def tied(self) -> bool:

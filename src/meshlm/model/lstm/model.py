@@ -7,6 +7,10 @@ This file knows nothing about processes, ranks or meshes; parallelism is applied
     embedding   nn.Embedding(vocab, d_embed)              (None on later pipeline stages)
     layers      nn.ModuleDict {"0": LSTMBlock, ...}       one single-layer nn.LSTM each: the unit
                                                           of pipeline cuts, FSDP and checkpointing
+      .lstm             nn.LSTM(d_in, d_hidden)           left to right
+      .reverse_lstm     nn.LSTM(d_in, d_hidden) or None   right to left, only with
+                                                          model.bidirectional (its output is
+                                                          added to .lstm's: widths unchanged)
     proj        nn.Linear(d_hidden, d_embed) or None      only when tied and the sizes differ
     output      nn.Linear(d_embed or d_hidden, vocab)     (None on earlier pipeline stages)
 
@@ -47,15 +51,26 @@ class _DenseGradient(torch.autograd.Function):
 
 class LSTMBlock(nn.Module):
     """One LSTM layer and the dropout on its output. Training runs each layer from zero state
-    over the whole sequence; incremental decoding (decode.py) drives `lstm` with a carried state."""
+    over the whole sequence; incremental decoding (decode.py) drives `lstm` with a carried state.
 
-    def __init__(self, d_in: int, d_hidden: int, dropout: float):
+    Bidirectional (model.bidirectional): `reverse_lstm` reads the row from its last position to
+    its first, and the two outputs are summed (not concatenated, as nn.LSTM(bidirectional=True)
+    does), so the next layer, the projection and the output layer keep the widths of a
+    unidirectional model and its pretrained weights load unchanged. Rows are whole (every task
+    example is padded to data.seq_len), so the reverse pass starts at the row's last token,
+    padding included, whatever the batch."""
+
+    def __init__(self, d_in: int, d_hidden: int, dropout: float, bidirectional: bool = False):
         super().__init__()
         self.lstm = nn.LSTM(d_in, d_hidden, num_layers=1, batch_first=True)
+        self.reverse_lstm = nn.LSTM(d_in, d_hidden, num_layers=1, batch_first=True) if bidirectional else None
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, _ = self.lstm(x)  # (B, T, d_in) -> (B, T, d_hidden)
+        if self.reverse_lstm is not None:
+            back, _ = self.reverse_lstm(x.flip(1))  # position T-1 first
+            y = y + back.flip(1)  # (B, T, d_hidden): position t has read t..T-1 backwards
         return F.dropout(y, self.dropout, self.training)
 
 
@@ -65,7 +80,10 @@ class LSTMLanguageModel(nn.Module):
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_embed)
         self.layers = nn.ModuleDict(
-            {str(i): LSTMBlock(cfg.layer_input(i), cfg.d_hidden, cfg.dropout) for i in range(cfg.n_layers)}
+            {
+                str(i): LSTMBlock(cfg.layer_input(i), cfg.d_hidden, cfg.dropout, cfg.bidirectional)
+                for i in range(cfg.n_layers)
+            }
         )
         self.proj = nn.Linear(cfg.d_hidden, cfg.d_embed, bias=False) if cfg.has_projection else None
         self.output = nn.Linear(cfg.d_output_in, cfg.vocab_size)

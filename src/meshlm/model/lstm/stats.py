@@ -8,13 +8,15 @@ from meshlm.model.spec import StageCosts
 
 def layer_matmul_params(cfg: LSTMConfig, i: int) -> int:
     """Weights of layer i that multiply per token: the four gates' input and recurrent
-    matrices, W_ih (4H, d_in) and W_hh (4H, H)."""
-    return 4 * cfg.d_hidden * (cfg.layer_input(i) + cfg.d_hidden)
+    matrices, W_ih (4H, d_in) and W_hh (4H, H); twice with the reverse direction."""
+    directions = 2 if cfg.bidirectional else 1
+    return directions * 4 * cfg.d_hidden * (cfg.layer_input(i) + cfg.d_hidden)
 
 
 def layer_params(cfg: LSTMConfig, i: int) -> int:
-    """Parameters of layer i: its matrices plus nn.LSTM's two bias vectors b_ih, b_hh (4H each)."""
-    return layer_matmul_params(cfg, i) + 2 * 4 * cfg.d_hidden
+    """Parameters of layer i: its matrices plus nn.LSTM's two bias vectors b_ih, b_hh (4H each),
+    per direction."""
+    return layer_matmul_params(cfg, i) + (2 if cfg.bidirectional else 1) * 2 * 4 * cfg.d_hidden
 
 
 def head_matmul_params(cfg: LSTMConfig) -> int:

@@ -26,6 +26,14 @@ class TransformerConfig(ModelConfig):
     # gpt2 always ties the output layer to the token embedding; llama may.
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Causal attention: position t attends to positions <= t, what a language model needs
+    # (training predicts t+1 from them; generation appends tokens left to right). false: every
+    # position attends to the whole row (as BERT does), for a tagger that should see the words
+    # after a token too; fine-tuning only (`meshlm finetune --set model.causal=false`), since such
+    # a model cannot generate, and pretraining it would be trivial (each position sees its target).
+    causal: bool = True
+
+    RIGHT_CONTEXT = ("causal", False)
 
     @property
     def kv_heads(self) -> int:

@@ -15,6 +15,10 @@ Attention reshapes with `-1` heads (`view(B, T, -1, head_dim)`), so a
 tensor-parallel split of the projections needs no change here: each rank sees
 only its own heads.
 
+Attention is causal (`model.causal`, the default): position t attends to positions <= t. With
+causal = false every position attends to the whole row, a backbone option for taggers; such a
+model cannot decode incrementally (generation refuses it before loading).
+
 Incremental decoding: `forward(tokens, cache=...)` with a key/value cache from
 decode.py runs the same modules on new tokens only. The cache says where the
 tokens sit (`cache.positions`, for the position embeddings and rotary tables),
@@ -80,6 +84,7 @@ class Attention(nn.Module):
         super().__init__()
         bias = cfg.arch == "gpt2"
         self.head_dim = cfg.head_dim
+        self.causal = cfg.causal  # false: every position attends to the whole row (config.py says why)
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
@@ -108,7 +113,7 @@ class Attention(nn.Module):
             return self.wo(cache.attend(q, k, v).reshape(B, T, -1))  # (B, T, n_heads, head_dim) -> (B, T, d)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, head_dim)
         groups = q.shape[1] // k.shape[1]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=groups > 1)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -50,7 +50,8 @@ def matmul_params(cfg: TransformerConfig) -> int:
 def flops_per_token(cfg: TransformerConfig, seq_len: int, training: bool = True) -> float:
     """FLOPs to process one token: 2 per matmul parameter in the forward pass, plus
     attention scores and the weighted sum (2 * 2 * T * d per layer, T = sequence length,
-    counted without the causal halving as is customary for MFU). Backward costs twice
+    counted without the causal halving as is customary for MFU, which is exactly the work
+    of non-causal attention, `model.causal = false`). Backward costs twice
     the forward, so training is 3x: 6N + 12 L T d (Kaplan et al. 2020; PaLM appendix B)."""
     forward = 2 * matmul_params(cfg) + 4 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
     return 3 * forward if training else forward
