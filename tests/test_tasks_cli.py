@@ -32,53 +32,17 @@ def runs(tmp_path_factory):
     write_jsonl(root / "c-valid.jsonl", classify_records(16, 2))
     write_jsonl(root / "n-train.jsonl", ner_records(48, 1))
     write_jsonl(root / "n-valid.jsonl", ner_records(16, 2))
-    common = ["--from", "bb", "--set", "task.epochs=2", "--set", "train.progress=false"]
-    meshlm(
-        "finetune",
-        "--task",
-        "classify",
-        "--train",
-        "c-train.jsonl",
-        "--valid",
-        "c-valid.jsonl",
-        "--out",
-        "clf",
-        *common,
-        cwd=root,
-    )
-    meshlm(
-        "finetune",
-        "--task",
-        "ner",
-        "--train",
-        "n-train.jsonl",
-        "--valid",
-        "n-valid.jsonl",
-        "--out",
-        "ner",
-        *common,
-        "--set",
-        "task.crf=true",
-        cwd=root,
-    )
+    common = ["--set", "task.epochs=2", "--set", "train.progress=false"]
+
+    def finetune(task: str, data: str, out: str, backbone: str, *sets: str) -> None:
+        files = ["--train", f"{data}-train.jsonl", "--valid", f"{data}-valid.jsonl"]
+        extra = [a for x in sets for a in ("--set", x)]
+        meshlm("finetune", "--task", task, *files, "--out", out, "--from", backbone, *common, *extra, cwd=root)
+
+    finetune("classify", "c", "clf", "bb")
+    finetune("ner", "n", "ner", "bb", "task.crf=true")
     make_backbone(root / "lstm-bb", TINY_LSTM)
-    meshlm(
-        "finetune",
-        "--task",
-        "ner",
-        "--train",
-        "n-train.jsonl",
-        "--valid",
-        "n-valid.jsonl",
-        "--out",
-        "ner-bi",
-        *common[2:],
-        "--from",
-        "lstm-bb",
-        "--set",
-        "model.bidirectional=true",
-        cwd=root,
-    )
+    finetune("ner", "n", "ner-bi", "lstm-bb", "model.bidirectional=true")
     return root
 
 
