@@ -53,6 +53,18 @@ def at_capacity(capacity: int, units: str, retry_after_s: int) -> APIError:
     )
 
 
+def check_model(served: str, name: str | None) -> None:
+    """404 when a request names a model other than the one this server serves (`served`)."""
+    if name is not None and name != served:
+        raise APIError(
+            404,
+            f"the model '{name}' does not exist; this server serves '{served}'.",
+            "not_found_error",
+            "model",
+            "model_not_found",
+        )
+
+
 def unavailable(what: str, error: Exception) -> APIError:
     """503 when the process that answers (`what`: the engine, the model) is gone."""
     return APIError(503, f"{what} is unavailable: {error}.", "service_unavailable", code="engine_dead")

@@ -31,6 +31,7 @@ from meshlm.serve.protocol import (
     TokenizeRequest,
     at_capacity,
     bad_request,
+    check_model,
     unavailable,
 )
 from meshlm.serve.streaming import EventStreamResponse, until_disconnected
@@ -60,17 +61,6 @@ common_router = APIRouter()  # every kind of run: the state needs bridge, model_
 
 def _state(request: Request) -> ServeState:
     return request.app.state.serve
-
-
-def _check_model(state: ServeState, name: str | None) -> None:
-    if name is not None and name != state.model_name:
-        raise APIError(
-            404,
-            f"the model '{name}' does not exist; this server serves '{state.model_name}'.",
-            "not_found_error",
-            "model",
-            "model_not_found",
-        )
 
 
 # ----------------------------------------------------------------------------- building requests
@@ -189,7 +179,7 @@ def _event(obj: dict) -> bytes:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = _state(request)
-    _check_model(state, body.model)
+    check_model(state.model_name, body.model)
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs (prompt log-probabilities) is not supported by meshlm.", "echo")
     prompts = body.prompt
@@ -228,7 +218,7 @@ def _render_chat(state: ServeState, messages, add_generation_prompt: bool = True
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = _state(request)
-    _check_model(state, body.model)
+    check_model(state.model_name, body.model)
     ids = _render_chat(state, body.messages)
     budget = _token_budget(state, len(ids), body.token_limit, True)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -266,7 +256,7 @@ async def metrics(request: Request) -> Response:
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     state = _state(request)
-    _check_model(state, body.model)
+    check_model(state.model_name, body.model)
     if body.messages is not None:
         ids = _render_chat(state, body.messages, body.add_generation_prompt)
     else:
@@ -277,6 +267,6 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     state = _state(request)
-    _check_model(state, body.model)
+    check_model(state.model_name, body.model)
     _check_ids(state, body.tokens, "tokens")
     return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}

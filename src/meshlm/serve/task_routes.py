@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 
 from meshlm.serve.engine_bridge import EngineUnavailable, QueueFull
-from meshlm.serve.protocol import APIError, at_capacity, bad_request, unavailable
+from meshlm.serve.protocol import APIError, at_capacity, bad_request, check_model, unavailable
 from meshlm.serve.task_bridge import TaskBridge
 from meshlm.tasks.encoding import words_of
 from meshlm.tasks.formats import Example, parse_record
@@ -103,17 +103,6 @@ def add_wrong_kind_routes(app, paths: tuple[str, ...]) -> None:
         app.add_api_route(path, wrong, methods=["POST"], include_in_schema=False)
 
 
-def _check_model(state: TaskServeState, name: str | None) -> None:
-    if name is not None and name != state.model_name:
-        raise APIError(
-            404,
-            f"the model '{name}' does not exist; this server serves '{state.model_name}'.",
-            "not_found_error",
-            "model",
-            "model_not_found",
-        )
-
-
 def _as_list(value, param: str) -> list:
     items = [value] if isinstance(value, (str, int)) else list(value)
     if not items:
@@ -157,7 +146,7 @@ def _response(state: TaskServeState, data: list[dict], counts: list[int]) -> dic
 
 @task_router.post("/v1/classify")
 async def classify(body: ClassifyRequest, state: ClassifierState) -> dict:
-    _check_model(state, body.model)
+    check_model(state.model_name, body.model)
     examples = _examples(state, [{"text": t} for t in _as_list(body.input, "input")], "input")
     records, counts = await _predict(state, examples)
     return _response(state, [{"index": i, **r} for i, r in enumerate(records)], counts)
@@ -165,7 +154,7 @@ async def classify(body: ClassifyRequest, state: ClassifierState) -> dict:
 
 @task_router.post("/v1/tag")
 async def tag(body: TagRequest, state: TaggerState) -> dict:
-    _check_model(state, body.model)
+    check_model(state.model_name, body.model)
     if (body.input is None) == (body.tokens is None):
         raise bad_request("send either 'input' (text) or 'tokens' (lists of words), not both or neither.", "input")
     param = "input" if body.input is not None else "tokens"
