@@ -5,7 +5,10 @@ classification / NER / SRL examples whose labels follow simple rules (so trainin
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 from meshlm.artifacts.weights_file import save_weights
@@ -82,3 +85,11 @@ def ner_records(n: int, seed: int = 0, predicate: bool = False) -> list[dict]:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def meshlm(*args, cwd, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m meshlm ARGS` in `cwd` with one thread; with `check`, it must exit 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "meshlm", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert not check or proc.returncode == 0, proc.stderr[-3000:]
+    return proc

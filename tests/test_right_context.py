@@ -7,13 +7,9 @@ the key) before any work."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from task_fixtures import TINY_LLAMA, TINY_LSTM, classify_records, make_backbone, ner_records, write_jsonl
+from task_fixtures import TINY_LLAMA, TINY_LSTM, classify_records, make_backbone, meshlm, ner_records, write_jsonl
 
 from meshlm.config import ConfigError, load_config
 from meshlm.inference.loading import find_model_files
@@ -67,21 +63,16 @@ def test_unidirectional_lstm_run_loads_into_a_bidirectional_tagger(tmp_path):
     assert torch.equal(model.backbone.layers["1"].lstm.weight_hh_l0, uni.layers["1"].lstm.weight_hh_l0)
 
 
-def _meshlm(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "meshlm", *args], cwd=cwd, env=env, capture_output=True, text=True)
-
-
 def test_language_model_commands_refuse_right_context(tmp_path):
-    proc = _meshlm("train", "--set", "model.causal=false", "--out", "lm", cwd=tmp_path)
+    proc = meshlm("train", "--set", "model.causal=false", "--out", "lm", cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.causal = false" in proc.stderr and "model.causal=true" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "lm").exists()
-    proc = _meshlm("train", "--config", "lstm-tiny", "--set", "model.bidirectional=true", cwd=tmp_path)
+    proc = meshlm("train", "--config", "lstm-tiny", "--set", "model.bidirectional=true", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "model.bidirectional = true" in proc.stderr, proc.stderr[-2000:]
 
     run = make_backbone(tmp_path / "tagger-backbone", TINY_LLAMA + ["model.causal=false"])
-    proc = _meshlm("generate", "--run", str(run), "--prompt", "the cat", cwd=tmp_path)
+    proc = meshlm("generate", "--run", str(run), "--prompt", "the cat", cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("meshlm: error:") == 1 and "model.causal = false" in proc.stderr
     with pytest.raises(ConfigError, match="model.causal = false"):  # eval, predict and serve find it here too

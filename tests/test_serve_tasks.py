@@ -6,23 +6,13 @@ key is enforced. (A language-model run refusing the task routes: test_serve.py's
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import httpx
 import pytest
 from serve_fixtures import Server
-from task_fixtures import classify_records, make_backbone, ner_records, write_jsonl
+from task_fixtures import classify_records, make_backbone, meshlm, ner_records, write_jsonl
 
 KEY = "sk-task"
-
-
-def meshlm(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "meshlm", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,11 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from task_fixtures import TINY_LSTM, classify_records, make_backbone, ner_records, write_jsonl
+from task_fixtures import TINY_LSTM, classify_records, make_backbone, meshlm, ner_records, write_jsonl
 
 from meshlm.tasks import datasets
-
-
-def meshlm(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "meshlm", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
