@@ -94,8 +94,7 @@ def check_left_to_right(m: ModelConfig, use: str) -> None:
         f"it (a backbone option for taggers): it is no next-token predictor (training it so would be trivial, "
         f"each position seeing its target; generating would need the tokens not written yet). Set "
         f"model.{key}={str(not value).lower()} (the default) for a language model; use {setting} only when "
-        f"fine-tuning a task model (meshlm finetune --task ner|srl|classify ... --set model.{key}="
-        f"{str(value).lower()})."
+        f"fine-tuning a task model (meshlm finetune --task ner|srl|classify ... --set {m.right_context_override()})."
     )
 
 

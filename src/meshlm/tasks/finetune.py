@@ -65,8 +65,9 @@ TRAIN_DEFAULTS = {
 # Tasks fine-tuned with right context where the backbone's family offers it (ModelConfig.
 # RIGHT_CONTEXT: non-causal attention, a bidirectional LSTM): a tag is read at a word's first
 # subword, and a causal backbone cannot see the words after it there (e.g. the "(" that makes a
-# name a call). Measured better on both built-in taggers and both families (docs/benchmarks.md,
-# "Tasks: causal vs bidirectional context"); applied before --set, which can switch it off.
+# name a call). Measured better on both built-in taggers for the LSTM, and for the llama once
+# fine-tuning runs past about 190 steps, which the default epochs do (docs/benchmarks.md, "Tasks:
+# causal vs bidirectional context"); applied before --set, which can switch it off.
 RIGHT_CONTEXT_TASKS = ("ner", "srl")
 
 
