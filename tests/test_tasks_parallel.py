@@ -1,9 +1,9 @@
-"""Fine-tuning a classification head and tagging heads under dp2 (zero 0 and 3), tp2 and pp2
-equals one process: 5 AdamW steps, every loss within 1e-5 relative, the validation scores
-equal, every parameter within 1e-4 (float32, gloo, forked ranks). The tagging world fine-tunes,
-one after the other, a CRF tagger on a causal llama, a tagger on a non-causal llama
-(model.causal=false) and one on a bidirectional LSTM (model.bidirectional=true): one spawned
-world per layout and group."""
+"""Fine-tuning a classification head (with hashed n-gram embeddings) and tagging heads under dp2
+(zero 0 and 3), tp2 and pp2 equals one process: 5 AdamW steps, every loss within 1e-5 relative,
+the validation scores equal, every parameter within 1e-4 (float32, gloo, forked ranks). The
+tagging world fine-tunes, one after the other, a CRF tagger on a causal llama, a tagger on a
+non-causal llama (model.causal=false) and one on a bidirectional LSTM (model.bidirectional=true):
+one spawned world per layout and group."""
 
 from __future__ import annotations
 
@@ -45,11 +45,11 @@ RECORDS = {
 }
 # case -> (task, backbone, overrides)
 CASES = {
-    "classify": ("classify", "llama", []),
+    "classify": ("classify", "llama", ["task.ngram_buckets=4096"]),
     "ner-crf": ("ner", "llama", ["task.crf=true", "model.causal=true"]),
     "ner-llama-noncausal": ("ner", "llama", ["model.causal=false"]),
     "ner-lstm-bidirectional": ("ner", "lstm", ["model.bidirectional=true"]),
-    "srl": ("srl", "llama", []),
+    "srl": ("srl", "llama", ["task.ngram_buckets=4096"]),
 }
 # The cases one spawned world fine-tunes in turn (spawning a world costs more than a case).
 WORLDS = {"classify": ["classify"], "tagging": ["ner-crf", "ner-llama-noncausal", "ner-lstm-bidirectional"]}
@@ -123,7 +123,8 @@ def test_finetuning_matches_single_process(group, case, world, overrides, setup,
 
 
 def test_srl_predicate_input_under_pipeline_matches_single_process(setup, tmp_path, tmp_path_factory):
-    """The predicate indicator is a first-stage input: pp2 carries it exactly."""
+    """The predicate indicator is a first-stage input, and the n-grams' vectors ride from the first
+    stage to the last as extra channels: pp2 carries both exactly."""
     ref_losses, ref_best, _ = _reference("srl", setup, tmp_path_factory)
     cfg = _config("srl", setup, LAYOUTS[3][2], world_size=2)
     ((losses, best),) = run_distributed(_run, 2, [(cfg, *setup[1]["srl"], tmp_path / "run")])[0]

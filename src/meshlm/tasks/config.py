@@ -31,6 +31,13 @@ class TaskSettings:
     # ner, srl: a CRF output layer (transition scores, Viterbi decoding) over the per-word scores.
     crf: bool = False
     dropout: float = 0.1
+    # Hashed n-gram embeddings beside the backbone (tasks/ngrams.py: fastText's bag of token
+    # 1..ngram_orders-grams, hashed into ngram_buckets rows of width ngram_dim, added to the
+    # backbone's output before the head). 0 = none; `meshlm finetune` turns them on for classify
+    # (finetune.TASK_DEFAULTS).
+    ngram_buckets: int = 0
+    ngram_dim: int = 16
+    ngram_orders: int = 3
     # Passes over the training data; 0 = run train.steps steps instead.
     epochs: float = 4.0
     # Stop after this many evaluations without a better validation score (0 = never early); the
@@ -42,6 +49,11 @@ class TaskSettings:
     def validate(self) -> None:
         if self.epochs < 0 or self.patience < 0:
             raise ConfigError(f"'task.epochs' ({self.epochs}) and 'task.patience' ({self.patience}) must be >= 0.")
+        if self.ngram_buckets < 0 or self.ngram_dim < 1 or self.ngram_orders < 1:
+            raise ConfigError(
+                f"'task.ngram_buckets' ({self.ngram_buckets}) must be >= 0 (0 = no n-gram embeddings), "
+                f"'task.ngram_dim' ({self.ngram_dim}) and 'task.ngram_orders' ({self.ngram_orders}) >= 1."
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"'task.dropout' must be in [0, 1), got {self.dropout}.")
         if self.crf and self.name == "classify":

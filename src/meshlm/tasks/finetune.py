@@ -62,6 +62,10 @@ TRAIN_DEFAULTS = {
     "checkpoint_every": 0,
     "init_from_hf": "",
 }
+# [task] settings per task, applied before --set. Classification gets the hashed n-gram
+# embeddings (tasks/ngrams.py): on the unseen English reviews and the built-in docstrings, a
+# linear model over n-grams beat every backbone alone (docs/benchmarks.md, "Tasks").
+TASK_DEFAULTS = {"classify": {"ngram_buckets": 1 << 18}, "ner": {}, "srl": {}}
 # Tasks fine-tuned with right context where the backbone's family offers it (ModelConfig.
 # RIGHT_CONTEXT: non-causal attention, a bidirectional LSTM): a tag is read at a word's first
 # subword, and a causal backbone cannot see the words after it there (e.g. the "(" that makes a
@@ -118,6 +122,8 @@ def finetune_config(
     cfg.data.seq_len = min(SEQ_LEN[task], cfg.model.max_seq_len)
     for key, value in TRAIN_DEFAULTS.items():
         setattr(cfg.train, key, value)
+    for key, value in TASK_DEFAULTS[task].items():
+        setattr(cfg.task, key, value)
     right_context = cfg.model.right_context_override()
     if task in RIGHT_CONTEXT_TASKS and right_context:
         apply_overrides(cfg, [right_context])
@@ -162,7 +168,11 @@ def finetune(
     enc = dict(task=cfg.task.name, labels=labels, seq_len=cfg.data.seq_len, pooling=cfg.task.pooling)
     train_enc = encode(train_ex, tokenizer, source=str(train_path), **enc)
     valid_enc = encode(valid_ex, tokenizer, source=str(valid_path), **enc)
-    objective = TaskObjective(cfg.task.name, labels, train_enc, valid_enc, t.seed, cfg.task.crf, pad_id(tokenizer))
+    # Trimming padding is exact for a left-to-right backbone; a pipeline needs one shape (objective.py).
+    trim = dims.pp == 1 and not t.compile and cfg.model.right_context_setting() is None
+    objective = TaskObjective(
+        cfg.task.name, labels, train_enc, valid_enc, t.seed, cfg.task.crf, pad_id(tokenizer), trim=trim
+    )
 
     init_distributed(env, t.collective_timeout_s)
     mesh = dims.build_mesh(env.device.type) if env.distributed else None

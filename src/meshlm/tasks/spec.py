@@ -30,6 +30,9 @@ class TaskModelConfig(ModelConfig):
     n_labels: int = 2
     crf: bool = False
     dropout: float = 0.0
+    ngram_buckets: int = 0  # hashed n-gram embeddings (ngrams.py); 0 = none
+    ngram_dim: int = 16
+    ngram_orders: int = 3
 
     def __post_init__(self) -> None:
         if self.backbone is not None:
@@ -48,11 +51,25 @@ class TaskModelConfig(ModelConfig):
         self.backbone.validate()
         if self.n_labels < 1:
             raise ConfigError("a task model needs at least one label; the training data has none.")
+        if self.ngram_buckets and (self.vocab_size + 1) ** self.ngram_orders >= 2**62:
+            raise ConfigError(
+                f"'task.ngram_orders' = {self.ngram_orders} is too high for a vocabulary of {self.vocab_size}: the "
+                f"n-gram hash would overflow 64-bit integers. Lower task.ngram_orders, or set task.ngram_buckets=0."
+            )
 
 
 def task_model_config(cfg: TaskRunConfig) -> TaskModelConfig:
     t = cfg.task
-    return TaskModelConfig(backbone=cfg.model, task=t.name, n_labels=len(t.labels), crf=t.crf, dropout=t.dropout)
+    return TaskModelConfig(
+        backbone=cfg.model,
+        task=t.name,
+        n_labels=len(t.labels),
+        crf=t.crf,
+        dropout=t.dropout,
+        ngram_buckets=t.ngram_buckets,
+        ngram_dim=t.ngram_dim,
+        ngram_orders=t.ngram_orders,
+    )
 
 
 def with_task_model(cfg: TaskRunConfig) -> Config:
@@ -65,8 +82,11 @@ _SPECS: dict[str, FamilySpec] = {}
 
 
 def _head_params(cfg: TaskModelConfig) -> int:
+    """Parameters outside the backbone that compute per token: the head, the predicate embedding
+    and the n-gram projection (the n-gram table is a lookup: memory, not work)."""
     model = meta_model(cfg)
     extra = [model.head] + ([model.predicate_embedding] if model.predicate_embedding is not None else [])
+    extra += [model.ngram_embedding.proj] if model.ngram_embedding is not None else []
     return sum(p.numel() for m in extra for p in m.parameters())
 
 
@@ -113,7 +133,9 @@ def _derive(cfg: TaskModelConfig) -> FamilySpec:
         config_type=TaskModelConfig,
         model_class=TaskModel,
         blocks=PREFIX + base.blocks,
-        first_stage=tuple(PREFIX + n for n in base.first_stage) + (("predicate_embedding",) if cfg.predicate else ()),
+        first_stage=tuple(PREFIX + n for n in base.first_stage)
+        + (("predicate_embedding",) if cfg.predicate else ())
+        + (("ngram_embedding",) if cfg.ngram_buckets else ()),
         last_stage=tuple(PREFIX + n for n in base.last_stage[:-1]) + ("head",),
         capabilities=capabilities,
         tp_problem=lambda c, tp: base.tp_problem(c.backbone, tp),
@@ -123,7 +145,8 @@ def _derive(cfg: TaskModelConfig) -> FamilySpec:
         flops_per_token=flops_per_token,
         stage_costs=stage_costs,
         describe=lambda c: (
-            f"{c.task} head ({c.n_labels} labels{', CRF' if c.crf else ''}) on {base.describe(c.backbone)}"
+            f"{c.task} head ({c.n_labels} labels{', CRF' if c.crf else ''}"
+            f"{f', {c.ngram_buckets} n-gram buckets' if c.ngram_buckets else ''}) on {base.describe(c.backbone)}"
         ),
     )
 
