@@ -98,7 +98,7 @@ class _TaskModel:
         items = overrides_from(self.overrides, {}) + layout + ["train.progress=false"]
         if self.steps is not None:
             items += ["task.epochs=0", toml_override("train.steps", self.steps)]
-        else:
+        elif self.epochs is not None:
             items.append(toml_override("task.epochs", self.epochs))
         return items
 
@@ -180,7 +180,8 @@ class TextClassifier(_TaskModel):
     """A text classifier over a language model backbone (mean-pooled scores + a linear head).
 
     backbone: a fitted meshlm.LanguageModel, a run directory, or None (meshlm's default
-    backbone, trained once and cached). epochs (or steps) of fine-tuning; workers processes
+    backbone, trained once and cached). epochs (or steps) of fine-tuning (default: meshlm
+    finetune's, 4 epochs or more for a small classification set); workers processes
     and parallel=meshlm.Layout(...) as in LanguageModel.fit; overrides: dotted config keys
     ({"train.lr": 1e-3, "task.pooling": "last"})."""
 
@@ -189,7 +190,7 @@ class TextClassifier(_TaskModel):
     def __init__(
         self,
         backbone=None,
-        epochs: float = 4.0,
+        epochs: float | None = None,
         steps: int | None = None,
         workers: int = 1,
         parallel=None,
@@ -219,7 +220,7 @@ class Tagger(_TaskModel):
         self,
         task: str = "ner",
         backbone=None,
-        epochs: float = 4.0,
+        epochs: float | None = None,
         steps: int | None = None,
         workers: int = 1,
         parallel=None,
