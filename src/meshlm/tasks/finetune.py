@@ -244,7 +244,8 @@ def finetune(
                 progress.write(_describe(scores))
                 if result.best is None or scores["score"] > result.best["score"]:
                     result.best, stale = scores, 0
-                    best_state = gather_full_state_dict(pm, tm_cfg)
+                    # A copy: in one process on the CPU the gathered tensors are the live parameters.
+                    best_state = _copied(gather_full_state_dict(pm, tm_cfg))
                 else:
                     stale += 1
                     if cfg.task.patience and stale >= cfg.task.patience:
@@ -261,6 +262,10 @@ def finetune(
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         log(f"finetune: kept the model of step {result.best['step']} ({_describe(result.best)}); saved {out}")
     return result
+
+
+def _copied(state: dict | None) -> dict | None:
+    return None if state is None else {name: value.clone() for name, value in state.items()}
 
 
 def _nonfinite_error(cfg: TaskRunConfig, out: Path, step: int, loss: float, grad_norm: float, skipped: int) -> RunError:
