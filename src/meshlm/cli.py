@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("prepare", help="corpus -> tokenizer.json + memory-mapped token files + index.json")
     _add_config_args(p)
     p.add_argument(
-        "--source", default=None, help="python-stdlib | DIR | 'GLOB' | FILE.jsonl | FILE.parquet (default: data.source)"
+        "--source",
+        default=None,
+        help="python-stdlib | python-stdlib-prose | DIR | 'GLOB' | FILE.jsonl | FILE.parquet (default: data.source)",
     )
     p.add_argument("--out", default=None, help="output directory (default: data.dir or a cache folder)")
     p.set_defaults(func=cmd_data_prepare)

@@ -125,8 +125,8 @@ def _default_model() -> ModelConfig:
 
 @dataclass
 class DataConfig:
-    # "python-stdlib", a directory or glob of text files, a .jsonl file
-    # (field "text") or a .parquet file (column "text").
+    # "python-stdlib" (its English alone: "python-stdlib-prose"), a directory or glob of text
+    # files, a .jsonl file (field "text") or a .parquet file (column "text").
     source: str = "python-stdlib"
     # Where prepared token files live; empty means a folder under
     # `cache_dir` named after the source and the vocabulary size.

@@ -5,6 +5,8 @@ Accepted sources (checked in this order):
 - ``"python-stdlib"``: every ``.py`` file of the running interpreter's standard
   library, in sorted relative-path order (``site-packages`` excluded). Always
   present, so the default config trains with no download.
+- ``"python-stdlib-prose"``: the same library's English, its docstrings and comments,
+  one document per module (stdlib_prose.py).
 - a directory: every regular file below it, sorted by relative path. Files
   ending in ``.jsonl`` or ``.parquet`` are parsed as such; every other file is
   one document if it decodes in ``data.encoding`` (UTF-8 by default). Binary and
@@ -33,8 +35,9 @@ from pathlib import Path
 from meshlm.config import ConfigError
 
 STDLIB_SOURCE = "python-stdlib"
+STDLIB_PROSE_SOURCE = "python-stdlib-prose"
 ACCEPTED = (
-    '"python-stdlib", a directory of text files, a glob pattern (e.g. "corpus/**/*.txt"), '
+    '"python-stdlib", "python-stdlib-prose", a directory of text files, a glob pattern (e.g. "corpus/**/*.txt"), '
     'a .jsonl file with a "text" field per line, or a .parquet file with a "text" column'
 )
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -122,8 +125,8 @@ def describe_source(source: str) -> str:
     paths get a readable name plus a short hash of the absolute path, so two
     folders both called `data` do not share a cache.
     """
-    if source == STDLIB_SOURCE:
-        return f"{STDLIB_SOURCE}-{sys.version_info.major}.{sys.version_info.minor}"
+    if source in (STDLIB_SOURCE, STDLIB_PROSE_SOURCE):
+        return f"{source}-{sys.version_info.major}.{sys.version_info.minor}"
     absolute = os.path.abspath(os.path.expanduser(source))
     digest = hashlib.sha256(absolute.encode()).hexdigest()[:8]
     # Readable part: the source as written, punctuation folded to '_', its last 40 characters.
@@ -162,6 +165,10 @@ class _Reader:
 def _raw_documents(source: str, read: _Reader) -> Iterator[str]:
     if source == STDLIB_SOURCE:
         return _stdlib_documents()
+    if source == STDLIB_PROSE_SOURCE:
+        from meshlm.data.stdlib_prose import SKIP_DIRS, prose_documents
+
+        return prose_documents(_walk_files(Path(sysconfig.get_paths()["stdlib"]), skip_dirs=SKIP_DIRS))
     path = Path(os.path.expanduser(source))
     if path.is_dir():
         return _files_documents(_walk_files(path), read)
