@@ -6,10 +6,9 @@ of a task model at --nproc 2 against 1. Results: docs/benchmarks.md ("Tasks").
     python benchmarks/tasks.py [--tasks classify ner srl] [--methods ...] [--cache .meshlm-cache]
     python benchmarks/tasks.py --throughput        # fine-tuning dp2 vs 1 process, predict --nproc 2 vs 1
 
-The backbones: the task's default backbone (tiny-cpu's llama, 800 steps of 16 x 128 tokens on
-the default corpus, or for classify on the stdlib's English: tasks/default_backbone.py) and
-lstm-tiny widened to 192 units (about the same 1.0M parameters) pretrained on the default corpus
-(its tokenizer, 800 steps of 16 x 128 tokens, its own learning rate), each with an untrained twin
+The backbones: the default backbone (tiny-cpu's llama, 800 steps of 16 x 128 tokens on the
+default corpus: tasks/default_backbone.py) and lstm-tiny widened to 192 units (about the same 1.0M parameters) pretrained the same way (the same corpus
+and tokenizer, 800 steps of 16 x 128 tokens, its own learning rate), each with an untrained twin
 (the same architecture and tokenizer, freshly initialised weights). Each is fine-tuned with the
 library's defaults (`meshlm finetune --from BACKBONE`, nothing else).
 
@@ -106,10 +105,10 @@ def untrained_twin(pretrained: Path) -> Path:
     return out
 
 
-def backbone(name: str, cache: Path, task: str) -> Path:
+def backbone(name: str, cache: Path) -> Path:
     from meshlm.tasks.default_backbone import default_backbone
 
-    pretrained = default_backbone(cache, task=task) if name.startswith("llama") else lstm_backbone(cache)
+    pretrained = default_backbone(cache) if name.startswith("llama") else lstm_backbone(cache)
     return untrained_twin(pretrained) if name.endswith("-untrained") else pretrained
 
 
@@ -160,7 +159,7 @@ def main() -> None:
             if args.methods and method not in args.methods:
                 continue
             if method in BACKBONES:
-                bb = backbone(method, cache, task)
+                bb = backbone(method, cache)
                 r = finetuned(task, files, out / f"{task}-{method}", bb, cache_set + args.extra)
             else:
                 r = run(method, task, train, test)
@@ -185,7 +184,7 @@ def throughput(cache: Path, out: Path, rounds: int, cache_set: list[str]) -> Non
     rounds, medians."""
     from meshlm.tasks.default_backbone import default_backbone
 
-    files, bb = builtin_files("classify", cache), default_backbone(cache, task="classify")
+    files, bb = builtin_files("classify", cache), default_backbone(cache)
     common = ["--task", "classify", "--train", str(files["train"]), "--valid", str(files["valid"]), "--from", str(bb)]
     steps = 30
     fixed = [*cache_set, "task.epochs=0", f"train.steps={steps}", "train.eval_every=1000", "train.progress=false"]

@@ -349,3 +349,29 @@ def test_window_longer_than_split_is_a_config_error(prepared):
     ds = TokenDataset(prepared, "val")
     with pytest.raises(ConfigError, match="seq_len"):
         train_batch(ds, len(ds), seed=0, step=0, sample_ids=[0])
+
+
+def test_stdlib_prose_keeps_docstrings_and_comments():
+    from meshlm.data.stdlib_prose import module_prose
+
+    source = '''#!/usr/bin/env python3
+# -*- coding: utf-8 -*-
+"""Module docs."""
+x = 1  # a comment
+class A:
+    """Class docs."""
+    def f(self):
+        """Function docs."""
+        return "not prose"  # another
+'''
+    assert module_prose(source) == "Module docs.\n\nClass docs.\n\nFunction docs.\n\na comment another"
+    assert module_prose("def broken(:") == ""
+
+
+def test_stdlib_prose_source_yields_english_documents():
+    from meshlm.data.sources import describe_source, iter_documents
+
+    docs = list(iter_documents("python-stdlib-prose", max_bytes=20_000))
+    assert len(docs) > 1
+    assert sum(len(d.encode()) for d in docs) == 20_000
+    assert describe_source("python-stdlib-prose").startswith("python-stdlib-prose-3.")

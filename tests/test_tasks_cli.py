@@ -127,25 +127,3 @@ def test_default_backbone_is_found_by_any_path_to_its_cache(tmp_path, monkeypatc
     relative = default_backbone_dir(".meshlm-cache")
     absolute = default_backbone_dir(tmp_path / ".meshlm-cache")
     assert relative.name.startswith("default-") and absolute == tmp_path / relative
-
-
-def test_classify_gets_a_backbone_pretrained_on_the_stdlib_english(tmp_path):
-    from meshlm.data.stdlib_prose import module_prose
-    from meshlm.tasks.default_backbone import default_backbone_config, default_backbone_dir
-
-    assert default_backbone_dir(tmp_path, "classify") != default_backbone_dir(tmp_path, "ner")
-    assert default_backbone_dir(tmp_path, "ner") == default_backbone_dir(tmp_path)
-    assert default_backbone_config(tmp_path, "classify").data.source == "python-stdlib-prose"
-    assert default_backbone_config(tmp_path, "srl").data.source == "python-stdlib"
-    source = '''#!/usr/bin/env python3
-# -*- coding: utf-8 -*-
-"""Module docs."""
-x = 1  # a comment
-class A:
-    """Class docs."""
-    def f(self):
-        """Function docs."""
-        return "not prose"  # another
-'''
-    assert module_prose(source) == "Module docs.\n\nClass docs.\n\nFunction docs.\n\na comment another"
-    assert module_prose("def broken(:") == ""

@@ -89,7 +89,7 @@ class _TaskModel:
                 f"backbone= takes a fitted meshlm.LanguageModel, a run directory or None (the default backbone), "
                 f"got {type(self.backbone).__name__}."
             )
-        return backbone_run(str(self.backbone) if self.backbone else None, None, cache_dir, task=self.task).resolve()
+        return backbone_run(str(self.backbone) if self.backbone else None, None, cache_dir).resolve()
 
     def _overrides(self) -> list[str]:
         layout, auto = parallel_overrides(self.parallel)

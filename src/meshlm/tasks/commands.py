@@ -105,7 +105,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     launching = args.nproc is not None and args.nproc > 1 and not env.distributed
     if env.is_main or not env.distributed:
         train, valid = _data_files(args, cache)
-        backbone = backbone_run(args.from_run, args.init_from_hf, cache, task=args.task)
+        backbone = backbone_run(args.from_run, args.init_from_hf, cache)
     if env.distributed:  # rank 0 made the files above; the others find them now
         from meshlm.distributed.process_group import init_distributed
         from meshlm.distributed.rank_zero import broadcast_from_rank0

@@ -1,10 +1,8 @@
 """The default backbone of `meshlm finetune` (no --from, no --init-from-hf): the built-in
 tiny-cpu language model (llama, 4 layers, d_model 128, a 2048-token byte-level BPE), pretrained
-once, cached under data.cache_dir and reused by every later fine-tuning run. Its text depends on
-the task: taggers get the default corpus (the Python standard library's source, which the
-built-in ner / srl sets tag), classification the same library's English alone (its docstrings
-and comments: "python-stdlib-prose"), which fine-tuned better on unseen English reviews.
-docs/tasks.md says why these and what they cost.
+once on the default corpus (the Python standard library's text: its docstrings and comments are
+English prose, its code the rest), cached under data.cache_dir and reused by every later
+fine-tuning run. docs/tasks.md says why this one and what it costs.
 
 The cache folder is named by a hash of the pretraining config (less the cache's location) and
 the Python version (the corpus), so a changed default retrains instead of reusing a stale model; a half-written
@@ -27,41 +25,30 @@ PRETRAIN = [
     "train.sample_tokens=0",
     "train.checkpoint_every=0",
 ]
-# Pretraining text per task (data.source); tasks not named get the default corpus.
-TEXT = {"classify": "python-stdlib-prose"}
 
 
-def _recipe(task: str | None) -> list[str]:
-    source = TEXT.get(task or "")
-    return PRETRAIN + ([f'data.source="{source}"'] if source else [])
+def default_backbone_config(cache_dir: Path):
+    return load_config("tiny-cpu", PRETRAIN + [f'data.cache_dir="{cache_dir}"'])
 
 
-def default_backbone_config(cache_dir: Path, task: str | None = None):
-    return load_config("tiny-cpu", _recipe(task) + [f'data.cache_dir="{cache_dir}"'])
-
-
-def default_backbone_dir(cache_dir: Path, task: str | None = None) -> Path:
-    """Where the default backbone (for `task`) lives under `cache_dir`. The key hashes the
-    pretraining config without the cache's own location, so the same cache reached by another
-    path (relative from another working directory, or absolute) finds the backbone instead of
-    training a second one."""
-    recipe = load_config("tiny-cpu", _recipe(task)).to_toml()  # data.cache_dir left at its default
+def default_backbone_dir(cache_dir: Path) -> Path:
+    """Where the default backbone lives under `cache_dir`. The key hashes the pretraining config
+    without the cache's own location, so the same cache reached by another path (relative from
+    another working directory, or absolute) finds the backbone instead of training a second one."""
+    recipe = load_config("tiny-cpu", PRETRAIN).to_toml()  # data.cache_dir left at its default
     key = hashlib.sha256((recipe + sys.version.split()[0]).encode()).hexdigest()[:12]
     return Path(cache_dir) / "backbones" / f"default-{key}"
 
 
-def default_backbone(cache_dir: Path, log=print, task: str | None = None) -> Path:
-    """The default backbone's run directory for `task`, pretrained on first use (one process)."""
-    cfg = default_backbone_config(Path(cache_dir), task)
-    out = default_backbone_dir(Path(cache_dir), task)
+def default_backbone(cache_dir: Path, log=print) -> Path:
+    """The default backbone's run directory, pretrained on first use (single process)."""
+    cfg = default_backbone_config(Path(cache_dir))
+    out = default_backbone_dir(Path(cache_dir))
     if (out / "model.safetensors").is_file():
         return out
     from meshlm.train.trainer import train
 
-    log(
-        f"finetune: pretraining the default backbone once (tiny-cpu on the Python standard library's "
-        f"{'English' if task in TEXT else 'source'}) into {out}"
-    )
+    log(f"finetune: pretraining the default backbone once (tiny-cpu on the Python standard library) into {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     cfg.train.progress = sys.stderr.isatty()

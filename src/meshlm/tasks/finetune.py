@@ -100,11 +100,9 @@ def _quiet(*args, **kwargs) -> None:
     pass
 
 
-def backbone_run(
-    from_run=None, init_from_hf=None, cache_dir: str = ".meshlm-cache", log=print, task: str | None = None
-) -> Path:
+def backbone_run(from_run=None, init_from_hf=None, cache_dir: str = ".meshlm-cache", log=print) -> Path:
     """The run directory holding the backbone: --from, a converted --init-from-hf, or the
-    default backbone for `task` (built on first use; default_backbone.py)."""
+    default backbone (built on first use; default_backbone.py)."""
     if from_run and init_from_hf:
         raise ConfigError("pass at most one of --from RUN_DIR and --init-from-hf HF_DIR.")
     if from_run:
@@ -113,7 +111,7 @@ def backbone_run(
         return converted_hf_run(Path(init_from_hf), Path(cache_dir))
     from meshlm.tasks.default_backbone import default_backbone
 
-    return default_backbone(Path(cache_dir), log=log, task=task)
+    return default_backbone(Path(cache_dir), log=log)
 
 
 def finetune_config(
