@@ -63,3 +63,12 @@ def test_the_saved_model_is_the_best_evaluated_one_not_the_last(tmp_path):
     with torch.no_grad():
         stats = objective.eval_stats(None, loaded.model.eval()(x), y)
     assert abs(objective.summarize(stats)["loss"] - result.best["loss"]) <= 1e-5 * result.best["loss"]
+
+
+def test_default_epochs_grow_on_small_sets():
+    from meshlm.tasks.finetune import default_epochs
+
+    assert default_epochs("classify", 9806) == 4  # 307 steps an epoch: 4 is enough steps
+    assert default_epochs("classify", 2951) == 8  # the built-in docstrings: at least 700 steps
+    assert default_epochs("srl", 6000) == default_epochs("ner", 6000) == 8  # the built-in taggers: 1500
+    assert default_epochs("ner", 20) == 20  # a handful of examples: capped
