@@ -72,3 +72,12 @@ def test_default_epochs_grow_on_small_sets():
     assert default_epochs("classify", 2951) == 8  # the built-in docstrings: at least 700 steps
     assert default_epochs("srl", 6000) == default_epochs("ner", 6000) == 8  # the built-in taggers: 1500
     assert default_epochs("ner", 20) == 20  # a handful of examples: capped
+
+
+def test_early_stopping_is_the_default_for_epoch_runs_only(tmp_path):
+    bb = make_backbone(tmp_path / "bb")
+    data = write_jsonl(tmp_path / "c.jsonl", classify_records(40, 1))
+    assert finetune_config("classify", data, bb).task.patience == 1
+    steps = ["task.epochs=0", "train.steps=3"]
+    assert finetune_config("classify", data, bb, steps).task.patience == 0  # runs the steps asked for
+    assert finetune_config("classify", data, bb, [*steps, "task.patience=2"]).task.patience == 2

@@ -26,6 +26,8 @@ from meshlm.tasks.spec import task_model_config
 QUICK = [
     *("--set", "task.epochs=1", "--set", "train.progress=false"),
     *("--set", "train.micro_batch=8", "--set", "train.global_batch=16"),
+    # A small n-gram table, so a run stays small enough for the tests' 4 MiB disks.
+    *("--set", "task.ngram_buckets=1024"),
 ]
 
 

@@ -143,6 +143,8 @@ def finetune_config(
     if task in RIGHT_CONTEXT_TASKS and right_context:
         apply_overrides(cfg, [right_context])
     apply_overrides(cfg, list(overrides))
+    if cfg.task.epochs == 0 and not any(o.split("=", 1)[0].strip() == "task.patience" for o in overrides):
+        cfg.task.patience = 0  # a run of train.steps steps runs them all unless asked to stop early
     cfg.task.name = task
     cfg.task.labels, cfg.task.scheme = label_set(task, examples), scheme
     if cfg.parallel.auto:
