@@ -32,7 +32,7 @@ _MIX = 1_000_000_007
 class NgramEmbedding(nn.Module):
     def __init__(self, vocab_size: int, buckets: int, dim: int, d_out: int, orders: int = 3):
         super().__init__()
-        self.base, self.buckets, self.orders = vocab_size + 1, buckets, orders
+        self.base, self.buckets, self.max_order = vocab_size + 1, buckets, orders
         self.table = nn.Embedding(buckets, dim)
         self.proj = nn.Linear(dim, d_out, bias=False)
 
@@ -46,7 +46,7 @@ class NgramEmbedding(nn.Module):
         T = x.shape[1]
         h = torch.zeros_like(x)
         rows = []
-        for n in range(1, self.orders + 1):
+        for n in range(1, self.max_order + 1):
             previous = torch.nn.functional.pad(x, (n - 1, 0))[:, :T]  # x_{t-n+1}, 0 before the start
             h = h * self.base + previous  # < base^orders: inside int64 for any vocabulary up to 2^20
             rows.append(((h % _PRIME) * _MIX + n) % self.buckets)
