@@ -7,6 +7,7 @@ import errno
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from meshlm.config import ConfigError, load_config
@@ -229,22 +230,25 @@ def main(argv: list[str] | None = None) -> int:
         _record_for_launcher(e)
         code = _report(e, EXIT_FAILURE)
     except KeyboardInterrupt as e:  # Ctrl-C, or Terminated (SIGTERM)
-        _record_for_launcher(e)
-        from meshlm.distributed.env import is_meshlm_worker, read_launch_env
-
-        code = EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
-        # Under meshlm's launcher the launcher says it, once; under torchrun, rank 0 does.
-        if not is_meshlm_worker() and read_launch_env().is_main:
-            what = "SIGTERM" if code == EXIT_SIGTERM else "SIGINT"
-            hint = getattr(args, "interrupt_hint", "")
-            print(f"meshlm: interrupted ({what}){'; ' + hint if hint else ''}", file=sys.stderr)
+        code = _interrupted(e, args)
     except OSError as e:
         error = RunError(_os_error_message(e))
         _record_for_launcher(error)
         code = _report(error, EXIT_FAILURE)
     except Exception as e:
-        _record_for_launcher(e)
-        raise
+        if not _peer_lost(e):
+            _record_for_launcher(e)
+            raise
+        # Ctrl-C reaches every rank of a local world at once; a rank blocked in a collective may
+        # first see its peer, interrupted already, close the connection. Its own interrupt is on
+        # the way: wait for it briefly and leave as interrupted, not with the peer's error.
+        try:
+            time.sleep(PEER_LOST_GRACE_S)
+        except KeyboardInterrupt as interrupt:
+            code = _interrupted(interrupt, args)
+        else:
+            _record_for_launcher(e)
+            raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -252,6 +256,28 @@ def main(argv: list[str] | None = None) -> int:
         from meshlm.distributed.process_group import exit_now_if_distributed
 
         exit_now_if_distributed(code)
+    return code
+
+
+PEER_LOST_GRACE_S = 2.0
+
+
+def _peer_lost(error: Exception) -> bool:
+    """A collective failed because another rank's process went away (gloo's message)."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("reset by peer" in text or "closed by peer" in text)
+
+
+def _interrupted(error: KeyboardInterrupt, args) -> int:
+    _record_for_launcher(error)
+    from meshlm.distributed.env import is_meshlm_worker, read_launch_env
+
+    code = EXIT_SIGTERM if isinstance(error, Terminated) else EXIT_SIGINT
+    # Under meshlm's launcher the launcher says it, once; under torchrun, rank 0 does.
+    if not is_meshlm_worker() and read_launch_env().is_main:
+        what = "SIGTERM" if code == EXIT_SIGTERM else "SIGINT"
+        hint = getattr(args, "interrupt_hint", "")
+        print(f"meshlm: interrupted ({what}){'; ' + hint if hint else ''}", file=sys.stderr)
     return code
 
 
