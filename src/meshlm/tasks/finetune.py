@@ -64,8 +64,11 @@ TRAIN_DEFAULTS = {
 }
 # [task] settings per task, applied before --set. Classification gets the hashed n-gram
 # embeddings (tasks/ngrams.py; on the unseen English reviews and the built-in docstrings they
-# beat every backbone alone). Every task stops after an epoch without a better validation score.
-TASK_DEFAULTS = {"classify": {"ngram_buckets": 1 << 18, "patience": 1}, "ner": {"patience": 1}, "srl": {"patience": 1}}
+# beat every backbone alone).
+TASK_DEFAULTS = {"classify": {"ngram_buckets": 1 << 18}, "ner": {}, "srl": {}}
+# task.patience unless --set: a run of epochs stops after one without a better validation score;
+# a run of train.steps steps (task.epochs = 0) runs them all.
+EPOCH_PATIENCE = 1
 # task.epochs is 4, or more on a small set so that fine-tuning runs at least this many steps of
 # the default batch (at most MAX_EPOCHS): the built-in docstrings (92 steps an epoch) still gained
 # at epoch 5, the built-in taggers (188 steps an epoch) at epochs 7-8, where srl passed the CRF
@@ -139,12 +142,13 @@ def finetune_config(
     for key, value in TASK_DEFAULTS[task].items():
         setattr(cfg.task, key, value)
     cfg.task.epochs = default_epochs(task, len(examples))
+    cfg.task.patience = None  # marks "not set": resolved below, once task.epochs is known
     right_context = cfg.model.right_context_override()
     if task in RIGHT_CONTEXT_TASKS and right_context:
         apply_overrides(cfg, [right_context])
     apply_overrides(cfg, list(overrides))
-    if cfg.task.epochs == 0 and not any(o.split("=", 1)[0].strip() == "task.patience" for o in overrides):
-        cfg.task.patience = 0  # a run of train.steps steps runs them all unless asked to stop early
+    if cfg.task.patience is None:
+        cfg.task.patience = EPOCH_PATIENCE if cfg.task.epochs > 0 else 0
     cfg.task.name = task
     cfg.task.labels, cfg.task.scheme = label_set(task, examples), scheme
     if cfg.parallel.auto:
