@@ -5,8 +5,9 @@ best evaluated one."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from task_fixtures import classify_records, make_backbone, write_jsonl
+from task_fixtures import TINY_LSTM, classify_records, make_backbone, write_jsonl
 
 from meshlm.data.tokenizer import load_tokenizer
 from meshlm.model.registry import build_model
@@ -72,6 +73,16 @@ def test_default_epochs_grow_on_small_sets():
     assert default_epochs("classify", 2951) == 8  # the built-in docstrings: at least 700 steps
     assert default_epochs("srl", 6000) == default_epochs("ner", 6000) == 8  # the built-in taggers: 1500
     assert default_epochs("ner", 20) == 20  # a handful of examples: capped
+
+
+def test_fine_tuning_learning_rate_is_the_backbone_familys(tmp_path):
+    data = write_jsonl(tmp_path / "c.jsonl", classify_records(40, 1))
+    llama = finetune_config("classify", data, make_backbone(tmp_path / "llama")).train
+    lstm = finetune_config("classify", data, make_backbone(tmp_path / "lstm", TINY_LSTM)).train
+    assert (llama.lr, llama.min_lr) == pytest.approx((1e-3, 1e-4))
+    assert (lstm.lr, lstm.min_lr) == pytest.approx((1e-2, 1e-3))
+    mine = finetune_config("classify", data, tmp_path / "lstm", ["train.lr=5e-3"]).train
+    assert (mine.lr, mine.min_lr) == pytest.approx((5e-3, 1e-3))  # --set wins
 
 
 def test_early_stopping_is_the_default_for_epoch_runs_only(tmp_path):

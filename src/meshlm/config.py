@@ -61,6 +61,9 @@ class ModelConfig:
     # ("causal", False). Such a model is no language model: it cannot generate or be scored
     # left to right, and pretraining it would be trivial (each position sees its target).
     RIGHT_CONTEXT: ClassVar[tuple[str, bool] | None] = None
+    # The learning rate `meshlm finetune` starts from on a backbone of this family (its floor,
+    # train.min_lr, a tenth of it), before --set: families differ by 10x in what fine-tunes well.
+    FINETUNE_LR: ClassVar[float] = 1e-3
 
     def validate(self) -> None:
         """Family-specific checks, each raising ConfigError that names the key and the fix."""

@@ -46,11 +46,10 @@ from meshlm.train.run_faults import save_final_weights
 from meshlm.train.step import StepRunner, accumulation_steps
 from meshlm.utils.errors import RunError
 
-# Fine-tuning settings applied over the backbone run's [train] section, before --set.
+# Fine-tuning settings applied over the backbone run's [train] section, before --set; train.lr
+# is the backbone family's (ModelConfig.FINETUNE_LR), train.min_lr a tenth of it.
 SEQ_LEN = {"classify": 128, "ner": 64, "srl": 64}
 TRAIN_DEFAULTS = {
-    "lr": 1e-3,
-    "min_lr": 1e-4,
     "warmup_steps": 20,
     "weight_decay": 0.01,
     "beta2": 0.99,
@@ -138,6 +137,8 @@ def finetune_config(
     cfg.data.seq_len = min(SEQ_LEN[task], cfg.model.max_seq_len)
     for key, value in TRAIN_DEFAULTS.items():
         setattr(cfg.train, key, value)
+    cfg.train.lr = cfg.model.FINETUNE_LR
+    cfg.train.min_lr = cfg.model.FINETUNE_LR / 10
     examples, scheme = read_examples(train_path, task)
     for key, value in TASK_DEFAULTS[task].items():
         setattr(cfg.task, key, value)
