@@ -11,6 +11,7 @@ import signal
 import time
 
 from processes import descendants_of, environment_of
+from task_fixtures import classify_records, make_backbone, write_jsonl
 
 from faults.conftest import Running, assert_clean_error, meshlm, sets, tiny_overrides
 from meshlm.cli import main
@@ -87,6 +88,34 @@ def test_train_interrupted_under_two_workers_then_resumes(fault_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {saved[-1]}" in resumed.stdout
     assert (run_dir / "model.safetensors").is_file()
+
+
+def test_finetune_interrupted_under_two_workers_then_resumes(tmp_path):
+    make_backbone(tmp_path / "bb")
+    write_jsonl(tmp_path / "train.jsonl", classify_records(48, 1))
+    write_jsonl(tmp_path / "valid.jsonl", classify_records(16, 2))
+    run_dir = tmp_path / "ft"
+    files = ["--train", tmp_path / "train.jsonl", "--valid", tmp_path / "valid.jsonl", "--from", tmp_path / "bb"]
+    overrides = ["task.epochs=0", "train.steps=400", "train.eval_every=10", "task.patience=0", "train.progress=false"]
+    args = ["finetune", "--task", "classify", *files, "--out", run_dir, *sets([*overrides, "task.ngram_buckets=512"])]
+    run = Running([*args, "--nproc", "2"])
+
+    def past_first_checkpoint() -> bool:
+        try:
+            return bool(list_checkpoints(run_dir)) and read_metrics(run_dir / "metrics.jsonl")[-1]["step"] > 10
+        except (OSError, ValueError, IndexError, KeyError):
+            return False
+
+    run.wait_for(past_first_checkpoint, "a step after the first checkpoint")
+    _interrupt(run, signal.SIGINT)
+    assert "--resume auto" in run.stderr
+    saved = [s for s, _ in list_checkpoints(run_dir)]
+    assert saved and saved[-1] < 400 and not (run_dir / "model.safetensors").exists()
+
+    resumed = meshlm(*args, "--resume", "auto")  # one process, any layout
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {saved[-1]}" in resumed.stdout
+    assert (run_dir / "model.safetensors").is_file() and (run_dir / "eval_valid.json").is_file()
 
 
 def test_predict_terminated_under_two_workers_keeps_its_answers(tiny_run, tmp_path, capsys):

@@ -30,6 +30,14 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="the task run directory")
     p.add_argument("--nproc", type=int, default=None, help="start N local worker processes")
     p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="auto|CHECKPOINT_DIR",
+        help="continue an interrupted run in --out from its newest checkpoint (auto), or from the checkpoint given",
+    )
+    p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a key"
     )
     p.set_defaults(func=cmd_finetune)
@@ -89,11 +97,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     env = read_launch_env()
     check_nproc(args.nproc)
-    args.interrupt_hint = f"nothing is kept: the model is written to {args.out} at the end; run the command again"
+    args.interrupt_hint = (
+        f"the newest checkpoint in {args.out}/checkpoints (one after each validation) is kept; continue with the "
+        f"same command and --resume auto (none is written before the first validation)"
+    )
     if env.is_main or not env.distributed:
         problem = output_dir_problem(Path(args.out))
         if problem:
             raise ConfigError(f"cannot write --out: {problem}. Choose another --out.")
+        _check_restart(Path(args.out), args.resume)
     cache = DataConfig().cache_dir  # where the default backbone and the built-in datasets live
     for item in args.overrides:
         key, _, value = item.partition("=")
@@ -121,9 +133,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
         read_examples(valid, args.task)  # a bad validation file is reported here, once, before any worker
         return _launch(args.nproc, args)
-    finetune(cfg, train, valid, Path(args.out), env=env)
+    finetune(cfg, train, valid, Path(args.out), env=env, resume=args.resume)
     _finish(env)
     return 0
+
+
+def _check_restart(out: Path, resume: str | None) -> None:
+    """A fresh run into a directory holding an earlier run's checkpoints would mix the two (and
+    a later --resume auto would pick the wrong one): refused, naming both ways on."""
+    from meshlm.train.checkpoint_manifest import checkpoints_dir, list_checkpoints
+
+    if resume is None and list_checkpoints(out):
+        raise ConfigError(
+            f"--out {out} holds checkpoints of an earlier fine-tuning run ({checkpoints_dir(out)}). Continue that run "
+            f"with --resume auto, or start a new one in another --out (or delete {checkpoints_dir(out)} first)."
+        )
 
 
 def _setup(args, nproc: int):

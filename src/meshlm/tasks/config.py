@@ -43,6 +43,10 @@ class TaskSettings:
     # Stop after this many evaluations without a better validation score (0 = never early); the
     # best evaluated model is the one kept either way.
     patience: int = 0
+    # A checkpoint (the training state, the best model so far, the early-stopping count) after
+    # every validation but the last, in OUT/checkpoints/, so that `meshlm finetune ... --resume
+    # auto` continues an interrupted run exactly; train.checkpoint_every adds more.
+    checkpoints: bool = True
     # Where the backbone came from (a run directory, a Hugging Face directory, or "default").
     backbone: str = ""
 

@@ -7,7 +7,9 @@ The step is the language model's (meshlm.train.step.StepRunner) with a task obje
 (tasks/objective.py), so every layout the backbone's family can run fine-tunes exactly as one
 process does. Training runs `task.epochs` passes (or train.steps steps), evaluates the
 validation split once per epoch (or every train.eval_every steps) and keeps the best evaluated
-model (accuracy, or span F1); `task.patience` stops early.
+model (accuracy, or span F1); `task.patience` stops early. After each validation it writes a
+checkpoint (the training state, as `meshlm train` does, plus the best model so far and the
+early-stopping count), from which `resume` continues exactly, under any layout.
 
 The run directory: config.toml (the backbone's sections and [task], labels included),
 tokenizer.json, model.safetensors (the task model), metrics.jsonl, loss.png, and
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from meshlm.artifacts.run_dir import write_text_atomic
 from meshlm.config import ConfigError, ParallelConfig
@@ -40,6 +43,8 @@ from meshlm.tasks.encoding import encode, label_set, pad_id
 from meshlm.tasks.formats import read_examples
 from meshlm.tasks.objective import TaskObjective
 from meshlm.tasks.spec import with_task_model
+from meshlm.train.checkpoint import Checkpointer, ResumePoint, find_resume_checkpoint, reopen_run_dir
+from meshlm.train.checkpoint_manifest import checkpoints_dir
 from meshlm.train.metrics import MetricsWriter, plot_losses
 from meshlm.train.progress import Progress
 from meshlm.train.run_faults import save_final_weights
@@ -59,8 +64,12 @@ TRAIN_DEFAULTS = {
     "eval_every": 0,  # 0: once per epoch
     "sample_tokens": 0,
     "checkpoint_every": 0,
+    "keep_checkpoints": 1,  # resuming needs the newest only
     "init_from_hf": "",
 }
+# What a fine-tuning checkpoint holds besides the training state (train/checkpoint.py).
+BEST_FILE = "best.safetensors"
+STATE_FILE = "finetune_state.json"
 # [task] settings per task, applied before --set. Classification gets the hashed n-gram
 # embeddings (tasks/ngrams.py; on the unseen English reviews and the built-in docstrings they
 # beat every backbone alone).
@@ -169,9 +178,12 @@ def finetune(
     out: Path | str,
     env: LaunchEnv | None = None,
     log=print,
+    resume: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune on this process's rank of the launch (one process, or a torchrun / spawned
-    world): every rank calls it with the same arguments; rank 0 writes the run directory."""
+    world): every rank calls it with the same arguments; rank 0 writes the run directory.
+    resume: "auto" (the newest complete checkpoint in `out`, or a fresh start when there is
+    none) or a checkpoint or run directory, as `meshlm train --resume` takes."""
     started = time.perf_counter()
     env = env or read_launch_env()
     log = log if env.is_main else _quiet
@@ -211,18 +223,36 @@ def finetune(
     )
     pm = parallelize(model, dims, run_cfg, env.device, mesh)
     runner = StepRunner(run_cfg, pm, None, None, env.device, accum, objective)
+    resume_from = find_resume_checkpoint(resume, out, env, log) if resume else None
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        write_text_atomic(out / "config.toml", cfg.to_toml())
+        if resume_from is not None:
+            reopen_run_dir(out, cfg, resume_from.step)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            # An earlier run's checkpoints would outrank this run's (`meshlm finetune` refuses
+            # such an --out without --resume; the Python API's fit starts over).
+            shutil.rmtree(checkpoints_dir(out), ignore_errors=True)
+            write_text_atomic(out / "config.toml", cfg.to_toml())
         shutil.copyfile(backbone / "tokenizer.json", out / "tokenizer.json")
+    checkpoints = Checkpointer(run_cfg, out, env, pm, runner, log=log, record=cfg)
+    result = FinetuneResult(out, [])
+    best_state, stale, skipped, start = None, 0, 0, 0
+    if resume_from is not None:
+        start = checkpoints.load(resume_from)
+        result.evals, result.best, stale, skipped, best_state = _load_progress(resume_from, env.is_main)
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=env.is_main)
     every = t.eval_every or max(1, math.ceil(len(train_ex) / t.global_batch_for(dims.dp)))
     progress = Progress(t.steps, show_bar=t.progress, is_main=env.is_main, printer=log)
-    result = FinetuneResult(out, [])
-    best_state, stale, skipped = None, 0, 0
+
+    def progress_files(folder: Path) -> None:  # rank 0, into a checkpoint before it is published
+        if best_state is not None:
+            save_file({name: value.contiguous() for name, value in best_state.items()}, folder / BEST_FILE)
+        state = {"evals": result.evals, "best": result.best, "stale": stale, "skipped": skipped}
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+
     try:
-        for step in range(t.steps):
+        for step in range(start, t.steps):
             tick = time.perf_counter()
             loss, grad_norm = runner.train_step(step)
             if runner.update_skipped:  # not finite: the step changed nothing (StepRunner)
@@ -259,6 +289,11 @@ def finetune(
                     if cfg.task.patience and stale >= cfg.task.patience:
                         progress.write(f"step {step + 1}: no better validation score in {stale} evaluations; stopping")
                         break
+                if cfg.task.checkpoints and step + 1 < t.steps:
+                    checkpoints.save(step + 1, files=progress_files)
+            elif checkpoints.due(step + 1) and step + 1 < t.steps:
+                checkpoints.save(step + 1, files=progress_files)
+        checkpoints.wait()  # an asynchronous save (train.async_checkpoint) still in flight
     finally:
         progress.close()
         metrics.close()
@@ -270,6 +305,21 @@ def finetune(
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         log(f"finetune: kept the model of step {result.best['step']} ({_describe(result.best)}); saved {out}")
     return result
+
+
+def _load_progress(point: ResumePoint, is_main: bool) -> tuple[list[dict], dict | None, int, int, dict | None]:
+    """The evaluations, best scores, early-stopping and skipped-step counts a checkpoint holds,
+    and (rank 0, which writes the model) the best model so far."""
+    try:
+        state = json.loads((point.path / STATE_FILE).read_text())
+        best = state["best"]
+        weights = load_file(point.path / BEST_FILE) if is_main and best is not None else None
+        return state["evals"], best, state["stale"], state["skipped"], weights
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"--resume {point.path}: it is no fine-tuning checkpoint ({STATE_FILE} or {BEST_FILE} is missing or "
+            f"unreadable: {e}); resume from a checkpoint of `meshlm finetune`, or start again without --resume."
+        ) from None
 
 
 def _copied(state: dict | None) -> dict | None:

@@ -35,6 +35,7 @@ import json
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,8 +213,12 @@ def _layout(pm) -> dict:
 class Checkpointer:
     """Saves and loads this rank's part of the training state; every call is collective."""
 
-    def __init__(self, cfg: Config, run: Path, env: LaunchEnv, pm, runner, log=print):
+    def __init__(self, cfg: Config, run: Path, env: LaunchEnv, pm, runner, log=print, record: Config | None = None):
+        """record: the config a checkpoint records (its config.toml, the manifest's config and
+        fingerprint, what a resume is checked against) when it is not `cfg`: a task run records
+        its own config ([task] and the backbone's [model]), from which its model is derived."""
         self.cfg, self.run, self.env, self.pm, self.runner, self.log = cfg, Path(run), env, pm, runner, log
+        self.record = record or cfg
         tp_rank = pm.dims.coordinates(env.rank)["tp"] if env.distributed else 0
         self.ctx = ShardContext(cfg.model, pm.dims.tp, tp_rank, global_shapes(cfg.model))
         self._group = None
@@ -237,9 +242,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, files: Callable[[Path], None] | None = None) -> None:
         """Checkpoint the state after `step` training steps into checkpoints/step-NNNNNN/.
-        DiskFullError (on every rank) when there is no room for it, before or while writing."""
+        DiskFullError (on every rank) when there is no room for it, before or while writing.
+        files: called on rank 0 with the checkpoint's directory before it is published, to add
+        the caller's own files (fine-tuning's best model and early-stopping state)."""
         started = time.perf_counter()
         self.wait()
         final = step_dir(self.run, step)
@@ -251,9 +258,11 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             try:
                 tmp.mkdir(parents=True)
-                (tmp / "config.toml").write_text(self.cfg.to_toml())
+                (tmp / "config.toml").write_text(self.record.to_toml())
                 if (self.run / "tokenizer.json").is_file():
                     shutil.copyfile(self.run / "tokenizer.json", tmp / "tokenizer.json")
+                if files is not None:
+                    files(tmp)
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise failed_save_error(e, self.cfg, self.run, step, need) from None
@@ -266,8 +275,8 @@ class Checkpointer:
             "optimizer_steps": optimizer_steps(self.runner),
             "world_size": self.env.world_size,
             "layout": _layout(self.pm),
-            "config_hash": self.cfg.fingerprint(),
-            "config": self.cfg.to_dict(),
+            "config_hash": self.record.fingerprint(),
+            "config": self.record.to_dict(),
             "next_lr": lr_at(step, self.cfg.train) if step < self.cfg.train.steps else None,
             "data_position": {"next_step": step, "seed": self.cfg.train.seed},
             "torch": torch.__version__,
@@ -346,14 +355,14 @@ class Checkpointer:
         """Load a verified checkpoint into the model and optimizer of this layout; returns its step."""
         manifest = point.manifest
         saved = manifest.get("config", {}).get("model")
-        mine = self.cfg.to_dict()["model"]
+        mine = self.record.to_dict()["model"]
         if saved != mine:
             diff = sorted(k for k in mine if (saved or {}).get(k) != mine[k])
             raise CheckpointError(
                 f"checkpoint {point.path} was written for a different model (model.{', model.'.join(diff)} "
                 f"differ); resume with the config it was trained with."
             )
-        if manifest.get("config_hash") != self.cfg.fingerprint():
+        if manifest.get("config_hash") != self.record.fingerprint():
             self.log(
                 f"note: {point.path} was written with different training settings (seed, lr, steps or batch); "
                 f"the resumed run will not reproduce the original one"
