@@ -95,9 +95,12 @@ def test_resume_under_dp2_and_the_refusals(full_run):
     assert (out / "model.safetensors").is_file()
 
 
-def test_resume_from_a_checkpoint_missing_its_fine_tuning_state_is_refused(full_run):
+def test_resume_with_another_task_model_or_a_broken_checkpoint_is_refused(full_run):
     root, cfg, _ = full_run
     out = interrupted_copy(root, 2, "broken")
+    other = finetune_config("classify", root / "train.jsonl", root / "bb", [*SETS, "task.ngram_buckets=256"])
+    with pytest.raises(ConfigError, match="task model differs from this run's \\(task.ngram_buckets"):
+        finetune(other, root / "train.jsonl", root / "valid.jsonl", out, log=lambda *a: None, resume="auto")
     (list_checkpoints(out)[0][1] / "finetune_state.json").unlink()
     # The manifest lists the file: the checkpoint no longer verifies, and nothing else is there.
     with pytest.raises(ConfigError, match="no complete checkpoint|missing"):

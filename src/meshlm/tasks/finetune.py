@@ -239,6 +239,7 @@ def finetune(
     result = FinetuneResult(out, [])
     best_state, stale, skipped, start = None, 0, 0, 0
     if resume_from is not None:
+        _check_same_task_model(resume_from, cfg)
         start = checkpoints.load(resume_from)
         result.evals, result.best, stale, skipped, best_state = _load_progress(resume_from, env.is_main)
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=env.is_main)
@@ -305,6 +306,22 @@ def finetune(
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         log(f"finetune: kept the model of step {result.best['step']} ({_describe(result.best)}); saved {out}")
     return result
+
+
+# The [task] keys that shape the task model: a checkpoint loads only into the same ones.
+MODEL_TASK_KEYS = ("name", "labels", "crf", "ngram_buckets", "ngram_dim", "ngram_orders")
+
+
+def _check_same_task_model(point: ResumePoint, cfg: TaskRunConfig) -> None:
+    saved = point.manifest.get("config", {}).get("task", {})
+    mine = cfg.to_dict()["task"]
+    differ = [f"task.{k}" for k in MODEL_TASK_KEYS if saved.get(k) != mine[k]]
+    if differ:
+        raise ConfigError(
+            f"--resume {point.path}: the checkpoint's task model differs from this run's ({', '.join(differ)}: the "
+            f"training data's labels or the --set values changed); resume with the data and settings it was trained "
+            f"with, or start a new run in another --out."
+        )
 
 
 def _load_progress(point: ResumePoint, is_main: bool) -> tuple[list[dict], dict | None, int, int, dict | None]:
