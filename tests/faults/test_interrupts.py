@@ -43,6 +43,24 @@ def _interrupt(run: Running, sig: signal.Signals) -> None:
     assert not [pid for pid in workers if _alive(pid)], "a worker outlived the launcher"
 
 
+def _interrupted_past_a_checkpoint(run: Running, run_dir, first: int) -> list[int]:
+    """Ctrl-C once the run logged a step past its first checkpoint (step `first`): the steps of
+    the checkpoints kept, which the message offers to resume; no final model."""
+
+    def past_first_checkpoint() -> bool:
+        try:
+            return bool(list_checkpoints(run_dir)) and read_metrics(run_dir / "metrics.jsonl")[-1]["step"] > first
+        except (OSError, ValueError, IndexError, KeyError):
+            return False
+
+    run.wait_for(past_first_checkpoint, "a step after the first checkpoint")
+    _interrupt(run, signal.SIGINT)
+    assert "--resume auto" in run.stderr
+    saved = [s for s, _ in list_checkpoints(run_dir)]
+    assert saved and not (run_dir / "model.safetensors").exists()
+    return saved
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -71,18 +89,8 @@ def test_train_interrupted_under_two_workers_then_resumes(fault_data, tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(fault_data, "train.steps=300", "train.checkpoint_every=50")  # dp = the world size
     run = Running(["train", *sets(overrides), "--out", run_dir, "--nproc", "2"])
-
-    def past_first_checkpoint() -> bool:
-        try:
-            return bool(list_checkpoints(run_dir)) and read_metrics(run_dir / "metrics.jsonl")[-1]["step"] > 50
-        except (OSError, ValueError, IndexError, KeyError):
-            return False
-
-    run.wait_for(past_first_checkpoint, "a step after the first checkpoint")
-    _interrupt(run, signal.SIGINT)
-    assert "add --resume auto" in run.stderr
-    saved = [s for s, _ in list_checkpoints(run_dir)]
-    assert saved and saved[-1] < 300 and not (run_dir / "model.safetensors").exists()
+    saved = _interrupted_past_a_checkpoint(run, run_dir, 50)
+    assert saved[-1] < 300
 
     resumed = meshlm("train", *sets(overrides), "--out", run_dir, "--resume", "auto")  # one process, any layout
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -99,18 +107,8 @@ def test_finetune_interrupted_under_two_workers_then_resumes(tmp_path):
     overrides = ["task.epochs=0", "train.steps=400", "train.eval_every=10", "task.patience=0", "train.progress=false"]
     args = ["finetune", "--task", "classify", *files, "--out", run_dir, *sets([*overrides, "task.ngram_buckets=512"])]
     run = Running([*args, "--nproc", "2"])
-
-    def past_first_checkpoint() -> bool:
-        try:
-            return bool(list_checkpoints(run_dir)) and read_metrics(run_dir / "metrics.jsonl")[-1]["step"] > 10
-        except (OSError, ValueError, IndexError, KeyError):
-            return False
-
-    run.wait_for(past_first_checkpoint, "a step after the first checkpoint")
-    _interrupt(run, signal.SIGINT)
-    assert "--resume auto" in run.stderr
-    saved = [s for s, _ in list_checkpoints(run_dir)]
-    assert saved and saved[-1] < 400 and not (run_dir / "model.safetensors").exists()
+    saved = _interrupted_past_a_checkpoint(run, run_dir, 10)
+    assert saved[-1] < 400
 
     resumed = meshlm(*args, "--resume", "auto")  # one process, any layout
     assert resumed.returncode == 0, resumed.stderr[-3000:]
