@@ -87,6 +87,14 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def classify_setup(root: Path, n_train: int = 48, n_valid: int = 16) -> Path:
+    """root/bb (a tiny untrained backbone), root/train.jsonl and root/valid.jsonl (classification)."""
+    make_backbone(root / "bb")
+    write_jsonl(root / "train.jsonl", classify_records(n_train, 1))
+    write_jsonl(root / "valid.jsonl", classify_records(n_valid, 2))
+    return root
+
+
 def meshlm(*args, cwd, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m meshlm ARGS` in `cwd` with one thread; with `check`, it must exit 0."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

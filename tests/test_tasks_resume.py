@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from task_fixtures import classify_records, make_backbone, meshlm, write_jsonl
+from task_fixtures import classify_setup, meshlm
 
 from meshlm.config import ConfigError
 from meshlm.tasks.finetune import finetune, finetune_config
@@ -33,10 +33,7 @@ SETS = [
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     """A run never stopped: checkpoints after the validations of steps 2, 4 and 6."""
-    root = tmp_path_factory.mktemp("ft-resume")
-    make_backbone(root / "bb")
-    write_jsonl(root / "train.jsonl", classify_records(48, 1))
-    write_jsonl(root / "valid.jsonl", classify_records(16, 2))
+    root = classify_setup(tmp_path_factory.mktemp("ft-resume"))
     cfg = finetune_config("classify", root / "train.jsonl", root / "bb", SETS)
     result = finetune(cfg, root / "train.jsonl", root / "valid.jsonl", root / "full", log=lambda *a: None)
     return root, cfg, result

@@ -11,7 +11,7 @@ import signal
 import time
 
 from processes import descendants_of, environment_of
-from task_fixtures import classify_records, make_backbone, write_jsonl
+from task_fixtures import classify_setup
 
 from faults.conftest import Running, assert_clean_error, meshlm, sets, tiny_overrides
 from meshlm.cli import main
@@ -99,9 +99,7 @@ def test_train_interrupted_under_two_workers_then_resumes(fault_data, tmp_path):
 
 
 def test_finetune_interrupted_under_two_workers_then_resumes(tmp_path):
-    make_backbone(tmp_path / "bb")
-    write_jsonl(tmp_path / "train.jsonl", classify_records(48, 1))
-    write_jsonl(tmp_path / "valid.jsonl", classify_records(16, 2))
+    classify_setup(tmp_path)
     run_dir = tmp_path / "ft"
     files = ["--train", tmp_path / "train.jsonl", "--valid", tmp_path / "valid.jsonl", "--from", tmp_path / "bb"]
     overrides = ["task.epochs=0", "train.steps=400", "train.eval_every=10", "task.patience=0", "train.progress=false"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from task_fixtures import classify_records, make_backbone, write_jsonl
+from task_fixtures import classify_records, classify_setup
 
 from faults.conftest import fill, nan_loss_at
 from meshlm.artifacts.weights_file import load_weights, save_weights
@@ -33,11 +33,7 @@ QUICK = [
 
 @pytest.fixture(scope="module")
 def task_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("task-faults")
-    make_backbone(root / "bb")
-    write_jsonl(root / "train.jsonl", classify_records(32, 1))
-    write_jsonl(root / "valid.jsonl", classify_records(8, 2))
-    return root
+    return classify_setup(tmp_path_factory.mktemp("task-faults"), n_train=32, n_valid=8)
 
 
 def _finetune_args(root: Path, out: Path, *extra: str) -> list[str]:
