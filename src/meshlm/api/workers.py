@@ -16,6 +16,7 @@ needs no `if __name__ == "__main__"` guard. What the API adds around the launche
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 
@@ -73,6 +74,11 @@ def run_workers(nproc: int, argv: list[str]) -> None:
             raise
         except ChildFailedError as e:
             raise _worker_exception(e) from None
+        finally:
+            # The agent's rendezvous TCPStore ends up in a reference cycle, its server thread
+            # alive until the cycle is collected. Collect it here: a process forked from this one
+            # before that would inherit the store without the thread, and hang destroying it.
+            gc.collect()
 
 
 def _worker_exception(error) -> BaseException:

@@ -8,6 +8,7 @@ through meshlm.distributed.env as it would in production.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import socket
@@ -70,6 +71,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     """Run fn(rank, *args) on `world_size` forked ranks; return the results ordered by rank.
     Any rank's exception fails the call with that rank's traceback."""
     ctx = mp.get_context(_start_method())
+    # Garbage in reference cycles is finalised here, not in the forked children: an object that
+    # owns a thread (a TCPStore's server) would hang a child that destroys it without the thread.
+    gc.collect()
     queue = ctx.Queue()
     port = free_port()
     procs = [
