@@ -209,6 +209,9 @@ def finetune(
 
     init_distributed(env, t.collective_timeout_s)
     mesh = dims.build_mesh(env.device.type) if env.distributed else None
+    resume_from = find_resume_checkpoint(resume, out, env, log) if resume else None
+    if resume_from is not None:  # before the model is built: a mismatch wastes no work
+        _check_same_task_model(resume_from, cfg)
     torch.manual_seed(t.seed)
     model = build_model(tm_cfg, env.device, seed=t.seed)
     fresh = load_backbone_weights(model, backbone / "model.safetensors")
@@ -223,7 +226,6 @@ def finetune(
     )
     pm = parallelize(model, dims, run_cfg, env.device, mesh)
     runner = StepRunner(run_cfg, pm, None, None, env.device, accum, objective)
-    resume_from = find_resume_checkpoint(resume, out, env, log) if resume else None
     if env.is_main:
         if resume_from is not None:
             reopen_run_dir(out, cfg, resume_from.step)
@@ -239,7 +241,6 @@ def finetune(
     result = FinetuneResult(out, [])
     best_state, stale, skipped, start = None, 0, 0, 0
     if resume_from is not None:
-        _check_same_task_model(resume_from, cfg)
         start = checkpoints.load(resume_from)
         result.evals, result.best, stale, skipped, best_state = _load_progress(resume_from, env.is_main)
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=env.is_main)
@@ -269,7 +270,8 @@ def finetune(
                 elapsed = time.perf_counter() - tick
                 metrics.write({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "step_time_s": elapsed})
                 progress.update(step + 1, loss, t.global_batch_for(dims.dp) * cfg.data.seq_len / elapsed)
-            if (step + 1) % every == 0 or step + 1 == t.steps:
+            evaluated = (step + 1) % every == 0 or step + 1 == t.steps
+            if evaluated:
                 scores = runner.evaluate()
                 scores["step"] = step + 1
                 result.evals.append(scores)
@@ -290,9 +292,8 @@ def finetune(
                     if cfg.task.patience and stale >= cfg.task.patience:
                         progress.write(f"step {step + 1}: no better validation score in {stale} evaluations; stopping")
                         break
-                if cfg.task.checkpoints and step + 1 < t.steps:
-                    checkpoints.save(step + 1, files=progress_files)
-            elif checkpoints.due(step + 1) and step + 1 < t.steps:
+            # The last step needs none: the run ends with its model written.
+            if step + 1 < t.steps and ((evaluated and cfg.task.checkpoints) or checkpoints.due(step + 1)):
                 checkpoints.save(step + 1, files=progress_files)
         checkpoints.wait()  # an asynchronous save (train.async_checkpoint) still in flight
     finally:
